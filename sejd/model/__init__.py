@@ -1,0 +1,3 @@
+from sejd.model.tarflow import Model, TarFlow, TarFlowConfig
+
+__all__ = ["Model", "TarFlow", "TarFlowConfig"]

@@ -1,0 +1,267 @@
+"""TarFlow: a transformer autoregressive normalizing flow, as in Apple's ml-tarflow.
+
+State-dict keys, shapes and numerics match ml-tarflow's `transformer_flow.Model`, so its
+checkpoints load unchanged. Differences are additive: attention can read and write a static,
+preallocated KV cache at an explicit position (what the runtime's block runners use), and the
+class term accepts per-sample labels with -1 meaning "unconditional" everywhere.
+
+Shapes: B batch, T tokens, D token width (in_channels * patch**2), C model width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sejd.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class TarFlowConfig:
+    """Model hyper-parameters; field names are those of ml-tarflow's `Model` constructor."""
+
+    in_channels: int
+    img_size: int
+    patch_size: int
+    channels: int
+    num_blocks: int
+    layers_per_block: int
+    head_dim: int = 64
+    expansion: int = 4
+    nvp: bool = True
+    num_classes: int = 0
+
+    def __post_init__(self):
+        for name in ("in_channels", "img_size", "patch_size", "channels", "num_blocks",
+                     "layers_per_block", "head_dim", "expansion"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"TarFlowConfig.{name} must be a positive int, got {value!r}")
+        if self.img_size % self.patch_size:
+            raise ConfigError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.channels % self.head_dim:
+            raise ConfigError(f"channels {self.channels} is not a multiple of head_dim {self.head_dim}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ConfigError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
+
+    @property
+    def num_tokens(self) -> int:  # T
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def token_dim(self) -> int:  # D
+        return self.in_channels * self.patch_size**2
+
+    @property
+    def num_heads(self) -> int:
+        return self.channels // self.head_dim
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TarFlowConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ConfigError(f"unknown TarFlowConfig fields {sorted(unknown)}; expected a subset of {sorted(fields)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"incomplete TarFlowConfig {d}: {e}") from None
+
+
+class Attention(nn.Module):
+    def __init__(self, channels: int, head_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+        self.num_heads = channels // head_dim
+        self.scale = head_dim**-0.5
+
+    def forward(self, x, mask=None, temp=1.0, cache=None, start=0):
+        """x: (B, n, C) tokens at positions start..start+n-1.
+
+        cache: optional (key, value) buffers of shape (B, H, T, head_dim) holding positions < start;
+        this call writes its own keys/values at [start, start+n) and attends over [0, start+n).
+        temp: attention temperature, a float or a (B,) tensor (one per sample).
+        """
+        B, n, C = x.shape
+        h = self.norm(x.float()).type(x.dtype)
+        # (B, n, 3C) -> (B, 3H, n, hd) -> 3 x (B, H, n, hd); features are [q heads | k heads | v heads]
+        q, k, v = self.qkv(h).reshape(B, n, 3 * self.num_heads, -1).transpose(1, 2).chunk(3, dim=1)
+        if cache is not None:
+            k_cache, v_cache = cache
+            k_cache[:, :, start:start + n] = k
+            v_cache[:, :, start:start + n] = v
+            k, v = k_cache[:, :, :start + n], v_cache[:, :, :start + n]
+        scale = self.scale
+        if torch.is_tensor(temp):
+            q = q / temp.view(-1, 1, 1, 1).to(q.dtype)
+        else:
+            scale = scale / temp
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return self.proj(out.transpose(1, 2).reshape(B, n, C))  # (B, H, n, hd) -> (B, n, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, channels: int, expansion: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.main = nn.Sequential(
+            nn.Linear(channels, channels * expansion),
+            nn.GELU(),
+            nn.Linear(channels * expansion, channels),
+        )
+
+    def forward(self, x):
+        return self.main(self.norm(x.float()).type(x.dtype))
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, channels: int, head_dim: int, expansion: int):
+        super().__init__()
+        self.attention = Attention(channels, head_dim)
+        self.mlp = MLP(channels, expansion)
+
+    def forward(self, x, mask=None, temp=1.0, cache=None, start=0):
+        x = x + self.attention(x, mask, temp, cache, start)
+        return x + self.mlp(x)
+
+
+class MetaBlock(nn.Module):
+    """One flow block. `flip` permutes the token axis (odd blocks); all maths runs in permuted order."""
+
+    attn_mask: torch.Tensor
+
+    def __init__(self, cfg: TarFlowConfig, flip: bool):
+        super().__init__()
+        T, D, C = cfg.num_tokens, cfg.token_dim, cfg.channels
+        self.flip, self.nvp = flip, cfg.nvp
+        self.proj_in = nn.Linear(D, C)
+        self.pos_embed = nn.Parameter(torch.randn(T, C) * 1e-2)
+        # ml-tarflow registers class_embed as None for unconditional models: no key in the state dict.
+        self.class_embed = nn.Parameter(torch.randn(cfg.num_classes, 1, C) * 1e-2) if cfg.num_classes else None
+        self.attn_blocks = nn.ModuleList(
+            AttentionBlock(C, cfg.head_dim, cfg.expansion) for _ in range(cfg.layers_per_block))
+        self.proj_out = nn.Linear(C, 2 * D if cfg.nvp else D)
+        self.proj_out.weight.data.fill_(0.0)  # every block starts as the identity map
+        self.register_buffer("attn_mask", torch.tril(torch.ones(T, T)))
+
+    def permute(self, x, dim=1):
+        """The block's token permutation; it is its own inverse."""
+        return x.flip(dims=[dim]) if self.flip else x
+
+    def class_term(self, y):
+        """(B,) int64 labels, -1 meaning unconditional, or None -> (B or 1, 1, C), or None without classes."""
+        if self.class_embed is None:
+            return None
+        mean = self.class_embed.mean(dim=0)  # (1, C)
+        if y is None:
+            return mean[None]
+        dropped = (y < 0).view(-1, 1, 1)
+        return torch.where(dropped, mean, self.class_embed[y.clamp(min=0)])
+
+    def split(self, p):
+        """proj_out output (..., 2D or D) -> (xa, xb); xa is zero for volume-preserving blocks."""
+        if self.nvp:
+            return p.chunk(2, dim=-1)
+        return torch.zeros_like(p), p
+
+    def project(self, x, start=0, class_term=None, cache=None, temp=1.0):
+        """Raw affine parameters (xa, xb) at positions start..start+n-1, in permuted order.
+
+        Output j is computed from tokens <= start+j and parameterises token start+j+1.
+        """
+        n = x.shape[1]
+        h = self.proj_in(x) + self.permute(self.pos_embed, dim=0)[start:start + n]
+        if class_term is not None:
+            h = h + class_term
+        mask = None if n == 1 else self.attn_mask[start:start + n, :start + n].bool()
+        for layer, layer_cache in zip(self.attn_blocks, cache or [None] * len(self.attn_blocks)):
+            h = layer(h, mask, temp, layer_cache, start)
+        return self.split(self.proj_out(h))
+
+    def forward(self, x, y=None):
+        """x (B, T, D) in image token order -> (z in image token order, logdet (B,))."""
+        x = self.permute(x)
+        xa, xb = self.project(x, 0, self.class_term(y))
+        # shift right by one token: position l is parameterised by tokens < l, token 0 by nothing
+        xa = torch.cat([torch.zeros_like(xa[:, :1]), xa[:, :-1]], dim=1)
+        xb = torch.cat([torch.zeros_like(xb[:, :1]), xb[:, :-1]], dim=1)
+        z = (x - xb) * (-xa.float()).exp().type(xa.dtype)
+        return self.permute(z), -xa.mean(dim=[1, 2])
+
+
+class TarFlow(nn.Module):
+    """The whole flow: patchify, `num_blocks` MetaBlocks alternating identity/flip, a Gaussian prior."""
+
+    var: torch.Tensor
+    VAR_LR = 0.1
+
+    def __init__(self, config: TarFlowConfig):
+        super().__init__()
+        self.config = config
+        self.blocks = nn.ModuleList(MetaBlock(config, flip=bool(i % 2)) for i in range(config.num_blocks))
+        # prior variance per token and feature; ones for nvp models, learned by update_prior otherwise
+        self.register_buffer("var", torch.ones(config.num_tokens, config.token_dim))
+
+    def patchify(self, x):
+        """(B, C, H, W) -> (B, T, C*p*p): channel-major inside a token, tokens in raster order."""
+        p = self.config.patch_size
+        return F.unfold(x, p, stride=p).transpose(1, 2)
+
+    def unpatchify(self, x):
+        """(B, T, C*p*p) -> (B, C, H, W)."""
+        s, p = self.config.img_size, self.config.patch_size
+        return F.fold(x.transpose(1, 2), (s, s), p, stride=p)
+
+    def forward(self, x, y=None):
+        """Image (B, C, H, W) -> (z (B, T, D), per-block outputs, summed logdet (B,)), as ml-tarflow."""
+        x = self.patchify(x)
+        outputs = []
+        logdets = torch.zeros((), device=x.device)
+        for block in self.blocks:
+            x, logdet = block(x, y)
+            logdets = logdets + logdet
+            outputs.append(x)
+        return x, outputs, logdets
+
+    def get_loss(self, z, logdets):
+        return 0.5 * z.pow(2).mean() - logdets.mean()
+
+    def log_prob(self, x, y=None):
+        """Per-sample log-likelihood up to a constant, in nats summed over pixels: -N * per-sample loss."""
+        z, _, logdets = self(x, y)
+        n = z[0].numel()
+        return -n * (0.5 * z.pow(2).mean(dim=[1, 2]) - logdets)
+
+    def bits_per_dim(self, x, y=None):
+        """Negative log-likelihood in bits per dimension of data in [-1, 1] (Gaussian prior included)."""
+        z, _, logdets = self(x, y)
+        nll = 0.5 * z.pow(2).mean(dim=[1, 2]) + 0.5 * math.log(2 * math.pi) - logdets
+        # data in [-1, 1] spans 2/256 per 8-bit level: add log(128) nats per dim for the 8-bit scale
+        return (nll + math.log(128)) / math.log(2)
+
+    @torch.no_grad()
+    def update_prior(self, z):
+        self.var.lerp_((z**2).mean(dim=0), weight=self.VAR_LR)
+
+    @torch.no_grad()
+    def reverse(self, x, y=None, guidance=0, guide_what="ab", attn_temp=1.0, annealed_guidance=False,
+                return_sequence=False):
+        """Noise (B, T, D) -> image (B, C, H, W) by exact sequential inversion, with ml-tarflow's arguments."""
+        from sejd.runtime.sampler import sample  # the runtime holds the one sequential decoder
+
+        result = sample(self, x, labels=y, plan="sequential", guidance=guidance, guide_what=guide_what,
+                        attn_temp=attn_temp, annealed_guidance=annealed_guidance,
+                        keep_sequence=return_sequence, progress=False)
+        return result.sequence if return_sequence else result.images
+
+
+Model = TarFlow  # ml-tarflow's name

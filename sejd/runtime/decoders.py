@@ -1,0 +1,122 @@
+"""Decoders: invert one flow block, written once against `BlockRunner`.
+
+Notation (DESIGN.md §3): in the block's own order, x_0 = z_0 and x_l = z_l * exp(a(x_<l)) + b(x_<l).
+A Jacobi iteration updates every token in parallel from the previous iterate; after t iterations the
+first t+1 tokens are exact, so T-1 iterations always reach the exact (sequential) result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from sejd.errors import DecodeError
+from sejd.runtime.plan import BlockPlan
+from sejd.runtime.runner import BlockRunner, affine
+
+
+@dataclasses.dataclass
+class Decoded:
+    x: torch.Tensor  # (B, T, D) the block's solution, in its own order
+    iterations: int  # parallel passes (Jacobi) or sequential steps
+    residual: float  # final max |x^t - x^(t-1)|; 0 for exact sequential decoding
+    residuals: list[float] = dataclasses.field(default_factory=list)  # per iteration, for plots
+    converged: bool = True  # False when a cap stopped Jacobi and sequential steps finished the block
+    sequential_steps: int = 0  # steps used to finish exactly after a capped Jacobi
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise DecodeError(f"non-finite values appeared during {what}; the model or its input is broken")
+
+
+def sequential(runner: BlockRunner, z: torch.Tensor, x: torch.Tensor | None = None, start: int = 0,
+               bar=None) -> Decoded:
+    """Exact KV-cached decoding of tokens start+1 .. T-1; tokens <= start of `x` are final and
+    positions < start are already in the runner's cache."""
+    x = z.clone() if x is None else x.clone()
+    if start == 0:
+        x[:, 0] = z[:, 0]
+    for i in range(start, runner.num_tokens - 1):
+        xa, xb = runner.step(x[:, i], i)
+        x[:, i + 1] = affine(z[:, i + 1], xa, xb)
+        if bar is not None:
+            bar.update(1)
+    _check_finite(x, "sequential decoding")
+    return Decoded(x, runner.num_tokens - 1 - start, 0.0, sequential_steps=runner.num_tokens - 1 - start)
+
+
+def jacobi(runner: BlockRunner, z: torch.Tensor, x0: torch.Tensor, tau: float, max_iters: int | None = None,
+           bar=None) -> Decoded:
+    """Parallel fixed-point iterations from x0 until max |x^t - x^(t-1)| < tau, at most T-1 of them."""
+    T = runner.num_tokens
+    cap = T - 1 if max_iters is None else min(max_iters, T - 1)
+    x = x0.clone()
+    x[:, 0] = z[:, 0]
+    residuals: list[float] = []
+    for _ in range(cap):
+        x, res = runner.jacobi_iter(z, x)
+        residuals.append(float(res.max()))
+        if bar is not None:
+            bar.update(1)
+        if not math.isfinite(residuals[-1]):
+            raise DecodeError(f"non-finite values appeared in Jacobi iteration {len(residuals)}; "
+                              "the model or its input is broken")
+        if residuals[-1] < tau:
+            break
+    if residuals[-1] < tau or len(residuals) == T - 1:
+        return Decoded(x, len(residuals), residuals[-1], residuals)
+    # Capped before converging: after t iterations tokens 0..t are exact and positions < t of the
+    # cache hold exact keys/values, so finishing with sequential steps from position t is exact.
+    done = sequential(runner, z, x, start=len(residuals), bar=bar)
+    return Decoded(done.x, len(residuals), residuals[-1], residuals, converged=False,
+                   sequential_steps=done.sequential_steps)
+
+
+def segment_bounds(num_tokens: int, segments: int) -> list[tuple[int, int]]:
+    """Target tokens 1..T-1 split into `segments` contiguous, near-equal [a, b) ranges."""
+    n = num_tokens - 1
+    segments = max(1, min(segments, n))
+    cuts = [1 + (n * s) // segments for s in range(segments + 1)]
+    return [(cuts[s], cuts[s + 1]) for s in range(segments)]
+
+
+def gs_jacobi(runner: BlockRunner, z: torch.Tensor, x0: torch.Tensor, tau: float, segments: int,
+              bar=None) -> Decoded:
+    """Gauss-Seidel over segments, Jacobi inside each: segments are committed in order and the
+    committed prefix is reused from the KV cache, so each iteration only runs the segment's window."""
+    x = x0.clone()
+    x[:, 0] = z[:, 0]
+    residuals: list[float] = []
+    finals: list[float] = []  # each segment's last residual
+    for a, b in segment_bounds(runner.num_tokens, segments):
+        for _ in range(b - a):  # b-a iterations make the segment exact
+            x, res = runner.jacobi_iter(z, x, a, b)
+            residuals.append(float(res.max()))
+            if bar is not None:
+                bar.update(1)
+            if residuals[-1] < tau:
+                break
+        finals.append(residuals[-1])
+    _check_finite(x, "GS-Jacobi decoding")
+    return Decoded(x, len(residuals), max(finals, default=0.0), residuals)
+
+
+def initial_guess(init: str, z: torch.Tensor, prior_noise: torch.Tensor) -> torch.Tensor:
+    if init == "zeros":
+        return torch.zeros_like(z)
+    if init == "noise":
+        return prior_noise.clone()
+    return z.clone()  # "previous": this block's input, i.e. the output of the block decoded before
+
+
+def decode_block(runner: BlockRunner, z: torch.Tensor, plan: BlockPlan, prior_noise: torch.Tensor,
+                 bar=None) -> Decoded:
+    if plan.decoder == "sequential":
+        return sequential(runner, z, bar=bar)
+    x0 = initial_guess(plan.init, z, prior_noise)
+    if plan.decoder == "jacobi":
+        return jacobi(runner, z, x0, plan.tau, plan.max_iters, bar=bar)
+    return gs_jacobi(runner, z, x0, plan.tau, plan.segments, bar=bar)

@@ -1,0 +1,109 @@
+"""Decoding plans: which decoder inverts which block, with which parameters.
+
+Blocks are indexed as in the model (`blocks[i]`); sampling runs them in reverse, so the first
+block applied at sampling time is `blocks[-1]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from sejd.errors import PlanError
+
+DECODERS = ("sequential", "jacobi", "gs-jacobi")
+INITS = ("zeros", "noise", "previous")
+NAMED_PLANS = ("sequential", "ujd", "sjd", "gs-jacobi")
+SJD_TAU = 0.5  # the published SJD tolerance on data in [-1, 1]
+GS_SEGMENTS = 8
+
+
+@dataclasses.dataclass
+class BlockPlan:
+    decoder: str = "sequential"
+    tau: float = SJD_TAU  # Jacobi stopping tolerance on max |x^t - x^(t-1)|
+    init: str = "zeros"  # Jacobi initial guess: zeros | noise (the prior sample) | previous (this block's input)
+    segments: int = 1  # GS-Jacobi segments
+    max_iters: int | None = None  # cap below T-1; the rest is then finished exactly by sequential steps
+
+    def validate(self, where: str) -> None:
+        if self.decoder not in DECODERS:
+            raise PlanError(f"{where}: unknown decoder {self.decoder!r}; expected one of {DECODERS}")
+        if self.init not in INITS:
+            raise PlanError(f"{where}: unknown init {self.init!r}; expected one of {INITS}")
+        if not (isinstance(self.tau, (int, float)) and self.tau >= 0):
+            raise PlanError(f"{where}: tau must be a number >= 0 (0 = iterate to the exact result), got {self.tau!r}")
+        if not (isinstance(self.segments, int) and self.segments >= 1):
+            raise PlanError(f"{where}: segments must be an int >= 1, got {self.segments!r}")
+        if self.max_iters is not None and not (isinstance(self.max_iters, int) and self.max_iters >= 1):
+            raise PlanError(f"{where}: max_iters must be an int >= 1 or null, got {self.max_iters!r}")
+
+
+@dataclasses.dataclass
+class Plan:
+    name: str
+    blocks: list[BlockPlan]  # one per model block, blocks[i] decodes model.blocks[i]
+    meta: dict = dataclasses.field(default_factory=dict)  # e.g. the measurements that chose it
+
+    def validate(self, num_blocks: int) -> "Plan":
+        if len(self.blocks) != num_blocks:
+            raise PlanError(f"plan {self.name!r} has {len(self.blocks)} blocks, the model has {num_blocks}")
+        for i, b in enumerate(self.blocks):
+            b.validate(f"plan {self.name!r} block {i}")
+        return self
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "blocks": [dataclasses.asdict(b) for b in self.blocks], "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "plan") -> "Plan":
+        if not isinstance(d, dict) or not isinstance(d.get("blocks"), list):
+            raise PlanError(f"{where}: expected an object with a 'blocks' list")
+        fields = {f.name for f in dataclasses.fields(BlockPlan)}
+        blocks = []
+        for i, b in enumerate(d["blocks"]):
+            unknown = set(b) - fields if isinstance(b, dict) else {"<not an object>"}
+            if unknown:
+                raise PlanError(f"{where} block {i}: unknown fields {sorted(unknown)}; expected {sorted(fields)}")
+            blocks.append(BlockPlan(**b))
+        return cls(d.get("name", where), blocks, d.get("meta", {}))
+
+
+def named_plan(name: str, num_blocks: int, tau: float = SJD_TAU) -> Plan:
+    first = num_blocks - 1  # blocks[-1] is applied first at sampling time
+    if name == "sequential":
+        blocks = [BlockPlan("sequential") for _ in range(num_blocks)]
+    elif name == "ujd":
+        blocks = [BlockPlan("jacobi", tau=tau) for _ in range(num_blocks)]
+    elif name == "sjd":
+        blocks = [BlockPlan("sequential" if i == first else "jacobi", tau=tau) for i in range(num_blocks)]
+    elif name == "gs-jacobi":
+        blocks = [BlockPlan("gs-jacobi", tau=tau, segments=GS_SEGMENTS) if i == first else BlockPlan("jacobi", tau=tau)
+                  for i in range(num_blocks)]
+    else:
+        raise PlanError(f"unknown plan {name!r}; expected one of {NAMED_PLANS} or a plan.json path")
+    return Plan(name, blocks)
+
+
+def resolve_plan(plan: "str | os.PathLike | Plan", num_blocks: int, tau: float | None = None) -> Plan:
+    """A Plan from a Plan, a named plan, or a JSON file; `tau` overrides every Jacobi block's tolerance."""
+    if isinstance(plan, Plan):
+        plan = Plan(plan.name, [dataclasses.replace(b) for b in plan.blocks], dict(plan.meta))
+    elif str(plan).endswith(".json"):
+        path = Path(plan)
+        try:
+            plan = Plan.from_dict(json.loads(path.read_text()), str(path))
+        except FileNotFoundError:
+            raise PlanError(f"plan file {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan file {path} is not valid JSON: {e}") from None
+    else:
+        plan = named_plan(str(plan), num_blocks, SJD_TAU if tau is None else tau)
+    if tau is not None:
+        if tau < 0:
+            raise PlanError(f"tau must be >= 0, got {tau}")
+        for b in plan.blocks:
+            b.tau = tau
+    return plan.validate(num_blocks)

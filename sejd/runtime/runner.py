@@ -1,0 +1,107 @@
+"""The block-runner interface: what one flow block can do, whatever executes it.
+
+Every decoder in `sejd.runtime.decoders` is written once against this interface; the PyTorch
+reference, ONNX Runtime and TensorRT backends implement it. All tensors crossing it are torch
+tensors in the block's own (permuted) token order, shape (B, n, D).
+
+The one primitive is `project(x, start)`: affine parameters for tokens at positions
+[start, start+n) given a KV cache that holds positions [0, start). The call writes the window's
+own keys/values at [start, start+n), so the cache's valid prefix is simply "everything before the
+position you pass next": decoders commit by moving `start` forward and roll back by passing an
+earlier `start` (later positions are scratch and get overwritten).
+
+Classifier-free guidance runs conditional and unconditional rows in one batch of R = 2B rows
+(cond rows first); a runner returns the guided parameters for the B samples.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import torch
+
+from sejd.errors import InputError
+
+
+@dataclasses.dataclass
+class Conditioning:
+    """Per-row conditioning of a batch of B samples run as R = B or 2B rows."""
+
+    labels: torch.Tensor  # (R,) int64, -1 = unconditional (class mean); ignored by unconditional models
+    temps: torch.Tensor  # (R,) float32 attention temperature per row
+    guidance: torch.Tensor | None  # (2, T) weights for xa / xb at each projection position, when R == 2B
+
+    @property
+    def rows(self) -> int:
+        return int(self.labels.shape[0])
+
+    @classmethod
+    def build(cls, batch: int, num_tokens: int, labels: torch.Tensor | None = None, guidance: float = 0.0,
+              guide_what: str = "ab", attn_temp: float = 1.0, annealed_guidance: bool = False) -> "Conditioning":
+        """ml-tarflow's CFG: `xa += g*(xa - xa_uncond)` for 'a' in guide_what (same for xb), where the
+        unconditional pass uses attention temperature `attn_temp`, and g = (i+1)/(T-1)*guidance
+        at step i when annealed."""
+        cond = labels if labels is not None else torch.full((batch,), -1, dtype=torch.long)
+        if not (guidance > 0 and guide_what):
+            return cls(cond, torch.ones(batch), None)
+        if set(guide_what) - set("ab"):
+            raise InputError(f"guide_what must be made of 'a' and 'b', got {guide_what!r}")
+        T = num_tokens
+        g = (torch.arange(T, dtype=torch.float32) + 1) / (T - 1) * guidance if annealed_guidance \
+            else torch.full((T,), float(guidance))
+        weights = torch.stack([g * ("a" in guide_what), g * ("b" in guide_what)])  # (2, T)
+        labels2 = torch.cat([cond, torch.full((batch,), -1, dtype=torch.long)])
+        temps = torch.cat([torch.ones(batch), torch.full((batch,), float(attn_temp))])
+        return cls(labels2, temps, weights)
+
+
+def affine(z, xa, xb):
+    """x = z * exp(xa) + xb, the inverse of one autoregressive affine step (exp in float32)."""
+    return z * xa.float().exp().type(xa.dtype) + xb
+
+
+class BlockRunner(abc.ABC):
+    """One flow block. Subclasses implement `begin` and `project`; engines may override the fused ops."""
+
+    num_tokens: int  # T
+    token_dim: int  # D
+
+    @abc.abstractmethod
+    def begin(self, batch: int, cond: Conditioning) -> None:
+        """Prepare for a batch of `batch` samples: bind the conditioning, make the KV cache ready."""
+
+    @abc.abstractmethod
+    def project(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, n, D) at positions [start, start+n) -> guided (xa, xb), each (B, n, D).
+
+        Output j parameterises token start+j+1. Writes the window's KV at [start, start+n).
+        """
+
+    # Fused operations. The defaults below define their semantics; engine runners run them as
+    # one graph call and must agree with these definitions.
+
+    def step(self, x_tok: torch.Tensor, pos: int) -> torch.Tensor:
+        """Sequential step: token `pos` (B, D) -> token pos+1's affine parameters, applied later."""
+        xa, xb = self.project(x_tok[:, None], pos)
+        return xa[:, 0], xb[:, 0]
+
+    def jacobi_iter(self, z: torch.Tensor, x: torch.Tensor, start: int = 1, end: int | None = None):
+        """One parallel Jacobi update of target tokens [start, end) of x (B, T, D), given z.
+
+        Tokens outside the window are unchanged; positions < start-1 must be in the KV cache.
+        Returns (x_next (B, T, D), residual (B,) = max |x_next - x| over the window).
+        """
+        end = self.num_tokens if end is None else end
+        xa, xb = self.project(x[:, start - 1:end - 1], start - 1)
+        window = affine(z[:, start:end], xa, xb)
+        residual = (window - x[:, start:end]).abs().amax(dim=(1, 2))
+        x_next = x.clone()
+        x_next[:, start:end] = window
+        return x_next, residual
+
+    def check_input(self, z: torch.Tensor, batch: int) -> None:
+        expected = (batch, self.num_tokens, self.token_dim)
+        if tuple(z.shape) != expected:
+            raise InputError(f"block input must have shape {expected} (batch, tokens, token width), "
+                             f"got {tuple(z.shape)}")

@@ -1,0 +1,153 @@
+"""Sampling: prior noise -> image, one block at a time in sampling order, each with its planned decoder."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from sejd.errors import InputError
+from sejd.model.tarflow import TarFlow
+from sejd.runtime.decoders import decode_block
+from sejd.runtime.plan import Plan, resolve_plan
+from sejd.runtime.runner import BlockRunner, Conditioning
+from sejd.util import progress as progress_bar
+
+
+@dataclasses.dataclass
+class BlockStats:
+    block: int  # model block index
+    order: int  # position in sampling order (0 = applied first)
+    decoder: str
+    iterations: int
+    seconds: float
+    residual: float
+    converged: bool = True
+    residuals: list[float] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class SampleStats:
+    plan: str
+    blocks: list[BlockStats]  # in sampling order
+    seconds: float
+    denoise_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        rows = [f"{'order':>5} {'block':>5} {'decoder':<11} {'iters':>6} {'seconds':>9} {'share':>6} {'residual':>9}"]
+        for b in self.blocks:
+            share = b.seconds / self.seconds if self.seconds else 0.0
+            rows.append(f"{b.order:>5} {b.block:>5} {b.decoder:<11} {b.iterations:>6} {b.seconds:>9.4f} "
+                        f"{share:>6.1%} {b.residual:>9.2e}{'' if b.converged else '  (capped, finished exactly)'}")
+        rows.append(f"plan {self.plan}: {self.seconds:.4f} s total" +
+                    (f" (+{self.denoise_seconds:.4f} s denoise)" if self.denoise_seconds else ""))
+        return "\n".join(rows)
+
+
+@dataclasses.dataclass
+class SampleResult:
+    images: torch.Tensor  # (B, C, H, W), roughly in [-1, 1]
+    stats: SampleStats
+    sequence: list[torch.Tensor] | None = None  # images after the prior and after each block (ml-tarflow)
+
+
+def validate_inputs(model: TarFlow, noise, labels):
+    cfg = model.config
+    expected = (cfg.num_tokens, cfg.token_dim)
+    if not torch.is_tensor(noise) or noise.dim() != 3 or tuple(noise.shape[1:]) != expected:
+        got = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
+        raise InputError(f"noise must have shape (batch, {expected[0]}, {expected[1]}) "
+                         f"(batch, tokens, token width), got {got}")
+    if not noise.is_floating_point():
+        raise InputError(f"noise must be a floating tensor, got {noise.dtype}")
+    if not bool(torch.isfinite(noise).all()):
+        bad = int((~torch.isfinite(noise)).sum())
+        raise InputError(f"noise contains {bad} non-finite values (NaN or inf); expected finite Gaussian noise")
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels)
+    if labels.dim() == 0:
+        labels = labels.expand(noise.shape[0])
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise InputError(f"labels must be integers, got {labels.dtype}")
+    if tuple(labels.shape) != (noise.shape[0],):
+        raise InputError(f"labels must have shape ({noise.shape[0]},) to match the noise batch, got {tuple(labels.shape)}")
+    if not cfg.num_classes:
+        if bool((labels >= 0).any()):
+            raise InputError("this model is unconditional (num_classes=0); labels must be None or -1")
+        return None
+    if bool(((labels < -1) | (labels >= cfg.num_classes)).any()):
+        raise InputError(f"labels must be in [0, {cfg.num_classes - 1}] or -1 (unconditional), "
+                         f"got values {sorted(set(labels.tolist()))}")
+    return labels.long()
+
+
+def sample(model: TarFlow, noise: torch.Tensor, labels=None, plan: "str | Plan" = "sjd", guidance: float = 0.0,
+           guide_what: str = "ab", attn_temp: float = 1.0, annealed_guidance: bool = False, denoise: bool = False,
+           runners: list[BlockRunner] | None = None, keep_sequence: bool = False, progress: bool = True,
+           tau: float | None = None) -> SampleResult:
+    """Decode prior noise (B, T, D) into images with a plan; per-block statistics come with the result.
+
+    `runners` selects the backend (one BlockRunner per model block); default: the PyTorch model itself.
+    `plan="reference"` runs ml-tarflow's own sampling loop instead (the speed baseline).
+    """
+    labels = validate_inputs(model, noise, labels)
+    if str(plan) == "reference":
+        from sejd.runtime.reference import reference_sample
+        result = reference_sample(model, noise, labels, guidance, guide_what, attn_temp, annealed_guidance,
+                                  progress=progress)
+    else:
+        cond = Conditioning.build(noise.shape[0], model.config.num_tokens, labels, guidance, guide_what,
+                                  attn_temp, annealed_guidance)
+        result = _sample_with_plan(model, noise, cond, resolve_plan(plan, model.config.num_blocks, tau),
+                                   runners, keep_sequence, progress)
+    if denoise:
+        t0 = time.perf_counter()
+        result.images = self_denoise(model, result.images, labels)
+        result.stats.denoise_seconds = time.perf_counter() - t0
+    return result
+
+
+def _sample_with_plan(model, noise, cond, plan, runners, keep_sequence, progress) -> SampleResult:
+    cfg = model.config
+    if runners is None:
+        from sejd.runtime.torch_runner import torch_runners
+        runners = torch_runners(model)
+    batch = noise.shape[0]
+    with torch.no_grad():
+        x = noise * model.var.sqrt()
+    sequence = [model.unpatchify(x)] if keep_sequence else None
+    stats, started = [], time.perf_counter()
+    for order, k in enumerate(reversed(range(cfg.num_blocks))):
+        block, runner, bp = model.blocks[k], runners[k], plan.blocks[k]
+        z = block.permute(x)
+        runner.check_input(z, batch)
+        bar = progress_bar(total=cfg.num_tokens - 1, desc=f"block {k} ({bp.decoder})", enabled=progress)
+        t0 = time.perf_counter()
+        runner.begin(batch, cond)
+        decoded = decode_block(runner, z, bp, block.permute(noise), bar=bar)
+        seconds = time.perf_counter() - t0
+        bar.close()
+        x = block.permute(decoded.x)
+        stats.append(BlockStats(k, order, bp.decoder, decoded.iterations, seconds, decoded.residual,
+                                decoded.converged, decoded.residuals))
+        if keep_sequence:
+            sequence.append(model.unpatchify(x))
+    return SampleResult(model.unpatchify(x), SampleStats(plan.name, stats, time.perf_counter() - started), sequence)
+
+
+def self_denoise(model: TarFlow, images: torch.Tensor, labels=None, noise_std: float | None = None) -> torch.Tensor:
+    """TarFlow's post-step for models trained on noisy data: x + sigma^2 * grad_x log p(x), per sample."""
+    sigma = getattr(model, "noise_std", 0.0) if noise_std is None else noise_std
+    if not sigma:
+        raise InputError("self-denoising needs the training noise std: this checkpoint does not record one "
+                         "(pass noise_std, or use a checkpoint whose name or config gives it)")
+    with torch.enable_grad():
+        x = images.detach().clone().requires_grad_(True)
+        logp = model.log_prob(x, labels).sum()  # samples are independent, so one backward gives every gradient
+        (grad,) = torch.autograd.grad(logp, x)
+    return (x + sigma**2 * grad).detach()

@@ -1,0 +1,78 @@
+"""Small shared helpers: atomic file writes, progress bars, image grids."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, binary: bool = False):
+    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
+
+    Nothing half-written is ever visible under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def progress(iterable=None, total=None, desc=None, enabled=True, **kw):
+    """A tqdm progress bar on stderr, or the plain iterable when disabled."""
+    if not enabled:
+        return iterable if iterable is not None else _NullBar()
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True, **kw)
+
+
+class _NullBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def save_grid(images, path: str | os.PathLike, nrow: int | None = None, scale: int = 1) -> Path:
+    """images (N, C, H, W) in [-1, 1] (torch or numpy) -> one PNG grid, written atomically."""
+    import numpy as np
+    from PIL import Image
+
+    x = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+    n, c, h, w = x.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    ncol = int(np.ceil(n / nrow))
+    pad = 1
+    grid = np.ones((c, ncol * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.float32)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = \
+            (x[i] + 1) / 2
+    arr = (np.clip(grid, 0, 1) * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0)
+    img = Image.fromarray(arr[..., 0] if c == 1 else arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path = Path(path)
+    with atomic_write(path, binary=True) as tmp:
+        img.save(tmp, format="PNG")
+    return path
