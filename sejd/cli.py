@@ -9,6 +9,19 @@ import sys
 from sejd.errors import SejdError
 
 
+def _config_arg(text):
+    """--config: inline JSON or a JSON file of TarFlowConfig fields (for .pth files without a telling name)."""
+    if text is None:
+        return None
+    from pathlib import Path
+
+    from sejd.errors import ConfigError
+    try:
+        return json.loads(Path(text).read_text() if Path(text).is_file() else text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config must be JSON or a JSON file of TarFlowConfig fields: {e}") from None
+
+
 def _train(a):
     from sejd.model.tarflow import TarFlowConfig
     from sejd.train import train
@@ -29,7 +42,7 @@ def _sample(a):
     from sejd.runtime.sampler import sample
     from sejd.util import save_grid
 
-    model = load_checkpoint(a.checkpoint)
+    model = load_checkpoint(a.checkpoint, config=_config_arg(a.config))
     cfg = model.config
     g = torch.Generator().manual_seed(a.seed)
     noise = torch.randn(a.n, cfg.num_tokens, cfg.token_dim, generator=g)
@@ -38,12 +51,8 @@ def _sample(a):
         labels = torch.full((a.n,), a.label, dtype=torch.long)
     elif cfg.num_classes and a.guidance > 0:
         labels = torch.arange(a.n) % cfg.num_classes
-    plan = a.plan
-    if a.tau is not None:
-        from sejd.runtime.plan import resolve_plan
-        plan = resolve_plan(plan, cfg.num_blocks, tau=a.tau)
-    result = sample(model, noise, labels=labels, plan=plan, guidance=a.guidance, denoise=a.denoise,
-                    progress=True)
+    result = sample(model, noise, labels=labels, plan=a.plan, tau=a.tau, guidance=a.guidance,
+                    denoise=a.denoise, progress=True)
     print(result.stats.table())
     if a.out:
         save_grid(result.images, a.out, scale=max(1, 128 // cfg.img_size))
@@ -62,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample images from a checkpoint (PyTorch backend)")
     s.add_argument("checkpoint", help="ml-tarflow .pth, sejd checkpoint folder, or builtin:NAME")
+    s.add_argument("--config", default=None, help="TarFlowConfig fields as JSON or a JSON file, e.g. '{\"head_dim\": 64}'")
     s.add_argument("-n", type=int, default=16, help="number of samples")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--plan", default="sjd", help="sequential | ujd | sjd | gs-jacobi | reference | plan.json")

@@ -5,6 +5,9 @@ import torch
 
 from sejd.model.tarflow import TarFlow, TarFlowConfig
 
+# the tiny test models run fastest on one thread, and do not fight other processes for cores
+torch.set_num_threads(1)
+
 
 def make_model(seed=0, **overrides) -> TarFlow:
     kw = dict(in_channels=3, img_size=8, patch_size=2, channels=64, num_blocks=4, layers_per_block=2,

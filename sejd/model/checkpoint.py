@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import re
-import zipfile
 from pathlib import Path
 
 import torch
@@ -105,7 +104,7 @@ def read_pth(path: Path) -> dict:
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused to unpickle anything but plain tensors "
                               f"(weights_only=True): {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # torch raises many kinds on garbage input (KeyError, EOFError, RuntimeError, ...)
         raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or another format?): "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):

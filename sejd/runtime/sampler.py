@@ -80,9 +80,10 @@ def validate_inputs(model: TarFlow, noise, labels):
         if bool((labels >= 0).any()):
             raise InputError("this model is unconditional (num_classes=0); labels must be None or -1")
         return None
-    if bool(((labels < -1) | (labels >= cfg.num_classes)).any()):
+    bad = (labels < -1) | (labels >= cfg.num_classes)
+    if bool(bad.any()):
         raise InputError(f"labels must be in [0, {cfg.num_classes - 1}] or -1 (unconditional), "
-                         f"got values {sorted(set(labels.tolist()))}")
+                         f"got out-of-range values {sorted(set(labels[bad].tolist()))}")
     return labels.long()
 
 

@@ -1,0 +1,117 @@
+import pytest
+import torch
+
+from sejd.errors import DecodeError
+from sejd.runtime import decoders
+from sejd.runtime.runner import Conditioning
+from sejd.runtime.torch_runner import torch_runners
+from tests.conftest import data_like, make_model
+
+EXACT = 1e-5  # float32 round-off between the cached-step and the parallel pass
+
+
+def setup(k=0, batch=2, labels=None, **cfg):
+    model = make_model(**cfg)
+    runner = torch_runners(model)[k]
+    z = model.blocks[k].permute(model.patchify(data_like(model, batch)))
+    runner.begin(batch, Conditioning.build(batch, model.config.num_tokens, labels))
+    return model, runner, z
+
+
+def exact(runner, z):
+    return decoders.sequential(runner, z).x
+
+
+def test_sequential_inverts_the_forward_pass():
+    model = make_model()
+    x = model.patchify(data_like(model, 2))
+    k = 1
+    z, _ = model.blocks[k](x)  # forward of block k, image order
+    runner = torch_runners(model)[k]
+    runner.begin(2, Conditioning.build(2, model.config.num_tokens))
+    out = decoders.sequential(runner, model.blocks[k].permute(z))
+    torch.testing.assert_close(model.blocks[k].permute(out.x), x, atol=EXACT, rtol=0)
+    assert out.iterations == model.config.num_tokens - 1
+
+
+@pytest.mark.parametrize("init", ["zeros", "noise", "previous"])
+def test_jacobi_with_tau_zero_runs_t_minus_1_iterations_to_the_exact_result(init):
+    model, runner, z = setup()
+    ref = exact(runner, z)
+    x0 = decoders.initial_guess(init, z, torch.randn_like(z))
+    out = decoders.jacobi(runner, z, x0, tau=0.0)
+    assert out.iterations == model.config.num_tokens - 1 and out.converged
+    torch.testing.assert_close(out.x, ref, atol=EXACT, rtol=0)
+
+
+def test_converged_jacobi_equals_sequential_and_stops_early():
+    model, runner, z = setup(k=3)
+    ref = exact(runner, z)
+    out = decoders.jacobi(runner, z, torch.zeros_like(z), tau=1e-6)
+    assert out.iterations < model.config.num_tokens - 1
+    assert out.residuals[-1] < 1e-6 and len(out.residuals) == out.iterations
+    torch.testing.assert_close(out.x, ref, atol=1e-5, rtol=0)
+
+
+def test_jacobi_residual_bounds_the_error_at_loose_tau():
+    model, runner, z = setup(k=2)
+    ref = exact(runner, z)
+    out = decoders.jacobi(runner, z, torch.zeros_like(z), tau=0.05)
+    assert out.residual < 0.05
+    assert (out.x - ref).abs().max() < 0.5  # loose: not exact, but close
+
+
+def test_capped_jacobi_finishes_exactly_with_sequential_steps():
+    model, runner, z = setup()
+    ref = exact(runner, z)
+    out = decoders.jacobi(runner, z, torch.zeros_like(z), tau=0.0, max_iters=3)
+    T = model.config.num_tokens
+    assert not out.converged and out.iterations == 3 and out.sequential_steps == T - 1 - 3
+    torch.testing.assert_close(out.x, ref, atol=EXACT, rtol=0)
+
+
+@pytest.mark.parametrize("segments", [1, 3, 4, 15])
+def test_gs_jacobi_equals_sequential(segments):
+    model, runner, z = setup(k=1, labels=torch.tensor([2, -1]))
+    ref = exact(runner, z)
+    out = decoders.gs_jacobi(runner, z, torch.zeros_like(z), tau=0.0, segments=segments)
+    torch.testing.assert_close(out.x, ref, atol=EXACT, rtol=0)
+    assert out.iterations == model.config.num_tokens - 1  # tau = 0: every segment runs to exactness
+
+
+def test_gs_jacobi_converged_stops_early():
+    model, runner, z = setup(k=1)
+    out = decoders.gs_jacobi(runner, z, torch.zeros_like(z), tau=1e-3, segments=2)
+    assert out.iterations < model.config.num_tokens - 1 and out.residual < 1e-3
+    torch.testing.assert_close(out.x, exact(runner, z), atol=1e-2, rtol=0)
+
+
+def test_segment_bounds_cover_every_target_token_once():
+    for T, S in [(16, 1), (16, 4), (17, 5), (4, 10)]:
+        bounds = decoders.segment_bounds(T, S)
+        covered = [t for a, b in bounds for t in range(a, b)]
+        assert covered == list(range(1, T)) and all(b > a for a, b in bounds)
+
+
+class NaNRunner:
+    """Wraps a runner and poisons its output from the 2nd parallel call on."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+        self.num_tokens, self.token_dim = inner.num_tokens, inner.token_dim
+
+    def jacobi_iter(self, z, x, *a):
+        self.calls += 1
+        x_next, res = self.inner.jacobi_iter(z, x, *a)
+        if self.calls >= 2:
+            x_next[:, -1] = float("nan")
+            res[:] = float("nan")
+        return x_next, res
+
+
+def test_nan_mid_decode_is_reported_not_looped_on():
+    _, runner, z = setup()
+    bad = NaNRunner(runner)
+    with pytest.raises(DecodeError, match="non-finite values appeared in Jacobi iteration 2"):
+        decoders.jacobi(bad, z, torch.zeros_like(z), tau=0.5)
+    assert bad.calls == 2
