@@ -25,6 +25,7 @@ class Decoded:
     residuals: list[float] = dataclasses.field(default_factory=list)  # per iteration, for plots
     converged: bool = True  # False when a cap stopped Jacobi and sequential steps finished the block
     sequential_steps: int = 0  # steps used to finish exactly after a capped Jacobi
+    last_residual: torch.Tensor | None = None  # (B,) per-sample residual of the last iteration
 
 
 def _check_finite(x: torch.Tensor, what: str) -> None:
@@ -49,30 +50,50 @@ def sequential(runner: BlockRunner, z: torch.Tensor, x: torch.Tensor | None = No
 
 
 def jacobi(runner: BlockRunner, z: torch.Tensor, x0: torch.Tensor, tau: float, max_iters: int | None = None,
-           bar=None) -> Decoded:
-    """Parallel fixed-point iterations from x0 until max |x^t - x^(t-1)| < tau, at most T-1 of them."""
+           bar=None, variant: str = "host", chunk: int = 1, finish_exactly: bool = True) -> Decoded:
+    """Parallel fixed-point iterations from x0 until max |x^t - x^(t-1)| < tau, at most T-1 of them.
+
+    variant: "host" checks the residual after every iteration; "chunk" runs `chunk` iterations per
+    engine call (jacobi_k) and checks between chunks; "loop" runs the whole loop in one engine call.
+    """
     T = runner.num_tokens
     cap = T - 1 if max_iters is None else min(max_iters, T - 1)
     x = x0.clone()
     x[:, 0] = z[:, 0]
     residuals: list[float] = []
-    for _ in range(cap):
-        x, res = runner.jacobi_iter(z, x)
-        residuals.append(float(res.max()))
+    last = torch.full((z.shape[0],), float("inf"))
+    if variant == "loop":
+        x, last, iterations = runner.jacobi_loop(z, x, tau, cap)
+        residuals = [float(last.max())]
         if bar is not None:
-            bar.update(1)
-        if not math.isfinite(residuals[-1]):
-            raise DecodeError(f"non-finite values appeared in Jacobi iteration {len(residuals)}; "
-                              "the model or its input is broken")
-        if residuals[-1] < tau:
-            break
-    if residuals[-1] < tau or len(residuals) == T - 1:
-        return Decoded(x, len(residuals), residuals[-1], residuals)
-    # Capped before converging: after t iterations tokens 0..t are exact and positions < t of the
-    # cache hold exact keys/values, so finishing with sequential steps from position t is exact.
-    done = sequential(runner, z, x, start=len(residuals), bar=bar)
-    return Decoded(done.x, len(residuals), residuals[-1], residuals, converged=False,
-                   sequential_steps=done.sequential_steps)
+            bar.update(iterations)
+    else:
+        iterations = 0
+        while iterations < cap:
+            k = min(chunk, cap - iterations) if variant == "chunk" else 1
+            if k == 1:
+                x, last = runner.jacobi_iter(z, x)
+                per_iter = [last]
+            else:
+                x, per_iter = runner.jacobi_chunk(z, x, k)
+                last = per_iter[-1]
+            iterations += k
+            residuals += [float(r.max()) for r in per_iter]
+            if bar is not None:
+                bar.update(k)
+            if not residuals[-1] >= tau:  # converged, or NaN (reported below)
+                break
+    if not math.isfinite(residuals[-1]):
+        raise DecodeError(f"non-finite values appeared in Jacobi iteration {iterations}; "
+                          "the model or its input is broken")
+    if residuals[-1] < tau or iterations == T - 1 or not finish_exactly:
+        return Decoded(x, iterations, residuals[-1], residuals, last_residual=last)
+    # Capped before converging: after t iterations tokens 0..t are exact. Put the exact prefix's keys
+    # and values in the cache with one window call, then finish with sequential steps from position t.
+    runner.project(x[:, :iterations], 0)
+    done = sequential(runner, z, x, start=iterations, bar=bar)
+    return Decoded(done.x, iterations, residuals[-1], residuals, converged=False,
+                   sequential_steps=done.sequential_steps, last_residual=last)
 
 
 def segment_bounds(num_tokens: int, segments: int) -> list[tuple[int, int]]:
@@ -115,8 +136,14 @@ def initial_guess(init: str, z: torch.Tensor, prior_noise: torch.Tensor) -> torc
 def decode_block(runner: BlockRunner, z: torch.Tensor, plan: BlockPlan, prior_noise: torch.Tensor,
                  bar=None) -> Decoded:
     if plan.decoder == "sequential":
+        if plan.variant == "loop":
+            x = runner.sequential_loop(z)
+            _check_finite(x, "sequential decoding")
+            if bar is not None:
+                bar.update(runner.num_tokens - 1)
+            return Decoded(x, runner.num_tokens - 1, 0.0, sequential_steps=runner.num_tokens - 1)
         return sequential(runner, z, bar=bar)
     x0 = initial_guess(plan.init, z, prior_noise)
     if plan.decoder == "jacobi":
-        return jacobi(runner, z, x0, plan.tau, plan.max_iters, bar=bar)
+        return jacobi(runner, z, x0, plan.tau, plan.max_iters, bar=bar, variant=plan.variant, chunk=plan.chunk)
     return gs_jacobi(runner, z, x0, plan.tau, plan.segments, bar=bar)

@@ -15,6 +15,7 @@ from sejd.errors import PlanError
 
 DECODERS = ("sequential", "jacobi", "gs-jacobi")
 INITS = ("zeros", "noise", "previous")
+VARIANTS = {"sequential": ("host", "loop"), "jacobi": ("host", "chunk", "loop"), "gs-jacobi": ("host",)}
 NAMED_PLANS = ("sequential", "ujd", "sjd", "gs-jacobi")
 SJD_TAU = 0.5  # the published SJD tolerance on data in [-1, 1]
 GS_SEGMENTS = 8
@@ -27,6 +28,8 @@ class BlockPlan:
     init: str = "zeros"  # Jacobi initial guess: zeros | noise (the prior sample) | previous (this block's input)
     segments: int = 1  # GS-Jacobi segments
     max_iters: int | None = None  # cap below T-1; the rest is then finished exactly by sequential steps
+    variant: str = "host"  # engine variant: sequential: host | loop; jacobi: host | chunk | loop
+    chunk: int = 8  # Jacobi iterations per engine call for variant "chunk" (the bundle's jacobi_k unroll)
 
     def validate(self, where: str) -> None:
         if self.decoder not in DECODERS:
@@ -37,6 +40,12 @@ class BlockPlan:
             raise PlanError(f"{where}: tau must be a number >= 0 (0 = iterate to the exact result), got {self.tau!r}")
         if not (isinstance(self.segments, int) and self.segments >= 1):
             raise PlanError(f"{where}: segments must be an int >= 1, got {self.segments!r}")
+        allowed = VARIANTS[self.decoder]
+        if self.variant not in allowed:
+            raise PlanError(f"{where}: unknown variant {self.variant!r} for decoder {self.decoder!r}; "
+                            f"expected one of {allowed}")
+        if not (isinstance(self.chunk, int) and self.chunk >= 1):
+            raise PlanError(f"{where}: chunk must be an int >= 1, got {self.chunk!r}")
         if self.max_iters is not None and not (isinstance(self.max_iters, int) and self.max_iters >= 1):
             raise PlanError(f"{where}: max_iters must be an int >= 1 or null, got {self.max_iters!r}")
 

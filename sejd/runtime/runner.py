@@ -93,12 +93,39 @@ class BlockRunner(abc.ABC):
         Returns (x_next (B, T, D), residual (B,) = max |x_next - x| over the window).
         """
         end = self.num_tokens if end is None else end
-        xa, xb = self.project(x[:, start - 1:end - 1], start - 1)
+        inp = x[:, start - 1:end - 1]
+        if start == 1:  # token 0 is z_0 by definition, whatever x holds
+            inp = torch.cat([z[:, :1], inp[:, 1:]], dim=1)
+        xa, xb = self.project(inp, start - 1)
         window = affine(z[:, start:end], xa, xb)
         residual = (window - x[:, start:end]).abs().amax(dim=(1, 2))
         x_next = x.clone()
         x_next[:, start:end] = window
+        if start == 1:
+            x_next[:, 0] = z[:, 0]
         return x_next, residual
+
+    def jacobi_chunk(self, z: torch.Tensor, x: torch.Tensor, k: int):
+        """k full Jacobi iterations -> (x after k, residuals (k, B)); engines run K of them unrolled."""
+        residuals = []
+        for _ in range(k):
+            x, res = self.jacobi_iter(z, x)
+            residuals.append(res)
+        return x, torch.stack(residuals)
+
+    def jacobi_loop(self, z: torch.Tensor, x: torch.Tensor, tau: float, cap: int):
+        """Full Jacobi iterations until max residual < tau (or NaN) or `cap` of them
+        -> (x, residual (B,), iterations). Engines run this as one call (an ONNX Loop)."""
+        from sejd.runtime.decoders import jacobi  # the one Jacobi algorithm, host-driven
+
+        out = jacobi(self, z, x, tau, cap, finish_exactly=False)
+        return out.x, out.last_residual, out.iterations
+
+    def sequential_loop(self, z: torch.Tensor) -> torch.Tensor:
+        """The exact sequential inversion of the block; engines run it as one call."""
+        from sejd.runtime.decoders import sequential
+
+        return sequential(self, z).x
 
     def check_input(self, z: torch.Tensor, batch: int) -> None:
         expected = (batch, self.num_tokens, self.token_dim)

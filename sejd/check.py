@@ -1,0 +1,175 @@
+"""`sejd check`: prove that a backend's engines compute what the PyTorch reference computes.
+
+1. Per graph: Polygraphy's Comparator runs the engine and a PyTorch reference runner on several
+   seeded inputs (batch 1 and 3, plain and CFG rows) and compares every output with the contract's
+   absolute tolerance; the report keeps max/mean error and the tolerance that would have passed.
+2. End to end: each named plan sampled on the engines against exact sequential decoding on PyTorch
+   from the same noise (PSNR on images mapped to [0, 1], max abs error).
+
+Results are values: `CheckReport` is truthy only when every check passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+
+from sejd.bundle import Bundle
+from sejd.export.contracts import contract, dummy_inputs
+from sejd.export.reference import reference_outputs
+from sejd.util import progress
+
+PSNR_FLOOR_DB = 40.0  # DESIGN.md §7: the default plan must stay >= 40 dB against exact decoding
+PARITY_DB = 60.0  # an engine running a plan must match PyTorch running the same plan to round-off
+END_TO_END_PLANS = ("sequential", "ujd", "sjd", "gs-jacobi")
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    passed: bool
+    figures: dict
+
+    def line(self) -> str:
+        fig = ", ".join(f"{k}={_fmt(v)}" for k, v in self.figures.items() if not isinstance(v, dict))
+        return f"{'PASS' if self.passed else 'FAIL'}  {self.name}: {fig}"
+
+
+def _fmt(v):
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+@dataclasses.dataclass
+class CheckReport:
+    backend: str
+    checks: list[Check]
+
+    def __bool__(self):
+        return all(c.passed for c in self.checks)
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "passed": bool(self), "checks": [dataclasses.asdict(c) for c in self.checks]}
+
+    def summary(self) -> str:
+        failed = sum(not c.passed for c in self.checks)
+        return "\n".join([c.line() for c in self.checks] +
+                         [f"{len(self.checks) - failed}/{len(self.checks)} checks passed on {self.backend}"])
+
+
+def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR of images in [-1, 1] mapped to [0, 1]."""
+    mse = float((((a - b) / 2) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+class TorchReferenceRunner:
+    """A Polygraphy runner that evaluates a graph's contract with the PyTorch reference."""
+
+    def __new__(cls, model, block, c):
+        from polygraphy.backend.base import BaseRunner
+
+        class _Runner(BaseRunner):
+            def __init__(self):
+                super().__init__(name=f"pytorch[{c.variant}]")
+
+            def activate_impl(self):
+                pass
+
+            def deactivate_impl(self):
+                pass
+
+            def get_input_metadata_impl(self):
+                from polygraphy.common import TensorMetadata
+                meta = TensorMetadata()
+                for s in c.inputs:
+                    meta.add(s.name, np.dtype(s.dtype), [d if isinstance(d, int) else -1 for d in s.shape])
+                return meta
+
+            def infer_impl(self, feed_dict):
+                import time
+                t0 = time.perf_counter()
+                out = reference_outputs(model, block, c, feed_dict)
+                self.inference_time = time.perf_counter() - t0  # Polygraphy reads it after every call
+                return out
+
+        return _Runner()
+
+
+def graph_feeds(c, cfg, seeds=(0, 1)) -> list[dict]:
+    feeds = []
+    for seed in seeds:
+        for batch, cfg_rows in ((1, False), (3, False), (3, True)):
+            if c.variant == "forward" and cfg_rows:
+                continue
+            # jacobi_loop: once to convergence at a loose tau, once to the exact result
+            tau = 0.3 if seed % 2 else 0.0
+            feeds.append(dummy_inputs(c, cfg, batch=batch, cfg_rows=cfg_rows, seed=seed * 10 + batch, tau=tau))
+    return feeds
+
+
+def check_graphs(bundle: Bundle, backend: str, model, show_progress=True) -> list[Check]:
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import CompareFunc, Comparator
+    from polygraphy.logger import G_LOGGER
+
+    from sejd.engines.ort import PROVIDERS, engine_dir, load_engine_manifest
+
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL  # sejd prints its own report
+    load_engine_manifest(bundle, backend)
+    checks = []
+    for g in progress(bundle.manifest["graphs"], desc=f"check graphs on {backend}", enabled=show_progress):
+        c = contract(bundle.config, g["variant"], bundle.unroll)
+        engine = OnnxrtRunner(SessionFromOnnx(str(engine_dir(bundle, backend) / g["file"]),
+                                              providers=PROVIDERS[backend]))
+        ref = TorchReferenceRunner(model, g["block"], c)
+        results = Comparator.run([ref, engine], data_loader=graph_feeds(c, bundle.config))
+        atol = {n: c.atol for n in c.output_names}
+        accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=0.0),
+                                               fail_fast=False)
+        max_err, mean_err = {}, {}
+        for result in accuracy:  # one AccuracyResult per compare function: {runner pair: [per-iteration]}
+            for iteration in (it for pair in result.values() for it in pair):
+                for name, r in iteration.items():  # integer outputs compare exactly and give a plain bool
+                    max_err[name] = max(max_err.get(name, 0.0), float(getattr(r, "max_absdiff", 0.0 if r else math.inf)))
+                    mean_err[name] = max(mean_err.get(name, 0.0), float(getattr(r, "mean_absdiff", max_err[name])))
+        name = g["variant"] if g["block"] is None else f"block {g['block']} {g['variant']}"
+        figures = {"atol": c.atol, "max_abs": max(max_err.values()), "would_pass_atol": max(max_err.values()),
+                   "per_output_max_abs": max_err, "per_output_mean_abs": mean_err,
+                   "inputs": len(graph_feeds(c, bundle.config))}
+        checks.append(Check(name, bool(accuracy), figures))
+    return checks
+
+
+def check_end_to_end(bundle: Bundle, runners, model, plans=END_TO_END_PLANS, batch: int = 4, seed: int = 0,
+                     show_progress=True) -> list[Check]:
+    from sejd.runtime.sampler import sample
+
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(batch, cfg.num_tokens, cfg.token_dim, generator=g)
+    labels = torch.arange(batch) % cfg.num_classes if cfg.num_classes else None
+    exact = sample(model, noise, labels=labels, plan="sequential", progress=False).images
+    checks = []
+    for plan in progress(plans, desc="check plans", enabled=show_progress):
+        r = sample(model, noise, labels=labels, plan=plan, runners=runners, progress=False)
+        same = sample(model, noise, labels=labels, plan=plan, progress=False).images  # same plan on PyTorch
+        iters = [b.iterations for b in r.stats.blocks]
+        checks.append(Check(f"plan {plan}: engine vs PyTorch, same plan", psnr_db(r.images, same) >= PARITY_DB,
+                            {"psnr_db": psnr_db(r.images, same), "psnr_floor_db": PARITY_DB,
+                             "max_abs": float((r.images - same).abs().max()), "iterations_per_block": iters}))
+        checks.append(Check(f"plan {plan}: engine vs exact sequential", psnr_db(r.images, exact) >= PSNR_FLOOR_DB,
+                            {"psnr_db": psnr_db(r.images, exact), "psnr_floor_db": PSNR_FLOOR_DB,
+                             "max_abs": float((r.images - exact).abs().max())}))
+    return checks
+
+
+def check_bundle(bundle: Bundle, backend: str, plans=END_TO_END_PLANS, show_progress=True) -> CheckReport:
+    from sejd.engines import runners_for
+
+    model = bundle.load_model()
+    checks = check_graphs(bundle, backend, model, show_progress) if backend.startswith("ort-") else []
+    checks += check_end_to_end(bundle, runners_for(bundle, backend), model, plans, show_progress=show_progress)
+    return CheckReport(backend, checks)

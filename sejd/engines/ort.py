@@ -1,0 +1,230 @@
+"""ONNX Runtime engines: build (optimise and save every graph for a provider) and run (block runners).
+
+`ort-cpu` is always available; `ort-cuda` and `ort-trt` need onnxruntime-gpu (the `gpu` extra).
+KV caches live in preallocated ping-pong buffers bound with IO binding: a step reads the caches of
+the previous step and writes the other pair, so caches are never copied or reallocated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sejd.bundle import Bundle, BundleError, sha256_file
+from sejd.errors import SejdError
+from sejd.export.contracts import contract
+from sejd.runtime.runner import BlockRunner, Conditioning
+from sejd.util import atomic_write, progress
+
+PROVIDERS = {
+    "ort-cpu": ["CPUExecutionProvider"],
+    "ort-cuda": ["CUDAExecutionProvider"],
+    "ort-trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+}
+
+
+class BackendUnavailable(SejdError):
+    """The requested backend is not installed or has no device here."""
+
+
+def unavailable_reason(backend: str) -> str | None:
+    """None when `backend` can run here, else a sentence saying why not."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "onnxruntime is not installed (pip install onnxruntime, or the gpu extra)"
+    have = ort.get_available_providers()
+    missing = [p for p in PROVIDERS[backend] if p not in have]
+    if missing:
+        return (f"onnxruntime {ort.__version__} has no {', '.join(missing)} (available: {', '.join(have)}); "
+                f"install onnxruntime-gpu (pip install 'sejd[gpu]', after uninstalling onnxruntime) on a CUDA machine")
+    return None
+
+
+def session_options(threads: int | None = None, optimized_path: Path | None = None, level: str = "all"):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                   "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one request at a time: latency, not throughput
+    so.inter_op_num_threads = 1
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return so
+
+
+def engine_dir(bundle: Bundle, backend: str) -> Path:
+    return bundle.path / "engines" / backend
+
+
+def build_ort(bundle: Bundle, backend: str, threads: int | None = None, show_progress: bool = True) -> Path:
+    """Optimise every graph for `backend` and save the optimised models plus an engine manifest."""
+    import onnxruntime as ort
+
+    reason = unavailable_reason(backend)
+    if reason:
+        raise BackendUnavailable(f"backend {backend} not available: {reason}")
+    out = engine_dir(bundle, backend)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for g in progress(bundle.manifest["graphs"], desc=f"build {backend}", enabled=show_progress):
+        target = out / g["file"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(target, binary=True) as tmp:
+            ort.InferenceSession(str(bundle.path / g["file"]), session_options(threads, Path(tmp)),
+                                 providers=PROVIDERS[backend])
+        files[g["file"]] = sha256_file(target)
+    manifest = {"backend": backend, "bundle_manifest_sha256": bundle.manifest_sha256,
+                "onnxruntime": ort.__version__, "providers": PROVIDERS[backend], "files": files,
+                "settings": {"graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "sequential",
+                             "intra_op_num_threads": threads or "default", "inter_op_num_threads": 1}}
+    with atomic_write(out / "manifest.json") as tmp:
+        Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n")
+    return out
+
+
+def load_engine_manifest(bundle: Bundle, backend: str) -> dict:
+    import onnxruntime as ort
+
+    mf = engine_dir(bundle, backend) / "manifest.json"
+    if not mf.exists():
+        raise BundleError(f"{bundle.path}: no {backend} engines; build them with `sejd build {bundle.path} "
+                          f"--backend {backend}`")
+    m = json.loads(mf.read_text())
+    if m.get("bundle_manifest_sha256") != bundle.manifest_sha256:
+        raise BundleError(f"{mf}: engines were built from another export of this bundle; rebuild them")
+    if m.get("onnxruntime") != ort.__version__:
+        raise BundleError(f"{mf}: engines were built with onnxruntime {m.get('onnxruntime')}, this is "
+                          f"{ort.__version__}; rebuild them")
+    for rel, digest in m["files"].items():
+        f = engine_dir(bundle, backend) / rel
+        if not f.exists() or sha256_file(f) != digest:
+            raise BundleError(f"{bundle.path}: engine file engines/{backend}/{rel} is missing or changed; rebuild")
+    return m
+
+
+class OrtSessions:
+    """Lazily created sessions over a bundle's built engines (one per graph actually used)."""
+
+    def __init__(self, bundle: Bundle, backend: str = "ort-cpu", threads: int | None = None):
+        reason = unavailable_reason(backend)
+        if reason:
+            raise BackendUnavailable(f"backend {backend} not available: {reason}")
+        self.bundle, self.backend, self.threads = bundle, backend, threads
+        self.manifest = load_engine_manifest(bundle, backend)
+        self._sessions: dict = {}
+
+    def get(self, variant: str, block: int | None = None):
+        import onnxruntime as ort
+
+        key = (variant, block)
+        if key not in self._sessions:
+            rel = self.bundle.graph(variant, block)["file"]
+            path = engine_dir(self.bundle, self.backend) / rel
+            # already optimised at build time: do not optimise again
+            self._sessions[key] = ort.InferenceSession(str(path), session_options(self.threads, level="none"),
+                                                       providers=PROVIDERS[self.backend])
+        return self._sessions[key]
+
+
+class OrtBlockRunner(BlockRunner):
+    """One block on ONNX Runtime; fused variants map to single graph calls."""
+
+    def __init__(self, sessions: OrtSessions, block: int):
+        cfg = sessions.bundle.config
+        self.sessions, self.k, self.cfg = sessions, block, cfg
+        self.num_tokens, self.token_dim = cfg.num_tokens, cfg.token_dim
+        self.unroll = sessions.bundle.unroll
+        self.exported = set(sessions.bundle.variants())
+        self.cache_names = [f"{l}.{kv}" for l in range(cfg.layers_per_block) for kv in ("key", "value")]
+        self._caches: list[list[np.ndarray]] = []
+        self._contracts = {}
+
+    def _contract(self, variant):
+        if variant not in self._contracts:
+            self._contracts[variant] = contract(self.cfg, variant, self.unroll)
+        return self._contracts[variant]
+
+    def begin(self, batch: int, cond: Conditioning) -> None:
+        self.batch = batch
+        R = cond.rows
+        guidance = cond.guidance if cond.guidance is not None else torch.zeros(2, self.num_tokens)
+        self.cond_feeds = {"temps": cond.temps.numpy().astype(np.float32),
+                           "guidance": np.ascontiguousarray(guidance.numpy().astype(np.float32))}
+        if self.cfg.num_classes:
+            self.cond_feeds["labels"] = cond.labels.numpy().astype(np.int64)
+        shape = (R, self.cfg.num_heads, self.num_tokens, self.cfg.head_dim)
+        if not self._caches or self._caches[0][0].shape != shape:
+            self._caches = [[np.zeros(shape, np.float32) for _ in self.cache_names] for _ in range(2)]
+        self._current = 0  # which buffer set holds the valid cache
+
+    def _run(self, variant: str, feeds: dict, cache_io: bool = False) -> dict[str, np.ndarray]:
+        c = self._contract(variant)
+        feeds = {**feeds, **{k: v for k, v in self.cond_feeds.items() if k in c.input_names}}
+        if cache_io:
+            past, present = self._caches[self._current], self._caches[1 - self._current]
+            feeds.update({f"past.{n}": a for n, a in zip(self.cache_names, past)})
+        c.validate(feeds)
+        sess = self.sessions.get(variant, self.k)
+        binding = sess.io_binding()
+        keep = []
+        for name in c.input_names:
+            arr = np.ascontiguousarray(feeds[name])
+            keep.append(arr)
+            binding.bind_cpu_input(name, arr)
+        outputs = [n for n in c.output_names if not n.startswith("present.")]
+        for name in outputs:
+            binding.bind_output(name, "cpu")
+        if cache_io:
+            for n, arr in zip(self.cache_names, present):
+                binding.bind_output(f"present.{n}", "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+        sess.run_with_iobinding(binding)
+        if cache_io:
+            self._current = 1 - self._current
+        return dict(zip(outputs, binding.copy_outputs_to_cpu()[:len(outputs)]))
+
+    def project(self, x, start):
+        n = x.shape[1]
+        variant = "step" if n == 1 else "window"
+        if variant not in self.exported:
+            raise BundleError(f"bundle lacks the {variant!r} graph that this decoder needs")
+        pos = "pos" if n == 1 else "start"
+        out = self._run(variant, {"x": x.numpy().astype(np.float32), pos: np.array(start, np.int64)}, cache_io=True)
+        return torch.from_numpy(out["xa"]), torch.from_numpy(out["xb"])
+
+    def jacobi_iter(self, z, x, start=1, end=None):
+        if start != 1 or (end or self.num_tokens) != self.num_tokens or "jacobi" not in self.exported:
+            return super().jacobi_iter(z, x, start, end)
+        out = self._run("jacobi", {"z": z.numpy(), "x": x.numpy()})
+        return torch.from_numpy(out["x_next"]), torch.from_numpy(out["residual"])
+
+    def jacobi_chunk(self, z, x, k):
+        if k != self.unroll or "jacobi_k" not in self.exported:
+            return super().jacobi_chunk(z, x, k)
+        out = self._run("jacobi_k", {"z": z.numpy(), "x": x.numpy()})
+        return torch.from_numpy(out["x_next"]), torch.from_numpy(out["residuals"])
+
+    def jacobi_loop(self, z, x, tau, cap):
+        if "jacobi_loop" not in self.exported:
+            return super().jacobi_loop(z, x, tau, cap)
+        out = self._run("jacobi_loop", {"z": z.numpy(), "x0": x.numpy(), "tau": np.array(tau, np.float32),
+                                        "max_iters": np.array(cap, np.int64)})
+        return torch.from_numpy(out["x"]), torch.from_numpy(out["residual"]), int(out["iterations"])
+
+    def sequential_loop(self, z):
+        if "sequential_loop" not in self.exported:
+            return super().sequential_loop(z)
+        return torch.from_numpy(self._run("sequential_loop", {"z": z.numpy()})["x"])
+
+
+def ort_runners(bundle: Bundle, backend: str = "ort-cpu", threads: int | None = None) -> list[OrtBlockRunner]:
+    sessions = OrtSessions(bundle, backend, threads)
+    return [OrtBlockRunner(sessions, k) for k in range(bundle.config.num_blocks)]

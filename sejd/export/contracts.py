@@ -1,0 +1,193 @@
+"""The input/output contract of every graph variant, declared once.
+
+Export (names, dynamic axes), dummy inputs, input validation before a backend call, the bundle
+manifest and the README's table are all generated from these declarations. A test fails when a
+declared variant has no parity test.
+
+Symbolic dimensions: `batch` (B samples), `rows` (R = B, or 2B for classifier-free guidance: the
+conditional rows first), `window` (tokens in a window). Everything else is static per model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from sejd.errors import InputError
+from sejd.model.tarflow import TarFlowConfig
+
+DEFAULT_OPSET = 18
+DEFAULT_UNROLL = 8
+FP32_ATOL = 1e-4  # DESIGN.md §7: engine vs PyTorch, per output
+BLOCK_VARIANTS = ("step", "window", "jacobi", "jacobi_k", "jacobi_loop", "sequential_loop")
+MODEL_VARIANTS = ("forward",)
+VARIANTS = BLOCK_VARIANTS + MODEL_VARIANTS
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple  # ints and symbolic names
+
+    def resolve(self, dims: dict) -> tuple:
+        return tuple(dims[d] if isinstance(d, str) else d for d in self.shape)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphContract:
+    variant: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    description: str
+    atol: float = FP32_ATOL
+    unroll: int = 1
+
+    @property
+    def input_names(self):
+        return [s.name for s in self.inputs]
+
+    @property
+    def output_names(self):
+        return [s.name for s in self.outputs]
+
+    def dynamic_axes(self) -> dict:
+        axes = {}
+        for s in self.inputs + self.outputs:
+            named = {i: d for i, d in enumerate(s.shape) if isinstance(d, str)}
+            if named:
+                axes[s.name] = named
+        return axes
+
+    def validate(self, feeds: dict) -> dict:
+        """Check names, dtypes, ranks and static dims; bind symbolic dims consistently. Returns the dims."""
+        dims: dict = {}
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise InputError(f"{self.variant}: missing inputs {missing}; expected {self.input_names}")
+        for spec in self.inputs:
+            value = feeds[spec.name]
+            dtype = str(value.dtype).replace("torch.", "")
+            if dtype != spec.dtype:
+                raise InputError(f"{self.variant}: input {spec.name!r} must be {spec.dtype}, got {dtype}")
+            shape = tuple(value.shape)
+            if len(shape) != len(spec.shape):
+                raise InputError(f"{self.variant}: input {spec.name!r} must have shape {spec.shape}, got {shape}")
+            for want, got in zip(spec.shape, shape):
+                if isinstance(want, str):
+                    if dims.setdefault(want, got) != got:
+                        raise InputError(f"{self.variant}: input {spec.name!r} has {want}={got}, but another "
+                                         f"input has {want}={dims[want]} (shape {spec.shape}, got {shape})")
+                elif want != got:
+                    raise InputError(f"{self.variant}: input {spec.name!r} must have shape {spec.shape}, got {shape}")
+        if "rows" in dims and "batch" in dims and dims["rows"] not in (dims["batch"], 2 * dims["batch"]):
+            raise InputError(f"{self.variant}: rows must be batch or 2*batch (guidance), got rows={dims['rows']} "
+                             f"for batch={dims['batch']}")
+        return dims
+
+    def to_dict(self) -> dict:
+        return {"variant": self.variant, "description": self.description, "atol": self.atol,
+                "inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs]}
+
+
+def _f(name, *shape):
+    return TensorSpec(name, "float32", shape)
+
+
+def _i(name, *shape):
+    return TensorSpec(name, "int64", shape)
+
+
+def cache_specs(cfg: TarFlowConfig, prefix: str) -> list[TensorSpec]:
+    shape = ("rows", cfg.num_heads, cfg.num_tokens, cfg.head_dim)
+    return [_f(f"{prefix}.{l}.{kv}", *shape) for l in range(cfg.layers_per_block) for kv in ("key", "value")]
+
+
+def cond_specs(cfg: TarFlowConfig) -> list[TensorSpec]:
+    labels = [_i("labels", "rows")] if cfg.num_classes else []
+    return labels + [_f("temps", "rows"), _f("guidance", 2, cfg.num_tokens)]
+
+
+def block_contract(cfg: TarFlowConfig, variant: str, unroll: int = DEFAULT_UNROLL) -> GraphContract:
+    T, D = cfg.num_tokens, cfg.token_dim
+    cond = cond_specs(cfg)
+    tok = ("batch", T, D)
+    if variant == "step":
+        return GraphContract(variant, (_f("x", "batch", 1, D), _i("pos"), *cache_specs(cfg, "past"), *cond),
+                             (_f("xa", "batch", 1, D), _f("xb", "batch", 1, D), *cache_specs(cfg, "present")),
+                             "one token at position `pos` over a fixed-size KV cache -> its affine parameters "
+                             "(for token pos+1) and the cache with this token written at `pos`")
+    if variant == "window":
+        return GraphContract(variant, (_f("x", "batch", "window", D), _i("start"), *cache_specs(cfg, "past"), *cond),
+                             (_f("xa", "batch", "window", D), _f("xb", "batch", "window", D),
+                              *cache_specs(cfg, "present")),
+                             "tokens at positions start..start+window-1 over the cache of positions < start "
+                             "(GS-Jacobi segments, frozen prefixes)")
+    if variant == "jacobi":
+        return GraphContract(variant, (_f("z", *tok), _f("x", *tok), *cond),
+                             (_f("x_next", *tok), _f("residual", "batch")),
+                             "one parallel Jacobi iteration x -> F(x), residual = max |x_next - x| per sample")
+    if variant == "jacobi_k":
+        return GraphContract(variant, (_f("z", *tok), _f("x", *tok), *cond),
+                             (_f("x_next", *tok), _f("residual", "batch"), _f("residuals", unroll, "batch")),
+                             f"{unroll} Jacobi iterations unrolled (static, CUDA-graph friendly); residual of "
+                             "the last and of every iteration", unroll=unroll)
+    if variant == "jacobi_loop":
+        return GraphContract(variant, (_f("z", *tok), _f("x0", *tok), _f("tau"), _i("max_iters"), *cond),
+                             (_f("x", *tok), _f("residual", "batch"), _i("iterations")),
+                             "ONNX Loop of Jacobi iterations until max residual < tau or min(max_iters, T-1)")
+    if variant == "sequential_loop":
+        return GraphContract(variant, (_f("z", *tok), *cond), (_f("x", *tok),),
+                             "the whole exact sequential inversion of the block as one ONNX Loop over tokens")
+    raise InputError(f"unknown block variant {variant!r}; expected one of {BLOCK_VARIANTS}")
+
+
+def forward_contract(cfg: TarFlowConfig) -> GraphContract:
+    labels = [_i("labels", "batch")] if cfg.num_classes else []
+    return GraphContract("forward", (_f("image", "batch", cfg.in_channels, cfg.img_size, cfg.img_size), *labels),
+                         (_f("z", "batch", cfg.num_tokens, cfg.token_dim), _f("logdet", "batch")),
+                         "the model's forward pass (likelihood): image, labels (-1 = unconditional) -> z, logdet")
+
+
+def contract(cfg: TarFlowConfig, variant: str, unroll: int = DEFAULT_UNROLL) -> GraphContract:
+    return forward_contract(cfg) if variant == "forward" else block_contract(cfg, variant, unroll)
+
+
+def dummy_inputs(c: GraphContract, cfg: TarFlowConfig, batch: int = 2, cfg_rows: bool = False, window: int = 3,
+                 seed: int = 0, tau: float = 0.0) -> dict[str, np.ndarray]:
+    """Seeded inputs that satisfy the contract and exercise it (labels incl. -1, non-trivial caches)."""
+    g = torch.Generator().manual_seed(seed)
+    dims = {"batch": batch, "rows": 2 * batch if cfg_rows else batch, "window": window}
+    T = cfg.num_tokens
+    feeds = {}
+    for s in c.inputs:
+        shape = s.resolve(dims)
+        if s.name == "labels":
+            v = torch.randint(-1, cfg.num_classes, shape, generator=g)
+            if cfg_rows:
+                v[batch:] = -1
+        elif s.name == "temps":
+            v = torch.ones(shape) if not cfg_rows else torch.cat([torch.ones(batch), 0.5 + torch.rand(batch, generator=g)])
+        elif s.name == "guidance":
+            v = torch.rand(shape, generator=g) * 2 if cfg_rows else torch.zeros(shape)
+        elif s.name == "pos":
+            v = torch.randint(0, T, (), generator=g)
+        elif s.name == "start":
+            v = torch.randint(0, T - window + 1, (), generator=g)
+        elif s.name == "tau":
+            v = torch.tensor(float(tau))
+        elif s.name == "max_iters":
+            v = torch.tensor(T - 1)
+        elif s.name.startswith("past."):
+            v = torch.randn(shape, generator=g)
+        elif s.name == "image":
+            v = torch.rand(shape, generator=g) * 2 - 1
+        else:
+            v = torch.randn(shape, generator=g)
+        feeds[s.name] = v.numpy().astype(s.dtype)
+    return feeds

@@ -1,0 +1,169 @@
+"""Export-friendly PyTorch modules, one per graph variant, built on the reference model's blocks.
+
+What makes them exportable: static token counts, a fixed-size KV cache written with `scatter` at an
+explicit position tensor and read through a position mask (no data-dependent slicing), CFG rows
+selected by index arithmetic (rows = R = B or 2B, cond rows first), and the class term computed in
+the graph from int64 labels (-1 = unconditional), so one graph serves every kind of batch.
+The loop variants (`jacobi_loop`, `sequential_loop`) wrap the bodies defined here in an ONNX `Loop`
+(see `loops.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sejd.model.tarflow import MetaBlock, TarFlow
+
+
+class BlockGraph(nn.Module):
+    """One block in its own token order, with the pieces every variant shares."""
+
+    def __init__(self, block: MetaBlock, num_tokens: int):
+        super().__init__()
+        self.block, self.T = block, num_tokens
+        attn = block.attn_blocks[0].attention
+        self.H, self.hd = attn.num_heads, block.pos_embed.shape[1] // attn.num_heads
+        self.register_buffer("pos", block.permute(block.pos_embed.detach(), dim=0).clone())  # (T, C)
+
+    def rows(self, x, temps):
+        """(B, n, D) -> (R, n, D): row r is sample r mod B."""
+        idx = torch.arange(temps.shape[0]) % x.shape[0]
+        return x.index_select(0, idx)
+
+    def class_term(self, labels):
+        return None if labels is None else self.block.class_term(labels)
+
+    def guide(self, xa, xb, w, batch):
+        """(R, n, D) params -> guided (B, n, D): c + w*(c - u). With R == B, c and u are the same rows."""
+        R = xa.shape[0]
+        ca, ua, cb, ub = xa[:batch], xa[R - batch:], xb[:batch], xb[R - batch:]
+        return ca + w[0].view(-1, 1) * (ca - ua), cb + w[1].view(-1, 1) * (cb - ub)
+
+    def parallel(self, x, labels, temps, guidance):
+        """Full causal pass without cache over x (B, n, D) at positions [0, n) -> guided (xa, xb)."""
+        n = x.shape[1]
+        xa, xb = self.block.project(self.rows(x, temps), 0, self.class_term(labels), None, temps)
+        return self.guide(xa, xb, guidance[:, :n], x.shape[0])
+
+    def cached(self, x, start, pasts, labels, temps, guidance):
+        """Window x (B, n, D) at positions start + [0, n) over fixed-size caches (R, H, T, hd).
+
+        Returns guided (xa, xb) and the caches with the window's keys/values written in.
+        """
+        B, n, _ = x.shape
+        h = self.rows(x, temps)
+        R = h.shape[0]
+        positions = start + torch.arange(n)  # (n,)
+        h = self.block.proj_in(h) + self.pos.index_select(0, positions)
+        ct = self.class_term(labels)
+        if ct is not None:
+            h = h + ct
+        mask = torch.arange(self.T).view(1, -1) <= positions.view(-1, 1)  # (n, T): keys at or before the query
+        index = positions.view(1, 1, n, 1).expand(R, self.H, n, self.hd)
+        presents = []
+        for layer, (past_k, past_v) in zip(self.block.attn_blocks, pasts):
+            attn = layer.attention
+            a = attn.norm(h.float()).type(h.dtype)
+            # (R, n, 3C) -> (R, 3H, n, hd) -> 3 x (R, H, n, hd)
+            q, k, v = attn.qkv(a).reshape(R, n, 3 * self.H, self.hd).transpose(1, 2).chunk(3, dim=1)
+            k_all, v_all = past_k.scatter(2, index, k), past_v.scatter(2, index, v)
+            q = q / temps.view(-1, 1, 1, 1)
+            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scale)
+            h = h + attn.proj(out.transpose(1, 2).reshape(R, n, -1))
+            h = h + layer.mlp(h)
+            presents += [k_all, v_all]
+        xa, xb = self.block.split(self.block.proj_out(h))
+        w = guidance.index_select(1, positions)
+        return (*self.guide(xa, xb, w, B), *presents)
+
+
+def _affine(z, xa, xb):
+    return z * xa.float().exp().type(xa.dtype) + xb
+
+
+def _split_cond(has_classes, args):
+    """Graph inputs after the variant's own: (labels,) temps, guidance."""
+    return (args[0], args[1], args[2]) if has_classes else (None, args[0], args[1])
+
+
+class StepGraph(BlockGraph):
+    """x (B, 1, D), pos () int64, past caches -> xa, xb (B, 1, D), present caches."""
+
+    def __init__(self, block, num_tokens, has_classes):
+        super().__init__(block, num_tokens)
+        self.has_classes = has_classes
+
+    def forward(self, x, pos, *rest):
+        L = len(self.block.attn_blocks)
+        pasts = [(rest[2 * i], rest[2 * i + 1]) for i in range(L)]
+        labels, temps, guidance = _split_cond(self.has_classes, rest[2 * L:])
+        return self.cached(x, pos, pasts, labels, temps, guidance)
+
+
+WindowGraph = StepGraph  # same computation; the window variant is exported with a dynamic token count
+
+
+class JacobiGraph(BlockGraph):
+    """z, x (B, T, D) -> x_next (one parallel Jacobi iteration), residual (B,) = max |x_next - x|."""
+
+    def __init__(self, block, num_tokens, has_classes, iterations: int = 1):
+        super().__init__(block, num_tokens)
+        self.has_classes, self.iterations = has_classes, iterations
+
+    def iterate(self, z, x, labels, temps, guidance):
+        inp = torch.cat([z[:, :1], x[:, 1:-1]], dim=1)  # token 0 is z_0 by definition, whatever x holds
+        xa, xb = self.parallel(inp, labels, temps, guidance)  # params for tokens 1..T-1
+        new = _affine(z[:, 1:], xa, xb)
+        x_next = torch.cat([z[:, :1], new], dim=1)
+        return x_next, (new - x[:, 1:]).abs().amax(dim=(1, 2))  # token 0 is z_0, not an unknown
+
+    def forward(self, z, x, *rest):
+        labels, temps, guidance = _split_cond(self.has_classes, rest)
+        if self.iterations == 1:
+            return self.iterate(z, x, labels, temps, guidance)
+        residuals = []
+        for _ in range(self.iterations):  # unrolled: static, CUDA-graph friendly
+            x, res = self.iterate(z, x, labels, temps, guidance)
+            residuals.append(res)
+        return x, res, torch.stack(residuals)  # residuals (K, B)
+
+
+class SequentialBody(BlockGraph):
+    """Loop body of `sequential_loop`: at iteration i, decode token i+1 of x from token i (KV-cached)."""
+
+    def __init__(self, block, num_tokens, has_classes):
+        super().__init__(block, num_tokens)
+        self.has_classes = has_classes
+
+    def forward(self, i, z, x, *rest):
+        L = len(self.block.attn_blocks)
+        pasts = [(rest[2 * j], rest[2 * j + 1]) for j in range(L)]
+        labels, temps, guidance = _split_cond(self.has_classes, rest[2 * L:])
+        x_tok = x.index_select(1, i.view(1))  # (B, 1, D)
+        xa, xb, *presents = self.cached(x_tok, i, pasts, labels, temps, guidance)
+        nxt = (i + 1).view(1)
+        new = _affine(z.index_select(1, nxt), xa, xb)
+        x_next = x.scatter(1, nxt.view(1, 1, 1).expand(x.shape[0], 1, x.shape[2]), new)
+        return (x_next, *presents)
+
+
+class ForwardGraph(nn.Module):
+    """The whole model's forward pass: image (B, C, H, W) (+ labels (B,)) -> z (B, T, D), logdet (B,)."""
+
+    def __init__(self, model: TarFlow):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image, labels=None):
+        cfg = self.model.config
+        p, s = cfg.patch_size, cfg.img_size // cfg.patch_size
+        B = image.shape[0]
+        # patchify as unfold does: (B, C, s, p, s, p) -> (B, s, s, C, p, p) -> (B, T, C*p*p)
+        x = image.reshape(B, cfg.in_channels, s, p, s, p).permute(0, 2, 4, 1, 3, 5).reshape(B, s * s, -1)
+        logdet = torch.zeros(B)
+        for block in self.model.blocks:
+            x, ld = block(x, labels)
+            logdet = logdet + ld
+        return x, logdet

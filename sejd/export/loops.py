@@ -1,0 +1,144 @@
+"""Wrap exported bodies in ONNX `Loop` nodes: `jacobi_loop` and `sequential_loop`.
+
+The bodies come from torch (one Jacobi iteration; one KV-cached sequential step). Values that do
+not change across iterations (z, labels, temps, guidance, tau) are read from the outer scope; every
+body-local name gets a prefix so nothing shadows an outer name. Loop-carried shapes are constant
+across iterations (TensorRT requires it) and no sequence ops are used.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from sejd.export.contracts import GraphContract
+
+OUTER = ("z", "labels", "temps", "guidance", "tau")
+
+
+def _rename_body(graph: onnx.GraphProto, prefix: str, keep=OUTER) -> None:
+    """Prefix every value name of `graph` except outer-scope references in `keep` (in place)."""
+    def new(name):
+        return name if (not name or name in keep) else prefix + name
+
+    for v in list(graph.input) + list(graph.output) + list(graph.value_info):
+        v.name = new(v.name)
+    for t in graph.initializer:
+        t.name = new(t.name)
+    for node in graph.node:
+        node.input[:] = [new(n) for n in node.input]
+        node.output[:] = [new(n) for n in node.output]
+        node.name = new(node.name) if node.name else node.name
+
+
+def _take_inputs(graph: onnx.GraphProto, names: list[str]) -> dict:
+    """Remove inputs `names` from the graph's input list (they become outer-scope references)."""
+    kept, taken = [], {}
+    for v in graph.input:
+        (taken.__setitem__(v.name, v) if v.name in names else kept.append(v))
+    del graph.input[:]
+    graph.input.extend(kept)
+    return taken
+
+
+def _scalar(name, dtype):
+    return helper.make_tensor_value_info(name, dtype, [])
+
+
+def _const(name, dtype, values, dims=()):
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name + "_v", dtype, list(dims), values))
+
+
+def _finish(graph: onnx.GraphProto, body: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="sejd")
+    model.ir_version = body.ir_version
+    return model
+
+
+def _outer_inputs(body_graph, c: GraphContract, taken: dict):
+    """Outer graph inputs in contract order, typed from the body where the body had them."""
+    ins = []
+    for s in c.inputs:
+        if s.name in taken:
+            ins.append(taken[s.name])
+        else:
+            dt = TensorProto.FLOAT if s.dtype == "float32" else TensorProto.INT64
+            ins.append(helper.make_tensor_value_info(s.name, dt, [d for d in s.shape]))
+    return ins
+
+
+def jacobi_loop(body: onnx.ModelProto, c: GraphContract, num_tokens: int, opset: int) -> onnx.ModelProto:
+    g = onnx.GraphProto()
+    g.CopyFrom(body.graph)
+    taken = _take_inputs(g, [n for n in OUTER if n != "tau"])
+    _rename_body(g, "jb/")
+    # body inputs: (iteration, cond, x, residual, count); body's own x input is carried
+    (x_in,) = [v for v in g.input if v.name == "jb/x"]
+    x_next, res_next = g.output[0].name, g.output[1].name
+    del g.output[:]
+    g.node.extend([
+        _const("jb/one", TensorProto.INT64, [1]),
+        helper.make_node("Add", ["jb/count_in", "jb/one"], ["jb/count_out"]),
+        helper.make_node("ReduceMax", [res_next], ["jb/res_max"], keepdims=0),
+        # continue while max residual >= tau: stops on convergence, and on NaN (the host reports it)
+        helper.make_node("GreaterOrEqual", ["jb/res_max", "tau"], ["jb/cond_out"]),
+    ])
+    inputs = [_scalar("jb/iter", TensorProto.INT64), _scalar("jb/cond_in", TensorProto.BOOL), x_in,
+              helper.make_tensor_value_info("jb/res_in", TensorProto.FLOAT, ["batch"]),
+              _scalar("jb/count_in", TensorProto.INT64)]
+    del g.input[:]
+    g.input.extend(inputs)
+    g.output.extend([_scalar("jb/cond_out", TensorProto.BOOL),
+                     helper.make_tensor_value_info(x_next, TensorProto.FLOAT, ["batch", num_tokens, x_in.type.tensor_type.shape.dim[2].dim_value]),
+                     helper.make_tensor_value_info(res_next, TensorProto.FLOAT, ["batch"]),
+                     _scalar("jb/count_out", TensorProto.INT64)])
+    g.name = "jacobi_body"
+    nodes = [
+        _const("T_minus_1", TensorProto.INT64, [num_tokens - 1]),
+        helper.make_node("Min", ["max_iters", "T_minus_1"], ["trip_count"]),
+        _const("cond0", TensorProto.BOOL, [True]),
+        _const("count0", TensorProto.INT64, [0]),
+        helper.make_node("Shape", ["x0"], ["x0_shape"], start=0, end=1),
+        helper.make_node("ConstantOfShape", ["x0_shape"], ["res0"],
+                         value=helper.make_tensor("inf", TensorProto.FLOAT, [1], [float("inf")])),
+        helper.make_node("Loop", ["trip_count", "cond0", "x0", "res0", "count0"], ["x", "residual", "iterations"],
+                         body=g),
+    ]
+    outer = helper.make_graph(nodes, "jacobi_loop", _outer_inputs(g, c, {**taken}),
+                              [helper.make_tensor_value_info(s.name, TensorProto.FLOAT if s.dtype == "float32"
+                                                             else TensorProto.INT64, list(s.shape)) for s in c.outputs])
+    return _finish(outer, body, opset)
+
+
+def sequential_loop(body: onnx.ModelProto, c: GraphContract, cfg, cache_names: list[str], opset: int) -> onnx.ModelProto:
+    g = onnx.GraphProto()
+    g.CopyFrom(body.graph)
+    taken = _take_inputs(g, [n for n in OUTER if n != "tau"])
+    _rename_body(g, "sb/")
+    g.node.append(helper.make_node("Identity", ["sb/cond_in"], ["sb/cond_out"]))
+    carried = [v for v in g.input if v.name != "sb/i"]
+    iter_in = [v for v in g.input if v.name == "sb/i"][0]
+    iter_in.type.tensor_type.ClearField("shape")
+    iter_in.type.tensor_type.shape.SetInParent()  # scalar
+    del g.input[:]
+    g.input.extend([iter_in, _scalar("sb/cond_in", TensorProto.BOOL), *carried])
+    outs = list(g.output)
+    del g.output[:]
+    g.output.extend([_scalar("sb/cond_out", TensorProto.BOOL), *outs])
+    g.name = "sequential_body"
+    zeros_shape = [cfg.num_heads, cfg.num_tokens, cfg.head_dim]
+    nodes = [
+        _const("trip_count", TensorProto.INT64, [cfg.num_tokens - 1]),
+        _const("cond0", TensorProto.BOOL, [True]),
+        helper.make_node("Shape", ["temps"], ["rows"], start=0, end=1),
+        _const("cache_tail", TensorProto.INT64, zeros_shape, dims=[3]),
+        helper.make_node("Concat", ["rows", "cache_tail"], ["cache_shape"], axis=0),
+        helper.make_node("ConstantOfShape", ["cache_shape"], ["cache0"],
+                         value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])),
+        helper.make_node("Loop", ["trip_count", "cond0", "z", *["cache0"] * len(cache_names)],
+                         ["x", *[f"final.{n}" for n in cache_names]], body=g),
+    ]
+    outer = helper.make_graph(nodes, "sequential_loop", _outer_inputs(g, c, taken),
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(c.outputs[0].shape))])
+    return _finish(outer, body, opset)

@@ -1,0 +1,72 @@
+"""torch -> ONNX for every variant, following the contracts.
+
+The TorchScript-based exporter (`dynamo=False`) is used: it turns the symbolic batch/rows arithmetic
+of the CFG row selection into shape ops, and gives stable input/output names, which the hand-built
+ONNX `Loop` graphs in `loops.py` rely on.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import onnx
+import torch
+
+from sejd.export import graphs, loops
+from sejd.export.contracts import GraphContract, contract, dummy_inputs
+from sejd.model.tarflow import TarFlow
+
+
+def _to_onnx(module: torch.nn.Module, args: tuple, input_names, output_names, dynamic_axes, opset: int) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic are expected here
+        torch.onnx.export(module.eval(), args, buf, dynamo=False, input_names=list(input_names),
+                          output_names=list(output_names), dynamic_axes=dynamic_axes, opset_version=opset,
+                          do_constant_folding=True)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _args(c: GraphContract, feeds: dict) -> tuple:
+    return tuple(torch.from_numpy(feeds[n]) for n in c.input_names)
+
+
+def export_block_variant(model: TarFlow, k: int, variant: str, unroll: int, opset: int) -> onnx.ModelProto:
+    cfg = model.config
+    block, T, has_classes = model.blocks[k], cfg.num_tokens, bool(cfg.num_classes)
+    c = contract(cfg, variant, unroll)
+    feeds = dummy_inputs(c, cfg, batch=2)
+    if variant in ("step", "window"):
+        return _to_onnx(graphs.StepGraph(block, T, has_classes), _args(c, feeds), c.input_names, c.output_names,
+                        c.dynamic_axes(), opset)
+    if variant in ("jacobi", "jacobi_k"):
+        m = graphs.JacobiGraph(block, T, has_classes, iterations=unroll if variant == "jacobi_k" else 1)
+        return _to_onnx(m, _args(c, feeds), c.input_names, c.output_names, c.dynamic_axes(), opset)
+    if variant == "jacobi_loop":
+        body_c = contract(cfg, "jacobi")
+        body = _to_onnx(graphs.JacobiGraph(block, T, has_classes), _args(body_c, dummy_inputs(body_c, cfg)),
+                        body_c.input_names, body_c.output_names, body_c.dynamic_axes(), opset)
+        return loops.jacobi_loop(body, c, T, opset)
+    if variant == "sequential_loop":
+        step_c = contract(cfg, "step")
+        sf = dummy_inputs(step_c, cfg)
+        cache_names = [s.name for s in step_c.inputs if s.name.startswith("past.")]
+        cond_names = [s.name for s in step_c.inputs if s.name in ("labels", "temps", "guidance")]
+        names = ["i", "z", "x", *cache_names, *cond_names]
+        tok = torch.randn(2, T, cfg.token_dim)
+        args = (torch.tensor(3), tok, tok.clone(), *[torch.from_numpy(sf[n]) for n in cache_names + cond_names])
+        outs = ["x_next", *[n.replace("past.", "present.") for n in cache_names]]
+        axes = {"z": {0: "batch"}, "x": {0: "batch"}, "x_next": {0: "batch"},
+                **{n: {0: "rows"} for n in cache_names + outs[1:]},
+                **({"labels": {0: "rows"}} if has_classes else {}), "temps": {0: "rows"}}
+        body = _to_onnx(graphs.SequentialBody(block, T, has_classes), args, names, outs, axes, opset)
+        return loops.sequential_loop(body, c, cfg, cache_names, opset)
+    raise ValueError(variant)
+
+
+def export_forward(model: TarFlow, opset: int) -> onnx.ModelProto:
+    c = contract(model.config, "forward")
+    feeds = dummy_inputs(c, model.config, batch=2)
+    return _to_onnx(graphs.ForwardGraph(model), _args(c, feeds), c.input_names, c.output_names, c.dynamic_axes(),
+                    opset)
