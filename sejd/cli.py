@@ -65,6 +65,45 @@ def _sample(a):
             Path(tmp).write_text(json.dumps(result.stats.to_dict(), indent=2) + "\n")
 
 
+def _export(a):
+    from sejd.export.exporter import export_bundle
+
+    variants = a.variants.split(",") if a.variants else None
+    b = export_bundle(a.source, a.out, variants=variants, unroll=a.unroll, opset=a.opset, batch_max=a.batch_max,
+                      force=a.force)
+    print(f"wrote bundle {b.path}: {len(b.manifest['graphs'])} graphs ({', '.join(b.variants())}), "
+          f"opset {b.manifest['opset']}")
+
+
+def _build(a):
+    from sejd.bundle import load_bundle
+    from sejd.engines.ort import PROVIDERS, build_ort
+
+    bundle = load_bundle(a.bundle)
+    if a.backend in PROVIDERS:
+        out = build_ort(bundle, a.backend, threads=a.threads)
+    else:
+        from sejd.engines import build_engines
+        out = build_engines(bundle, a.backend, a)
+    print(f"built {a.backend} engines in {out}")
+
+
+def _check(a):
+    from pathlib import Path
+
+    from sejd.bundle import load_bundle
+    from sejd.check import check_bundle
+    from sejd.util import atomic_write
+
+    report = check_bundle(load_bundle(a.bundle), a.backend)
+    print(report.summary())
+    if a.json:
+        with atomic_write(a.json) as tmp:
+            Path(tmp).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    if not report:
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sejd", description="Fast verified sampling of TarFlow normalizing flows.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -82,6 +121,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="PNG grid to write")
     s.add_argument("--json", default=None, help="write per-block statistics as JSON")
     s.set_defaults(func=_sample)
+
+    e = sub.add_parser("export", help="export every block variant to ONNX: a verified bundle folder")
+    e.add_argument("source", help="checkpoint, sejd folder or builtin:NAME")
+    e.add_argument("-o", "--out", required=True, help="bundle folder to write")
+    e.add_argument("--variants", default=None, help="comma-separated subset of: " + ", ".join(_variants()))
+    e.add_argument("--unroll", type=int, default=8, help="iterations unrolled in jacobi_k")
+    e.add_argument("--opset", type=int, default=18)
+    e.add_argument("--batch-max", dest="batch_max", type=int, default=64, help="largest batch engines must serve")
+    e.add_argument("--force", action="store_true", help="replace an existing bundle")
+    e.set_defaults(func=_export)
+
+    b = sub.add_parser("build", help="build a bundle's graphs into engines for a backend")
+    b.add_argument("bundle")
+    b.add_argument("--backend", default="ort-cpu", help="ort-cpu | ort-cuda | ort-trt | tensorrt")
+    b.add_argument("--threads", type=int, default=None, help="intra-op threads (ONNX Runtime)")
+    b.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="TensorRT precision")
+    b.add_argument("--workspace", type=int, default=None, help="TensorRT workspace in MiB")
+    b.set_defaults(func=_build)
+
+    c = sub.add_parser("check", help="compare every graph and every named plan against the PyTorch reference")
+    c.add_argument("bundle")
+    c.add_argument("--backend", default="ort-cpu")
+    c.add_argument("--json", default=None, help="write every check with its figures as JSON")
+    c.set_defaults(func=_check)
 
     t = sub.add_parser("train", help="train a TarFlow on data bundled with installed packages")
     t.add_argument("--dataset", choices=["digits", "textures"], required=True)
@@ -103,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None)
     t.set_defaults(func=_train)
     return p
+
+
+def _variants():
+    from sejd.export.contracts import VARIANTS
+    return VARIANTS
 
 
 def main(argv=None) -> int:

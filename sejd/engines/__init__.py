@@ -17,3 +17,9 @@ def runners_for(bundle, backend: str, threads: int | None = None):
         if backend in PROVIDERS:
             return ort_runners(bundle, backend, threads)
     raise SejdError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def build_engines(bundle, backend: str, options):
+    from sejd.errors import SejdError
+
+    raise SejdError(f"backend {backend!r} cannot be built here; expected ort-cpu, ort-cuda or ort-trt")
