@@ -197,7 +197,7 @@ class OrtBlockRunner(BlockRunner):
         if variant not in self.exported:
             raise BundleError(f"bundle lacks the {variant!r} graph that this decoder needs")
         pos = "pos" if n == 1 else "start"
-        out = self._run(variant, {"x": x.numpy().astype(np.float32), pos: np.array(start, np.int64)}, cache_io=True)
+        out = self._run(variant, {"x": x.numpy(), pos: np.array(start, np.int64)}, cache_io=True)
         return torch.from_numpy(out["xa"]), torch.from_numpy(out["xb"])
 
     def jacobi_iter(self, z, x, start=1, end=None):

@@ -1,0 +1,107 @@
+"""The ONNX Runtime block runner runs every decoder unchanged and matches the PyTorch runner."""
+
+import json
+
+import pytest
+import torch
+
+from sejd import InputError, sample, save_checkpoint
+from sejd.bundle import BundleError, load_bundle
+from sejd.check import check_bundle
+from sejd.cli import main
+from sejd.engines.ort import BackendUnavailable, build_ort, ort_runners, unavailable_reason
+from sejd.export.exporter import export_bundle
+from sejd.runtime.plan import named_plan
+from tests.conftest import make_model
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ort")
+    save_checkpoint(make_model(), root / "ckpt")
+    bundle = export_bundle(root / "ckpt", root / "bundle", unroll=4, show_progress=False)
+    build_ort(bundle, "ort-cpu", show_progress=False)
+    return bundle
+
+
+def plan_with(name, variant):
+    plan = named_plan(name, 4)
+    for b in plan.blocks:
+        if variant in ("loop", "chunk") and b.decoder == "jacobi" or variant == "loop" and b.decoder == "sequential":
+            b.variant, b.chunk = variant, 4
+    return plan
+
+
+@pytest.mark.parametrize("plan", ["sequential", "ujd", "sjd", "gs-jacobi", ("sjd", "chunk"), ("sjd", "loop"),
+                                  ("ujd", "loop")])
+def test_every_decoder_runs_unchanged_on_ort(built, plan):
+    plan = plan_with(*plan) if isinstance(plan, tuple) else plan
+    model = built.load_model()
+    noise = torch.randn(3, 16, 12, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 2, 4])
+    kw = dict(labels=labels, plan=plan, guidance=1.0, progress=False)
+    ref = sample(model, noise, **kw)
+    got = sample(model, noise, runners=ort_runners(built), **kw)
+    torch.testing.assert_close(got.images, ref.images, atol=1e-4, rtol=0)
+    assert [b.iterations for b in got.stats.blocks] == [b.iterations for b in ref.stats.blocks]
+
+
+def test_capped_jacobi_finishes_exactly_on_ort(built):
+    model = built.load_model()
+    plan = named_plan("ujd", 4, tau=0.0)
+    for b in plan.blocks:
+        b.max_iters = 3
+    noise = torch.randn(2, 16, 12, generator=torch.Generator().manual_seed(1))
+    exact = sample(model, noise, plan="sequential", progress=False)
+    got = sample(model, noise, plan=plan, runners=ort_runners(built), progress=False)
+    torch.testing.assert_close(got.images, exact.images, atol=1e-4, rtol=0)
+    assert all(not b.converged and b.iterations == 3 for b in got.stats.blocks)
+
+
+def test_wrong_token_count_is_refused_before_the_backend(built):
+    runner = ort_runners(built)[0]
+    from sejd.runtime.runner import Conditioning
+    runner.begin(2, Conditioning.build(2, 16))
+    with pytest.raises(InputError, match="input 'z' must have shape"):
+        runner.jacobi_iter(torch.zeros(2, 15, 12), torch.zeros(2, 15, 12))
+    with pytest.raises(InputError, match="must be float32, got float64"):
+        runner.project(torch.zeros(2, 1, 12, dtype=torch.float64), 0)
+
+
+def test_check_report_passes_and_lists_every_graph(built, tmp_path):
+    report = check_bundle(built, "ort-cpu", plans=("sequential", "sjd"), show_progress=False)
+    assert report, report.summary()
+    names = [c.name for c in report.checks]
+    assert len([n for n in names if n.startswith("block ")]) == 6 * 4 and "forward" in names
+    for c in report.checks:
+        if c.name.startswith("block") or c.name == "forward":
+            assert c.figures["max_abs"] <= c.figures["atol"] == 1e-4
+
+
+def test_check_cli_exit_status_and_json(built, tmp_path, capsys):
+    js = tmp_path / "check.json"
+    assert main(["check", str(built.path), "--backend", "ort-cpu", "--json", str(js)]) == 0
+    data = json.loads(js.read_text())
+    assert data["passed"] and all("figures" in c for c in data["checks"])
+
+
+def test_engines_of_another_export_are_refused(built, tmp_path):
+    import shutil
+    dst = tmp_path / "b"
+    shutil.copytree(built.path, dst)
+    m = json.loads((dst / "engines/ort-cpu/manifest.json").read_text())
+    m["bundle_manifest_sha256"] = "0" * 64
+    (dst / "engines/ort-cpu/manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="built from another export"):
+        ort_runners(load_bundle(dst))
+    shutil.rmtree(dst / "engines")
+    with pytest.raises(BundleError, match="no ort-cpu engines; build them"):
+        ort_runners(load_bundle(dst))
+
+
+@pytest.mark.skipif(unavailable_reason("ort-cuda") is None, reason="onnxruntime-gpu is installed here")
+def test_missing_gpu_backend_is_a_clear_error(built, capsys):
+    with pytest.raises(BackendUnavailable, match="backend ort-cuda not available: .*CUDAExecutionProvider"):
+        build_ort(built, "ort-cuda")
+    assert main(["build", str(built.path), "--backend", "ort-trt"]) == 2
+    assert "not available" in capsys.readouterr().err

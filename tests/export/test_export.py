@@ -1,0 +1,179 @@
+"""Every declared graph variant against the PyTorch reference, on ONNX Runtime (fp32, atol 1e-4)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from sejd import save_checkpoint
+from sejd.bundle import BundleError, load_bundle
+from sejd.errors import InputError, SejdError
+from sejd.export.contracts import VARIANTS, contract, dummy_inputs
+from sejd.export.exporter import export_bundle
+from sejd.export.reference import reference_outputs
+from sejd.runtime import decoders
+from sejd.runtime.runner import Conditioning
+from sejd.runtime.torch_runner import TorchBlockRunner
+from tests.conftest import data_like, make_model
+
+PARITY_TESTED = ["step", "window", "jacobi", "jacobi_k", "jacobi_loop", "sequential_loop", "forward"]
+UNROLL = 4
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    model = make_model()
+    save_checkpoint(model, root / "ckpt")
+    return export_bundle(root / "ckpt", root / "bundle", unroll=UNROLL, show_progress=False)
+
+
+def session(bundle, variant, block):
+    return ort.InferenceSession(str(bundle.graph_path(variant, block)), providers=["CPUExecutionProvider"])
+
+
+def test_every_declared_variant_has_a_parity_test():
+    assert sorted(PARITY_TESTED) == sorted(VARIANTS)
+
+
+CASES = [(v, b, r) for v in PARITY_TESTED for b, r in ((1, False), (3, False), (3, True))
+         if not (v == "forward" and r)]  # the forward graph has no guidance rows
+
+
+@pytest.mark.parametrize("variant,batch,cfg_rows", CASES)
+def test_variant_matches_pytorch(bundle, variant, batch, cfg_rows):
+    model = bundle.load_model()
+    c = contract(bundle.config, variant, UNROLL)
+    blocks = [None] if variant == "forward" else range(bundle.config.num_blocks)
+    for block in blocks:
+        for seed, tau in ((batch, 0.0), (batch + 7, 0.3)):
+            feeds = dummy_inputs(c, bundle.config, batch=batch, cfg_rows=cfg_rows, seed=seed, tau=tau)
+            got = dict(zip(c.output_names, session(bundle, variant, block).run(None, feeds)))
+            want = reference_outputs(model, block, c, feeds)
+            assert set(got) == set(want)
+            for name in c.output_names:
+                assert got[name].shape == want[name].shape, name
+                np.testing.assert_allclose(got[name], want[name], atol=c.atol, rtol=0, err_msg=f"{variant} {name}")
+
+
+def test_jacobi_loop_iterations_equal_host_driven_jacobi(bundle):
+    model = bundle.load_model()
+    cfg = bundle.config
+    x = model.patchify(data_like(model, 2))
+    c = contract(cfg, "jacobi_loop", UNROLL)
+    for k in range(cfg.num_blocks):
+        z = model.blocks[k].permute(x)
+        runner = TorchBlockRunner(model.blocks[k], cfg.num_tokens, cfg.token_dim)
+        runner.begin(2, Conditioning.build(2, cfg.num_tokens))
+        for tau in (0.3, 1e-3, 0.0):
+            host = decoders.jacobi(runner, z, torch.zeros_like(z), tau)
+            feeds = {"z": z.numpy(), "x0": np.zeros_like(z.numpy()), "tau": np.array(tau, np.float32),
+                     "max_iters": np.array(100, np.int64), "labels": np.full(2, -1, np.int64),
+                     "temps": np.ones(2, np.float32), "guidance": np.zeros((2, cfg.num_tokens), np.float32)}
+            out = dict(zip(c.output_names, session(bundle, "jacobi_loop", k).run(None, feeds)))
+            assert int(out["iterations"]) == host.iterations
+            np.testing.assert_allclose(out["x"], host.x.numpy(), atol=1e-4, rtol=0)
+        assert host.iterations == cfg.num_tokens - 1  # tau = 0 runs to the cap, never past it
+
+
+def test_sequential_loop_equals_sequential_stepping(bundle):
+    model = bundle.load_model()
+    cfg = bundle.config
+    z = model.patchify(data_like(model, 3, seed=4))
+    runner = TorchBlockRunner(model.blocks[2], cfg.num_tokens, cfg.token_dim)
+    labels = torch.tensor([1, -1, 4])
+    runner.begin(3, Conditioning.build(3, cfg.num_tokens, labels))
+    stepped = decoders.sequential(runner, z).x
+    feeds = {"z": z.numpy(), "labels": labels.numpy(), "temps": np.ones(3, np.float32),
+             "guidance": np.zeros((2, cfg.num_tokens), np.float32)}
+    (x,) = session(bundle, "sequential_loop", 2).run(None, feeds)
+    np.testing.assert_allclose(x, stepped.numpy(), atol=1e-4, rtol=0)
+
+
+def test_every_graph_passes_the_full_onnx_checker_and_declares_its_contract(bundle):
+    for g in bundle.manifest["graphs"]:
+        m = onnx.load(bundle.path / g["file"])
+        onnx.checker.check_model(m, full_check=True)
+        c = contract(bundle.config, g["variant"], UNROLL)
+        assert [i.name for i in m.graph.input] == c.input_names
+        assert [o.name for o in m.graph.output] == c.output_names
+
+
+def test_graph_loads_in_polygraphy_run_onnxrt(bundle):
+    path = bundle.graph_path("jacobi_loop", 1)
+    T, D = bundle.config.num_tokens, bundle.config.token_dim
+    shapes = [f"z:[2,{T},{D}]", f"x0:[2,{T},{D}]", "labels:[2]", "temps:[2]", f"guidance:[2,{T}]"]
+    polygraphy = str(Path(sys.executable).parent / "polygraphy")  # the console script of the installed package
+    proc = subprocess.run([polygraphy, "run", str(path), "--onnxrt",
+                           "--input-shapes", *shapes], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "PASSED" in proc.stdout + proc.stderr
+
+
+def test_manifest_pins_versions_hashes_and_config(bundle):
+    m = bundle.manifest
+    assert m["schema"] == 1 and m["config"] == bundle.config.to_dict() and m["opset"] == 18
+    assert {"sejd", "torch", "onnx", "onnxruntime"} <= set(m["versions"])
+    assert len(m["graphs"]) == 6 * bundle.config.num_blocks + 1
+    assert all(len(d) == 64 for d in m["files"].values()) and "model/model.safetensors" in m["files"]
+
+
+def copy_bundle(bundle, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(bundle.path, dst)
+    return dst
+
+
+def test_changed_missing_and_foreign_files_are_refused(bundle, tmp_path):
+    dst = copy_bundle(bundle, tmp_path)
+    f = dst / "blocks/1/step.onnx"
+    f.write_bytes(f.read_bytes()[:-10])  # truncated
+    with pytest.raises(BundleError, match="blocks/1/step.onnx has changed"):
+        load_bundle(dst)
+    f.unlink()
+    with pytest.raises(BundleError, match="blocks/1/step.onnx listed in the manifest is missing"):
+        load_bundle(dst)
+    shutil.copy(bundle.path / "blocks/1/step.onnx", f)
+    (dst / "blocks/1/evil.onnx").write_bytes(b"x")
+    with pytest.raises(BundleError, match="foreign file blocks/1/evil.onnx"):
+        load_bundle(dst)
+
+
+def test_other_schema_version_is_refused(bundle, tmp_path):
+    dst = copy_bundle(bundle, tmp_path)
+    m = json.loads((dst / "manifest.json").read_text())
+    m["schema"] = 99
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="schema version 99, this sejd reads version 1"):
+        load_bundle(dst)
+    with pytest.raises(BundleError, match="manifest.json is missing"):
+        load_bundle(tmp_path)
+
+
+def test_export_refuses_to_overwrite_and_leaves_nothing_half_written(bundle, tmp_path):
+    with pytest.raises(SejdError, match="exists; pass --force"):
+        export_bundle(bundle.path / "model", bundle.path)
+    with pytest.raises(SejdError, match="unknown variants \\['magic'\\]"):
+        export_bundle(bundle.path / "model", tmp_path / "b", variants=["magic"])
+    assert not (tmp_path / "b").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".b.")]
+
+
+def test_contract_validation_names_the_problem(bundle):
+    c = contract(bundle.config, "jacobi", UNROLL)
+    feeds = dummy_inputs(c, bundle.config, batch=2)
+    bad = dict(feeds, x=feeds["x"][:, :5])
+    with pytest.raises(InputError, match=r"input 'x' must have shape \('batch', 16, 12\), got \(2, 5, 12\)"):
+        c.validate(bad)
+    with pytest.raises(InputError, match="input 'z' must be float32, got float64"):
+        c.validate(dict(feeds, z=feeds["z"].astype(np.float64)))
+    with pytest.raises(InputError, match="has batch=3, but another input has batch=2"):
+        c.validate(dict(feeds, x=np.zeros((3, 16, 12), np.float32)))
+    with pytest.raises(InputError, match="rows must be batch or 2\\*batch"):
+        c.validate(dict(feeds, temps=np.ones(3, np.float32), labels=np.zeros(3, np.int64)))
