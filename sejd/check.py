@@ -116,7 +116,12 @@ def graph_feeds(c, cfg, seeds=(0, 1)) -> list[dict]:
 
 def check_graphs(bundle: Bundle, backend: str, model, show_progress=True) -> list[Check]:
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import CompareFunc, Comparator
+    from polygraphy.comparator import Comparator
+    try:  # Polygraphy >= 0.50 names it SimpleCompareFunc; CompareFunc.simple is deprecated
+        from polygraphy.comparator.compare import SimpleCompareFunc as simple_compare
+    except ImportError:
+        from polygraphy.comparator import CompareFunc
+        simple_compare = CompareFunc.simple
     from polygraphy.logger import G_LOGGER
 
     from sejd.engines.ort import PROVIDERS, engine_dir, load_engine_manifest
@@ -131,7 +136,7 @@ def check_graphs(bundle: Bundle, backend: str, model, show_progress=True) -> lis
         ref = TorchReferenceRunner(model, g["block"], c)
         results = Comparator.run([ref, engine], data_loader=graph_feeds(c, bundle.config))
         atol = {n: c.atol for n in c.output_names}
-        accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=0.0),
+        accuracy = Comparator.compare_accuracy(results, compare_func=simple_compare(atol=atol, rtol=0.0),
                                                fail_fast=False)
         max_err, mean_err = {}, {}
         for result in accuracy:  # one AccuracyResult per compare function: {runner pair: [per-iteration]}

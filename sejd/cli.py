@@ -36,33 +36,59 @@ def _train(a):
 
 
 def _sample(a):
+    import numpy as np
     import torch
 
-    from sejd.model.checkpoint import load_checkpoint
     from sejd.runtime.sampler import sample
-    from sejd.util import save_grid
+    from sejd.source import open_source
+    from sejd.util import atomic_write, save_grid
 
-    model = load_checkpoint(a.checkpoint, config=_config_arg(a.config))
-    cfg = model.config
+    src = open_source(a.source, a.backend, config=_config_arg(a.config))
+    cfg = src.model.config
     g = torch.Generator().manual_seed(a.seed)
     noise = torch.randn(a.n, cfg.num_tokens, cfg.token_dim, generator=g)
     labels = None
     if a.label is not None:
         labels = torch.full((a.n,), a.label, dtype=torch.long)
-    elif cfg.num_classes and a.guidance > 0:
+    elif cfg.num_classes:
         labels = torch.arange(a.n) % cfg.num_classes
-    result = sample(model, noise, labels=labels, plan=a.plan, tau=a.tau, guidance=a.guidance,
-                    denoise=a.denoise, progress=True)
+    plan = src.tuned_plan() if a.plan == "auto" else (a.plan or src.default_plan())
+    result = sample(src.model, noise, labels=labels, plan=plan, tau=a.tau,
+                    guidance=a.guidance, denoise=a.denoise, runners=src.runners, progress=True)
+    print(f"backend {src.backend}")
     print(result.stats.table())
     if a.out:
         save_grid(result.images, a.out, scale=max(1, 128 // cfg.img_size))
         print(f"wrote {a.out}")
+    if a.npy:
+        with atomic_write(a.npy, binary=True) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, result.images.numpy())
+        print(f"wrote {a.npy}")
     if a.json:
         from pathlib import Path
-
-        from sejd.util import atomic_write
         with atomic_write(a.json) as tmp:
             Path(tmp).write_text(json.dumps(result.stats.to_dict(), indent=2) + "\n")
+
+
+def _bench(a):
+    from pathlib import Path
+
+    from sejd.bench import bench, plot, table
+    from sejd.source import open_source
+    from sejd.util import atomic_write
+
+    src = open_source(a.source, a.backend, config=_config_arg(a.config))
+    result = bench(src, [int(b) for b in a.batch.split(",")], a.decoders.split(","), runs=a.runs,
+                   warmup=a.warmup, seed=a.seed, guidance=a.guidance)
+    print(table(result))
+    if a.json:
+        with atomic_write(a.json) as tmp:
+            Path(tmp).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {a.json}")
+    if a.plot:
+        plot(result, a.plot)
+        print(f"wrote {a.plot}")
 
 
 def _export(a):
@@ -108,19 +134,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sejd", description="Fast verified sampling of TarFlow normalizing flows.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("sample", help="sample images from a checkpoint (PyTorch backend)")
-    s.add_argument("checkpoint", help="ml-tarflow .pth, sejd checkpoint folder, or builtin:NAME")
+    s = sub.add_parser("sample", help="sample images from a checkpoint, builtin model or bundle")
+    s.add_argument("source", help="ml-tarflow .pth, sejd checkpoint folder, builtin:NAME, or a bundle folder")
+    s.add_argument("--backend", default="auto", help="torch | ort-cpu | ort-cuda | ort-trt (auto: ort-cpu for a "
+                   "bundle, torch for a checkpoint)")
     s.add_argument("--config", default=None, help="TarFlowConfig fields as JSON or a JSON file, e.g. '{\"head_dim\": 64}'")
     s.add_argument("-n", type=int, default=16, help="number of samples")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--plan", default="sjd", help="sequential | ujd | sjd | gs-jacobi | reference | plan.json")
+    s.add_argument("--plan", default=None, help="sequential | ujd | sjd | gs-jacobi | reference | auto | plan.json "
+                   "(default: the bundle's tuned plan, else sjd)")
     s.add_argument("--tau", type=float, default=None, help="Jacobi tolerance (infinity norm) for every Jacobi block")
     s.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight")
     s.add_argument("--label", type=int, default=None, help="class label for conditional models (-1: unconditional)")
     s.add_argument("--denoise", action="store_true", help="apply TarFlow's self-denoising step")
     s.add_argument("--out", default=None, help="PNG grid to write")
+    s.add_argument("--npy", default=None, help="write the images (N, C, H, W) in [-1, 1] as .npy")
     s.add_argument("--json", default=None, help="write per-block statistics as JSON")
     s.set_defaults(func=_sample)
+
+    be = sub.add_parser("bench", help="time every decoder side by side (warm-up, median of runs)")
+    be.add_argument("source", help="bundle folder (engines), checkpoint or builtin:NAME (PyTorch)")
+    be.add_argument("--backend", default="auto")
+    be.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    be.add_argument("--batch", default="1,16", help="comma-separated batch sizes")
+    be.add_argument("--decoders", default=",".join(("reference", "sequential", "ujd", "sjd", "gs-jacobi", "auto")))
+    be.add_argument("--runs", type=int, default=5)
+    be.add_argument("--warmup", type=int, default=1)
+    be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--guidance", type=float, default=0.0)
+    be.add_argument("--json", default=None, help="write the runs as JSON")
+    be.add_argument("--plot", default=None, help="write a PNG: residual per iteration per block, time per block")
+    be.set_defaults(func=_bench)
 
     e = sub.add_parser("export", help="export every block variant to ONNX: a verified bundle folder")
     e.add_argument("source", help="checkpoint, sejd folder or builtin:NAME")

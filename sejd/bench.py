@@ -1,0 +1,159 @@
+"""`sejd bench`: every decoder side by side in one run, with warm-up and the median of several runs.
+
+Decoders: `reference` (ml-tarflow's own loop, PyTorch), `sequential` (our fastest exact path on the
+backend: host-driven steps or the one-call `sequential_loop`, whichever is faster), `ujd`, `sjd`,
+`gs-jacobi`, and `auto` (the bundle's tuned plan.json, when there is one). Quality is measured
+against exact sequential decoding from the same noise.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from sejd.check import psnr_db
+from sejd.runtime.plan import named_plan, resolve_plan
+from sejd.runtime.sampler import sample
+from sejd.source import Source
+
+DECODERS = ("reference", "sequential", "ujd", "sjd", "gs-jacobi", "auto")
+
+
+def _time(fn, runs: int, warmup: int):
+    for _ in range(warmup):
+        fn()
+    times, result = [], None
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return times, result
+
+
+def _sequential_loop_plan(n: int):
+    plan = named_plan("sequential", n)
+    for b in plan.blocks:
+        b.variant = "loop"
+    plan.name = "sequential[loop]"
+    return plan
+
+
+def bench(src: Source, batches=(1, 16), decoders=DECODERS, runs: int = 5, warmup: int = 1, seed: int = 0,
+          guidance: float = 0.0, log=print) -> dict:
+    model, cfg = src.model, src.model.config
+    nblocks = cfg.num_blocks
+    out_runs = []
+    for batch in batches:
+        noise = torch.randn(batch, cfg.num_tokens, cfg.token_dim, generator=torch.Generator().manual_seed(seed))
+        labels = torch.arange(batch) % cfg.num_classes if cfg.num_classes else None
+
+        def run(plan, runners=src.runners):
+            return sample(model, noise, labels=labels, plan=plan, guidance=guidance, runners=runners, progress=False)
+
+        measured = {}
+        for name in decoders:
+            if name == "auto":
+                if src.bundle is None or not (src.bundle.path / "plan.json").exists():
+                    log(f"  auto: skipped (no tuned plan.json in the bundle; run `sejd tune`)")
+                    continue
+                candidates = {"auto": resolve_plan(str(src.bundle.path / "plan.json"), nblocks)}
+            elif name == "sequential":
+                candidates = {"sequential[host]": "sequential"}
+                if src.runners is not None:
+                    candidates["sequential[loop]"] = _sequential_loop_plan(nblocks)
+            else:
+                candidates = {name: name}
+            best = None
+            for label, plan in candidates.items():
+                runners = None if name == "reference" else src.runners
+                times, result = _time(lambda: run(plan, runners), runs, warmup)
+                entry = (statistics.median(times), times, result, label)
+                log(f"  batch {batch:>3} {label:<18} {entry[0] * 1e3:10.2f} ms")
+                if best is None or entry[0] < best[0]:
+                    best = entry
+            measured[name] = best
+        exact = measured["sequential"][2].images if "sequential" in measured else run("sequential").images
+        ref_s = measured["reference"][0] if "reference" in measured else None
+        seq_s = measured["sequential"][0] if "sequential" in measured else None
+        for name, (median, times, result, label) in measured.items():
+            stats = result.stats
+            out_runs.append({
+                "decoder": name, "variant": label, "backend": "torch" if name == "reference" else src.backend,
+                "batch": batch, "seconds_median": median, "seconds_all": times,
+                "speedup_vs_reference": ref_s / median if ref_s else None,
+                "speedup_vs_sequential": seq_s / median if seq_s else None,
+                "psnr_db_vs_sequential": psnr_db(result.images, exact),
+                "max_abs_vs_sequential": float((result.images - exact).abs().max()),
+                "iterations_per_block": [b.iterations for b in stats.blocks],
+                "seconds_per_block": [b.seconds for b in stats.blocks],
+                "blocks_in_sampling_order": [b.block for b in stats.blocks],
+                "residuals_per_block": [b.residuals for b in stats.blocks],
+            })
+    return {"runs": out_runs, "runs_per_measurement": runs, "warmup": warmup, "seed": seed, "guidance": guidance,
+            "config": cfg.to_dict(), "machine": machine_info()}
+
+
+def machine_info() -> dict:
+    import onnxruntime
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+
+
+def table(result: dict) -> str:
+    rows = [f"{'batch':>5} {'decoder':<10} {'variant':<18} {'median ms':>10} {'vs ref':>7} {'vs seq':>7} "
+            f"{'PSNR dB':>8}  iterations per block (sampling order)"]
+    for r in result["runs"]:
+        f = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
+        p = r["psnr_db_vs_sequential"]
+        rows.append(f"{r['batch']:>5} {r['decoder']:<10} {r['variant']:<18} {r['seconds_median'] * 1e3:>10.1f} "
+                    f"{f(r['speedup_vs_reference']):>7} {f(r['speedup_vs_sequential']):>7} "
+                    f"{'exact' if p == float('inf') or p > 100 else f'{p:.1f}':>8}  {r['iterations_per_block']}")
+    return "\n".join(rows)
+
+
+def plot(result: dict, path) -> None:
+    """Residual against iteration per block, and time per block, for each decoder (largest batch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sejd.util import atomic_write
+
+    batch = max(r["batch"] for r in result["runs"])
+    runs = [r for r in result["runs"] if r["batch"] == batch]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in runs:
+        if r["decoder"] not in ("ujd", "auto", "sjd"):
+            continue
+        for order, (blk, res) in enumerate(zip(r["blocks_in_sampling_order"], r["residuals_per_block"])):
+            if len(res) > 1:
+                ax1.semilogy(range(1, len(res) + 1), res, marker=".", label=f"{r['decoder']} block {blk} (#{order})")
+    ax1.set_xlabel("Jacobi iteration")
+    ax1.set_ylabel("max |x_t - x_(t-1)|")
+    ax1.set_title(f"Jacobi convergence per block (batch {batch})")
+    ax1.legend(fontsize=7)
+    names = [r["variant"] for r in runs]
+    bottom = [0.0] * len(runs)
+    nblocks = len(runs[0]["seconds_per_block"])
+    for order in range(nblocks):
+        secs = [1e3 * r["seconds_per_block"][order] for r in runs]
+        ax2.bar(names, secs, bottom=bottom, label=f"sampling block #{order} (blocks[{runs[0]['blocks_in_sampling_order'][order]}])")
+        bottom = [b + s for b, s in zip(bottom, secs)]
+    ax2.set_ylabel("ms")
+    ax2.set_title(f"time per block (batch {batch})")
+    ax2.tick_params(axis="x", rotation=30)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_write(path, binary=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["bench", "table", "plot", "DECODERS"]

@@ -1,0 +1,53 @@
+"""Resolve what the user points at (checkpoint, builtin:NAME or bundle) into a model and block runners."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from sejd.errors import SejdError
+
+
+@dataclasses.dataclass
+class Source:
+    model: object  # TarFlow: host-side glue (prior variance, permutations, unpatchify, denoising)
+    runners: list | None  # None: the PyTorch reference
+    backend: str
+    bundle: object | None = None  # sejd.bundle.Bundle when the source is a bundle
+
+    def tuned_plan(self) -> str:
+        if self.bundle is None or not (self.bundle.path / "plan.json").exists():
+            raise SejdError("plan 'auto' is the bundle's tuned plan.json: export a bundle and run `sejd tune` first")
+        return str(self.bundle.path / "plan.json")
+
+    def default_plan(self) -> str:
+        """The bundle's tuned plan when there is one, else SJD."""
+        if self.bundle is not None and (self.bundle.path / "plan.json").exists():
+            return str(self.bundle.path / "plan.json")
+        return "sjd"
+
+
+def is_bundle(source) -> bool:
+    return not str(source).startswith("builtin:") and (Path(source) / "manifest.json").exists()
+
+
+def open_source(source: str | os.PathLike, backend: str = "auto", threads: int | None = None,
+                config=None) -> Source:
+    """backend "auto": ort-cpu for a bundle, torch for a checkpoint."""
+    if is_bundle(source):
+        from sejd.bundle import load_bundle
+        from sejd.engines import runners_for
+
+        bundle = load_bundle(source)
+        backend = "ort-cpu" if backend == "auto" else backend
+        runners = runners_for(bundle, backend, threads)
+        model = bundle.load_model()
+        return Source(model, None if backend == "torch" else runners, backend, bundle)
+    from sejd.model.checkpoint import load_checkpoint
+
+    if backend not in ("auto", "torch"):
+        raise SejdError(f"backend {backend!r} runs exported engines: export the checkpoint first "
+                        f"(`sejd export {source} -o BUNDLE && sejd build BUNDLE --backend {backend}`), "
+                        f"or use --backend torch")
+    return Source(load_checkpoint(source, config=config), None, "torch")
