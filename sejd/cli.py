@@ -52,8 +52,7 @@ def _sample(a):
         labels = torch.full((a.n,), a.label, dtype=torch.long)
     elif cfg.num_classes:
         labels = torch.arange(a.n) % cfg.num_classes
-    plan = src.tuned_plan() if a.plan == "auto" else (a.plan or src.default_plan())
-    result = sample(src.model, noise, labels=labels, plan=plan, tau=a.tau,
+    result = sample(src.model, noise, labels=labels, plan=src.plan(a.plan), tau=a.tau,
                     guidance=a.guidance, denoise=a.denoise, runners=src.runners, progress=True)
     print(f"backend {src.backend}")
     print(result.stats.table())
@@ -69,6 +68,27 @@ def _sample(a):
         from pathlib import Path
         with atomic_write(a.json) as tmp:
             Path(tmp).write_text(json.dumps(result.stats.to_dict(), indent=2) + "\n")
+
+
+def _tune(a):
+    from pathlib import Path
+
+    from sejd.source import is_bundle, open_source
+    from sejd.tune import TAU_GRID, tune
+
+    src = open_source(a.bundle, a.backend)
+    taus = [float(t) for t in a.tau.split(",")] if a.tau else TAU_GRID
+    if any(t <= 0 for t in taus):
+        from sejd.errors import PlanError
+        raise PlanError(f"--tau values must be > 0, got {taus}")
+    out = a.out or (Path(a.bundle) / "plan.json" if is_bundle(a.bundle) else "plan.json")
+    plan = tune(src, batch=a.batch, target_db=a.psnr, taus=taus, guidance=a.guidance, out=out)
+    for k, b in enumerate(plan.blocks):
+        extra = "" if b.decoder == "sequential" else f" tau={b.tau}" + (" freeze" if b.freeze else "")
+        print(f"block {k}: {b.decoder} [{b.variant}]{extra}")
+    m = plan.meta
+    print(f"calibration {m['calibration']['seconds'] * 1e3:.1f} ms, {m['calibration']['psnr_db']:.1f} dB; "
+          f"hold-out {m['holdout']['psnr_db']:.1f} dB (target {a.psnr} dB); wrote {out}")
 
 
 def _bench(a):
@@ -151,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--npy", default=None, help="write the images (N, C, H, W) in [-1, 1] as .npy")
     s.add_argument("--json", default=None, help="write per-block statistics as JSON")
     s.set_defaults(func=_sample)
+
+    tu = sub.add_parser("tune", help="choose per block the fastest decoder that keeps PSNR >= target; write plan.json")
+    tu.add_argument("bundle", help="bundle folder (or a checkpoint / builtin:NAME for the PyTorch backend)")
+    tu.add_argument("--backend", default="auto")
+    tu.add_argument("--batch", type=int, default=1)
+    tu.add_argument("--psnr", type=float, default=40.0, help="quality target in dB against exact sequential decoding")
+    tu.add_argument("--tau", default=None, help="comma-separated tolerance grid to search (default 0.5 ... 0.001)")
+    tu.add_argument("--guidance", type=float, default=0.0)
+    tu.add_argument("--out", default=None, help="plan file (default BUNDLE/plan.json)")
+    tu.set_defaults(func=_tune)
 
     be = sub.add_parser("bench", help="time every decoder side by side (warm-up, median of runs)")
     be.add_argument("source", help="bundle folder (engines), checkpoint or builtin:NAME (PyTorch)")

@@ -16,6 +16,22 @@ class Source:
     backend: str
     bundle: object | None = None  # sejd.bundle.Bundle when the source is a bundle
 
+    def plan(self, name):
+        """A Plan for this source: a named plan, `auto` (the tuned plan.json) or a plan file, which must
+        have been made for this bundle when it says which bundle it was made for."""
+        from sejd.errors import PlanError
+        from sejd.runtime.plan import resolve_plan
+
+        name = self.tuned_plan() if name == "auto" else (name or self.default_plan())
+        if str(name) == "reference":
+            return "reference"
+        plan = resolve_plan(name, self.model.config.num_blocks)
+        made_for = plan.meta.get("bundle_manifest_sha256")
+        if made_for and self.bundle is not None and made_for != self.bundle.manifest_sha256:
+            raise PlanError(f"plan {name} was tuned for another bundle (manifest sha256 {made_for[:12]}..., this "
+                            f"bundle has {self.bundle.manifest_sha256[:12]}...); run `sejd tune` on this bundle")
+        return plan
+
     def tuned_plan(self) -> str:
         if self.bundle is None or not (self.bundle.path / "plan.json").exists():
             raise SejdError("plan 'auto' is the bundle's tuned plan.json: export a bundle and run `sejd tune` first")

@@ -50,11 +50,14 @@ def sequential(runner: BlockRunner, z: torch.Tensor, x: torch.Tensor | None = No
 
 
 def jacobi(runner: BlockRunner, z: torch.Tensor, x0: torch.Tensor, tau: float, max_iters: int | None = None,
-           bar=None, variant: str = "host", chunk: int = 1, finish_exactly: bool = True) -> Decoded:
+           bar=None, variant: str = "host", chunk: int = 1, finish_exactly: bool = True,
+           freeze: bool = False) -> Decoded:
     """Parallel fixed-point iterations from x0 until max |x^t - x^(t-1)| < tau, at most T-1 of them.
 
     variant: "host" checks the residual after every iteration; "chunk" runs `chunk` iterations per
     engine call (jacobi_k) and checks between chunks; "loop" runs the whole loop in one engine call.
+    freeze (host only): tokens before the first one that still moves by >= tau are final; they stay
+    in the KV cache and later iterations only run the tokens after them.
     """
     T = runner.num_tokens
     cap = T - 1 if max_iters is None else min(max_iters, T - 1)
@@ -62,7 +65,10 @@ def jacobi(runner: BlockRunner, z: torch.Tensor, x0: torch.Tensor, tau: float, m
     x[:, 0] = z[:, 0]
     residuals: list[float] = []
     last = torch.full((z.shape[0],), float("inf"))
-    if variant == "loop":
+    if freeze and variant == "host":
+        x, last, residuals = _jacobi_frozen_prefix(runner, z, x, tau, cap, bar)
+        iterations = len(residuals)
+    elif variant == "loop":
         x, last, iterations = runner.jacobi_loop(z, x, tau, cap)
         residuals = [float(last.max())]
         if bar is not None:
@@ -94,6 +100,26 @@ def jacobi(runner: BlockRunner, z: torch.Tensor, x0: torch.Tensor, tau: float, m
     done = sequential(runner, z, x, start=iterations, bar=bar)
     return Decoded(done.x, iterations, residuals[-1], residuals, converged=False,
                    sequential_steps=done.sequential_steps, last_residual=last)
+
+
+def _jacobi_frozen_prefix(runner, z, x, tau, cap, bar):
+    """Jacobi over a shrinking window [frozen, T). Token `frozen` depends only on final tokens, so it
+    is exact after each iteration: the window start advances by at least one token per iteration,
+    plus every following token that moved by less than tau."""
+    T = runner.num_tokens
+    frozen, residuals = 1, []
+    while len(residuals) < cap and frozen < T:
+        old = x
+        x, last = runner.jacobi_iter(z, x, frozen, T)
+        change = (x[:, frozen:] - old[:, frozen:]).abs().amax(dim=(0, 2))  # per token, over the batch
+        residuals.append(float(change.max()))
+        if bar is not None:
+            bar.update(1)
+        if not residuals[-1] >= tau:
+            break
+        moving = torch.nonzero(change >= tau)
+        frozen += max(1, int(moving[0]) if len(moving) else T)
+    return x, last, residuals
 
 
 def segment_bounds(num_tokens: int, segments: int) -> list[tuple[int, int]]:
@@ -145,5 +171,6 @@ def decode_block(runner: BlockRunner, z: torch.Tensor, plan: BlockPlan, prior_no
         return sequential(runner, z, bar=bar)
     x0 = initial_guess(plan.init, z, prior_noise)
     if plan.decoder == "jacobi":
-        return jacobi(runner, z, x0, plan.tau, plan.max_iters, bar=bar, variant=plan.variant, chunk=plan.chunk)
+        return jacobi(runner, z, x0, plan.tau, plan.max_iters, bar=bar, variant=plan.variant, chunk=plan.chunk,
+                      freeze=plan.freeze)
     return gs_jacobi(runner, z, x0, plan.tau, plan.segments, bar=bar)

@@ -30,6 +30,7 @@ class BlockPlan:
     max_iters: int | None = None  # cap below T-1; the rest is then finished exactly by sequential steps
     variant: str = "host"  # engine variant: sequential: host | loop; jacobi: host | chunk | loop
     chunk: int = 8  # Jacobi iterations per engine call for variant "chunk" (the bundle's jacobi_k unroll)
+    freeze: bool = False  # Jacobi (host variant): keep the converged prefix in the KV cache, iterate the rest
 
     def validate(self, where: str) -> None:
         if self.decoder not in DECODERS:
@@ -44,6 +45,8 @@ class BlockPlan:
         if self.variant not in allowed:
             raise PlanError(f"{where}: unknown variant {self.variant!r} for decoder {self.decoder!r}; "
                             f"expected one of {allowed}")
+        if self.freeze and self.variant != "host":
+            raise PlanError(f"{where}: freeze needs variant 'host' (the window shrinks between engine calls)")
         if not (isinstance(self.chunk, int) and self.chunk >= 1):
             raise PlanError(f"{where}: chunk must be an int >= 1, got {self.chunk!r}")
         if self.max_iters is not None and not (isinstance(self.max_iters, int) and self.max_iters >= 1):

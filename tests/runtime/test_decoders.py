@@ -115,3 +115,35 @@ def test_nan_mid_decode_is_reported_not_looped_on():
     with pytest.raises(DecodeError, match="non-finite values appeared in Jacobi iteration 2"):
         decoders.jacobi(bad, z, torch.zeros_like(z), tau=0.5)
     assert bad.calls == 2
+
+
+def test_frozen_prefix_jacobi_is_exact_at_tau_zero_and_close_when_converged():
+    model, runner, z = setup(k=2, batch=3)
+    ref = exact(runner, z)
+    out = decoders.jacobi(runner, z, torch.zeros_like(z), tau=0.0, freeze=True)
+    assert out.iterations <= model.config.num_tokens - 1
+    torch.testing.assert_close(out.x, ref, atol=EXACT, rtol=0)
+    loose = decoders.jacobi(runner, z, torch.zeros_like(z), tau=1e-3, freeze=True)
+    plain = decoders.jacobi(runner, z, torch.zeros_like(z), tau=1e-3)
+    assert loose.residual < 1e-3 and (loose.x - ref).abs().max() < 1e-2
+    assert loose.iterations <= plain.iterations + 1
+
+
+class CountingRunner:
+    """Counts the tokens each parallel call runs."""
+
+    def __init__(self, inner):
+        self.inner, self.tokens = inner, []
+        self.num_tokens, self.token_dim = inner.num_tokens, inner.token_dim
+
+    def jacobi_iter(self, z, x, start=1, end=None):
+        self.tokens.append((end or self.num_tokens) - start)
+        return self.inner.jacobi_iter(z, x, start, end)
+
+
+def test_frozen_prefix_shrinks_the_window_every_iteration():
+    _, runner, z = setup(k=1)
+    counting = CountingRunner(runner)
+    decoders.jacobi(counting, z, torch.zeros_like(z), tau=0.0, freeze=True)
+    assert counting.tokens == sorted(counting.tokens, reverse=True) and len(set(counting.tokens)) == len(counting.tokens)
+    assert counting.tokens[0] == 15
