@@ -34,7 +34,7 @@ from sejd.source import Source
 from sejd.util import atomic_write
 
 TAU_GRID = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
-HOLDOUT_SEEDS = (1000, 1001)  # never used for calibration
+HOLDOUT_SEEDS = (1000, 1001)  # never used for calibration (calibration seeds count up from 0)
 MARGIN_DB = 1.0  # calibration must clear the target by this much; the hold-out must clear the target
 
 
@@ -180,8 +180,8 @@ def tune(src: Source, batch: int = 1, target_db: float = 40.0, taus=TAU_GRID, gu
          out: str | Path | None = None, log=print) -> Plan:
     # quality is judged on at least 8 images for calibration and 16 for the hold-out
     calib = tuple(range(-(-8 // batch)))
-    holdout = tuple(HOLDOUT_SEEDS[0] + i for i in range(-(-16 // batch)))
-    tuner = Tuner(src, batch, target_db, taus, guidance, calib_seeds=calib, holdout_seeds=holdout, log=log)
+    holdout_seeds = tuple(HOLDOUT_SEEDS[0] + i for i in range(-(-16 // batch)))
+    tuner = Tuner(src, batch, target_db, taus, guidance, calib_seeds=calib, holdout_seeds=holdout_seeds, log=log)
     log(f"tune: batch {batch}, target {target_db} dB on {src.backend}")
     best = tuner.search_uniform()
     best = tuner.relax(best)
@@ -195,7 +195,7 @@ def tune(src: Source, batch: int = 1, target_db: float = 40.0, taus=TAU_GRID, gu
         "backend": src.backend, "batch": batch, "target_psnr_db": target_db, "guidance": guidance,
         "calibration": {"seconds": best.seconds, "psnr_db": best.psnr_db, "iterations": best.iterations,
                         "block_seconds": best.block_seconds},
-        "holdout": {"psnr_db": holdout.psnr_db, "seeds": list(holdout), "images": len(holdout) * batch},
+        "holdout": {"psnr_db": holdout.psnr_db, "seeds": list(holdout_seeds), "images": len(holdout_seeds) * batch},
         "calibration_seeds": list(calib),
         "trials": [t.to_dict() for t in tuner.trials],
     }

@@ -38,3 +38,17 @@ def model():
 @pytest.fixture
 def uncond_model():
     return make_model(seed=3, num_classes=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """The tiny model exported (jacobi_k unrolled 4x) and built for ort-cpu, shared by the engine tests."""
+    from sejd import save_checkpoint
+    from sejd.engines.ort import build_ort
+    from sejd.export.exporter import export_bundle
+
+    root = tmp_path_factory.mktemp("tiny_bundle")
+    save_checkpoint(make_model(), root / "ckpt")
+    bundle = export_bundle(root / "ckpt", root / "bundle", unroll=4, show_progress=False)
+    build_ort(bundle, "ort-cpu", show_progress=False)
+    return bundle

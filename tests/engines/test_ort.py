@@ -5,23 +5,17 @@ import json
 import pytest
 import torch
 
-from sejd import InputError, sample, save_checkpoint
+from sejd import InputError, sample
 from sejd.bundle import BundleError, load_bundle
 from sejd.check import check_bundle
 from sejd.cli import main
 from sejd.engines.ort import BackendUnavailable, build_ort, ort_runners, unavailable_reason
-from sejd.export.exporter import export_bundle
 from sejd.runtime.plan import named_plan
-from tests.conftest import make_model
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ort")
-    save_checkpoint(make_model(), root / "ckpt")
-    bundle = export_bundle(root / "ckpt", root / "bundle", unroll=4, show_progress=False)
-    build_ort(bundle, "ort-cpu", show_progress=False)
-    return bundle
+@pytest.fixture
+def built(tiny_bundle):
+    return tiny_bundle
 
 
 def plan_with(name, variant):

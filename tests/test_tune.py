@@ -1,0 +1,87 @@
+import json
+import statistics
+
+import pytest
+import torch
+
+from sejd import PlanError, sample
+from sejd.check import psnr_db
+from sejd.cli import main
+from sejd.source import open_source
+from sejd.tune import tune
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_bundle):
+    src = open_source(tiny_bundle.path, "ort-cpu")
+    plan = tune(src, batch=2, target_db=45.0, taus=(0.5, 0.1, 0.01), out=tiny_bundle.path / "plan.json",
+                log=lambda *a: None)
+    yield src, plan
+    (tiny_bundle.path / "plan.json").unlink()
+
+
+def test_tuned_plan_meets_the_target_on_fresh_noise(tuned):
+    src, plan = tuned
+    cfg = src.model.config
+    noise = torch.randn(4, cfg.num_tokens, cfg.token_dim, generator=torch.Generator().manual_seed(777))
+    labels = torch.tensor([0, 1, 2, 3])
+    exact = sample(src.model, noise, labels=labels, plan="sequential", progress=False).images
+    got = sample(src.model, noise, labels=labels, plan=src.plan("auto"), runners=src.runners, progress=False)
+    assert psnr_db(got.images, exact) >= 45.0
+    assert plan.meta["holdout"]["psnr_db"] >= 45.0 and plan.meta["holdout"]["images"] >= 16
+
+
+def test_plan_json_records_its_measurements_and_bundle(tuned, tiny_bundle):
+    _, plan = tuned
+    data = json.loads((tiny_bundle.path / "plan.json").read_text())
+    assert data["meta"]["bundle_manifest_sha256"] == tiny_bundle.manifest_sha256
+    assert len(data["blocks"]) == 4 and len(data["meta"]["trials"]) >= 4
+    assert all({"seconds", "psnr_db", "iterations"} <= set(t) for t in data["meta"]["trials"])
+
+
+def test_plan_for_another_bundle_is_refused(tuned, tiny_bundle, tmp_path):
+    data = json.loads((tiny_bundle.path / "plan.json").read_text())
+    data["meta"]["bundle_manifest_sha256"] = "f" * 64
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    src, _ = tuned
+    with pytest.raises(PlanError, match="tuned for another bundle"):
+        src.plan(str(other))
+
+
+def test_cli_sample_on_bundle_with_auto_plan(tuned, tiny_bundle, tmp_path, capsys):
+    out, npy = tmp_path / "g.png", tmp_path / "s.npy"
+    assert main(["sample", str(tiny_bundle.path), "-n", "3", "--plan", "auto", "--out", str(out),
+                 "--npy", str(npy)]) == 0
+    import numpy as np
+    assert np.load(npy).shape == (3, 3, 8, 8) and out.exists()
+    assert "backend ort-cpu" in capsys.readouterr().out
+
+
+def test_cli_rejects_bad_tau_and_unknown_plan_entries(tiny_bundle, tmp_path, capsys):
+    assert main(["tune", str(tiny_bundle.path), "--tau", "0.5,0"]) == 2
+    assert "--tau values must be > 0" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"blocks": [{"decoder": "jacobi", "variant": "warp"}] * 4}))
+    assert main(["sample", str(tiny_bundle.path), "-n", "1", "--plan", str(bad)]) == 2
+    assert "unknown variant 'warp'" in capsys.readouterr().err
+    bad.write_text(json.dumps({"blocks": [{"decoder": "jacobi"}] * 5}))
+    assert main(["sample", str(tiny_bundle.path), "-n", "1", "--plan", str(bad)]) == 2
+    assert "has 5 blocks, the model has 4" in capsys.readouterr().err
+
+
+def test_bench_json_has_every_field(tiny_bundle, tmp_path):
+    js, png = tmp_path / "b.json", tmp_path / "b.png"
+    assert main(["bench", str(tiny_bundle.path), "--batch", "1,2", "--runs", "2", "--warmup", "0",
+                 "--decoders", "reference,sequential,sjd", "--json", str(js), "--plot", str(png)]) == 0
+    data = json.loads(js.read_text())
+    fields = {"decoder", "backend", "batch", "seconds_median", "seconds_all", "speedup_vs_reference",
+              "speedup_vs_sequential", "psnr_db_vs_sequential", "max_abs_vs_sequential", "iterations_per_block",
+              "seconds_per_block"}
+    assert {r["decoder"] for r in data["runs"]} == {"reference", "sequential", "sjd"}
+    for r in data["runs"]:
+        assert fields <= set(r) and len(r["seconds_all"]) == 2
+        assert r["seconds_median"] == pytest.approx(statistics.median(r["seconds_all"]))
+    seq = [r for r in data["runs"] if r["decoder"] == "sequential"]
+    assert all(r["psnr_db_vs_sequential"] > 100 and r["speedup_vs_sequential"] == 1.0 for r in seq)
+    assert png.stat().st_size > 1000 and "torch" in data["machine"] and "onnxruntime" in data["machine"]
