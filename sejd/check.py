@@ -164,9 +164,11 @@ def check_end_to_end(bundle: Bundle, runners, model, plans=END_TO_END_PLANS, bat
     labels = torch.arange(batch) % cfg.num_classes if cfg.num_classes else None
     exact = sample(model, noise, labels=labels, plan="sequential", progress=False).images
     checks = []
+    tuned = bundle.path / "plan.json"
     for plan in progress(plans, desc="check plans", enabled=show_progress):
-        r = sample(model, noise, labels=labels, plan=plan, runners=runners, progress=False)
-        same = sample(model, noise, labels=labels, plan=plan, progress=False).images  # same plan on PyTorch
+        spec = str(tuned) if plan == "auto" else plan
+        r = sample(model, noise, labels=labels, plan=spec, runners=runners, progress=False)
+        same = sample(model, noise, labels=labels, plan=spec, progress=False).images  # same plan on PyTorch
         iters = [b.iterations for b in r.stats.blocks]
         checks.append(Check(f"plan {plan}: engine vs PyTorch, same plan", psnr_db(r.images, same) >= PARITY_DB,
                             {"psnr_db": psnr_db(r.images, same), "psnr_floor_db": PARITY_DB,
@@ -182,6 +184,10 @@ def check_bundle(bundle: Bundle, backend: str, plans=END_TO_END_PLANS, show_prog
     from sejd.engines import runners_for
 
     model = bundle.load_model()
+    plans = [p for p in plans if p != "auto"]
+    if (bundle.path / "plan.json").exists():
+        plans.append("auto")  # the tuned plan is the default one: its quality bar is enforced
     checks = check_graphs(bundle, backend, model, show_progress) if backend.startswith("ort-") else []
-    checks += check_end_to_end(bundle, runners_for(bundle, backend), model, plans, show_progress=show_progress)
+    checks += check_end_to_end(bundle, runners_for(bundle, backend), model, plans, show_progress=show_progress,
+                               quality_plans=("auto",))
     return CheckReport(backend, checks)
