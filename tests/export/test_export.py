@@ -177,3 +177,10 @@ def test_contract_validation_names_the_problem(bundle):
         c.validate(dict(feeds, x=np.zeros((3, 16, 12), np.float32)))
     with pytest.raises(InputError, match="rows must be batch or 2\\*batch"):
         c.validate(dict(feeds, temps=np.ones(3, np.float32), labels=np.zeros(3, np.int64)))
+
+
+def test_contract_docs_are_generated_from_the_declarations():
+    from pathlib import Path
+    from sejd.export.contracts import markdown
+    doc = Path(__file__).resolve().parents[2] / "docs" / "contracts.md"
+    assert doc.read_text() == markdown() + "\n", "regenerate: python -m sejd.export.contracts > docs/contracts.md"
