@@ -168,29 +168,33 @@ class OrtBlockRunner(BlockRunner):
         self._bindings: dict = {}
         self._validated: set = set()
 
-    def _binding(self, variant: str, side: int | None):
+    def _binding(self, variant: str, side: int | None, read_only: bool = False):
         """An IO binding with everything that is fixed between begin() calls already bound: conditioning,
         the cache pair of `side` as past and the other pair as present (ping-pong), ORT-allocated outputs."""
-        key = (variant, side)
+        key = (variant, side)  # the binding points at the caches of `side`: one per side
         if key not in self._bindings:
             c = self._contract(variant)
             binding = self.sessions.get(variant, self.k).io_binding()
             for name, arr in self.cond_feeds.items():
                 if name in c.input_names:
                     binding.bind_cpu_input(name, arr)
-            outputs = [n for n in c.output_names if not n.startswith("present.")]
+            outputs = [n for n in c.output_names if not n.startswith("present.")]  # step_kv: new.* returned
             for name in outputs:  # bound first: get_outputs() lists outputs in binding order
                 binding.bind_output(name, "cpu")
             if side is not None:
                 for n, past, present in zip(self.cache_names, self._caches[side], self._caches[1 - side]):
                     binding.bind_cpu_input(f"past.{n}", past)
-                    binding.bind_output(f"present.{n}", "cpu", 0, np.float32, list(present.shape),
-                                        present.ctypes.data)
+                    if not read_only:
+                        binding.bind_output(f"present.{n}", "cpu", 0, np.float32, list(present.shape),
+                                            present.ctypes.data)
             self._bindings[key] = (binding, outputs)
         return self._bindings[key]
 
-    def _run(self, variant: str, feeds: dict, cache_io: bool = False) -> dict[str, np.ndarray]:
-        """Run one graph; `feeds` holds only the per-call inputs (conditioning and caches are bound)."""
+    def _run(self, variant: str, feeds: dict, cache_io: bool | str = False) -> dict[str, np.ndarray]:
+        """Run one graph; `feeds` holds only the per-call inputs (conditioning and caches are bound).
+
+        cache_io: True = read the current caches and write the other pair (then they swap);
+        "read" = read the current caches only (the caller updates them in place)."""
         feeds = {k: v if v.flags.c_contiguous else np.ascontiguousarray(v) for k, v in feeds.items()}
         signature = (variant, tuple(v.shape for v in feeds.values()), tuple(v.dtype for v in feeds.values()))
         if signature not in self._validated:  # the contract is checked once per shape, before the backend
@@ -200,19 +204,24 @@ class OrtBlockRunner(BlockRunner):
                 full.update({f"past.{n}": a for n, a in zip(self.cache_names, self._caches[self._current])})
             c.validate(full)
             self._validated.add(signature)
-        binding, outputs = self._binding(variant, self._current if cache_io else None)
+        binding, outputs = self._binding(variant, self._current if cache_io else None, cache_io == "read")
         for name, arr in feeds.items():
             binding.bind_cpu_input(name, arr)
         for name in outputs:  # fresh ORT allocation each run: window outputs change shape between calls
             binding.bind_output(name, "cpu")
         self.sessions.get(variant, self.k).run_with_iobinding(binding)
-        if cache_io:
+        if cache_io is True:
             self._current = 1 - self._current
         values = binding.get_outputs()
         return {name: values[i].numpy() for i, name in enumerate(outputs)}
 
     def project(self, x, start):
         n = x.shape[1]
+        if n == 1 and "step_kv" in self.exported:
+            out = self._run("step_kv", {"x": x.numpy(), "pos": np.array(start, np.int64)}, cache_io="read")
+            for i, cache in enumerate(self._caches[self._current]):  # write this token's keys/values in place
+                cache[:, :, start] = out[f"new.{self.cache_names[i]}"][:, :, 0]
+            return torch.from_numpy(out["xa"]), torch.from_numpy(out["xb"])
         variant = "step" if n == 1 else "window"
         if variant not in self.exported:
             raise BundleError(f"bundle lacks the {variant!r} graph that this decoder needs")

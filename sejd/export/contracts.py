@@ -21,7 +21,7 @@ from sejd.model.tarflow import TarFlowConfig
 DEFAULT_OPSET = 18
 DEFAULT_UNROLL = 8
 FP32_ATOL = 1e-4  # DESIGN.md §7: engine vs PyTorch, per output
-BLOCK_VARIANTS = ("step", "window", "jacobi", "jacobi_k", "jacobi_loop", "sequential_loop")
+BLOCK_VARIANTS = ("step", "step_kv", "window", "jacobi", "jacobi_k", "jacobi_loop", "sequential_loop")
 MODEL_VARIANTS = ("forward",)
 VARIANTS = BLOCK_VARIANTS + MODEL_VARIANTS
 
@@ -103,8 +103,8 @@ def _i(name, *shape):
     return TensorSpec(name, "int64", shape)
 
 
-def cache_specs(cfg: TarFlowConfig, prefix: str) -> list[TensorSpec]:
-    shape = ("rows", cfg.num_heads, cfg.num_tokens, cfg.head_dim)
+def cache_specs(cfg: TarFlowConfig, prefix: str, tokens: int | None = None) -> list[TensorSpec]:
+    shape = ("rows", cfg.num_heads, cfg.num_tokens if tokens is None else tokens, cfg.head_dim)
     return [_f(f"{prefix}.{l}.{kv}", *shape) for l in range(cfg.layers_per_block) for kv in ("key", "value")]
 
 
@@ -122,6 +122,12 @@ def block_contract(cfg: TarFlowConfig, variant: str, unroll: int = DEFAULT_UNROL
                              (_f("xa", "batch", 1, D), _f("xb", "batch", 1, D), *cache_specs(cfg, "present")),
                              "one token at position `pos` over a fixed-size KV cache -> its affine parameters "
                              "(for token pos+1) and the cache with this token written at `pos`")
+    if variant == "step_kv":
+        return GraphContract(variant, (_f("x", "batch", 1, D), _i("pos"), *cache_specs(cfg, "past"), *cond),
+                             (_f("xa", "batch", 1, D), _f("xb", "batch", 1, D), *cache_specs(cfg, "new", tokens=1)),
+                             "one token at position `pos` over a read-only cache of positions < pos -> its affine "
+                             "parameters and only its own keys/values, which the host writes into the cache in "
+                             "place (no per-step cache copy)")
     if variant == "window":
         return GraphContract(variant, (_f("x", "batch", "window", D), _i("start"), *cache_specs(cfg, "past"), *cond),
                              (_f("xa", "batch", "window", D), _f("xb", "batch", "window", D),

@@ -79,6 +79,44 @@ class BlockGraph(nn.Module):
         return (*self.guide(xa, xb, w, B), *presents)
 
 
+class StepKVGraph(BlockGraph):
+    """One token over a read-only fixed-size cache: returns only this token's keys/values, which the
+    host writes into its cache in place. No O(T) cache copy per step (what `step` must do when the
+    runtime cannot update an input buffer in place, e.g. ONNX Runtime on the CPU)."""
+
+    def __init__(self, block, num_tokens, has_classes):
+        super().__init__(block, num_tokens)
+        self.has_classes = has_classes
+
+    def forward(self, x, pos, *rest):
+        L = len(self.block.attn_blocks)
+        pasts = [(rest[2 * i], rest[2 * i + 1]) for i in range(L)]
+        labels, temps, guidance = _split_cond(self.has_classes, rest[2 * L:])
+        B = x.shape[0]
+        h = self.rows(x, temps)
+        R = h.shape[0]
+        h = self.block.proj_in(h) + self.pos.index_select(0, pos.view(1))
+        ct = self.class_term(labels)
+        if ct is not None:
+            h = h + ct
+        before = (torch.arange(self.T) < pos).view(1, 1, 1, -1)  # cached keys strictly before this token
+        news = []
+        for layer, (past_k, past_v) in zip(self.block.attn_blocks, pasts):
+            attn = layer.attention
+            a = attn.norm(h.float()).type(h.dtype)
+            q, k, v = attn.qkv(a).reshape(R, 1, 3 * self.H, self.hd).transpose(1, 2).chunk(3, dim=1)  # (R, H, 1, hd)
+            q = q / temps.view(-1, 1, 1, 1)
+            s_past = (q @ past_k.transpose(-1, -2) * attn.scale).masked_fill(~before, float("-inf"))  # (R, H, 1, T)
+            s_self = (q * k).sum(-1, keepdim=True) * attn.scale  # (R, H, 1, 1)
+            w = torch.softmax(torch.cat([s_past, s_self], dim=-1).float(), dim=-1).type(q.dtype)
+            out = w[..., :self.T] @ past_v + w[..., self.T:] * v
+            h = h + attn.proj(out.transpose(1, 2).reshape(R, 1, -1))
+            h = h + layer.mlp(h)
+            news += [k, v]
+        xa, xb = self.block.split(self.block.proj_out(h))
+        return (*self.guide(xa, xb, guidance.index_select(1, pos.view(1)), B), *news)
+
+
 def _affine(z, xa, xb):
     return z * xa.float().exp().type(xa.dtype) + xb
 

@@ -40,6 +40,9 @@ def export_block_variant(model: TarFlow, k: int, variant: str, unroll: int, opse
     if variant in ("step", "window"):
         return _to_onnx(graphs.StepGraph(block, T, has_classes), _args(c, feeds), c.input_names, c.output_names,
                         c.dynamic_axes(), opset)
+    if variant == "step_kv":
+        return _to_onnx(graphs.StepKVGraph(block, T, has_classes), _args(c, feeds), c.input_names, c.output_names,
+                        c.dynamic_axes(), opset)
     if variant in ("jacobi", "jacobi_k"):
         m = graphs.JacobiGraph(block, T, has_classes, iterations=unroll if variant == "jacobi_k" else 1)
         return _to_onnx(m, _args(c, feeds), c.input_names, c.output_names, c.dynamic_axes(), opset)

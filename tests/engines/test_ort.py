@@ -66,7 +66,7 @@ def test_check_report_passes_and_lists_every_graph(built, tmp_path):
     report = check_bundle(built, "ort-cpu", plans=("sequential", "sjd"), show_progress=False)
     assert report, report.summary()
     names = [c.name for c in report.checks]
-    assert len([n for n in names if n.startswith("block ")]) == 6 * 4 and "forward" in names
+    assert len([n for n in names if n.startswith("block ")]) == 7 * 4 and "forward" in names
     for c in report.checks:
         if c.name.startswith("block") or c.name == "forward":
             assert c.figures["max_abs"] <= c.figures["atol"] == 1e-4

@@ -23,7 +23,7 @@ from sejd.runtime.runner import Conditioning
 from sejd.runtime.torch_runner import TorchBlockRunner
 from tests.conftest import data_like, make_model
 
-PARITY_TESTED = ["step", "window", "jacobi", "jacobi_k", "jacobi_loop", "sequential_loop", "forward"]
+PARITY_TESTED = ["step", "step_kv", "window", "jacobi", "jacobi_k", "jacobi_loop", "sequential_loop", "forward"]
 UNROLL = 4
 
 
@@ -121,7 +121,7 @@ def test_manifest_pins_versions_hashes_and_config(bundle):
     m = bundle.manifest
     assert m["schema"] == 1 and m["config"] == bundle.config.to_dict() and m["opset"] == 18
     assert {"sejd", "torch", "onnx", "onnxruntime"} <= set(m["versions"])
-    assert len(m["graphs"]) == 6 * bundle.config.num_blocks + 1
+    assert len(m["graphs"]) == 7 * bundle.config.num_blocks + 1
     assert all(len(d) == 64 for d in m["files"].values()) and "model/model.safetensors" in m["files"]
 
 
