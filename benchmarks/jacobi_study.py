@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from sejd.util import write_json
 from sejd import load_checkpoint, sample
 from sejd.check import psnr_db
 
@@ -56,13 +57,9 @@ def main():
     p.add_argument("--json", default=None)
     a = p.parse_args()
     result = study(a.source, a.batch, a.seed, a.target, a.guidance)
-    text = json.dumps(result, indent=1)
-    print(text)
+    print(json.dumps(result, indent=1))
     if a.json:
-        from sejd.util import atomic_write
-        from pathlib import Path
-        with atomic_write(a.json) as tmp:
-            Path(tmp).write_text(text + "\n")
+        write_json(a.json, result)
 
 
 if __name__ == "__main__":

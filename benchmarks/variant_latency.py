@@ -16,6 +16,7 @@ import sys
 import time
 
 from sejd.bundle import load_bundle
+from sejd.util import write_json
 from sejd.engines.ort import OrtSessions
 from sejd.export.contracts import contract, dummy_inputs
 
@@ -61,14 +62,9 @@ def main():
     p.add_argument("--json", default=None)
     a = p.parse_args()
     result = measure(a.bundle, a.backend, [int(b) for b in a.batch.split(",")], a.block, a.runs, a.warmup)
-    text = json.dumps(result, indent=1)
-    print(text)
+    print(json.dumps(result, indent=1))
     if a.json:
-        from pathlib import Path
-
-        from sejd.util import atomic_write
-        with atomic_write(a.json) as tmp:
-            Path(tmp).write_text(text + "\n")
+        write_json(a.json, result)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def _sample(a):
 
     from sejd.runtime.sampler import sample
     from sejd.source import open_source
-    from sejd.util import atomic_write, save_grid
+    from sejd.util import atomic_write, save_grid, write_json
 
     src = open_source(a.source, a.backend, config=_config_arg(a.config))
     cfg = src.model.config
@@ -65,9 +65,7 @@ def _sample(a):
                 np.save(f, result.images.numpy())
         print(f"wrote {a.npy}")
     if a.json:
-        from pathlib import Path
-        with atomic_write(a.json) as tmp:
-            Path(tmp).write_text(json.dumps(result.stats.to_dict(), indent=2) + "\n")
+        write_json(a.json, result.stats.to_dict())
 
 
 def _tune(a):
@@ -92,19 +90,16 @@ def _tune(a):
 
 
 def _bench(a):
-    from pathlib import Path
-
     from sejd.bench import bench, plot, table
     from sejd.source import open_source
-    from sejd.util import atomic_write
+    from sejd.util import write_json
 
     src = open_source(a.source, a.backend, config=_config_arg(a.config))
     result = bench(src, [int(b) for b in a.batch.split(",")], a.decoders.split(","), runs=a.runs,
                    warmup=a.warmup, seed=a.seed, guidance=a.guidance)
     print(table(result))
     if a.json:
-        with atomic_write(a.json) as tmp:
-            Path(tmp).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(a.json, result)
         print(f"wrote {a.json}")
     if a.plot:
         plot(result, a.plot)
@@ -135,17 +130,14 @@ def _build(a):
 
 
 def _check(a):
-    from pathlib import Path
-
     from sejd.bundle import load_bundle
     from sejd.check import check_bundle
-    from sejd.util import atomic_write
+    from sejd.util import write_json
 
     report = check_bundle(load_bundle(a.bundle), a.backend)
     print(report.summary())
     if a.json:
-        with atomic_write(a.json) as tmp:
-            Path(tmp).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+        write_json(a.json, report.to_dict())
     if not report:
         raise SystemExit(1)
 

@@ -7,7 +7,6 @@ Everything lands in out/demo/.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ def main(argv=None) -> int:
     from sejd.runtime.sampler import sample
     from sejd.source import open_source
     from sejd.tune import tune
-    from sejd.util import save_grid
+    from sejd.util import save_grid, write_json
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,12 +71,12 @@ def main(argv=None) -> int:
     failed = [c for c in report.checks if c.enforced and not c.passed]
     print("\n".join(c.line() for c in report.checks if not c.name.startswith("block")))
     print(report.summary().splitlines()[-1])
-    (out / "check.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    write_json(out / "check.json", report.to_dict())
 
     t = step(f"speed table (batch {a.batch}, median of {a.runs} runs)")
     result = bench(src, batches, runs=a.runs, warmup=1, log=lambda *x: None)
     print(table(result))
-    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out / "bench.json", result)
     plot(result, out / "bench.png")
     print(f"wrote {out / 'bench.json'}, {out / 'bench.png'}, {out / 'samples.png'}")
     if failed:

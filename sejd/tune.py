@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import json
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from sejd.errors import PlanError
 from sejd.runtime.plan import BlockPlan, Plan
 from sejd.runtime.sampler import sample
 from sejd.source import Source
-from sejd.util import atomic_write
+from sejd.util import write_json
 
 TAU_GRID = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
 HOLDOUT_SEEDS = (1000, 1001)  # never used for calibration (calibration seeds count up from 0)
@@ -200,6 +199,5 @@ def tune(src: Source, batch: int = 1, target_db: float = 40.0, taus=TAU_GRID, gu
         "trials": [t.to_dict() for t in tuner.trials],
     }
     if out is not None:
-        with atomic_write(out) as tmp:
-            Path(tmp).write_text(json.dumps(plan.to_dict(), indent=1) + "\n")
+        write_json(out, plan.to_dict())
     return plan

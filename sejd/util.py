@@ -27,6 +27,16 @@ def atomic_write(path: str | os.PathLike, binary: bool = False):
             os.unlink(tmp)
 
 
+def write_json(path: str | os.PathLike, data) -> Path:
+    """Write `data` as indented JSON, atomically."""
+    import json
+
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
 def progress(iterable=None, total=None, desc=None, enabled=True, **kw):
     """A tqdm progress bar on stderr, or the plain iterable when disabled."""
     if not enabled:

@@ -47,19 +47,27 @@ class BlockGraph(nn.Module):
         xa, xb = self.block.project(self.rows(x, temps), 0, self.class_term(labels), None, temps)
         return self.guide(xa, xb, guidance[:, :n], x.shape[0])
 
+    def embed(self, x, positions, labels, temps):
+        """Tokens x (B, n, D) at `positions` (n,) -> rows (R, n, C) entering the first layer."""
+        h = self.block.proj_in(self.rows(x, temps)) + self.pos.index_select(0, positions)
+        ct = self.class_term(labels)
+        return h if ct is None else h + ct
+
+    def unpack(self, rest):
+        """Graph inputs after (x, pos): the caches per layer, then (labels,) temps, guidance."""
+        L = len(self.block.attn_blocks)
+        pasts = [(rest[2 * i], rest[2 * i + 1]) for i in range(L)]
+        return (pasts, *_split_cond(self.has_classes, rest[2 * L:]))
+
     def cached(self, x, start, pasts, labels, temps, guidance):
         """Window x (B, n, D) at positions start + [0, n) over fixed-size caches (R, H, T, hd).
 
         Returns guided (xa, xb) and the caches with the window's keys/values written in.
         """
         B, n, _ = x.shape
-        h = self.rows(x, temps)
-        R = h.shape[0]
         positions = start + torch.arange(n)  # (n,)
-        h = self.block.proj_in(h) + self.pos.index_select(0, positions)
-        ct = self.class_term(labels)
-        if ct is not None:
-            h = h + ct
+        h = self.embed(x, positions, labels, temps)
+        R = h.shape[0]
         mask = torch.arange(self.T).view(1, -1) <= positions.view(-1, 1)  # (n, T): keys at or before the query
         index = positions.view(1, 1, n, 1).expand(R, self.H, n, self.hd)
         presents = []
@@ -89,16 +97,10 @@ class StepKVGraph(BlockGraph):
         self.has_classes = has_classes
 
     def forward(self, x, pos, *rest):
-        L = len(self.block.attn_blocks)
-        pasts = [(rest[2 * i], rest[2 * i + 1]) for i in range(L)]
-        labels, temps, guidance = _split_cond(self.has_classes, rest[2 * L:])
+        pasts, labels, temps, guidance = self.unpack(rest)
         B = x.shape[0]
-        h = self.rows(x, temps)
+        h = self.embed(x, pos.view(1), labels, temps)
         R = h.shape[0]
-        h = self.block.proj_in(h) + self.pos.index_select(0, pos.view(1))
-        ct = self.class_term(labels)
-        if ct is not None:
-            h = h + ct
         before = (torch.arange(self.T) < pos).view(1, 1, 1, -1)  # cached keys strictly before this token
         news = []
         for layer, (past_k, past_v) in zip(self.block.attn_blocks, pasts):
@@ -134,10 +136,7 @@ class StepGraph(BlockGraph):
         self.has_classes = has_classes
 
     def forward(self, x, pos, *rest):
-        L = len(self.block.attn_blocks)
-        pasts = [(rest[2 * i], rest[2 * i + 1]) for i in range(L)]
-        labels, temps, guidance = _split_cond(self.has_classes, rest[2 * L:])
-        return self.cached(x, pos, pasts, labels, temps, guidance)
+        return self.cached(x, pos, *self.unpack(rest))
 
 
 WindowGraph = StepGraph  # same computation; the window variant is exported with a dynamic token count
@@ -176,9 +175,7 @@ class SequentialBody(BlockGraph):
         self.has_classes = has_classes
 
     def forward(self, i, z, x, *rest):
-        L = len(self.block.attn_blocks)
-        pasts = [(rest[2 * j], rest[2 * j + 1]) for j in range(L)]
-        labels, temps, guidance = _split_cond(self.has_classes, rest[2 * L:])
+        pasts, labels, temps, guidance = self.unpack(rest)
         x_tok = x.index_select(1, i.view(1))  # (B, 1, D)
         xa, xb, *presents = self.cached(x_tok, i, pasts, labels, temps, guidance)
         nxt = (i + 1).view(1)
