@@ -118,14 +118,9 @@ def _export(a):
 
 def _build(a):
     from sejd.bundle import load_bundle
-    from sejd.engines.ort import PROVIDERS, build_ort
+    from sejd.engines import build_engines
 
-    bundle = load_bundle(a.bundle)
-    if a.backend in PROVIDERS:
-        out = build_ort(bundle, a.backend, threads=a.threads)
-    else:
-        from sejd.engines import build_engines
-        out = build_engines(bundle, a.backend, a)
+    out = build_engines(load_bundle(a.bundle), a.backend, a)
     print(f"built {a.backend} engines in {out}")
 
 

@@ -99,3 +99,21 @@ def test_missing_gpu_backend_is_a_clear_error(built, capsys):
         build_ort(built, "ort-cuda")
     assert main(["build", str(built.path), "--backend", "ort-trt"]) == 2
     assert "not available" in capsys.readouterr().err
+
+
+def test_gpu_backends_say_why_they_are_not_available_here():
+    import subprocess
+    import sys
+    from sejd.engines import unavailable
+    if unavailable("torch-cuda") is None:
+        pytest.skip("a CUDA device is visible: covered by the GPU checks")
+    for backend in ("tensorrt", "torch-cuda", "ort-cuda"):
+        assert "CUDA" in unavailable(backend) or "not installed" in unavailable(backend)
+    # importing sejd pulls in no GPU package
+    code = "import sys, sejd, sejd.cli, sejd.engines; print([m for m in ('tensorrt', 'cuda', 'pycuda') if m in sys.modules])"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_unknown_backend_is_refused(built, capsys):
+    assert main(["build", str(built.path), "--backend", "metal"]) == 2
+    assert "unknown backend 'metal'" in capsys.readouterr().err
