@@ -16,7 +16,7 @@ import time
 import torch
 
 from sejd.check import psnr_db
-from sejd.runtime.plan import named_plan, resolve_plan
+from sejd.runtime.plan import named_plan
 from sejd.runtime.sampler import sample
 from sejd.source import Source
 
@@ -57,10 +57,10 @@ def bench(src: Source, batches=(1, 16), decoders=DECODERS, runs: int = 5, warmup
         measured = {}
         for name in decoders:
             if name == "auto":
-                if src.bundle is None or not (src.bundle.path / "plan.json").exists():
-                    log(f"  auto: skipped (no tuned plan.json in the bundle; run `sejd tune`)")
+                if not src.tuned_plans():
+                    log("  auto: skipped (no tuned plan in the bundle; run `sejd tune`)")
                     continue
-                candidates = {"auto": resolve_plan(str(src.bundle.path / "plan.json"), nblocks)}
+                candidates = {"auto": src.plan("auto", batch)}
             elif name == "sequential":
                 candidates = {"sequential[host]": "sequential"}
                 if src.runners is not None:

@@ -6,7 +6,8 @@
     blocks/<k>/<variant>.onnx      per-block graphs
     forward.onnx                   the whole model's forward pass
     engines/<backend>/...          built by `sejd build` (their own manifest pins the bundle's)
-    plan.json                      written by `sejd tune` (pins the bundle's manifest hash)
+    plan.json                      written by `sejd tune` (pins the bundle's manifest hash): the latest
+    plans/batch-<N>.json           every tuned plan by the batch size it was tuned for
 
 Loading verifies the schema version and the sha256 of every listed file, and refuses a changed,
 missing or foreign file by name.
@@ -25,7 +26,7 @@ from sejd.model.tarflow import TarFlowConfig
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-UNPINNED_TOP = ("engines", "plan.json", MANIFEST)  # written after export, verified by their own means
+UNPINNED_TOP = ("engines", "plan.json", "plans", MANIFEST)  # written after export, verified by their own means
 
 
 class BundleError(SejdError):

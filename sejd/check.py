@@ -164,9 +164,10 @@ def check_end_to_end(bundle: Bundle, runners, model, plans=END_TO_END_PLANS, bat
     labels = torch.arange(batch) % cfg.num_classes if cfg.num_classes else None
     exact = sample(model, noise, labels=labels, plan="sequential", progress=False).images
     checks = []
-    tuned = bundle.path / "plan.json"
+    from sejd.source import Source
+    src = Source(model, runners, "", bundle)
     for plan in progress(plans, desc="check plans", enabled=show_progress):
-        spec = str(tuned) if plan == "auto" else plan
+        spec = src.plan("auto", batch) if plan == "auto" else plan
         r = sample(model, noise, labels=labels, plan=spec, runners=runners, progress=False)
         same = sample(model, noise, labels=labels, plan=spec, progress=False).images  # same plan on PyTorch
         iters = [b.iterations for b in r.stats.blocks]

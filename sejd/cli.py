@@ -52,7 +52,7 @@ def _sample(a):
         labels = torch.full((a.n,), a.label, dtype=torch.long)
     elif cfg.num_classes:
         labels = torch.arange(a.n) % cfg.num_classes
-    result = sample(src.model, noise, labels=labels, plan=src.plan(a.plan), tau=a.tau,
+    result = sample(src.model, noise, labels=labels, plan=src.plan(a.plan, a.n), tau=a.tau,
                     guidance=a.guidance, denoise=a.denoise, runners=src.runners, progress=True)
     print(f"backend {src.backend}")
     print(result.stats.table())

@@ -49,19 +49,20 @@ def main(argv=None) -> int:
     build_ort(bundle, "ort-cpu")
     print(f"{time.perf_counter() - t:.0f} s")
 
-    t = step(f"tune a plan for batch {batches[0]} (PSNR >= 40 dB against exact sequential decoding)")
     src = open_source(bundle.path, "ort-cpu")
-    plan = tune(src, batch=batches[0], target_db=40.0, out=bundle.path / "plan.json", log=lambda *x: None)
-    for k, b in enumerate(plan.blocks):
-        print(f"  blocks[{k}]: {b.decoder} [{b.variant}]" +
-              ("" if b.decoder == "sequential" else f" tau={b.tau}" + (" +frozen prefix" if b.freeze else "")))
-    print(f"  hold-out PSNR {plan.meta['holdout']['psnr_db']:.1f} dB; {time.perf_counter() - t:.0f} s")
+    for batch in batches:
+        t = step(f"tune a plan for batch {batch} (PSNR >= 40 dB against exact sequential decoding)")
+        plan = tune(src, batch=batch, target_db=40.0, out=bundle.path / "plan.json", log=lambda *x: None)
+        for k, b in enumerate(plan.blocks):
+            print(f"  blocks[{k}]: {b.decoder} [{b.variant}]" +
+                  ("" if b.decoder == "sequential" else f" tau={b.tau}" + (" +frozen prefix" if b.freeze else "")))
+        print(f"  hold-out PSNR {plan.meta['holdout']['psnr_db']:.1f} dB; {time.perf_counter() - t:.0f} s")
 
     t = step("sample 16 images with the tuned plan")
     src = open_source(bundle.path, "ort-cpu")
     cfg = src.model.config
     noise = torch.randn(16, cfg.num_tokens, cfg.token_dim, generator=torch.Generator().manual_seed(0))
-    result = sample(src.model, noise, plan=src.plan("auto"), runners=src.runners, progress=False)
+    result = sample(src.model, noise, plan=src.plan("auto", 16), runners=src.runners, progress=False)
     print(result.stats.table())
     grid = save_grid(result.images, out / "samples.png", scale=max(1, 128 // cfg.img_size))
     print(f"wrote {grid}")

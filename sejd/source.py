@@ -16,13 +16,13 @@ class Source:
     backend: str
     bundle: object | None = None  # sejd.bundle.Bundle when the source is a bundle
 
-    def plan(self, name):
-        """A Plan for this source: a named plan, `auto` (the tuned plan.json) or a plan file, which must
-        have been made for this bundle when it says which bundle it was made for."""
+    def plan(self, name, batch: int | None = None):
+        """A Plan for this source: a named plan, `auto` (the plan tuned for the batch size nearest to
+        `batch`) or a plan file, which must have been made for this bundle when it says which."""
         from sejd.errors import PlanError
         from sejd.runtime.plan import resolve_plan
 
-        name = self.tuned_plan() if name == "auto" else (name or self.default_plan())
+        name = self.tuned_plan(batch) if name == "auto" else (name or self.default_plan(batch))
         if str(name) == "reference":
             return "reference"
         plan = resolve_plan(name, self.model.config.num_blocks)
@@ -32,16 +32,27 @@ class Source:
                             f"bundle has {self.bundle.manifest_sha256[:12]}...); run `sejd tune` on this bundle")
         return plan
 
-    def tuned_plan(self) -> str:
-        if self.bundle is None or not (self.bundle.path / "plan.json").exists():
-            raise SejdError("plan 'auto' is the bundle's tuned plan.json: export a bundle and run `sejd tune` first")
-        return str(self.bundle.path / "plan.json")
+    def tuned_plans(self) -> dict[int, Path]:
+        if self.bundle is None:
+            return {}
+        plans = {int(p.stem.split("-")[1]): p for p in (self.bundle.path / "plans").glob("batch-*.json")}
+        if not plans and (self.bundle.path / "plan.json").exists():
+            plans[0] = self.bundle.path / "plan.json"
+        return plans
 
-    def default_plan(self) -> str:
+    def tuned_plan(self, batch: int | None = None) -> str:
+        plans = self.tuned_plans()
+        if not plans:
+            raise SejdError("plan 'auto' is the bundle's tuned plan: export a bundle and run `sejd tune` first")
+        if batch is None:
+            return str(self.bundle.path / "plan.json") if (self.bundle.path / "plan.json").exists() \
+                else str(plans[min(plans)])
+        nearest = min(plans, key=lambda b: (abs(b - batch), -b))
+        return str(plans[nearest])
+
+    def default_plan(self, batch: int | None = None) -> str:
         """The bundle's tuned plan when there is one, else SJD."""
-        if self.bundle is not None and (self.bundle.path / "plan.json").exists():
-            return str(self.bundle.path / "plan.json")
-        return "sjd"
+        return self.tuned_plan(batch) if self.tuned_plans() else "sjd"
 
 
 def is_bundle(source) -> bool:

@@ -200,4 +200,6 @@ def tune(src: Source, batch: int = 1, target_db: float = 40.0, taus=TAU_GRID, gu
     }
     if out is not None:
         write_json(out, plan.to_dict())
+        if src.bundle is not None and Path(out).resolve() == (src.bundle.path / "plan.json").resolve():
+            write_json(src.bundle.path / "plans" / f"batch-{batch}.json", plan.to_dict())
     return plan

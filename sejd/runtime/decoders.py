@@ -102,22 +102,28 @@ def jacobi(runner: BlockRunner, z: torch.Tensor, x0: torch.Tensor, tau: float, m
                    sequential_steps=done.sequential_steps, last_residual=last)
 
 
+FREEZE_RATIO = 0.1  # a prefix is frozen once its tokens move by less than tau * FREEZE_RATIO
+FREEZE_ALIGN = 16  # window starts are multiples of this: few distinct shapes for the engines
+
+
 def _jacobi_frozen_prefix(runner, z, x, tau, cap, bar):
-    """Jacobi over a shrinking window [frozen, T). Token `frozen` depends only on final tokens, so it
-    is exact after each iteration: the window start advances by at least one token per iteration,
-    plus every following token that moved by less than tau."""
+    """Jacobi over a shrinking window [start, T). Token `frozen` depends only on final tokens, so it
+    is exact after each iteration: `frozen` advances by at least one token per iteration, plus every
+    following token that moved by less than tau * FREEZE_RATIO. Windows start at `frozen` rounded
+    down to FREEZE_ALIGN (re-running a few final tokens changes nothing)."""
     T = runner.num_tokens
     frozen, residuals = 1, []
     while len(residuals) < cap and frozen < T:
         old = x
-        x, last = runner.jacobi_iter(z, x, frozen, T)
+        start = max(1, frozen - frozen % FREEZE_ALIGN)
+        x, last = runner.jacobi_iter(z, x, start, T)
         change = (x[:, frozen:] - old[:, frozen:]).abs().amax(dim=(0, 2))  # per token, over the batch
         residuals.append(float(change.max()))
         if bar is not None:
             bar.update(1)
         if not residuals[-1] >= tau:
             break
-        moving = torch.nonzero(change >= tau)
+        moving = torch.nonzero(change >= tau * FREEZE_RATIO)
         frozen += max(1, int(moving[0]) if len(moving) else T)
     return x, last, residuals
 
