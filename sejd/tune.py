@@ -52,7 +52,7 @@ class Trial:
 
 class Tuner:
     def __init__(self, src: Source, batch: int, target_db: float, taus=TAU_GRID, guidance: float = 0.0,
-                 calib_seeds=(0,), holdout_seeds=HOLDOUT_SEEDS, repeats: int = 2, log=print):
+                 calib_seeds=(0,), holdout_seeds=HOLDOUT_SEEDS, repeats: int = 3, log=print):
         self.src, self.model, self.batch, self.target = src, src.model, batch, target_db
         self.taus, self.guidance, self.repeats, self.log = tuple(sorted(taus, reverse=True)), guidance, repeats, log
         self.nblocks = self.model.config.num_blocks
