@@ -3,10 +3,11 @@ fastest while the samples keep PSNR >= a target against exact sequential decodin
 
 The target is quality, not tau. Search (each step is a real sampling run, timed per block):
 
-1. Uniform plans: for every tau on the grid, every Jacobi block at that tau, with the first sampling
-   block sequential, Jacobi, or GS-Jacobi. The fastest plan that meets target + margin on the
-   calibration noise is the start.
-2. Per-block relaxation: loosen one block's tau at a time while quality holds and time drops.
+1. Uniform plans: all sequential, and for every tau on the grid every Jacobi block at that tau, with
+   the first sampling block sequential, Jacobi, or GS-Jacobi. The fastest plan that meets
+   target + margin on the calibration noise is the start.
+2. Per block: a Jacobi block tries sequential decoding instead; then one block's tau at a time is
+   loosened while quality holds and time drops.
 3. Variants: each Jacobi block is timed host-driven, host-driven with a frozen converged prefix,
    in chunks of the unrolled `jacobi_k`, and as one `jacobi_loop` call; sequential blocks as steps
    or one `sequential_loop` call; each block keeps its fastest variant (and quality is re-checked).
@@ -100,7 +101,9 @@ class Tuner:
         return Plan("auto", blocks)
 
     def search_uniform(self) -> Trial:
-        best = None
+        # exact decoding is always a candidate: on some hardware and batch sizes it is the fastest
+        best = self.run(Plan("auto", [BlockPlan("sequential") for _ in range(self.nblocks)]))
+        self.log(f"  all sequential                 {best.seconds * 1e3:8.1f} ms  exact")
         for first in ("jacobi", "sequential", "gs-jacobi:4", "gs-jacobi:16"):
             for tau in self.taus:
                 t = self.run(self.uniform(tau, first))
@@ -112,8 +115,21 @@ class Tuner:
                     break  # smaller tau only costs more
                 if first == "sequential" and t.psnr_db < self.target - 20:
                     break
-        if best is None:  # exact decoding always meets the target
-            best = self.run(Plan("auto", [BlockPlan("sequential") for _ in range(self.nblocks)]))
+        return best
+
+    def per_block_decoder(self, best: Trial) -> Trial:
+        """Each Jacobi block tries sequential decoding instead: a block that needs many iterations can
+        cost more than its steps, depending on batch size and hardware."""
+        for k in range(self.nblocks):
+            if best.plan.blocks[k].decoder == "sequential":
+                continue
+            plan = copy.deepcopy(best.plan)
+            plan.blocks[k] = BlockPlan("sequential")
+            t = self.run(plan)
+            self.log(f"  block {k} sequential instead of {best.plan.blocks[k].decoder}: {t.seconds * 1e3:8.1f} ms "
+                     f"{t.psnr_db:6.1f} dB")
+            if self.ok(t) and t.seconds < best.seconds:
+                best = t
         return best
 
     def relax(self, best: Trial) -> Trial:
@@ -183,6 +199,7 @@ def tune(src: Source, batch: int = 1, target_db: float = 40.0, taus=TAU_GRID, gu
     tuner = Tuner(src, batch, target_db, taus, guidance, calib_seeds=calib, holdout_seeds=holdout_seeds, log=log)
     log(f"tune: batch {batch}, target {target_db} dB on {src.backend}")
     best = tuner.search_uniform()
+    best = tuner.per_block_decoder(best)
     best = tuner.relax(best)
     best = tuner.variants(best)
     holdout = tuner.verify(best)
