@@ -20,7 +20,8 @@ from sejd.model.tarflow import TarFlowConfig
 
 DEFAULT_OPSET = 18
 DEFAULT_UNROLL = 8
-FP32_ATOL = 1e-4  # DESIGN.md §7: engine vs PyTorch, per output
+FP32_ATOL = 1e-4  # DESIGN.md §7: engine vs PyTorch, per output of one pass
+FP32_CHAINED_ATOL = 1e-3  # outputs of up to T-1 dependent passes (loops): round-off compounds through exp
 BLOCK_VARIANTS = ("step", "step_kv", "window", "jacobi", "jacobi_k", "jacobi_loop", "sequential_loop")
 MODEL_VARIANTS = ("forward",)
 VARIANTS = BLOCK_VARIANTS + MODEL_VARIANTS
@@ -146,10 +147,12 @@ def block_contract(cfg: TarFlowConfig, variant: str, unroll: int = DEFAULT_UNROL
     if variant == "jacobi_loop":
         return GraphContract(variant, (_f("z", *tok), _f("x0", *tok), _f("tau"), _i("max_iters"), *cond),
                              (_f("x", *tok), _f("residual", "batch"), _i("iterations")),
-                             "ONNX Loop of Jacobi iterations until max residual < tau or min(max_iters, T-1)")
+                             "ONNX Loop of Jacobi iterations until max residual < tau or min(max_iters, T-1)",
+                             atol=FP32_CHAINED_ATOL)
     if variant == "sequential_loop":
         return GraphContract(variant, (_f("z", *tok), *cond), (_f("x", *tok),),
-                             "the whole exact sequential inversion of the block as one ONNX Loop over tokens")
+                             "the whole exact sequential inversion of the block as one ONNX Loop over tokens",
+                             atol=FP32_CHAINED_ATOL)
     raise InputError(f"unknown block variant {variant!r}; expected one of {BLOCK_VARIANTS}")
 
 
@@ -208,10 +211,11 @@ def markdown(cfg: TarFlowConfig | None = None, unroll: int = DEFAULT_UNROLL) -> 
              f"T={cfg.num_tokens}, D={cfg.token_dim}, {cfg.layers_per_block} layers, {cfg.num_heads} heads of "
              f"{cfg.head_dim}, a conditional model (unconditional models have no `labels` input), "
              f"jacobi_k unrolled {unroll}x. Symbolic axes: `batch`, `rows` (= batch, or 2*batch with guidance, "
-             f"conditional rows first), `window`. Tolerance: fp32 max abs error <= {FP32_ATOL} per output.\n"]
+             f"conditional rows first), `window`. Tolerance: fp32 max abs error <= {FP32_ATOL} per output of "
+             f"one pass, <= {FP32_CHAINED_ATOL} for the loops, whose outputs chain up to T-1 dependent passes.\n"]
     for v in VARIANTS:
         c = contract(cfg, v, unroll)
-        lines.append(f"## `{v}`\n\n{c.description}.\n")
+        lines.append(f"## `{v}`\n\n{c.description}. Tolerance {c.atol}.\n")
         lines.append("| | name | dtype | shape |\n|---|---|---|---|")
         for kind, specs in (("in", c.inputs), ("out", c.outputs)):
             for s in specs:

@@ -69,7 +69,8 @@ def test_check_report_passes_and_lists_every_graph(built, tmp_path):
     assert len([n for n in names if n.startswith("block ")]) == 7 * 4 and "forward" in names
     for c in report.checks:
         if c.name.startswith("block") or c.name == "forward":
-            assert c.figures["max_abs"] <= c.figures["atol"] == 1e-4
+            loop = c.name.endswith("_loop")
+            assert c.figures["max_abs"] <= c.figures["atol"] == (1e-3 if loop else 1e-4)
 
 
 def test_check_cli_exit_status_and_json(built, tmp_path, capsys):
