@@ -21,6 +21,9 @@ def atomic_write(path: str | os.PathLike, binary: bool = False):
     os.close(fd)
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the result is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -55,3 +55,12 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 def test_cli_bad_label_is_refused(ml_tarflow_pth, capsys):
     assert main(["sample", str(ml_tarflow_pth), "--config", '{"head_dim": 32}', "-n", "1", "--label", "7"]) == 2
     assert "labels must be in [0, 4]" in capsys.readouterr().err
+
+
+def test_atomic_writes_leave_ordinary_permissions(tmp_path):
+    import os
+    from sejd.util import write_json
+    f = write_json(tmp_path / "x.json", {"a": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert f.stat().st_mode & 0o777 == 0o666 & ~umask
