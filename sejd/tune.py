@@ -152,6 +152,7 @@ class Tuner:
 
     def variants(self, best: Trial) -> Trial:
         options = {"jacobi": [dict(variant="host"), dict(variant="host", freeze=True),
+                              dict(variant="host", per_sample=True),
                               dict(variant="chunk", chunk=self.unroll), dict(variant="loop")],
                    "sequential": [dict(variant="host"), dict(variant="loop")],
                    "gs-jacobi": [dict(variant="host")]}
@@ -163,10 +164,12 @@ class Tuner:
             plan = copy.deepcopy(best.plan)
             for k, b in enumerate(plan.blocks):
                 opts = options[b.decoder]
-                for field, value in {"variant": "host", "freeze": False, **opts[min(i, len(opts) - 1)]}.items():
+                defaults = {"variant": "host", "freeze": False, "per_sample": False}
+                for field, value in {**defaults, **opts[min(i, len(opts) - 1)]}.items():
                     setattr(b, field, value)
             t = self.run(plan)
-            names = [b.variant + ("+freeze" if b.freeze else "") for b in plan.blocks]
+            names = [b.variant + ("+freeze" if b.freeze else "") + ("+per-sample" if b.per_sample else "")
+                     for b in plan.blocks]
             self.log(f"  variants #{i}: {names} {t.seconds * 1e3:8.1f} ms {t.psnr_db:6.1f} dB")
             for k in range(self.nblocks):
                 timings[k].append((t.block_seconds[k], plan.blocks[k]))

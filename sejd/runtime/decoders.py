@@ -26,6 +26,7 @@ class Decoded:
     converged: bool = True  # False when a cap stopped Jacobi and sequential steps finished the block
     sequential_steps: int = 0  # steps used to finish exactly after a capped Jacobi
     last_residual: torch.Tensor | None = None  # (B,) per-sample residual of the last iteration
+    sample_iterations: list[int] | None = None  # per sample, when samples stop on their own
 
 
 def _check_finite(x: torch.Tensor, what: str) -> None:
@@ -51,13 +52,15 @@ def sequential(runner: BlockRunner, z: torch.Tensor, x: torch.Tensor | None = No
 
 def jacobi(runner: BlockRunner, z: torch.Tensor, x0: torch.Tensor, tau: float, max_iters: int | None = None,
            bar=None, variant: str = "host", chunk: int = 1, finish_exactly: bool = True,
-           freeze: bool = False) -> Decoded:
+           freeze: bool = False, cond=None) -> Decoded:
     """Parallel fixed-point iterations from x0 until max |x^t - x^(t-1)| < tau, at most T-1 of them.
 
     variant: "host" checks the residual after every iteration; "chunk" runs `chunk` iterations per
     engine call (jacobi_k) and checks between chunks; "loop" runs the whole loop in one engine call.
     freeze (host only): tokens before the first one that still moves by >= tau are final; they stay
     in the KV cache and later iterations only run the tokens after them.
+    cond (host only): the batch's Conditioning; given, each sample stops on its own residual and
+    leaves the batch, so a sample's result does not depend on the other samples in its batch.
     """
     T = runner.num_tokens
     cap = T - 1 if max_iters is None else min(max_iters, T - 1)
@@ -65,8 +68,12 @@ def jacobi(runner: BlockRunner, z: torch.Tensor, x0: torch.Tensor, tau: float, m
     x[:, 0] = z[:, 0]
     residuals: list[float] = []
     last = torch.full((z.shape[0],), float("inf"))
+    per_sample = None
     if freeze and variant == "host":
         x, last, residuals = _jacobi_frozen_prefix(runner, z, x, tau, cap, bar)
+        iterations = len(residuals)
+    elif cond is not None and variant == "host":
+        x, last, residuals, per_sample = _jacobi_per_sample(runner, z, x, tau, cap, cond, bar)
         iterations = len(residuals)
     elif variant == "loop":
         x, last, iterations = runner.jacobi_loop(z, x, tau, cap)
@@ -92,14 +99,41 @@ def jacobi(runner: BlockRunner, z: torch.Tensor, x0: torch.Tensor, tau: float, m
     if not math.isfinite(residuals[-1]):
         raise DecodeError(f"non-finite values appeared in Jacobi iteration {iterations}; "
                           "the model or its input is broken")
+    if per_sample is not None:
+        runner.begin(z.shape[0], cond)  # back to the whole batch
     if residuals[-1] < tau or iterations == T - 1 or not finish_exactly:
-        return Decoded(x, iterations, residuals[-1], residuals, last_residual=last)
+        return Decoded(x, iterations, residuals[-1], residuals, last_residual=last, sample_iterations=per_sample)
     # Capped before converging: after t iterations tokens 0..t are exact. Put the exact prefix's keys
     # and values in the cache with one window call, then finish with sequential steps from position t.
     runner.project(x[:, :iterations], 0)
     done = sequential(runner, z, x, start=iterations, bar=bar)
     return Decoded(done.x, iterations, residuals[-1], residuals, converged=False,
-                   sequential_steps=done.sequential_steps, last_residual=last)
+                   sequential_steps=done.sequential_steps, last_residual=last, sample_iterations=per_sample)
+
+
+def _jacobi_per_sample(runner, z, x, tau, cap, cond, bar):
+    """Jacobi where a sample leaves the batch as soon as its own residual is below tau: later
+    iterations run only the samples still moving (cond rows and uncond rows alike)."""
+    B = z.shape[0]
+    x = x.clone()
+    active = torch.arange(B)
+    last = torch.full((B,), float("inf"))
+    counts = torch.zeros(B, dtype=torch.long)
+    residuals: list[float] = []
+    while len(residuals) < cap and len(active):
+        x_a, res = runner.jacobi_iter(z[active], x[active])
+        x[active], last[active] = x_a, res
+        counts[active] += 1
+        residuals.append(float(res.max()))
+        if bar is not None:
+            bar.update(1)
+        keep = ~(res < tau)  # NaN keeps iterating to the cap, then is reported
+        if not bool(keep.all()):
+            active = active[keep]
+            if len(active):
+                runner.begin(len(active), cond.subset(active, B))
+    residuals[-1] = float(last.max())  # what the batch as a whole ends with
+    return x, last, residuals, counts.tolist()
 
 
 FREEZE_RATIO = 0.1  # a prefix is frozen once its tokens move by less than tau * FREEZE_RATIO
@@ -166,7 +200,7 @@ def initial_guess(init: str, z: torch.Tensor, prior_noise: torch.Tensor) -> torc
 
 
 def decode_block(runner: BlockRunner, z: torch.Tensor, plan: BlockPlan, prior_noise: torch.Tensor,
-                 bar=None) -> Decoded:
+                 bar=None, cond=None) -> Decoded:
     if plan.decoder == "sequential":
         if plan.variant == "loop":
             x = runner.sequential_loop(z)
@@ -178,5 +212,5 @@ def decode_block(runner: BlockRunner, z: torch.Tensor, plan: BlockPlan, prior_no
     x0 = initial_guess(plan.init, z, prior_noise)
     if plan.decoder == "jacobi":
         return jacobi(runner, z, x0, plan.tau, plan.max_iters, bar=bar, variant=plan.variant, chunk=plan.chunk,
-                      freeze=plan.freeze)
+                      freeze=plan.freeze, cond=cond if plan.per_sample else None)
     return gs_jacobi(runner, z, x0, plan.tau, plan.segments, bar=bar)

@@ -31,6 +31,7 @@ class BlockPlan:
     variant: str = "host"  # engine variant: sequential: host | loop; jacobi: host | chunk | loop
     chunk: int = 8  # Jacobi iterations per engine call for variant "chunk" (the bundle's jacobi_k unroll)
     freeze: bool = False  # Jacobi (host variant): keep the converged prefix in the KV cache, iterate the rest
+    per_sample: bool = False  # Jacobi (host variant): each sample leaves the batch once its residual < tau
 
     def validate(self, where: str) -> None:
         if self.decoder not in DECODERS:
@@ -45,6 +46,8 @@ class BlockPlan:
         if self.variant not in allowed:
             raise PlanError(f"{where}: unknown variant {self.variant!r} for decoder {self.decoder!r}; "
                             f"expected one of {allowed}")
+        if self.per_sample and (self.variant != "host" or self.freeze):
+            raise PlanError(f"{where}: per_sample needs variant 'host' without freeze")
         if self.freeze and self.variant != "host":
             raise PlanError(f"{where}: freeze needs variant 'host' (the window shrinks between engine calls)")
         if not (isinstance(self.chunk, int) and self.chunk >= 1):

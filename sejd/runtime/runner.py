@@ -36,6 +36,12 @@ class Conditioning:
     def rows(self) -> int:
         return int(self.labels.shape[0])
 
+    def subset(self, index: torch.Tensor, batch: int) -> "Conditioning":
+        """The conditioning of samples `index` (of a batch of `batch`): their cond rows, then their
+        uncond rows when guidance doubles the batch."""
+        rows = torch.cat([index, index + batch]) if self.rows == 2 * batch else index
+        return Conditioning(self.labels[rows], self.temps[rows], self.guidance)
+
     @classmethod
     def build(cls, batch: int, num_tokens: int, labels: torch.Tensor | None = None, guidance: float = 0.0,
               guide_what: str = "ab", attn_temp: float = 1.0, annealed_guidance: bool = False) -> "Conditioning":

@@ -25,6 +25,7 @@ class BlockStats:
     residual: float
     converged: bool = True
     residuals: list[float] = dataclasses.field(default_factory=list)
+    sample_iterations: list[int] | None = None  # per sample, when samples stop on their own
 
 
 @dataclasses.dataclass
@@ -130,12 +131,12 @@ def _sample_with_plan(model, noise, cond, plan, runners, keep_sequence, progress
         bar = progress_bar(total=cfg.num_tokens - 1, desc=f"block {k} ({bp.decoder})", enabled=progress)
         t0 = time.perf_counter()
         runner.begin(batch, cond)
-        decoded = decode_block(runner, z, bp, block.permute(noise), bar=bar)
+        decoded = decode_block(runner, z, bp, block.permute(noise), bar=bar, cond=cond)
         seconds = time.perf_counter() - t0
         bar.close()
         x = block.permute(decoded.x)
         stats.append(BlockStats(k, order, bp.decoder, decoded.iterations, seconds, decoded.residual,
-                                decoded.converged, decoded.residuals))
+                                decoded.converged, decoded.residuals, decoded.sample_iterations))
         if keep_sequence:
             sequence.append(model.unpatchify(x))
     return SampleResult(model.unpatchify(x), SampleStats(plan.name, stats, time.perf_counter() - started), sequence)

@@ -118,3 +118,17 @@ def test_gpu_backends_say_why_they_are_not_available_here():
 def test_unknown_backend_is_refused(built, capsys):
     assert main(["build", str(built.path), "--backend", "metal"]) == 2
     assert "unknown backend 'metal'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("guidance", [0.0, 1.0])
+def test_per_sample_stopping_on_ort_matches_pytorch(built, guidance):
+    model = built.load_model()
+    plan = named_plan("ujd", 4, tau=0.01)
+    for b in plan.blocks:
+        b.per_sample = True
+    noise = torch.randn(4, 16, 12, generator=torch.Generator().manual_seed(9)) * 2
+    kw = dict(labels=torch.tensor([0, 1, 2, 3]), plan=plan, guidance=guidance, progress=False)
+    ref = sample(model, noise, **kw)
+    got = sample(model, noise, runners=ort_runners(built), **kw)
+    torch.testing.assert_close(got.images, ref.images, atol=1e-4, rtol=0)
+    assert [b.sample_iterations for b in got.stats.blocks] == [b.sample_iterations for b in ref.stats.blocks]

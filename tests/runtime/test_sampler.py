@@ -142,3 +142,28 @@ def test_non_finite_model_output_is_a_decode_error():
     noise = torch.randn(1, model.config.num_tokens, model.config.token_dim)
     with pytest.raises(DecodeError, match="non-finite"):
         sample(model, noise, plan="sequential", progress=False)
+
+
+@pytest.mark.parametrize("guidance", [0.0, 1.5])
+def test_per_sample_stopping_makes_each_sample_independent_of_its_batch(guidance):
+    model = make_model()
+    plan = named_plan("ujd", 4, tau=0.01)
+    for b in plan.blocks:
+        b.per_sample = True
+    noise = torch.randn(4, 16, 12, generator=torch.Generator().manual_seed(9)) * 2  # wide: samples differ
+    labels = torch.tensor([0, 1, 2, 3])
+    kw = dict(plan=plan, guidance=guidance, progress=False)
+    batch = sample(model, noise, labels=labels, **kw)
+    for i in range(4):
+        alone = sample(model, noise[i:i + 1], labels=labels[i:i + 1], **kw)
+        torch.testing.assert_close(batch.images[i:i + 1], alone.images, atol=1e-5, rtol=0)
+        for bs, als in zip(batch.stats.blocks, alone.stats.blocks):
+            assert bs.sample_iterations[i] == als.iterations
+    assert any(len(set(b.sample_iterations)) > 1 for b in batch.stats.blocks)  # samples did stop apart
+
+
+def test_per_sample_stopping_needs_the_host_variant():
+    plan = named_plan("ujd", 4)
+    plan.blocks[0].per_sample, plan.blocks[0].variant = True, "loop"
+    with pytest.raises(PlanError, match="per_sample needs variant 'host'"):
+        plan.validate(4)
