@@ -66,6 +66,8 @@ def jacobi(runner: BlockRunner, z: torch.Tensor, x0: torch.Tensor, tau: float, m
     cap = T - 1 if max_iters is None else min(max_iters, T - 1)
     x = x0.clone()
     x[:, 0] = z[:, 0]
+    if T == 1:  # a single token is z_0 itself
+        return Decoded(x, 0, 0.0, [0.0], last_residual=torch.zeros(z.shape[0]))
     residuals: list[float] = []
     last = torch.full((z.shape[0],), float("inf"))
     per_sample = None
@@ -101,13 +103,26 @@ def jacobi(runner: BlockRunner, z: torch.Tensor, x0: torch.Tensor, tau: float, m
                           "the model or its input is broken")
     if per_sample is not None:
         runner.begin(z.shape[0], cond)  # back to the whole batch
-    if residuals[-1] < tau or iterations == T - 1 or not finish_exactly:
+    capped = [] if (residuals[-1] < tau or iterations == T - 1 or not finish_exactly) else \
+        (torch.nonzero(~(last < tau)).flatten() if per_sample is not None else torch.arange(z.shape[0]))
+    if not len(capped):
         return Decoded(x, iterations, residuals[-1], residuals, last_residual=last, sample_iterations=per_sample)
     # Capped before converging: after t iterations tokens 0..t are exact. Put the exact prefix's keys
     # and values in the cache with one window call, then finish with sequential steps from position t.
-    runner.project(x[:, :iterations], 0)
-    done = sequential(runner, z, x, start=iterations, bar=bar)
-    return Decoded(done.x, iterations, residuals[-1], residuals, converged=False,
+    # With per-sample stopping only the capped samples are finished (the others converged).
+    B = z.shape[0]
+    whole = len(capped) == B
+    if not whole:
+        runner.begin(len(capped), cond.subset(capped, B))
+    sub = x if whole else x[capped]
+    runner.project(sub[:, :iterations], 0)
+    done = sequential(runner, z if whole else z[capped], sub, start=iterations, bar=bar)
+    if whole:
+        x = done.x
+    else:
+        x[capped] = done.x
+        runner.begin(B, cond)
+    return Decoded(x, iterations, residuals[-1], residuals, converged=False,
                    sequential_steps=done.sequential_steps, last_residual=last, sample_iterations=per_sample)
 
 
@@ -146,10 +161,13 @@ def _jacobi_frozen_prefix(runner, z, x, tau, cap, bar):
     following token that moved by less than tau * FREEZE_RATIO. Windows start at `frozen` rounded
     down to FREEZE_ALIGN (re-running a few final tokens changes nothing)."""
     T = runner.num_tokens
-    frozen, residuals = 1, []
+    frozen, residuals, committed = 1, [], 1  # the cache holds final keys/values of positions < committed-1
     while len(residuals) < cap and frozen < T:
         old = x
         start = max(1, frozen - frozen % FREEZE_ALIGN)
+        if start > committed:  # write the newly frozen tokens' keys/values (a full pass may not have)
+            runner.project(x[:, committed - 1:start - 1], committed - 1)
+            committed = start
         x, last = runner.jacobi_iter(z, x, start, T)
         change = (x[:, frozen:] - old[:, frozen:]).abs().amax(dim=(0, 2))  # per token, over the batch
         residuals.append(float(change.max()))
@@ -178,6 +196,8 @@ def gs_jacobi(runner: BlockRunner, z: torch.Tensor, x0: torch.Tensor, tau: float
     x[:, 0] = z[:, 0]
     residuals: list[float] = []
     finals: list[float] = []  # each segment's last residual
+    if runner.num_tokens == 1:
+        return Decoded(x, 0, 0.0, [0.0])
     for a, b in segment_bounds(runner.num_tokens, segments):
         for _ in range(b - a):  # b-a iterations make the segment exact
             x, res = runner.jacobi_iter(z, x, a, b)
@@ -187,6 +207,9 @@ def gs_jacobi(runner: BlockRunner, z: torch.Tensor, x0: torch.Tensor, tau: float
             if residuals[-1] < tau:
                 break
         finals.append(residuals[-1])
+        # the cache holds keys/values of the last iterate *before* its update: commit the final values
+        if b < runner.num_tokens:
+            runner.project(x[:, a - 1:b - 1], a - 1)
     _check_finite(x, "GS-Jacobi decoding")
     return Decoded(x, len(residuals), max(finals, default=0.0), residuals)
 

@@ -132,3 +132,31 @@ def test_per_sample_stopping_on_ort_matches_pytorch(built, guidance):
     got = sample(model, noise, runners=ort_runners(built), **kw)
     torch.testing.assert_close(got.images, ref.images, atol=1e-4, rtol=0)
     assert [b.sample_iterations for b in got.stats.blocks] == [b.sample_iterations for b in ref.stats.blocks]
+
+
+@pytest.fixture(scope="module")
+def bundle64(tmp_path_factory):
+    """T = 64: long enough that frozen-prefix windows start past the first aligned window."""
+    from sejd import save_checkpoint
+    from sejd.export.exporter import export_bundle
+    from tests.conftest import make_model
+    root = tmp_path_factory.mktemp("b64")
+    save_checkpoint(make_model(img_size=16, num_classes=0), root / "ckpt")
+    b = export_bundle(root / "ckpt", root / "bundle", variants=["step_kv", "window", "jacobi"], show_progress=False)
+    build_ort(b, "ort-cpu", show_progress=False)
+    return b
+
+
+@pytest.mark.parametrize("tau", [0.0, 1e-3])
+def test_frozen_prefix_on_ort_matches_pytorch(bundle64, tau):
+    model = bundle64.load_model()
+    plan = named_plan("ujd", 4, tau=tau)
+    for b in plan.blocks:
+        b.freeze = True
+    noise = torch.randn(2, 64, 12, generator=torch.Generator().manual_seed(4))
+    ref = sample(model, noise, plan=plan, progress=False)
+    got = sample(model, noise, plan=plan, runners=ort_runners(bundle64), progress=False)
+    torch.testing.assert_close(got.images, ref.images, atol=1e-4, rtol=0)
+    if tau == 0:
+        exact = sample(model, noise, plan="sequential", progress=False)
+        torch.testing.assert_close(got.images, exact.images, atol=1e-4, rtol=0)

@@ -167,3 +167,16 @@ def test_per_sample_stopping_needs_the_host_variant():
     plan.blocks[0].per_sample, plan.blocks[0].variant = True, "loop"
     with pytest.raises(PlanError, match="per_sample needs variant 'host'"):
         plan.validate(4)
+
+
+def test_per_sample_stopping_with_a_cap_finishes_only_the_capped_samples():
+    model = make_model()
+    plan = named_plan("ujd", 4, tau=0.01)
+    for b in plan.blocks:
+        b.per_sample, b.max_iters = True, 6
+    noise = torch.randn(4, 16, 12, generator=torch.Generator().manual_seed(9)) * 2
+    batch = sample(model, noise, plan=plan, progress=False)
+    assert any(not b.converged for b in batch.stats.blocks)  # the cap was hit
+    for i in range(4):
+        alone = sample(model, noise[i:i + 1], plan=plan, progress=False)
+        torch.testing.assert_close(batch.images[i:i + 1], alone.images, atol=1e-5, rtol=0)
