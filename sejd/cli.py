@@ -17,9 +17,31 @@ def _config_arg(text):
 
     from sejd.errors import ConfigError
     try:
-        return json.loads(Path(text).read_text() if Path(text).is_file() else text)
+        value = json.loads(Path(text).read_text() if Path(text).is_file() else text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"--config must be JSON or a JSON file of TarFlowConfig fields: {e}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--config must be a JSON object of TarFlowConfig fields, got {type(value).__name__}")
+    return value
+
+
+def _numbers(text: str, kind, what: str, positive: bool = True) -> list:
+    """Comma-separated numbers from a CLI option, or a one-line error naming the option."""
+    from sejd.errors import SejdError
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise SejdError(f"{what} must be comma-separated {kind.__name__}s, got {text!r}") from None
+    if positive and any(v <= 0 for v in values):
+        raise SejdError(f"{what} values must be > 0, got {values}")
+    return values
+
+
+def _positive(value: int, what: str) -> int:
+    from sejd.errors import SejdError
+    if value < 1:
+        raise SejdError(f"{what} must be >= 1, got {value}")
+    return value
 
 
 def _train(a):
@@ -43,6 +65,7 @@ def _sample(a):
     from sejd.source import open_source
     from sejd.util import atomic_write, save_grid, write_json
 
+    _positive(a.n, "-n")
     src = open_source(a.source, a.backend, config=_config_arg(a.config))
     cfg = src.model.config
     g = torch.Generator().manual_seed(a.seed)
@@ -75,10 +98,8 @@ def _tune(a):
     from sejd.tune import TAU_GRID, tune
 
     src = open_source(a.bundle, a.backend)
-    taus = [float(t) for t in a.tau.split(",")] if a.tau else TAU_GRID
-    if any(t <= 0 for t in taus):
-        from sejd.errors import PlanError
-        raise PlanError(f"--tau values must be > 0, got {taus}")
+    taus = _numbers(a.tau, float, "--tau") if a.tau else TAU_GRID
+    _positive(a.batch, "--batch")
     out = a.out or (Path(a.bundle) / "plan.json" if is_bundle(a.bundle) else "plan.json")
     plan = tune(src, batch=a.batch, target_db=a.psnr, taus=taus, guidance=a.guidance, out=out)
     for k, b in enumerate(plan.blocks):
@@ -95,7 +116,13 @@ def _bench(a):
     from sejd.util import write_json
 
     src = open_source(a.source, a.backend, config=_config_arg(a.config))
-    result = bench(src, [int(b) for b in a.batch.split(",")], a.decoders.split(","), runs=a.runs,
+    from sejd.bench import DECODERS
+    from sejd.errors import SejdError
+    unknown = sorted(set(a.decoders.split(",")) - set(DECODERS))
+    if unknown:
+        raise SejdError(f"unknown decoders {unknown}; expected a subset of {list(DECODERS)}")
+    _positive(a.runs, "--runs")
+    result = bench(src, _numbers(a.batch, int, "--batch"), a.decoders.split(","), runs=a.runs,
                    warmup=a.warmup, seed=a.seed, guidance=a.guidance)
     print(table(result))
     if a.json:
@@ -119,7 +146,11 @@ def _export(a):
 def _build(a):
     from sejd.bundle import load_bundle
     from sejd.engines import build_engines
+    from sejd.errors import SejdError
 
+    if a.backend != "tensorrt" and (a.precision != "fp32" or a.workspace is not None):
+        raise SejdError(f"--precision and --workspace apply to --backend tensorrt only; {a.backend} builds fp32 "
+                        f"engines from the bundle's fp32 graphs")
     out = build_engines(load_bundle(a.bundle), a.backend, a)
     print(f"built {a.backend} engines in {out}")
 

@@ -64,3 +64,21 @@ def test_atomic_writes_leave_ordinary_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert f.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("args,message", [
+    (["sample", "{ckpt}", "-n", "0"], "-n must be >= 1"),
+    (["sample", "{ckpt}", "--config", "[1]"], "--config must be a JSON object"),
+    (["bench", "{ckpt}", "--config", '{{"head_dim": 32}}', "--batch", "x"], "--batch must be comma-separated ints"),
+    (["bench", "{ckpt}", "--config", '{{"head_dim": 32}}', "--decoders", "fast"], "unknown decoders"),
+    (["tune", "{ckpt}", "--tau", "abc"], "--tau must be comma-separated floats"),
+    (["tune", "{ckpt}", "--batch", "0"], "--batch must be >= 1"),
+])
+def test_bad_cli_values_are_one_line_errors(ml_tarflow_pth, capsys, args, message):
+    assert main([a.format(ckpt=ml_tarflow_pth) for a in args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_build_options_for_another_backend_are_refused(tiny_bundle, capsys):
+    assert main(["build", str(tiny_bundle.path), "--backend", "ort-cpu", "--precision", "fp16"]) == 2
+    assert "apply to --backend tensorrt only" in capsys.readouterr().err

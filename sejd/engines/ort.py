@@ -162,6 +162,11 @@ class OrtBlockRunner(BlockRunner):
         return self._contracts[variant]
 
     def begin(self, batch: int, cond: Conditioning) -> None:
+        batch_max = int(self.sessions.bundle.manifest.get("batch_max", batch))
+        if batch > batch_max:
+            from sejd.errors import InputError
+            raise InputError(f"batch {batch} exceeds the bundle's batch_max {batch_max} (re-export with "
+                             f"--batch-max {batch} to serve larger batches)")
         self.batch = batch
         R = self.rows = cond.rows
         guidance = cond.guidance if cond.guidance is not None else torch.zeros(2, self.num_tokens)

@@ -40,6 +40,8 @@ def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = D
     out = Path(out)
     if out.exists() and not force:
         raise SejdError(f"{out} exists; pass --force to replace it")
+    if out.exists() and not (out.is_dir() and (out / MANIFEST).exists()):
+        raise SejdError(f"{out} exists and is not a sejd bundle (no {MANIFEST}); refusing to replace it")
     model = load_checkpoint(source)
     cfg = model.config
     source_path = Path(str(source)) if not str(source).startswith("builtin:") else None
@@ -76,9 +78,13 @@ def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = D
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         load_bundle(tmp)  # verify what was written before it becomes visible
-        if out.exists():
-            shutil.rmtree(out)
+        old = None
+        if out.exists():  # move the old bundle aside, the new one in, then drop the old one
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / "bundle")
         os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

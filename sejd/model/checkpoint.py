@@ -49,12 +49,24 @@ def config_from_filename(path: Path) -> dict:
     m = FILENAME_RE.match(path.stem)
     if not m:
         return {}
+    try:
+        noise = float(m["noise"])
+    except ValueError:
+        return {}  # looks like the convention but is not: infer everything from the tensors
     return {"patch_size": int(m["patch"]), "channels": int(m["channels"]), "num_blocks": int(m["blocks"]),
-            "layers_per_block": int(m["layers"]), "noise_std": float(m["noise"])}
+            "layers_per_block": int(m["layers"]), "noise_std": noise}
 
 
 def config_from_state_dict(sd: dict, head_dim: int = 64, patch_size: int | None = None) -> dict:
     """Infer every config field the tensors determine. head_dim cannot be inferred (defaults to 64)."""
+    try:
+        return _infer_config(sd, head_dim, patch_size)
+    except (ValueError, IndexError, TypeError) as e:  # malformed key names or shapes
+        raise CheckpointError(f"not a TarFlow state dict: cannot read its layout ({e}); expected keys like "
+                              f"blocks.0.attn_blocks.0.attention.qkv.weight") from None
+
+
+def _infer_config(sd: dict, head_dim: int, patch_size: int | None) -> dict:
     def shape(key):
         if key not in sd:
             raise CheckpointError(f"missing key {key!r}: not a TarFlow state dict (found e.g. {sorted(sd)[:3]})")
@@ -146,10 +158,15 @@ def load_checkpoint(path: str | os.PathLike, config: TarFlowConfig | dict | None
             raise CheckpointError(f"{cfg_file}: not valid JSON: {e}") from None
         except Exception as e:  # safetensors raises its own SafetensorError on truncation
             raise CheckpointError(f"{weights}: not a readable safetensors file: {e}") from None
-        if "config" not in meta:
-            raise CheckpointError(f"{cfg_file}: expected a 'config' entry, found keys {sorted(meta)}")
-        inferred = config_from_state_dict(sd, meta["config"].get("head_dim", 64), meta["config"].get("patch_size"))
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+            raise CheckpointError(f"{cfg_file}: expected an object with a 'config' object, got "
+                                  f"{sorted(meta) if isinstance(meta, dict) else type(meta).__name__}")
         given = meta["config"]
+        for k, v in (config.to_dict() if isinstance(config, TarFlowConfig) else dict(config or {})).items():
+            if k in given and given[k] != v:
+                raise ConfigError(f"config {k}={v} contradicts the checkpoint's own config ({k}={given[k]}) "
+                                  f"in {cfg_file}")
+        inferred = config_from_state_dict(sd, given.get("head_dim", 64), given.get("patch_size"))
     else:
         sd = read_pth(path)
         from_name = config_from_filename(path)

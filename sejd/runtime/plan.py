@@ -115,10 +115,10 @@ def resolve_plan(plan: "str | os.PathLike | Plan", num_blocks: int, tau: float |
         except json.JSONDecodeError as e:
             raise PlanError(f"plan file {path} is not valid JSON: {e}") from None
     else:
-        plan = named_plan(str(plan), num_blocks, SJD_TAU if tau is None else tau)
+        plan = named_plan(str(plan), num_blocks, SJD_TAU)
     if tau is not None:
-        if tau < 0:
-            raise PlanError(f"tau must be >= 0, got {tau}")
+        if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not tau >= 0:
+            raise PlanError(f"tau must be a number >= 0, got {tau!r}")
         for b in plan.blocks:
             b.tau = tau
     return plan.validate(num_blocks)

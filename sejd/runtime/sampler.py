@@ -63,14 +63,19 @@ def validate_inputs(model: TarFlow, noise, labels):
         got = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
         raise InputError(f"noise must have shape (batch, {expected[0]}, {expected[1]}) "
                          f"(batch, tokens, token width), got {got}")
-    if not noise.is_floating_point():
-        raise InputError(f"noise must be a floating tensor, got {noise.dtype}")
+    if noise.dtype != torch.float32:
+        raise InputError(f"noise must be float32 (the model's dtype), got {noise.dtype}")
+    if noise.shape[0] < 1:
+        raise InputError("noise must hold at least one sample (batch >= 1), got batch 0")
     if not bool(torch.isfinite(noise).all()):
         bad = int((~torch.isfinite(noise)).sum())
         raise InputError(f"noise contains {bad} non-finite values (NaN or inf); expected finite Gaussian noise")
     if labels is None:
         return None
-    labels = torch.as_tensor(labels)
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"labels must be integers (a tensor, list or int), got {labels!r}") from None
     if labels.dim() == 0:
         labels = labels.expand(noise.shape[0])
     if labels.is_floating_point() or labels.dtype == torch.bool:
@@ -98,6 +103,13 @@ def sample(model: TarFlow, noise: torch.Tensor, labels=None, plan: "str | Plan" 
     `plan="reference"` runs ml-tarflow's own sampling loop instead (the speed baseline).
     """
     labels = validate_inputs(model, noise, labels)
+    if not isinstance(guide_what, str) or set(guide_what) - set("ab"):
+        raise InputError(f"guide_what must be made of 'a' and 'b', got {guide_what!r}")
+    for name, value in (("guidance", guidance), ("attn_temp", attn_temp)):
+        if not isinstance(value, (int, float)) or value != value:
+            raise InputError(f"{name} must be a number, got {value!r}")
+    if attn_temp <= 0:
+        raise InputError(f"attn_temp must be > 0, got {attn_temp}")
     if str(plan) == "reference":
         from sejd.runtime.reference import reference_sample
         result = reference_sample(model, noise, labels, guidance, guide_what, attn_temp, annealed_guidance,
@@ -122,7 +134,7 @@ def _sample_with_plan(model, noise, cond, plan, runners, keep_sequence, progress
     batch = noise.shape[0]
     with torch.no_grad():
         x = noise * model.var.sqrt()
-    sequence = [model.unpatchify(x)] if keep_sequence else None
+    sequence = [model.unpatchify(noise)] if keep_sequence else None  # ml-tarflow: the noise before scaling
     stats, started = [], time.perf_counter()
     for order, k in enumerate(reversed(range(cfg.num_blocks))):
         block, runner, bp = model.blocks[k], runners[k], plan.blocks[k]

@@ -160,3 +160,11 @@ def test_frozen_prefix_on_ort_matches_pytorch(bundle64, tau):
     if tau == 0:
         exact = sample(model, noise, plan="sequential", progress=False)
         torch.testing.assert_close(got.images, exact.images, atol=1e-4, rtol=0)
+
+
+def test_batch_above_the_bundles_batch_max_is_refused(built):
+    from sejd.runtime.runner import Conditioning
+    runner = ort_runners(built)[0]
+    limit = built.manifest["batch_max"]
+    with pytest.raises(InputError, match=f"exceeds the bundle's batch_max {limit}"):
+        runner.begin(limit + 1, Conditioning.build(limit + 1, 16))

@@ -157,12 +157,36 @@ def test_other_schema_version_is_refused(bundle, tmp_path):
         load_bundle(tmp_path)
 
 
-def test_export_refuses_to_overwrite_and_leaves_nothing_half_written(bundle, tmp_path):
+def test_export_refuses_to_overwrite_and_leaves_nothing_half_written(bundle, tmp_path, monkeypatch):
     with pytest.raises(SejdError, match="exists; pass --force"):
         export_bundle(bundle.path / "model", bundle.path)
     with pytest.raises(SejdError, match="unknown variants \\['magic'\\]"):
         export_bundle(bundle.path / "model", tmp_path / "b", variants=["magic"])
-    assert not (tmp_path / "b").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".b.")]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "important.txt").write_text("keep me")
+    with pytest.raises(SejdError, match="is not a sejd bundle"):
+        export_bundle(bundle.path / "model", tmp_path / "notes", force=True)
+    assert (tmp_path / "notes" / "important.txt").read_text() == "keep me"
+    # a failure after graphs were written: the temporary folder goes, the old bundle stays
+    old = tmp_path / "old"
+    shutil.copytree(bundle.path, old)
+    import sejd.export.exporter as exporter
+
+    def boom(*a, **k):
+        raise SejdError("simulated failure")
+    monkeypatch.setattr(exporter, "load_bundle", boom)
+    with pytest.raises(SejdError, match="simulated failure"):
+        export_bundle(bundle.path / "model", old, variants=["forward"], force=True)
+    monkeypatch.undo()
+    assert load_bundle(old).manifest == bundle.manifest
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_export_force_replaces_a_bundle(bundle, tmp_path):
+    old = tmp_path / "b"
+    shutil.copytree(bundle.path, old)
+    new = export_bundle(bundle.path / "model", old, variants=["forward"], force=True, show_progress=False)
+    assert new.variants() == ["forward"] and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_contract_validation_names_the_problem(bundle):

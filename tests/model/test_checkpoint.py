@@ -148,3 +148,26 @@ def test_unknown_paths_and_builtins(tmp_path):
         load_checkpoint(tmp_path / "nope.pth")
     with pytest.raises(CheckpointError, match="unknown builtin model 'nope'"):
         load_checkpoint("builtin:nope")
+
+
+def test_malformed_layouts_are_checkpoint_errors(tmp_path):
+    sd = make_model().state_dict()
+    sd["blocks.extra.foo"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match="cannot read its layout"):
+        load_checkpoint(tmp_path / "odd.pth")
+    torch.save({"blocks.0.pos_embed": torch.zeros(16, 64)}, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "partial.pth")
+    model = make_model()
+    torch.save(model.state_dict(), tmp_path / "toy_model_2_64_4_2_1-2.pth")  # not a number: not the convention
+    assert load_checkpoint(tmp_path / "toy_model_2_64_4_2_1-2.pth", config={"head_dim": 32}).noise_std == 0.0
+
+
+def test_config_contradicting_a_sejd_checkpoint_is_refused(tmp_path):
+    folder = save_checkpoint(make_model(), tmp_path / "ckpt")
+    with pytest.raises(ConfigError, match="head_dim=64 contradicts the checkpoint's own config"):
+        load_checkpoint(folder, config={"head_dim": 64})
+    (folder / "config.json").write_text('{"config": 5}')
+    with pytest.raises(CheckpointError, match="expected an object with a 'config' object"):
+        load_checkpoint(folder)

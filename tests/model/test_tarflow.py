@@ -69,6 +69,7 @@ def test_reverse_return_sequence_has_one_image_per_block(model):
     seq = model.reverse(z, return_sequence=True)
     assert len(seq) == model.config.num_blocks + 1
     torch.testing.assert_close(seq[-1], model.reverse(z))
+    torch.testing.assert_close(seq[0], model.unpatchify(z))  # as ml-tarflow: the noise before the prior scale
 
 
 def test_log_prob_is_minus_n_times_loss(model):

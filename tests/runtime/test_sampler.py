@@ -99,6 +99,14 @@ def test_bad_noise_and_labels_are_refused(model):
         sample(model, torch.randn(2, T, D), labels=torch.tensor([0, 1, 2]), progress=False)
     with pytest.raises(InputError, match="integers"):
         sample(model, torch.randn(2, T, D), labels=torch.tensor([0.5, 1.0]), progress=False)
+    with pytest.raises(InputError, match="integers"):
+        sample(model, torch.randn(2, T, D), labels="ab", progress=False)
+    with pytest.raises(InputError, match="must be float32.*float64"):
+        sample(model, torch.randn(2, T, D, dtype=torch.float64), progress=False)
+    with pytest.raises(InputError, match="batch >= 1"):
+        sample(model, torch.randn(0, T, D), progress=False)
+    with pytest.raises(InputError, match="guide_what"):
+        sample(model, torch.randn(1, T, D), plan="reference", guidance=1.0, guide_what="c", progress=False)
 
 
 def test_labels_on_unconditional_model_are_refused(uncond_model):
@@ -111,7 +119,7 @@ def test_bad_plans_are_refused(model, tmp_path):
     noise = torch.randn(1, model.config.num_tokens, model.config.token_dim)
     with pytest.raises(PlanError, match="unknown plan 'fast'"):
         sample(model, noise, plan="fast", progress=False)
-    with pytest.raises(PlanError, match="tau must be >= 0"):
+    with pytest.raises(PlanError, match="tau must be a number >= 0"):
         sample(model, noise, plan="sjd", tau=-1, progress=False)
     bad = named_plan("sjd", 4)
     bad.blocks[0].decoder = "magic"
