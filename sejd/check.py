@@ -153,7 +153,7 @@ def check_graphs(bundle: Bundle, backend: str, model, show_progress=True) -> lis
 
 
 def check_end_to_end(bundle: Bundle, runners, model, plans=END_TO_END_PLANS, batch: int = 4, seed: int = 0,
-                     show_progress=True, quality_plans=()) -> list[Check]:
+                     show_progress=True, quality_plans=(), engine_model=None) -> list[Check]:
     """Every plan: engine == PyTorch running the same plan (enforced), and quality against exact
     sequential decoding (enforced >= 40 dB only for `quality_plans`, e.g. the bundle's tuned plan)."""
     from sejd.runtime.sampler import sample
@@ -168,7 +168,7 @@ def check_end_to_end(bundle: Bundle, runners, model, plans=END_TO_END_PLANS, bat
     src = Source(model, runners, "", bundle)
     for plan in progress(plans, desc="check plans", enabled=show_progress):
         spec = src.plan("auto", batch) if plan == "auto" else plan
-        r = sample(model, noise, labels=labels, plan=spec, runners=runners, progress=False)
+        r = sample(engine_model or model, noise, labels=labels, plan=spec, runners=runners, progress=False)
         same = sample(model, noise, labels=labels, plan=spec, progress=False).images  # same plan on PyTorch
         iters = [b.iterations for b in r.stats.blocks]
         checks.append(Check(f"plan {plan}: engine vs PyTorch, same plan", psnr_db(r.images, same) >= PARITY_DB,
@@ -189,6 +189,8 @@ def check_bundle(bundle: Bundle, backend: str, plans=END_TO_END_PLANS, show_prog
     if (bundle.path / "plan.json").exists():
         plans.append("auto")  # the tuned plan is the default one: its quality bar is enforced
     checks = check_graphs(bundle, backend, model, show_progress) if backend.startswith("ort-") else []
-    checks += check_end_to_end(bundle, runners_for(bundle, backend), model, plans, show_progress=show_progress,
-                               quality_plans=("auto",))
+    runners = runners_for(bundle, backend)
+    engine_model = getattr(runners[0], "model", None)  # torch-cuda runners carry their own (device) model
+    checks += check_end_to_end(bundle, runners, model, plans, show_progress=show_progress,
+                               quality_plans=("auto",), engine_model=engine_model)
     return CheckReport(backend, checks)

@@ -37,7 +37,8 @@ def unavailable(backend: str) -> str | None:
             import tensorrt  # noqa: F401
         except ImportError:
             return "the tensorrt package is not installed (pip install 'sejd[tensorrt]' on a CUDA machine)"
-    return f"the {backend} runner is not implemented yet in this version of sejd"
+        return "the tensorrt runner is not implemented yet in this version of sejd"
+    return None  # torch-cuda
 
 
 def runners_for(bundle, backend: str, threads: int | None = None):
@@ -48,6 +49,9 @@ def runners_for(bundle, backend: str, threads: int | None = None):
         from sejd.runtime.torch_runner import torch_runners
         return torch_runners(bundle.load_model())
     reason = unavailable(backend)
+    if not reason and backend == "torch-cuda":
+        from sejd.engines.torch_graphs import graph_runners
+        return graph_runners(bundle.load_model().to("cuda"))
     if reason:
         raise BackendUnavailable(f"backend {backend} not available: {reason}")
     from sejd.engines.ort import ort_runners
@@ -62,4 +66,4 @@ def build_engines(bundle, backend: str, options):
         raise BackendUnavailable(f"backend {backend} not available: {reason}")
     if backend in PROVIDERS:
         return build_ort(bundle, backend, threads=getattr(options, "threads", None))
-    raise SejdError(f"backend {backend!r} needs no build step")
+    raise SejdError(f"backend {backend!r} needs no build step (it runs the bundle's PyTorch model directly)")

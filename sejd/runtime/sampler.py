@@ -103,6 +103,9 @@ def sample(model: TarFlow, noise: torch.Tensor, labels=None, plan: "str | Plan" 
     `plan="reference"` runs ml-tarflow's own sampling loop instead (the speed baseline).
     """
     labels = validate_inputs(model, noise, labels)
+    device = model.var.device  # sampling runs where the model is; images come back on the CPU
+    noise = noise.to(device)
+    labels = None if labels is None else labels.to(device)
     if not isinstance(guide_what, str) or set(guide_what) - set("ab"):
         raise InputError(f"guide_what must be made of 'a' and 'b', got {guide_what!r}")
     for name, value in (("guidance", guidance), ("attn_temp", attn_temp)):
@@ -115,7 +118,8 @@ def sample(model: TarFlow, noise: torch.Tensor, labels=None, plan: "str | Plan" 
         result = reference_sample(model, noise, labels, guidance, guide_what, attn_temp, annealed_guidance,
                                   progress=progress)
     else:
-        cond = Conditioning.build(noise.shape[0], model.config.num_tokens, labels, guidance, guide_what,
+        cond = Conditioning.build(noise.shape[0], model.config.num_tokens, None if labels is None else labels.cpu(),
+                                  guidance, guide_what,
                                   attn_temp, annealed_guidance)
         result = _sample_with_plan(model, noise, cond, resolve_plan(plan, model.config.num_blocks, tau),
                                    runners, keep_sequence, progress)
@@ -123,6 +127,7 @@ def sample(model: TarFlow, noise: torch.Tensor, labels=None, plan: "str | Plan" 
         t0 = time.perf_counter()
         result.images = self_denoise(model, result.images, labels)
         result.stats.denoise_seconds = time.perf_counter() - t0
+    result.images = result.images.cpu()
     return result
 
 
