@@ -75,7 +75,12 @@ def _sample(a):
         labels = torch.full((a.n,), a.label, dtype=torch.long)
     elif cfg.num_classes:
         labels = torch.arange(a.n) % cfg.num_classes
-    result = sample(src.model, noise, labels=labels, plan=src.plan(a.plan, a.n), tau=a.tau,
+    plan = src.plan(a.plan, a.n)
+    if a.per_sample and plan != "reference":
+        for b in plan.blocks:
+            if b.decoder == "jacobi":
+                b.variant, b.freeze, b.per_sample = "host", False, True
+    result = sample(src.model, noise, labels=labels, plan=plan, tau=a.tau,
                     guidance=a.guidance, denoise=a.denoise, runners=src.runners, progress=True)
     print(f"backend {src.backend}")
     print(result.stats.table())
@@ -185,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight")
     s.add_argument("--label", type=int, default=None, help="class label for conditional models (-1: unconditional)")
     s.add_argument("--denoise", action="store_true", help="apply TarFlow's self-denoising step")
+    s.add_argument("--per-sample", dest="per_sample", action="store_true",
+                   help="every Jacobi block stops per sample (what the service runs: results match it bit for bit)")
     s.add_argument("--out", default=None, help="PNG grid to write")
     s.add_argument("--npy", default=None, help="write the images (N, C, H, W) in [-1, 1] as .npy")
     s.add_argument("--json", default=None, help="write per-block statistics as JSON")

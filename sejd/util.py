@@ -66,8 +66,8 @@ class _NullBar:
         return False
 
 
-def save_grid(images, path: str | os.PathLike, nrow: int | None = None, scale: int = 1) -> Path:
-    """images (N, C, H, W) in [-1, 1] (torch or numpy) -> one PNG grid, written atomically."""
+def grid_image(images, nrow: int | None = None, scale: int = 1):
+    """images (N, C, H, W) in [-1, 1] (torch or numpy) -> one PIL image, 1 px gaps."""
     import numpy as np
     from PIL import Image
 
@@ -85,7 +85,20 @@ def save_grid(images, path: str | os.PathLike, nrow: int | None = None, scale: i
     img = Image.fromarray(arr[..., 0] if c == 1 else arr)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img
+
+
+def grid_png_bytes(images, nrow: int | None = None, scale: int = 1) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    grid_image(images, nrow, scale).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_grid(images, path: str | os.PathLike, nrow: int | None = None, scale: int = 1) -> Path:
+    """images (N, C, H, W) in [-1, 1] -> one PNG grid, written atomically."""
     path = Path(path)
     with atomic_write(path, binary=True) as tmp:
-        img.save(tmp, format="PNG")
+        grid_image(images, nrow, scale).save(tmp, format="PNG")
     return path

@@ -1,4 +1,5 @@
 import json
+import shutil
 import statistics
 
 import pytest
@@ -18,6 +19,7 @@ def tuned(tiny_bundle):
                 log=lambda *a: None)
     yield src, plan
     (tiny_bundle.path / "plan.json").unlink()
+    shutil.rmtree(tiny_bundle.path / "plans")
 
 
 def test_tuned_plan_meets_the_target_on_fresh_noise(tuned):
