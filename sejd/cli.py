@@ -115,6 +115,15 @@ def _tune(a):
           f"hold-out {m['holdout']['psnr_db']:.1f} dB (target {a.psnr} dB); wrote {out}")
 
 
+def _serve(a):
+    from sejd.serve.app import serve_forever
+
+    _positive(a.replicas, "--replicas")
+    _positive(a.max_batch, "--max-batch")
+    serve_forever(a.source, a.backend, a.replicas, a.max_batch, a.batch_wait_ms, a.host, a.port, a.deadline_s,
+                  a.address)
+
+
 def _bench(a):
     from sejd.bench import bench, plot, table
     from sejd.source import open_source
@@ -206,6 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--guidance", type=float, default=0.0)
     tu.add_argument("--out", default=None, help="plan file (default BUNDLE/plan.json)")
     tu.set_defaults(func=_tune)
+
+    sv = sub.add_parser("serve", help="serve sampling over HTTP on Ray Serve (POST /sample, GET /healthz, /metrics)")
+    sv.add_argument("source", help="bundle folder (engines), checkpoint or builtin:NAME")
+    sv.add_argument("--backend", default="auto")
+    sv.add_argument("--replicas", type=int, default=1)
+    sv.add_argument("--max-batch", dest="max_batch", type=int, default=16, help="requests batched together at most")
+    sv.add_argument("--batch-wait-ms", dest="batch_wait_ms", type=float, default=10.0)
+    sv.add_argument("--deadline-s", dest="deadline_s", type=float, default=60.0, help="per-request deadline (504)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
+    sv.set_defaults(func=_serve)
 
     be = sub.add_parser("bench", help="time every decoder side by side (warm-up, median of runs)")
     be.add_argument("source", help="bundle folder (engines), checkpoint or builtin:NAME (PyTorch)")
