@@ -115,6 +115,14 @@ def _tune(a):
           f"hold-out {m['holdout']['psnr_db']:.1f} dB (target {a.psnr} dB); wrote {out}")
 
 
+def _export_triton(a):
+    from sejd.serve.triton import export_triton
+
+    d = export_triton(a.bundle, a.out, name=a.name, backend=a.backend, plan=a.plan, max_batch=a.max_batch,
+                      instances=a.instances, queue_delay_us=a.queue_delay_us, force=a.force)
+    print(f"wrote Triton model {d} (tritonserver --model-repository {a.out})")
+
+
 def _serve(a):
     from sejd.serve.app import serve_forever
 
@@ -215,6 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--guidance", type=float, default=0.0)
     tu.add_argument("--out", default=None, help="plan file (default BUNDLE/plan.json)")
     tu.set_defaults(func=_tune)
+
+    tr = sub.add_parser("export-triton", help="write a Triton Inference Server model repository serving a bundle")
+    tr.add_argument("bundle")
+    tr.add_argument("-o", "--out", required=True, help="model repository folder")
+    tr.add_argument("--name", default=None, help="model name (default sejd_<bundle folder name>)")
+    tr.add_argument("--backend", default="ort-cpu", help="sejd backend inside Triton's Python backend")
+    tr.add_argument("--plan", default=None, help="served plan (default: the tuned plan, else sjd)")
+    tr.add_argument("--max-batch", dest="max_batch", type=int, default=16)
+    tr.add_argument("--instances", type=int, default=1)
+    tr.add_argument("--queue-delay-us", dest="queue_delay_us", type=int, default=10000)
+    tr.add_argument("--force", action="store_true")
+    tr.set_defaults(func=_export_triton)
 
     sv = sub.add_parser("serve", help="serve sampling over HTTP on Ray Serve (POST /sample, GET /healthz, /metrics)")
     sv.add_argument("source", help="bundle folder (engines), checkpoint or builtin:NAME")
