@@ -40,7 +40,8 @@ def build_app(source: str, backend: str = "auto", replicas: int = 1, max_batch: 
             return await asyncio.get_running_loop().run_in_executor(None, self.service.run_batch, requests)
 
         async def __call__(self, request):
-            path, method = request.url.path.rstrip("/") or "/", request.method
+            # routes are matched by their last segment, so the app can sit under any route prefix
+            path, method = "/" + request.url.path.rstrip("/").rsplit("/", 1)[-1], request.method
             if method == "GET" and path == "/healthz":
                 cfg = self.service.cfg
                 return JSONResponse({"status": "ok", "source": source, "backend": self.service.src.backend,
@@ -87,6 +88,12 @@ def serve_forever(source: str, backend: str = "auto", replicas: int = 1, max_bat
     import ray
     from ray import serve
 
+    import signal
+
+    def stop(signum, frame):  # SIGTERM (e.g. from a process manager) stops as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(source, backend, replicas, max_batch, batch_wait_ms, deadline_s), route_prefix="/")
@@ -97,3 +104,4 @@ def serve_forever(source: str, backend: str = "auto", replicas: int = 1, max_bat
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
+        ray.shutdown()

@@ -88,6 +88,17 @@ def test_an_engine_failure_is_a_500_and_the_replica_keeps_serving(server):
     assert status == 200 and body["n"] == 1
 
 
+def test_a_request_past_its_deadline_gets_504(server):
+    from ray import serve
+
+    from sejd.serve.app import build_app
+    port, bundle = server
+    serve.run(build_app(str(bundle), "ort-cpu", deadline_s=1e-4), name="hasty", route_prefix="/hasty")
+    status, body = call(port, "/hasty/sample", {"n": 8, "seed": 1, "plan": "sequential"})
+    assert status == 504 and body["field"] == "deadline"
+    assert call(port, "/sample", {"n": 1, "seed": 1, "plan": "sequential"})[0] == 200  # the other app is fine
+
+
 def test_healthz_and_metrics(server):
     port, _ = server
     status, health = call(port, "/healthz")
