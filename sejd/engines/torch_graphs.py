@@ -31,16 +31,24 @@ class GraphModuleRunner(BlockRunner):
         self.window = StepGraph(block, T, classes).eval()
         self.jacobi = JacobiGraph(block, T, classes).eval()
         self.has_classes = classes
+        self._state: dict = {}  # rows -> (caches, conditioning buffers, captured graphs)
 
     def begin(self, batch: int, cond: Conditioning) -> None:
+        """Buffers (caches, conditioning) and captured graphs are kept per row count and refilled in
+        place, so a graph captured once for a batch shape is replayed by every later batch of it."""
         dev, cfg = self.device, self.cfg
         self.batch = batch
-        shape = (cond.rows, cfg.num_heads, self.num_tokens, cfg.head_dim)
-        self.caches = [torch.zeros(shape, device=dev) for _ in range(2 * cfg.layers_per_block)]
         guidance = cond.guidance if cond.guidance is not None else torch.zeros(2, self.num_tokens)
-        self.cond = ([cond.labels.to(dev)] if self.has_classes else []) + \
-            [cond.temps.to(dev, torch.float32), guidance.to(dev, torch.float32)]
-        self.graphs: dict = {}  # captured CUDA graphs for this batch shape: name -> (graph, inputs, outputs)
+        values = ([cond.labels] if self.has_classes else []) + [cond.temps.float(), guidance.float()]
+        if cond.rows not in self._state:
+            shape = (cond.rows, cfg.num_heads, self.num_tokens, cfg.head_dim)
+            caches = [torch.zeros(shape, device=dev) for _ in range(2 * cfg.layers_per_block)]
+            self._state[cond.rows] = (caches, [v.to(dev).clone() for v in values], {})
+        self.caches, self.cond, self.graphs = self._state[cond.rows]
+        for cache in self.caches:
+            cache.zero_()
+        for buf, v in zip(self.cond, values):
+            buf.copy_(v)
 
     # eager bodies (also what gets captured)
     def _step(self, x_tok, pos):

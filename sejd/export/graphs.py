@@ -29,7 +29,7 @@ class BlockGraph(nn.Module):
 
     def rows(self, x, temps):
         """(B, n, D) -> (R, n, D): row r is sample r mod B."""
-        idx = torch.arange(temps.shape[0]) % x.shape[0]
+        idx = torch.arange(temps.shape[0], device=x.device) % x.shape[0]
         return x.index_select(0, idx)
 
     def class_term(self, labels):
@@ -65,10 +65,10 @@ class BlockGraph(nn.Module):
         Returns guided (xa, xb) and the caches with the window's keys/values written in.
         """
         B, n, _ = x.shape
-        positions = start + torch.arange(n)  # (n,)
+        positions = start + torch.arange(n, device=x.device)  # (n,)
         h = self.embed(x, positions, labels, temps)
         R = h.shape[0]
-        mask = torch.arange(self.T).view(1, -1) <= positions.view(-1, 1)  # (n, T): keys at or before the query
+        mask = torch.arange(self.T, device=x.device).view(1, -1) <= positions.view(-1, 1)  # (n, T): keys at or before the query
         index = positions.view(1, 1, n, 1).expand(R, self.H, n, self.hd)
         presents = []
         for layer, (past_k, past_v) in zip(self.block.attn_blocks, pasts):
@@ -101,7 +101,7 @@ class StepKVGraph(BlockGraph):
         B = x.shape[0]
         h = self.embed(x, pos.view(1), labels, temps)
         R = h.shape[0]
-        before = (torch.arange(self.T) < pos).view(1, 1, 1, -1)  # cached keys strictly before this token
+        before = (torch.arange(self.T, device=x.device) < pos).view(1, 1, 1, -1)  # cached keys strictly before this token
         news = []
         for layer, (past_k, past_v) in zip(self.block.attn_blocks, pasts):
             attn = layer.attention

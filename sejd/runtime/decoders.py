@@ -72,8 +72,10 @@ def jacobi(runner: BlockRunner, z: torch.Tensor, x0: torch.Tensor, tau: float, m
     last = torch.full((z.shape[0],), float("inf"))
     per_sample = None
     if freeze and variant == "host":
-        x, last, residuals = _jacobi_frozen_prefix(runner, z, x, tau, cap, bar)
+        x, last, residuals, all_final = _jacobi_frozen_prefix(runner, z, x, tau, cap, bar)
         iterations = len(residuals)
+        if all_final:  # every token is final (exact, or moved by < tau/10): nothing left to finish
+            return Decoded(x, iterations, residuals[-1], residuals, last_residual=last)
     elif cond is not None and variant == "host":
         x, last, residuals, per_sample = _jacobi_per_sample(runner, z, x, tau, cap, cond, bar)
         iterations = len(residuals)
@@ -137,6 +139,7 @@ def _jacobi_per_sample(runner, z, x, tau, cap, cond, bar):
     residuals: list[float] = []
     while len(residuals) < cap and len(active):
         x_a, res = runner.jacobi_iter(z[active], x[active])
+        res = res.cpu()  # bookkeeping on the host, whatever device the runner uses
         x[active], last[active] = x_a, res
         counts[active] += 1
         residuals.append(float(res.max()))
@@ -177,7 +180,7 @@ def _jacobi_frozen_prefix(runner, z, x, tau, cap, bar):
             break
         moving = torch.nonzero(change >= tau * FREEZE_RATIO)
         frozen += max(1, int(moving[0]) if len(moving) else T)
-    return x, last, residuals
+    return x, last, residuals, frozen >= T
 
 
 def segment_bounds(num_tokens: int, segments: int) -> list[tuple[int, int]]:

@@ -61,10 +61,12 @@ def build_app(source: str, backend: str = "auto", replicas: int = 1, max_batch: 
                     raise RequestError("body", f"larger than {MAX_BODY_BYTES} bytes", status=413)
                 try:
                     body = json.loads(raw or b"{}")
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise RequestError("body", f"not valid JSON ({e})") from None
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+                    raise RequestError("body", f"not valid JSON ({str(e)[:80]})") from None
                 req = self.service.parse(body)
                 result = await asyncio.wait_for(self.sample_batch(req), timeout=deadline_s)
+                if "error" in result:  # the engine batch it rode in failed
+                    raise RuntimeError(result["error"])
             except RequestError as e:
                 self.service.metrics.record_request(time.perf_counter() - t0, ok=False)
                 return JSONResponse(e.to_dict(), status_code=e.status)
@@ -74,8 +76,8 @@ def build_app(source: str, backend: str = "auto", replicas: int = 1, max_batch: 
                                     status_code=504)
             except Exception as e:  # an engine failure: report it, keep the replica serving
                 self.service.metrics.record_request(time.perf_counter() - t0, ok=False)
-                return JSONResponse({"error": f"sampling failed: {type(e).__name__}: {e}", "field": "engine"},
-                                    status_code=500)
+                message = str(e) if str(e).startswith("sampling failed") else f"sampling failed: {type(e).__name__}: {e}"
+                return JSONResponse({"error": message, "field": "engine"}, status_code=500)
             self.service.metrics.record_request(time.perf_counter() - t0)
             return JSONResponse(result)
 

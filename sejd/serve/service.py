@@ -50,9 +50,6 @@ class SampleRequest:
     plan: str = "auto"
     format: str = "base64"
 
-    def group_key(self):
-        """Requests with equal keys can share one engine batch."""
-        return (self.guidance, self.plan)
 
 
 def parse_request(body, num_classes: int, plans: tuple[str, ...], max_n: int = MAX_N) -> SampleRequest:
@@ -81,9 +78,13 @@ def parse_request(body, num_classes: int, plans: tuple[str, ...], max_n: int = M
         raise RequestError("label", f"expected -1..{num_classes - 1} (this model has {num_classes} classes), "
                                     f"got {label}" if num_classes else "this model is unconditional: omit label")
     guidance = body.get("guidance", 0.0)
-    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance) \
-            or guidance < 0:
-        raise RequestError("guidance", f"expected a finite number >= 0, got {guidance!r}")
+    try:
+        ok = isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and \
+            math.isfinite(guidance) and guidance >= 0
+    except OverflowError:  # an integer too large for a float
+        ok = False
+    if not ok:
+        raise RequestError("guidance", f"expected a finite number >= 0, got {str(guidance)[:40]}")
     plan = body.get("plan", "auto" if "auto" in plans else "sjd")  # default: the tuned plan when there is one
     if plan not in plans:
         raise RequestError("plan", f"unknown plan {plan!r}; expected one of {list(plans)}")
@@ -110,7 +111,9 @@ class SampleService:
     """Samples batches of requests on one Source (built once, e.g. per Ray Serve replica)."""
 
     def __init__(self, src: Source, max_n: int = MAX_N):
-        self.src, self.max_n = src, max_n
+        # one engine call never exceeds the bundle's batch_max: groups are split into chunks of it
+        self.batch_max = int(src.bundle.manifest.get("batch_max", max_n)) if src.bundle is not None else max_n
+        self.src, self.max_n = src, min(max_n, self.batch_max)
         self.cfg = src.model.config
         self.plan_names = tuple(p for p in NAMED_PLANS + ("auto",) if p != "auto" or src.tuned_plans())
         self._plans: dict = {}
@@ -120,44 +123,74 @@ class SampleService:
     def parse(self, body) -> SampleRequest:
         return parse_request(body, self.cfg.num_classes, self.plan_names, self.max_n)
 
-    def served_plan(self, name: str, batch: int) -> Plan:
-        """The named or tuned plan with per-sample stopping on every Jacobi block."""
-        key = (name, batch if name == "auto" else None)
+    def plan_key(self, req: SampleRequest):
+        """(plan name, tuned batch size): `auto` resolves by the request's own n, never by its batch-mates."""
+        if req.plan != "auto":
+            return (req.plan, None)
+        tuned = self.src.tuned_plans()
+        return ("auto", min(tuned, key=lambda b: (abs(b - req.n), -b)) if tuned else None)
+
+    def served_plan(self, key) -> Plan:
+        """The plan with per-sample stopping on every Jacobi block. GS-Jacobi blocks, which stop a
+        segment on the batch's largest residual, are served as per-sample Jacobi at the same tau."""
         if key not in self._plans:
+            name, batch = key
             plan = copy.deepcopy(self.src.plan(name, batch))
             for b in plan.blocks:
-                if b.decoder == "jacobi":
-                    b.variant, b.freeze, b.per_sample = "host", False, True
+                if b.decoder in ("jacobi", "gs-jacobi"):
+                    b.decoder, b.variant, b.freeze, b.per_sample, b.segments = "jacobi", "host", False, True, 1
             self._plans[key] = plan
         return self._plans[key]
 
     def run_batch(self, requests: list[SampleRequest]) -> list[dict]:
-        """Sample every request; requests sharing plan and guidance ride in one engine batch."""
+        """Sample every request; requests sharing plan and guidance ride in shared engine batches of at
+        most batch_max samples. A failing group fails only its own requests ({"error": ...})."""
         results: list = [None] * len(requests)
         groups = collections.defaultdict(list)
         for i, r in enumerate(requests):
-            groups[r.group_key()].append(i)
-        for (guidance, plan_name), idx in groups.items():
-            reqs = [requests[i] for i in idx]
-            noise = torch.cat([request_noise(r, self.cfg.num_tokens, self.cfg.token_dim) for r in reqs])
-            labels = None
-            if self.cfg.num_classes:
-                labels = torch.cat([request_labels(r, self.cfg.num_classes) for r in reqs])
-            t0 = time.perf_counter()
-            with self._lock:
-                out = sample(self.src.model, noise, labels=labels, guidance=guidance, runners=self.src.runners,
-                             plan=self.served_plan(plan_name, len(noise)), progress=False)
-            seconds = time.perf_counter() - t0
-            self.metrics.record_batch(len(noise), seconds, out.stats)
-            start = 0
-            for i, r in zip(idx, reqs):
-                images = out.images[start:start + r.n]
-                start += r.n
-                results[i] = {"n": r.n, "seed": r.seed, "plan": plan_name, "batch_size": len(noise),
-                              "seconds": seconds, **encode(images, r.format),
-                              "blocks": [{"block": b.block, "decoder": b.decoder, "iterations": b.iterations,
-                                          "seconds": b.seconds} for b in out.stats.blocks]}
+            groups[(r.guidance, self.plan_key(r))].append(i)
+        for (guidance, key), idx in groups.items():
+            for chunk in _chunks(idx, [requests[i].n for i in idx], self.batch_max):
+                try:
+                    self._run_group(requests, chunk, guidance, key, results)
+                except Exception as e:  # an engine or plan failure: these requests fail, the others go on
+                    for i in chunk:
+                        results[i] = {"error": f"sampling failed: {type(e).__name__}: {e}"}
         return results
+
+    def _run_group(self, requests, idx, guidance, key, results):
+        plan_name = key[0]
+        reqs = [requests[i] for i in idx]
+        noise = torch.cat([request_noise(r, self.cfg.num_tokens, self.cfg.token_dim) for r in reqs])
+        labels = None
+        if self.cfg.num_classes:
+            labels = torch.cat([request_labels(r, self.cfg.num_classes) for r in reqs])
+        t0 = time.perf_counter()
+        with self._lock:
+            out = sample(self.src.model, noise, labels=labels, guidance=guidance, runners=self.src.runners,
+                         plan=self.served_plan(key), progress=False)
+        seconds = time.perf_counter() - t0
+        self.metrics.record_batch(len(noise), seconds, out.stats)
+        start = 0
+        for i, r in zip(idx, reqs):
+            images = out.images[start:start + r.n]
+            start += r.n
+            results[i] = {"n": r.n, "seed": r.seed, "plan": plan_name, "batch_size": len(noise),
+                          "seconds": seconds, **encode(images, r.format),
+                          "blocks": [{"block": b.block, "decoder": b.decoder, "iterations": b.iterations,
+                                      "seconds": b.seconds} for b in out.stats.blocks]}
+
+
+def _chunks(idx: list[int], sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive runs of requests whose samples add up to at most `limit` (one request is <= limit)."""
+    chunks, current, total = [], [], 0
+    for i, n in zip(idx, sizes):
+        if current and total + n > limit:
+            chunks.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += n
+    return chunks + ([current] if current else [])
 
 
 def encode(images: torch.Tensor, fmt: str) -> dict:

@@ -67,6 +67,9 @@ class TritonPythonModel:
                     for resp in responses]
         images = {}
         for owner, res in zip(owners, results):
+            if "error" in res:  # the engine batch of this row failed: so does its request
+                responses[owner] = pb_utils.InferenceResponse(error=pb_utils.TritonError(res["error"]))
+                continue
             data = np.frombuffer(__import__("base64").b64decode(res["data"]), np.float32).reshape(res["shape"])
             images.setdefault(owner, []).append(data)
         for r in range(len(requests)):
@@ -132,7 +135,14 @@ def export_triton(bundle_path, out, name: str | None = None, backend: str = "ort
     bundle = load_bundle(bundle_path)
     cfg = bundle.config
     name = name or "sejd_" + re.sub(r"[^A-Za-z0-9_]", "_", Path(bundle_path).resolve().name)
-    plan = plan or ("auto" if (bundle.path / "plans").exists() or (bundle.path / "plan.json").exists() else "sjd")
+    from sejd.runtime.plan import NAMED_PLANS
+    from sejd.source import Source
+
+    tuned = Source(None, None, backend, bundle).tuned_plans()
+    plan = plan or ("auto" if tuned else "sjd")
+    if plan not in NAMED_PLANS and not (plan == "auto" and tuned):
+        raise SejdError(f"--plan must be one of {list(NAMED_PLANS)}" + (" or auto" if tuned else "") +
+                        f" (the plans the service serves), got {plan!r}")
     if max_batch < 1 or max_batch > int(bundle.manifest.get("batch_max", max_batch)):
         raise SejdError(f"max_batch must be 1..{bundle.manifest.get('batch_max')} (the bundle's batch_max), "
                         f"got {max_batch}")

@@ -151,3 +151,23 @@ def test_frozen_prefix_shrinks_the_window_every_iteration(monkeypatch):
     decoders.jacobi(counting, z, torch.zeros_like(z), tau=0.0, freeze=True)
     assert counting.tokens == sorted(counting.tokens, reverse=True) and len(set(counting.tokens)) == len(counting.tokens)
     assert counting.tokens[0] == 15
+
+
+class LastTokenMovesRunner:
+    """Every iteration leaves tokens alone except the last, which moves by 1.0 (T = 8)."""
+
+    num_tokens, token_dim = 8, 2
+
+    def jacobi_iter(self, z, x, start=1, end=None):
+        x_next = x.clone()
+        x_next[:, -1] += 1.0
+        return x_next, (x_next - x)[:, start:].abs().amax(dim=(1, 2))
+
+    def project(self, x, start):
+        return torch.zeros_like(x), torch.zeros_like(x)
+
+
+def test_frozen_prefix_reaching_the_end_is_converged_not_capped():
+    z = torch.zeros(1, 8, 2)
+    out = decoders.jacobi(LastTokenMovesRunner(), z, torch.zeros_like(z), tau=0.5, freeze=True)
+    assert out.converged and out.sequential_steps == 0 and out.iterations == 2

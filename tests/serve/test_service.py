@@ -62,3 +62,42 @@ def test_formats_and_metrics(service):
     assert np.load(io.BytesIO(base64.b64decode(npy["npy"]))).shape == (1, 3, 8, 8)
     m = service.metrics.to_dict()
     assert m["batch_size"]["batches"] >= 2 and set(m["iterations_per_block"]) == {"0", "1", "2", "3"}
+
+
+def test_auto_resolves_by_the_requests_own_n_and_gs_jacobi_is_served_per_sample(tiny_bundle, tmp_path):
+    import json
+    import shutil
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle.path, bundle)
+    (bundle / "plans").mkdir(exist_ok=True)
+    (bundle / "plans" / "batch-1.json").write_text(json.dumps({"blocks": [{"decoder": "sequential"}] * 4}))
+    (bundle / "plans" / "batch-4.json").write_text(json.dumps({"blocks": [{"decoder": "jacobi", "tau": 0.01}] * 4}))
+    service = SampleService(open_source(bundle, "ort-cpu"))
+    alone = service.run_batch([SampleRequest(n=1, seed=7, plan="auto")])[0]
+    mixed = service.run_batch([SampleRequest(n=1, seed=7, plan="auto"), SampleRequest(n=4, seed=2, plan="auto")])
+    assert np.array_equal(decode(alone), decode(mixed[0]))
+    assert [b["decoder"] for b in mixed[0]["blocks"]] == ["sequential"] * 4
+    assert [b["decoder"] for b in mixed[1]["blocks"]] == ["jacobi"] * 4
+    gs_alone = service.run_batch([SampleRequest(n=1, seed=3, plan="gs-jacobi")])[0]
+    gs_mixed = service.run_batch([SampleRequest(n=2, seed=9, plan="gs-jacobi"),
+                                  SampleRequest(n=1, seed=3, plan="gs-jacobi")])[1]
+    assert np.array_equal(decode(gs_alone), decode(gs_mixed))
+
+
+def test_groups_larger_than_batch_max_are_split_and_results_unchanged(service):
+    service.batch_max = 3  # pretend the bundle serves at most 3 samples per engine call
+    try:
+        reqs = [SampleRequest(n=2, seed=1, plan="sjd"), SampleRequest(n=2, seed=2, plan="sjd"),
+                SampleRequest(n=1, seed=3, plan="sjd")]
+        results = service.run_batch(reqs)
+        assert [r["batch_size"] for r in results] == [2, 3, 3]
+        alone = service.run_batch([SampleRequest(n=2, seed=2, plan="sjd")])[0]
+        assert np.array_equal(decode(results[1]), decode(alone))
+    finally:
+        service.batch_max = 64
+
+
+def test_huge_guidance_is_a_request_error(service):
+    with pytest.raises(RequestError) as e:
+        service.parse({"guidance": 10**400})
+    assert e.value.field == "guidance"

@@ -88,3 +88,9 @@ def test_export_triton_cli_refuses_overwrite_and_oversized_batches(repo, tiny_bu
     assert "exists; pass --force" in capsys.readouterr().err
     assert main(["export-triton", str(tiny_bundle.path), "-o", str(out), "--name", "big", "--max-batch", "999"]) == 2
     assert "max_batch must be 1..64" in capsys.readouterr().err
+
+
+def test_export_triton_refuses_a_plan_the_service_cannot_serve(tiny_bundle, tmp_path):
+    from sejd.errors import SejdError
+    with pytest.raises(SejdError, match="--plan must be one of"):
+        export_triton(tiny_bundle.path, tmp_path, name="x", plan="/tmp/myplan.json")
