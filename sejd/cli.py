@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 from sejd.errors import SejdError
@@ -54,7 +55,7 @@ def _train(a):
                         head_dim=a.head_dim, nvp=a.nvp, num_classes=shapes[2])
     train(a.dataset, cfg, a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, noise_std=a.noise_std,
           drop_label=a.drop_label, ema_decay=a.ema, seed=a.seed, threads=a.threads,
-          command="sejd " + " ".join(sys.argv[1:]))
+          command="sejd " + shlex.join(a.argv))
 
 
 def _sample(a):
@@ -314,7 +315,9 @@ def _variants():
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what this command was called with (recorded by `train`)
     try:
         args.func(args)
     except SejdError as e:
