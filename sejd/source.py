@@ -33,12 +33,7 @@ class Source:
         return plan
 
     def tuned_plans(self) -> dict[int, Path]:
-        if self.bundle is None:
-            return {}
-        plans = {int(p.stem.split("-")[1]): p for p in (self.bundle.path / "plans").glob("batch-*.json")}
-        if not plans and (self.bundle.path / "plan.json").exists():
-            plans[0] = self.bundle.path / "plan.json"
-        return plans
+        return tuned_plans(self.bundle)
 
     def tuned_plan(self, batch: int | None = None) -> str:
         plans = self.tuned_plans()
@@ -53,6 +48,16 @@ class Source:
     def default_plan(self, batch: int | None = None) -> str:
         """The bundle's tuned plan when there is one, else SJD."""
         return self.tuned_plan(batch) if self.tuned_plans() else "sjd"
+
+
+def tuned_plans(bundle) -> dict[int, Path]:
+    """The plans `sejd tune` wrote into a bundle, by the batch size they were tuned for (0: unknown)."""
+    if bundle is None:
+        return {}
+    plans = {int(p.stem.split("-")[1]): p for p in (bundle.path / "plans").glob("batch-*.json")}
+    if not plans and (bundle.path / "plan.json").exists():
+        plans[0] = bundle.path / "plan.json"
+    return plans
 
 
 def is_bundle(source) -> bool:

@@ -8,7 +8,6 @@ the previous step and writes the other pair, so caches are never copied or reall
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -57,8 +57,8 @@ def jacobi(runner: BlockRunner, z: torch.Tensor, x0: torch.Tensor, tau: float, m
 
     variant: "host" checks the residual after every iteration; "chunk" runs `chunk` iterations per
     engine call (jacobi_k) and checks between chunks; "loop" runs the whole loop in one engine call.
-    freeze (host only): tokens before the first one that still moves by >= tau are final; they stay
-    in the KV cache and later iterations only run the tokens after them.
+    freeze (host only): tokens before the first one that still moves by >= tau * FREEZE_RATIO are
+    final; they stay in the KV cache and later iterations only run the tokens after them.
     cond (host only): the batch's Conditioning; given, each sample stops on its own residual and
     leaves the batch, so a sample's result does not depend on the other samples in its batch.
     """

@@ -136,9 +136,9 @@ def export_triton(bundle_path, out, name: str | None = None, backend: str = "ort
     cfg = bundle.config
     name = name or "sejd_" + re.sub(r"[^A-Za-z0-9_]", "_", Path(bundle_path).resolve().name)
     from sejd.runtime.plan import NAMED_PLANS
-    from sejd.source import Source
+    from sejd.source import tuned_plans
 
-    tuned = Source(None, None, backend, bundle).tuned_plans()
+    tuned = tuned_plans(bundle)
     plan = plan or ("auto" if tuned else "sjd")
     if plan not in NAMED_PLANS and not (plan == "auto" and tuned):
         raise SejdError(f"--plan must be one of {list(NAMED_PLANS)}" + (" or auto" if tuned else "") +

@@ -2,7 +2,6 @@ import base64
 
 import numpy as np
 import pytest
-import torch
 
 from sejd.cli import main
 from sejd.serve.service import RequestError, SampleRequest, SampleService, parse_request
