@@ -24,11 +24,19 @@ def plans():
     per_sample = named_plan("ujd", 4, tau=0.01)
     for b in per_sample.blocks:
         b.per_sample = True
-    return ["sequential", "ujd", "sjd", "gs-jacobi", capped, frozen, per_sample]
+    looped = named_plan("sjd", 4, tau=1e-3)
+    for b in looped.blocks:
+        b.variant = "loop"  # sequential_loop (one captured graph per block) and jacobi_loop
+    chunked = named_plan("ujd", 4, tau=1e-3)
+    for b in chunked.blocks:
+        b.variant, b.chunk = "chunk", 3
+    return ["sequential", "ujd", "sjd", "gs-jacobi", capped, frozen, per_sample, looped, chunked]
 
 
-@pytest.mark.parametrize("plan", plans(), ids=["sequential", "ujd", "sjd", "gs-jacobi", "capped", "frozen",
-                                               "per-sample"])
+PLAN_IDS = ["sequential", "ujd", "sjd", "gs-jacobi", "capped", "frozen", "per-sample", "loop", "chunk"]
+
+
+@pytest.mark.parametrize("plan", plans(), ids=PLAN_IDS)
 @pytest.mark.parametrize("guidance", [0.0, 1.5])
 def test_graph_module_runner_matches_the_reference_runner(plan, guidance):
     model = make_model()
@@ -40,3 +48,23 @@ def test_graph_module_runner_matches_the_reference_runner(plan, guidance):
     assert got.images.device.type == "cpu"
     torch.testing.assert_close(got.images, ref.images, atol=1e-4, rtol=0)
     assert [b.iterations for b in got.stats.blocks] == [b.iterations for b in ref.stats.blocks]
+
+
+def test_runners_are_reused_across_batches_with_new_inputs():
+    """Static buffers and captured graphs are kept per batch shape: a second batch of the same shape,
+    and a batch of another shape, must each give their own reference result."""
+    model = make_model()
+    dev_model = make_model().to(DEVICE)
+    runners = graph_runners(dev_model)
+    plan = named_plan("sjd", 4, tau=1e-3)
+    for b in plan.blocks:
+        b.variant = "loop" if b.decoder == "sequential" else "chunk"
+    for batch, seed in ((2, 0), (2, 1), (3, 2), (2, 3)):
+        noise = torch.randn(batch, 16, 12, generator=torch.Generator().manual_seed(seed))
+        labels = torch.arange(batch) % 5
+        ref = sample(model, noise, labels=labels, plan=plan, progress=False)
+        got = sample(dev_model, noise, labels=labels, plan=plan, runners=runners, progress=False)
+        torch.testing.assert_close(got.images, ref.images, atol=1e-4, rtol=0)
+    if DEVICE == "cuda":  # one capture per (batch shape, graph), replayed by the later batches
+        assert set(runners[0]._state) == {2, 3}
+        assert {"sequential_loop", "jacobi_chunk8"} & set(runners[0]._state[2][2])
