@@ -171,9 +171,8 @@ def _build(a):
     from sejd.engines import build_engines
     from sejd.errors import SejdError
 
-    if a.backend != "tensorrt" and (a.precision != "fp32" or a.workspace is not None):
-        raise SejdError(f"--precision and --workspace apply to --backend tensorrt only; {a.backend} builds fp32 "
-                        f"engines from the bundle's fp32 graphs")
+    if a.backend != "tensorrt" and a.workspace is not None:
+        raise SejdError(f"--workspace applies to --backend tensorrt only, not {a.backend}")
     out = build_engines(load_bundle(a.bundle), a.backend, a)
     print(f"built {a.backend} engines in {out}")
 
@@ -277,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("bundle")
     b.add_argument("--backend", default="ort-cpu", help="ort-cpu | ort-cuda | ort-trt | tensorrt")
     b.add_argument("--threads", type=int, default=None, help="intra-op threads (ONNX Runtime)")
-    b.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="TensorRT precision")
+    b.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="fp16/bf16: weights and matrix products in that type, LayerNorm/softmax/exp in fp32")
     b.add_argument("--workspace", type=int, default=None, help="TensorRT workspace in MiB")
     b.set_defaults(func=_build)
 

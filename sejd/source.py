@@ -74,19 +74,22 @@ def open_source(source: str | os.PathLike, backend: str = "auto", threads: int |
         bundle = load_bundle(source)
         backend = "ort-cpu" if backend == "auto" else backend
         runners = runners_for(bundle, backend, threads)
-        model = runners[0].model if backend == "torch-cuda" else bundle.load_model()
+        model = getattr(runners[0], "model", None)  # GPU runners carry their model, on the device
+        model = bundle.load_model() if model is None else model
         return Source(model, None if backend == "torch" else runners, backend, bundle)
+    from sejd.engines import split_backend
     from sejd.model.checkpoint import load_checkpoint
 
-    if backend == "torch-cuda":
+    name, precision = ("auto", "fp32") if backend == "auto" else split_backend(backend)
+    if name == "torch-cuda":
         from sejd.engines import unavailable
         from sejd.engines.ort import BackendUnavailable
         from sejd.engines.torch_graphs import graph_runners
         reason = unavailable(backend)
         if reason:
-            raise BackendUnavailable(f"backend torch-cuda not available: {reason}")
+            raise BackendUnavailable(f"backend {backend} not available: {reason}")
         model = load_checkpoint(source, config=config).to("cuda")
-        return Source(model, graph_runners(model), backend)
+        return Source(model, graph_runners(model, precision=precision), backend)
     if backend not in ("auto", "torch"):
         raise SejdError(f"backend {backend!r} runs exported engines: export the checkpoint first "
                         f"(`sejd export {source} -o BUNDLE && sejd build BUNDLE --backend {backend}`), "

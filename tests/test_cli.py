@@ -80,5 +80,5 @@ def test_bad_cli_values_are_one_line_errors(ml_tarflow_pth, capsys, args, messag
 
 
 def test_build_options_for_another_backend_are_refused(tiny_bundle, capsys):
-    assert main(["build", str(tiny_bundle.path), "--backend", "ort-cpu", "--precision", "fp16"]) == 2
-    assert "apply to --backend tensorrt only" in capsys.readouterr().err
+    assert main(["build", str(tiny_bundle.path), "--backend", "ort-cpu", "--workspace", "64"]) == 2
+    assert "--workspace applies to --backend tensorrt only" in capsys.readouterr().err

@@ -2,6 +2,9 @@
 
 GPU backends import their packages only when used, so `import sejd` works everywhere; where a
 backend cannot run, `unavailable(backend)` says why in one sentence.
+
+A backend is named `NAME` or, for torch-cuda, `NAME:PRECISION` (`torch-cuda:bf16`); engine backends
+(ort-*, tensorrt) take their precision from `sejd build --precision`, recorded with the engines.
 """
 
 from __future__ import annotations
@@ -9,6 +12,22 @@ from __future__ import annotations
 from sejd.errors import SejdError
 
 BACKENDS = ("torch", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "torch-cuda")
+ENGINE_BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt")  # need `sejd build`
+
+
+def split_backend(spec: str) -> tuple[str, str]:
+    """'torch-cuda:bf16' -> ('torch-cuda', 'bf16'); a plain name -> (name, 'fp32')."""
+    from sejd.export.graphs import precision_dtype
+
+    name, _, precision = str(spec).partition(":")
+    if name not in BACKENDS:
+        raise SejdError(f"unknown backend {spec!r}; expected one of {BACKENDS} (torch-cuda may carry a "
+                        f"precision: torch-cuda:fp16, torch-cuda:bf16)")
+    if precision and name != "torch-cuda":
+        raise SejdError(f"backend {spec!r}: only torch-cuda takes a precision suffix; engine backends are built "
+                        f"at a precision (sejd build BUNDLE --backend {name} --precision {precision})")
+    precision_dtype(precision or "fp32")  # validates the suffix
+    return name, precision or "fp32"
 
 
 def cuda_device_reason() -> str | None:
@@ -22,48 +41,67 @@ def cuda_device_reason() -> str | None:
 
 
 def unavailable(backend: str) -> str | None:
-    if backend not in BACKENDS:
-        raise SejdError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "torch":
+    name, _ = split_backend(backend)
+    if name == "torch":
         return None
-    if backend.startswith("ort-"):
+    if name.startswith("ort-"):
         from sejd.engines.ort import unavailable_reason
-        return unavailable_reason(backend)
+        return unavailable_reason(name)
     reason = cuda_device_reason()
     if reason:
         return reason
-    if backend == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            return "the tensorrt package is not installed (pip install 'sejd[tensorrt]' on a CUDA machine)"
-        return "the tensorrt runner is not implemented yet in this version of sejd"
+    if name == "tensorrt":
+        from sejd.engines.tensorrt import unavailable_reason
+        return unavailable_reason()
     return None  # torch-cuda
+
+
+def _require(backend: str) -> None:
+    from sejd.engines.ort import BackendUnavailable
+
+    reason = unavailable(backend)
+    if reason:
+        raise BackendUnavailable(f"backend {backend} not available: {reason}")
 
 
 def runners_for(bundle, backend: str, threads: int | None = None):
     """One BlockRunner per block of `bundle` on `backend` (engines must have been built)."""
-    from sejd.engines.ort import BackendUnavailable
-
-    if backend == "torch":
+    name, precision = split_backend(backend)
+    if name == "torch":
         from sejd.runtime.torch_runner import torch_runners
         return torch_runners(bundle.load_model())
-    reason = unavailable(backend)
-    if not reason and backend == "torch-cuda":
+    _require(backend)
+    if name == "torch-cuda":
         from sejd.engines.torch_graphs import graph_runners
-        return graph_runners(bundle.load_model().to("cuda"))
-    if reason:
-        raise BackendUnavailable(f"backend {backend} not available: {reason}")
+        return graph_runners(bundle.load_model().to("cuda"), precision=precision)
+    if name == "tensorrt":
+        from sejd.engines.tensorrt import trt_runners
+        return trt_runners(bundle)
     from sejd.engines.ort import ort_runners
-    return ort_runners(bundle, backend, threads)
+    return ort_runners(bundle, name, threads)
 
 
 def build_engines(bundle, backend: str, options):
-    from sejd.engines.ort import PROVIDERS, BackendUnavailable, build_ort
+    """`sejd build`: engines for an engine backend; options: precision, threads, workspace (MiB)."""
+    name, _ = split_backend(backend)
+    if name not in ENGINE_BACKENDS:
+        raise SejdError(f"backend {backend!r} needs no build step (it runs the bundle's PyTorch model directly)")
+    _require(name)
+    precision = getattr(options, "precision", None) or "fp32"
+    if name == "tensorrt":
+        from sejd.engines.tensorrt import build_trt
+        return build_trt(bundle, precision=precision, workspace_mib=getattr(options, "workspace", None))
+    from sejd.engines.ort import build_ort
+    return build_ort(bundle, name, threads=getattr(options, "threads", None), precision=precision)
 
-    reason = unavailable(backend)
-    if reason:
-        raise BackendUnavailable(f"backend {backend} not available: {reason}")
-    if backend in PROVIDERS:
-        return build_ort(bundle, backend, threads=getattr(options, "threads", None))
-    raise SejdError(f"backend {backend!r} needs no build step (it runs the bundle's PyTorch model directly)")
+
+def engine_precision(bundle, backend: str) -> str:
+    """The precision the backend computes in: the build's for engine backends, the suffix for torch-cuda."""
+    name, precision = split_backend(backend)
+    if name not in ENGINE_BACKENDS:
+        return precision
+    import json
+
+    from sejd.engines.ort import engine_dir
+    manifest = engine_dir(bundle, name) / "manifest.json"
+    return json.loads(manifest.read_text()).get("precision", "fp32") if manifest.exists() else "fp32"

@@ -26,6 +26,36 @@ PROVIDERS = {
 }
 
 
+GPU_BACKENDS = ("ort-cuda", "ort-trt")
+
+
+def _shape_string(shapes: dict, which: int) -> str:
+    return ",".join(f"{name}:{'x'.join(map(str, s[which]))}" for name, s in shapes.items())
+
+
+def providers(bundle: Bundle, backend: str, variant: str | None = None) -> list:
+    """Execution providers with their options. ort-trt: explicit optimisation profiles (batch 1..batch_max,
+    tuned for batch 1), engine and timing caches kept in the bundle (engines/ort-trt/trt_cache)."""
+    if backend == "ort-cpu":
+        return PROVIDERS[backend]
+    cuda = ("CUDAExecutionProvider", {"device_id": "0"})
+    if backend == "ort-cuda":
+        return [cuda]
+    from sejd.engines.tensorrt import profile_shapes
+
+    cache = str(engine_dir(bundle, backend) / "trt_cache")
+    trt = {"device_id": "0", "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
+           "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache}
+    if variant is not None:
+        c = contract(bundle.config, variant, bundle.unroll)
+        shapes = profile_shapes(c, int(bundle.manifest.get("batch_max", 64)), 1, bundle.config.num_tokens)
+        if shapes:
+            trt.update({"trt_profile_min_shapes": _shape_string(shapes, 0),
+                        "trt_profile_opt_shapes": _shape_string(shapes, 1),
+                        "trt_profile_max_shapes": _shape_string(shapes, 2)})
+    return [("TensorrtExecutionProvider", trt), cuda]
+
+
 SINGLE_TOKEN_VARIANTS = ("step", "step_kv", "sequential_loop")
 SMALL_PASS_TOKENS = 2048  # rows x tokens up to which a parallel pass runs faster on one CPU thread
 
@@ -68,25 +98,45 @@ def engine_dir(bundle: Bundle, backend: str) -> Path:
     return bundle.path / "engines" / backend
 
 
-def build_ort(bundle: Bundle, backend: str, threads: int | None = None, show_progress: bool = True) -> Path:
-    """Optimise every graph for `backend` and save the optimised models plus an engine manifest."""
+def build_ort(bundle: Bundle, backend: str, threads: int | None = None, show_progress: bool = True,
+              precision: str = "fp32") -> Path:
+    """Optimise every graph for `backend` and save the optimised models plus an engine manifest.
+    `precision` fp16/bf16: built from reduced-precision exports of the bundle's model (export/precision.py)."""
+    import tempfile
+
     import onnxruntime as ort
+
+    from sejd.export.precision import precision_graphs
 
     reason = unavailable_reason(backend)
     if reason:
         raise BackendUnavailable(f"backend {backend} not available: {reason}")
     out = engine_dir(bundle, backend)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # engines are invalid until the new manifest lands
     files = {}
-    for g in progress(bundle.manifest["graphs"], desc=f"build {backend}", enabled=show_progress):
-        target = out / g["file"]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(target, binary=True) as tmp:
-            ort.InferenceSession(str(bundle.path / g["file"]), session_options(threads, Path(tmp)),
-                                 providers=PROVIDERS[backend])
-        files[g["file"]] = sha256_file(target)
-    manifest = {"backend": backend, "bundle_manifest_sha256": bundle.manifest_sha256,
-                "onnxruntime": ort.__version__, "providers": PROVIDERS[backend], "files": files,
+    with tempfile.TemporaryDirectory(prefix=".onnx-", dir=out) as scratch:
+        sources = precision_graphs(bundle, precision, Path(scratch), show_progress)
+        for g in progress(bundle.manifest["graphs"], desc=f"build {backend} {precision}", enabled=show_progress):
+            target = out / g["file"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(target, binary=True) as tmp:
+                try:
+                    if backend == "ort-trt":  # nodes compiled by TensorRT cannot be saved: keep the ONNX and
+                        Path(tmp).write_bytes(Path(sources[g["file"]]).read_bytes())  # fill the engine cache
+                        (out / "trt_cache").mkdir(exist_ok=True)
+                        ort.InferenceSession(tmp, session_options(threads),
+                                             providers=providers(bundle, backend, g["variant"]))
+                    else:
+                        ort.InferenceSession(str(sources[g["file"]]), session_options(threads, Path(tmp)),
+                                             providers=providers(bundle, backend, g["variant"]))
+                except Exception as e:  # e.g. no bf16 kernels on the CPU provider
+                    raise SejdError(f"onnxruntime {ort.__version__} cannot build the {precision} {g['variant']} "
+                                    f"graph for {backend}: {str(e).splitlines()[0]}") from None
+            files[g["file"]] = sha256_file(target)
+    manifest = {"backend": backend, "bundle_manifest_sha256": bundle.manifest_sha256, "precision": precision,
+                "onnxruntime": ort.__version__, "providers": [p if isinstance(p, str) else p[0] for p in
+                                                              providers(bundle, backend)], "files": files,
                 "settings": {"graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "sequential",
                              "intra_op_num_threads": threads or "default", "inter_op_num_threads": 1}}
     with atomic_write(out / "manifest.json") as tmp:
@@ -138,7 +188,7 @@ class OrtSessions:
             path = engine_dir(self.bundle, self.backend) / rel
             # already optimised at build time: do not optimise again
             self._sessions[key] = ort.InferenceSession(str(path), session_options(threads, level="none"),
-                                                       providers=PROVIDERS[self.backend])
+                                                       providers=providers(self.bundle, self.backend, variant))
         return self._sessions[key]
 
 
@@ -271,6 +321,61 @@ class OrtBlockRunner(BlockRunner):
         return torch.from_numpy(self._run("sequential_loop", {"z": z.numpy()})["x"])
 
 
-def ort_runners(bundle: Bundle, backend: str = "ort-cpu", threads: int | None = None) -> list[OrtBlockRunner]:
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
+
+
+class OrtTensorCall:
+    """One session as a callable over torch tensors in contract order -> output tensors, bound with IO
+    binding to the tensors' own memory: on a CUDA provider inputs and outputs never leave the device.
+
+    The contract is checked once per input signature, before the backend runs. ONNX Runtime runs on
+    its own CUDA stream, so PyTorch's stream is synchronised before each call (ORT synchronises its
+    own at the end of a run)."""
+
+    def __init__(self, session, c):
+        self.session, self.c = session, c
+        self._dims: dict = {}
+
+    def __call__(self, *inputs):
+        inputs = [t.contiguous() for t in inputs]
+        signature = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        if signature not in self._dims:
+            self._dims[signature] = self.c.validate(dict(zip(self.c.input_names, inputs)))
+        dims, dev = self._dims[signature], inputs[0].device
+        outputs = [torch.empty(spec.resolve(dims), dtype=getattr(torch, spec.dtype), device=dev) for spec in self.c.outputs]
+        binding = self.session.io_binding()
+        index = dev.index or 0
+        for name, t in zip(self.c.input_names, inputs):
+            binding.bind_input(name, dev.type, index, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
+        for spec, o in zip(self.c.outputs, outputs):
+            binding.bind_output(spec.name, dev.type, index, _NUMPY[o.dtype], tuple(o.shape), o.data_ptr())
+        if dev.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        self.session.run_with_iobinding(binding)
+        return tuple(outputs)
+
+
+def ort_tensor_runners(bundle: Bundle, backend: str, device: str, threads: int | None = None):
+    """Block runners whose KV caches and iterates live on `device` ("cuda" for ort-cuda/ort-trt; "cpu"
+    runs the same code on ort-cpu in the tests), over OrtTensorCall. CUDA graphs are not captured
+    around ONNX Runtime calls: ORT launches its work on its own stream."""
+    import functools
+
+    from sejd.engines.torch_graphs import EngineBlockRunner
+
+    sessions = OrtSessions(bundle, backend, threads)
+    model = bundle.load_model().to(device)
+
+    @functools.lru_cache(maxsize=None)
+    def call(variant, k):
+        return OrtTensorCall(sessions.get(variant, k), contract(bundle.config, variant, bundle.unroll))
+
+    return [EngineBlockRunner(lambda v, k=k: call(v, k), bundle.variants(), bundle.unroll, model, k, cuda_graphs=False)
+            for k in range(bundle.config.num_blocks)]
+
+
+def ort_runners(bundle: Bundle, backend: str = "ort-cpu", threads: int | None = None):
+    if backend in GPU_BACKENDS:
+        return ort_tensor_runners(bundle, backend, "cuda", threads)
     sessions = OrtSessions(bundle, backend, threads)
     return [OrtBlockRunner(sessions, k) for k in range(bundle.config.num_blocks)]

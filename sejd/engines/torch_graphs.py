@@ -21,22 +21,31 @@ import os
 
 import torch
 
-from sejd.export.graphs import JacobiGraph, StepGraph, StepKVGraph
+from sejd.export.graphs import JacobiGraph, StepGraph, StepKVGraph, precision_dtype
 from sejd.model.tarflow import TarFlow
 from sejd.runtime.runner import BlockRunner, Conditioning, affine
 
 
 class GraphModuleRunner(BlockRunner):
-    def __init__(self, model: TarFlow, k: int, cuda_graphs: bool):
+    """One block: `step_kv`, `window` and `jacobi` are callables with their graph contract's signature
+    (device tensors in, device tensors out): the graph modules here, TensorRT engines in
+    `sejd.engines.tensorrt`, which reuses everything else (caches, capture, fused operations)."""
+
+    def __init__(self, model: TarFlow, k: int, cuda_graphs: bool, dtype: torch.dtype = torch.float32,
+                 calls: dict | None = None):
         cfg = model.config
         self.model = model
         block, T, classes = model.blocks[k], cfg.num_tokens, bool(cfg.num_classes)
         self.num_tokens, self.token_dim, self.cfg = T, cfg.token_dim, cfg
         self.device = block.pos_embed.device
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.step_kv = StepKVGraph(block, T, classes).eval()
-        self.window = StepGraph(block, T, classes).eval()
-        self.jacobi = JacobiGraph(block, T, classes).eval()
+        self.dtype = dtype  # of weights and matrix products; caches and tokens stay float32 (see graphs.py)
+        if calls is None:
+            calls = {"step_kv": StepKVGraph(block, T, classes, dtype=dtype).eval(),
+                     "window": StepGraph(block, T, classes, dtype=dtype).eval(),
+                     "jacobi": JacobiGraph(block, T, classes, dtype=dtype).eval()}
+        self.step_kv, self.window, self.jacobi = calls["step_kv"], calls["window"], calls["jacobi"]
+        self.jacobi_k = calls.get("jacobi_k")  # (unroll, callable): k Jacobi passes in one call, if any
         self.has_classes = classes
         self.positions = torch.arange(T, device=self.device)  # positions[i]: a 0-d device view, no host copy
         self._state: dict = {}  # rows -> (caches, conditioning buffers, captured graphs)
@@ -69,6 +78,9 @@ class GraphModuleRunner(BlockRunner):
         return self.jacobi(z, x, *self.cond)
 
     def _jacobi_k(self, z, x, k):
+        if self.jacobi_k is not None and self.jacobi_k[0] == k:
+            x, _, residuals = self.jacobi_k[1](z, x, *self.cond)
+            return x, residuals
         residuals = []
         for _ in range(k):
             x, res = self.jacobi(z, x, *self.cond)
@@ -130,9 +142,66 @@ class GraphModuleRunner(BlockRunner):
         return self._replay("sequential_loop", self._sequential, (z.to(self.device),))[0]
 
 
-def graph_runners(model: TarFlow, cuda_graphs: bool | None = None) -> list[GraphModuleRunner]:
+class EngineBlockRunner(GraphModuleRunner):
+    """The device runner over engine callables: `call(variant)` gives a callable with the variant's
+    graph contract (device tensors in and out). Used by TensorRT and ONNX Runtime's GPU providers."""
+
+    def __init__(self, call, exported, unroll: int, model: TarFlow, k: int, cuda_graphs: bool):
+        from sejd.bundle import BundleError
+
+        missing = {"step_kv", "window", "jacobi"} - set(exported)
+        if missing:
+            raise BundleError(f"GPU engine runners need the {sorted(missing)} graphs; re-export the bundle")
+        calls = {v: call(v) for v in ("step_kv", "window", "jacobi")}
+        if "jacobi_k" in exported:
+            calls["jacobi_k"] = (unroll, call("jacobi_k"))
+        super().__init__(model, k, cuda_graphs, calls=calls)
+        self.call, self.exported = call, set(exported)
+
+    @torch.no_grad()
+    def jacobi_loop(self, z, x, tau, cap):
+        if "jacobi_loop" not in self.exported:
+            return super().jacobi_loop(z, x, tau, cap)
+        dev = self.device
+        x, residual, iterations = self.call("jacobi_loop")(
+            z.to(dev), x.to(dev), torch.tensor(float(tau), device=dev), torch.tensor(int(cap), device=dev), *self.cond)
+        return x, residual, int(iterations)
+
+    @torch.no_grad()
+    def sequential_loop(self, z):
+        if "sequential_loop" not in self.exported:
+            return super().sequential_loop(z)
+        return self.call("sequential_loop")(z.to(self.device), *self.cond)[0]
+
+
+def cuda_graphs_default() -> bool:
+    return os.environ.get("SEJD_CUDA_GRAPHS", "1") != "0"
+
+
+MODULE_VARIANTS = ("step", "step_kv", "window", "jacobi", "jacobi_k")  # what `sejd check` compares per graph
+
+
+def module_runner(model: TarFlow, k: int, c, precision: str = "fp32"):
+    """A Polygraphy runner evaluating contract `c` with the graph module on the model's device."""
+    import numpy as np
+
+    from sejd.check import callable_runner
+    from sejd.export.graphs import graph_module
+
+    module = graph_module(model, k, c.variant, c.unroll, precision_dtype(precision))
+    device = model.var.device
+
+    @torch.no_grad()
+    def run(feeds):
+        out = module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device) for n in c.input_names])
+        return {name: o.cpu().numpy() for name, o in zip(c.output_names, out)}
+
+    return callable_runner(f"torch[{c.variant}, {precision}]", c, run)
+
+
+def graph_runners(model: TarFlow, cuda_graphs: bool | None = None, precision: str = "fp32") -> list[GraphModuleRunner]:
     """One runner per block. CUDA graphs are on unless `cuda_graphs=False` or SEJD_CUDA_GRAPHS=0
-    (eager CUDA: what the graphs save is measured against it)."""
-    if cuda_graphs is None:
-        cuda_graphs = os.environ.get("SEJD_CUDA_GRAPHS", "1") != "0"
-    return [GraphModuleRunner(model, k, cuda_graphs) for k in range(model.config.num_blocks)]
+    (eager CUDA: what the graphs save is measured against it). `precision`: fp32, fp16 or bf16."""
+    cuda_graphs = cuda_graphs_default() if cuda_graphs is None else cuda_graphs
+    dtype = precision_dtype(precision)
+    return [GraphModuleRunner(model, k, cuda_graphs, dtype) for k in range(model.config.num_blocks)]

@@ -21,7 +21,7 @@ from sejd.model.checkpoint import load_checkpoint, save_checkpoint
 from sejd.util import progress
 
 
-def _check(model: onnx.ModelProto, what: str) -> None:
+def check_onnx(model: onnx.ModelProto, what: str) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:  # onnx raises ValidationError / InferenceError
@@ -55,7 +55,7 @@ def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = D
         for k, v in progress(jobs, desc="export", enabled=show_progress):
             onnx_model = export_forward(model, opset) if v == "forward" else \
                 export_block_variant(model, k, v, unroll, opset)
-            _check(onnx_model, f"{v} of block {k}")
+            check_onnx(onnx_model, f"{v} of block {k}")
             rel = "forward.onnx" if k is None else f"blocks/{k}/{v}.onnx"
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             onnx.save_model(onnx_model, tmp / rel)

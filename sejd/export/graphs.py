@@ -4,11 +4,18 @@ What makes them exportable: static token counts, a fixed-size KV cache written w
 explicit position tensor and read through a position mask (no data-dependent slicing), CFG rows
 selected by index arithmetic (rows = R = B or 2B, cond rows first), and the class term computed in
 the graph from int64 labels (-1 = unconditional), so one graph serves every kind of batch.
+
+Precision: every module takes a `dtype`. In float16/bfloat16 the weights and matrix products run in
+that type while LayerNorm, the softmax and `exp` stay in float32 (their ranges overflow or lose too
+much in half precision); the graph's inputs and outputs, caches included, stay float32, so every
+variant keeps one contract whatever its precision (the casts sit at the graph's edges).
 The loop variants (`jacobi_loop`, `sequential_loop`) wrap the bodies defined here in an ONNX `Loop`
 (see `loops.py`).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +24,43 @@ from torch import nn
 from sejd.model.tarflow import MetaBlock, TarFlow
 
 
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    from sejd.errors import SejdError
+
+    if precision not in PRECISIONS:
+        raise SejdError(f"unknown precision {precision!r}; expected one of {tuple(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def reduced_block(block: MetaBlock, dtype: torch.dtype) -> MetaBlock:
+    """A copy of `block` with its weights in `dtype` and its LayerNorms kept in float32."""
+    if dtype == torch.float32:
+        return block
+    reduced = copy.deepcopy(block).to(dtype)
+    for m in reduced.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.float()
+    return reduced
+
+
+def attend(q, k, v, mask, scale):
+    """Attention over keys allowed by `mask` (bool, broadcast to the scores); softmax in float32."""
+    if q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = (q @ k.transpose(-1, -2)).float() * scale  # (R, H, n, keys)
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).type(q.dtype) @ v
+
+
 class BlockGraph(nn.Module):
     """One block in its own token order, with the pieces every variant shares."""
 
-    def __init__(self, block: MetaBlock, num_tokens: int):
+    def __init__(self, block: MetaBlock, num_tokens: int, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.block, self.T = block, num_tokens
+        block = reduced_block(block, dtype)
+        self.block, self.T, self.dtype = block, num_tokens, dtype
         attn = block.attn_blocks[0].attention
         self.H, self.hd = attn.num_heads, block.pos_embed.shape[1] // attn.num_heads
         self.register_buffer("pos", block.permute(block.pos_embed.detach(), dim=0).clone())  # (T, C)
@@ -36,7 +74,9 @@ class BlockGraph(nn.Module):
         return None if labels is None else self.block.class_term(labels)
 
     def guide(self, xa, xb, w, batch):
-        """(R, n, D) params -> guided (B, n, D): c + w*(c - u). With R == B, c and u are the same rows."""
+        """(R, n, D) params -> guided (B, n, D) in float32: c + w*(c - u). With R == B, c and u are the
+        same rows."""
+        xa, xb = xa.float(), xb.float()
         R = xa.shape[0]
         ca, ua, cb, ub = xa[:batch], xa[R - batch:], xb[:batch], xb[R - batch:]
         return ca + w[0].view(-1, 1) * (ca - ua), cb + w[1].view(-1, 1) * (cb - ub)
@@ -44,12 +84,32 @@ class BlockGraph(nn.Module):
     def parallel(self, x, labels, temps, guidance):
         """Full causal pass without cache over x (B, n, D) at positions [0, n) -> guided (xa, xb)."""
         n = x.shape[1]
-        xa, xb = self.block.project(self.rows(x, temps), 0, self.class_term(labels), None, temps)
+        positions = torch.arange(n, device=x.device)
+        h = self.embed(x, positions, labels, temps)
+        mask = positions.view(1, -1) <= positions.view(-1, 1)  # (n, n): keys at or before the query
+        for layer in self.block.attn_blocks:
+            q, k, v = self.qkv(layer.attention, h, temps)
+            h = self.attention_out(layer, h, attend(q, k, v, mask, layer.attention.scale))
+        xa, xb = self.block.split(self.block.proj_out(h))
         return self.guide(xa, xb, guidance[:, :n], x.shape[0])
+
+    def qkv(self, attn, h, temps):
+        """(R, n, C) -> q, k, v (R, H, n, hd), q divided by the row's attention temperature."""
+        R, n, _ = h.shape
+        a = attn.norm(h.float()).type(h.dtype)
+        # (R, n, 3C) -> (R, 3H, n, hd) -> 3 x (R, H, n, hd)
+        q, k, v = attn.qkv(a).reshape(R, n, 3 * self.H, self.hd).transpose(1, 2).chunk(3, dim=1)
+        return q / temps.view(-1, 1, 1, 1).to(q.dtype), k, v
+
+    def attention_out(self, layer, h, out):
+        """Residual attention output (R, H, n, hd) and the MLP on top."""
+        R, n, _ = h.shape
+        h = h + layer.attention.proj(out.transpose(1, 2).reshape(R, n, -1))
+        return h + layer.mlp(h)
 
     def embed(self, x, positions, labels, temps):
         """Tokens x (B, n, D) at `positions` (n,) -> rows (R, n, C) entering the first layer."""
-        h = self.block.proj_in(self.rows(x, temps)) + self.pos.index_select(0, positions)
+        h = self.block.proj_in(self.rows(x, temps).to(self.dtype)) + self.pos.index_select(0, positions)
         ct = self.class_term(labels)
         return h if ct is None else h + ct
 
@@ -72,16 +132,10 @@ class BlockGraph(nn.Module):
         index = positions.view(1, 1, n, 1).expand(R, self.H, n, self.hd)
         presents = []
         for layer, (past_k, past_v) in zip(self.block.attn_blocks, pasts):
-            attn = layer.attention
-            a = attn.norm(h.float()).type(h.dtype)
-            # (R, n, 3C) -> (R, 3H, n, hd) -> 3 x (R, H, n, hd)
-            q, k, v = attn.qkv(a).reshape(R, n, 3 * self.H, self.hd).transpose(1, 2).chunk(3, dim=1)
-            k_all, v_all = past_k.scatter(2, index, k), past_v.scatter(2, index, v)
-            q = q / temps.view(-1, 1, 1, 1)
-            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scale)
-            h = h + attn.proj(out.transpose(1, 2).reshape(R, n, -1))
-            h = h + layer.mlp(h)
-            presents += [k_all, v_all]
+            q, k, v = self.qkv(layer.attention, h, temps)
+            k_all, v_all = past_k.to(self.dtype).scatter(2, index, k), past_v.to(self.dtype).scatter(2, index, v)
+            h = self.attention_out(layer, h, attend(q, k_all, v_all, mask, layer.attention.scale))
+            presents += [k_all.float(), v_all.float()]
         xa, xb = self.block.split(self.block.proj_out(h))
         w = guidance.index_select(1, positions)
         return (*self.guide(xa, xb, w, B), *presents)
@@ -92,29 +146,26 @@ class StepKVGraph(BlockGraph):
     host writes into its cache in place. No O(T) cache copy per step (what `step` must do when the
     runtime cannot update an input buffer in place, e.g. ONNX Runtime on the CPU)."""
 
-    def __init__(self, block, num_tokens, has_classes):
-        super().__init__(block, num_tokens)
+    def __init__(self, block, num_tokens, has_classes, dtype=torch.float32):
+        super().__init__(block, num_tokens, dtype)
         self.has_classes = has_classes
 
     def forward(self, x, pos, *rest):
         pasts, labels, temps, guidance = self.unpack(rest)
         B = x.shape[0]
         h = self.embed(x, pos.view(1), labels, temps)
-        R = h.shape[0]
         before = (torch.arange(self.T, device=x.device) < pos).view(1, 1, 1, -1)  # cached keys strictly before this token
         news = []
         for layer, (past_k, past_v) in zip(self.block.attn_blocks, pasts):
-            attn = layer.attention
-            a = attn.norm(h.float()).type(h.dtype)
-            q, k, v = attn.qkv(a).reshape(R, 1, 3 * self.H, self.hd).transpose(1, 2).chunk(3, dim=1)  # (R, H, 1, hd)
-            q = q / temps.view(-1, 1, 1, 1)
-            s_past = (q @ past_k.transpose(-1, -2) * attn.scale).masked_fill(~before, float("-inf"))  # (R, H, 1, T)
-            s_self = (q * k).sum(-1, keepdim=True) * attn.scale  # (R, H, 1, 1)
-            w = torch.softmax(torch.cat([s_past, s_self], dim=-1).float(), dim=-1).type(q.dtype)
+            scale = layer.attention.scale
+            past_k, past_v = past_k.to(self.dtype), past_v.to(self.dtype)
+            q, k, v = self.qkv(layer.attention, h, temps)  # (R, H, 1, hd)
+            s_past = ((q @ past_k.transpose(-1, -2)).float() * scale).masked_fill(~before, float("-inf"))  # (R, H, 1, T)
+            s_self = (q * k).sum(-1, keepdim=True).float() * scale  # (R, H, 1, 1)
+            w = torch.softmax(torch.cat([s_past, s_self], dim=-1), dim=-1).type(q.dtype)
             out = w[..., :self.T] @ past_v + w[..., self.T:] * v
-            h = h + attn.proj(out.transpose(1, 2).reshape(R, 1, -1))
-            h = h + layer.mlp(h)
-            news += [k, v]
+            h = self.attention_out(layer, h, out)
+            news += [k.float(), v.float()]
         xa, xb = self.block.split(self.block.proj_out(h))
         return (*self.guide(xa, xb, guidance.index_select(1, pos.view(1)), B), *news)
 
@@ -131,8 +182,8 @@ def _split_cond(has_classes, args):
 class StepGraph(BlockGraph):
     """x (B, 1, D), pos () int64, past caches -> xa, xb (B, 1, D), present caches."""
 
-    def __init__(self, block, num_tokens, has_classes):
-        super().__init__(block, num_tokens)
+    def __init__(self, block, num_tokens, has_classes, dtype=torch.float32):
+        super().__init__(block, num_tokens, dtype)
         self.has_classes = has_classes
 
     def forward(self, x, pos, *rest):
@@ -145,8 +196,8 @@ WindowGraph = StepGraph  # same computation; the window variant is exported with
 class JacobiGraph(BlockGraph):
     """z, x (B, T, D) -> x_next (one parallel Jacobi iteration), residual (B,) = max |x_next - x|."""
 
-    def __init__(self, block, num_tokens, has_classes, iterations: int = 1):
-        super().__init__(block, num_tokens)
+    def __init__(self, block, num_tokens, has_classes, iterations: int = 1, dtype=torch.float32):
+        super().__init__(block, num_tokens, dtype)
         self.has_classes, self.iterations = has_classes, iterations
 
     def iterate(self, z, x, labels, temps, guidance):
@@ -170,8 +221,8 @@ class JacobiGraph(BlockGraph):
 class SequentialBody(BlockGraph):
     """Loop body of `sequential_loop`: at iteration i, decode token i+1 of x from token i (KV-cached)."""
 
-    def __init__(self, block, num_tokens, has_classes):
-        super().__init__(block, num_tokens)
+    def __init__(self, block, num_tokens, has_classes, dtype=torch.float32):
+        super().__init__(block, num_tokens, dtype)
         self.has_classes = has_classes
 
     def forward(self, i, z, x, *rest):
@@ -182,6 +233,18 @@ class SequentialBody(BlockGraph):
         new = _affine(z.index_select(1, nxt), xa, xb)
         x_next = x.scatter(1, nxt.view(1, 1, 1).expand(x.shape[0], 1, x.shape[2]), new)
         return (x_next, *presents)
+
+
+def graph_module(model: TarFlow, k: int, variant: str, unroll: int = 1, dtype=torch.float32) -> BlockGraph:
+    """The module computing one single-call block variant (step, step_kv, window, jacobi, jacobi_k)."""
+    block, T, classes = model.blocks[k], model.config.num_tokens, bool(model.config.num_classes)
+    if variant in ("step", "window"):
+        return StepGraph(block, T, classes, dtype=dtype).eval()
+    if variant == "step_kv":
+        return StepKVGraph(block, T, classes, dtype=dtype).eval()
+    if variant in ("jacobi", "jacobi_k"):
+        return JacobiGraph(block, T, classes, iterations=unroll if variant == "jacobi_k" else 1, dtype=dtype).eval()
+    raise ValueError(f"{variant} is not a single-call block variant")
 
 
 class ForwardGraph(nn.Module):

@@ -32,23 +32,20 @@ def _args(c: GraphContract, feeds: dict) -> tuple:
     return tuple(torch.from_numpy(feeds[n]) for n in c.input_names)
 
 
-def export_block_variant(model: TarFlow, k: int, variant: str, unroll: int, opset: int) -> onnx.ModelProto:
+def export_block_variant(model: TarFlow, k: int, variant: str, unroll: int, opset: int,
+                         dtype: torch.dtype = torch.float32) -> onnx.ModelProto:
+    """One block's graph. `dtype` < float32: weights and matrix products in that type, LayerNorm,
+    softmax and exp in float32, inputs and outputs float32 (see graphs.py)."""
     cfg = model.config
     block, T, has_classes = model.blocks[k], cfg.num_tokens, bool(cfg.num_classes)
     c = contract(cfg, variant, unroll)
     feeds = dummy_inputs(c, cfg, batch=2)
-    if variant in ("step", "window"):
-        return _to_onnx(graphs.StepGraph(block, T, has_classes), _args(c, feeds), c.input_names, c.output_names,
-                        c.dynamic_axes(), opset)
-    if variant == "step_kv":
-        return _to_onnx(graphs.StepKVGraph(block, T, has_classes), _args(c, feeds), c.input_names, c.output_names,
-                        c.dynamic_axes(), opset)
-    if variant in ("jacobi", "jacobi_k"):
-        m = graphs.JacobiGraph(block, T, has_classes, iterations=unroll if variant == "jacobi_k" else 1)
+    if variant in ("step", "window", "step_kv", "jacobi", "jacobi_k"):
+        m = graphs.graph_module(model, k, variant, unroll, dtype)
         return _to_onnx(m, _args(c, feeds), c.input_names, c.output_names, c.dynamic_axes(), opset)
     if variant == "jacobi_loop":
         body_c = contract(cfg, "jacobi")
-        body = _to_onnx(graphs.JacobiGraph(block, T, has_classes), _args(body_c, dummy_inputs(body_c, cfg)),
+        body = _to_onnx(graphs.JacobiGraph(block, T, has_classes, dtype=dtype), _args(body_c, dummy_inputs(body_c, cfg)),
                         body_c.input_names, body_c.output_names, body_c.dynamic_axes(), opset)
         return loops.jacobi_loop(body, c, T, opset)
     if variant == "sequential_loop":
@@ -63,7 +60,7 @@ def export_block_variant(model: TarFlow, k: int, variant: str, unroll: int, opse
         axes = {"z": {0: "batch"}, "x": {0: "batch"}, "x_next": {0: "batch"},
                 **{n: {0: "rows"} for n in cache_names + outs[1:]},
                 **({"labels": {0: "rows"}} if has_classes else {}), "temps": {0: "rows"}}
-        body = _to_onnx(graphs.SequentialBody(block, T, has_classes), args, names, outs, axes, opset)
+        body = _to_onnx(graphs.SequentialBody(block, T, has_classes, dtype=dtype), args, names, outs, axes, opset)
         return loops.sequential_loop(body, c, cfg, cache_names, opset)
     raise ValueError(variant)
 

@@ -1,0 +1,273 @@
+"""The `tensorrt` backend: TensorRT engines built from the bundle's graphs, run behind BlockRunner.
+
+Build (`sejd build BUNDLE --backend tensorrt [--precision fp32|fp16|bf16] [--workspace MiB]`): every
+graph is parsed from ONNX into a strongly typed network (the precision is in the graph: see
+`sejd.export.precision`), with optimisation profiles that all cover batch 1..batch_max and are tuned
+for different batch sizes (`PROFILE_BATCHES`), a timing cache kept in the bundle
+(`engines/tensorrt/timing.cache`, reused by later builds), and an engine manifest that records the
+TensorRT version and the GPU the engines were built for: engines are refused elsewhere.
+
+Run: `TrtCall` turns one engine into a callable over device tensors (tensor addresses set with
+`set_tensor_address`, `execute_async_v3` on PyTorch's current stream, output buffers allocated once
+per input shape). `EngineBlockRunner` plugs those callables into the torch-cuda runner, which keeps the
+KV caches and iterates on the device and captures `step` (engine + in-place cache write), `jacobi`
+and `jacobi_k` as CUDA graphs; the loop engines (`jacobi_loop`, `sequential_loop`: ONNX Loop, which
+CUDA graphs cannot capture) run as single calls.
+
+No TensorRT object is created unless PyTorch sees a CUDA device (`sejd.engines.unavailable`).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sejd.bundle import Bundle, BundleError, sha256_file
+from sejd.engines.torch_graphs import EngineBlockRunner, cuda_graphs_default
+from sejd.errors import SejdError
+from sejd.export.contracts import contract
+from sejd.util import atomic_write, progress
+
+BACKEND = "tensorrt"
+MIN_VERSION = 10  # the name-based I/O API (set_tensor_address, execute_async_v3)
+TIMING_CACHE = "timing.cache"
+_LOGGER = None
+
+
+def unavailable_reason() -> str | None:
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return "the tensorrt package is not installed (pip install 'sejd[tensorrt]' on a CUDA machine)"
+    if int(trt.__version__.split(".")[0]) < MIN_VERSION:
+        return f"TensorRT {trt.__version__} is too old: sejd needs TensorRT >= {MIN_VERSION}"
+    return None
+
+
+def _logger():
+    import tensorrt as trt
+
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = trt.Logger(trt.Logger.WARNING)
+    return _LOGGER
+
+
+def engine_dir(bundle: Bundle) -> Path:
+    return bundle.path / "engines" / BACKEND
+
+
+def plan_file(rel_onnx: str) -> str:
+    return rel_onnx[:-len(".onnx")] + ".plan"
+
+
+def this_platform() -> dict:
+    """What serialised engines are tied to: the TensorRT version and the GPU model."""
+    import tensorrt as trt
+
+    major, minor = torch.cuda.get_device_capability()
+    return {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+
+
+def platform_mismatch(built: dict, here: dict) -> str | None:
+    """None when engines built on `built` can run `here`, else a sentence saying what differs."""
+    diffs = [f"{k} {built.get(k)!r} (here: {here[k]!r})" for k in ("tensorrt", "gpu", "compute_capability")
+             if built.get(k) != here[k]]
+    return None if not diffs else "engines were built for " + ", ".join(diffs)
+
+
+def profile_shapes(c, batch_max: int, opt_batch: int, num_tokens: int) -> dict[str, tuple]:
+    """(min, opt, max) shapes of every input of contract `c` with a symbolic axis."""
+    ranges = {"batch": (1, opt_batch, batch_max), "rows": (1, opt_batch, 2 * batch_max),
+              "window": (1, min(8, num_tokens), num_tokens)}
+    shapes = {}
+    for spec in c.inputs:
+        if any(isinstance(d, str) for d in spec.shape):
+            shapes[spec.name] = tuple(tuple(ranges[d][i] if isinstance(d, str) else d for d in spec.shape)
+                                      for i in range(3))
+    return shapes
+
+
+def profile_batches(batch_max: int) -> list[int]:
+    """One profile tuned for batch 1 (latency) and one for batch_max (throughput); both cover 1..batch_max."""
+    return sorted({1, batch_max})
+
+
+def _network_flags(trt) -> int:
+    # TensorRT 10 needs STRONGLY_TYPED to take every tensor type from the graph (no builder precision
+    # flags); TensorRT 11 is always strongly typed and ignores the flag.
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+def _build_one(builder, onnx_path: Path, c, batch_max: int, num_tokens: int, workspace_mib, timing: bytes):
+    import tensorrt as trt
+
+    network = builder.create_network(_network_flags(trt))
+    parser = trt.OnnxParser(network, _logger())
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
+        raise SejdError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    if workspace_mib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
+    cache = config.create_timing_cache(timing)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    for opt in profile_batches(batch_max):
+        profile = builder.create_optimization_profile()
+        for name, (lo, mid, hi) in profile_shapes(c, batch_max, opt, num_tokens).items():
+            profile.set_shape(name, lo, mid, hi)
+        config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise SejdError(f"TensorRT could not build an engine from {onnx_path.name} (see the log above)")
+    return bytes(serialized), bytes(memoryview(config.get_timing_cache().serialize()))
+
+
+def build_trt(bundle: Bundle, precision: str = "fp32", workspace_mib: int | None = None,
+              show_progress: bool = True) -> Path:
+    import tensorrt as trt
+
+    from sejd.export.precision import precision_graphs
+
+    out = engine_dir(bundle)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # engines are invalid until the new manifest lands
+    batch_max = int(bundle.manifest.get("batch_max", 64))
+    T = bundle.config.num_tokens
+    timing = (out / TIMING_CACHE).read_bytes() if (out / TIMING_CACHE).exists() else b""
+    builder = trt.Builder(_logger())
+    files = {}
+    with tempfile.TemporaryDirectory(prefix=".onnx-", dir=out) as scratch:
+        sources = precision_graphs(bundle, precision, Path(scratch), show_progress)
+        for g in progress(bundle.manifest["graphs"], desc=f"build tensorrt {precision}", enabled=show_progress):
+            c = contract(bundle.config, g["variant"], bundle.unroll)
+            engine, timing = _build_one(builder, sources[g["file"]], c, batch_max, T, workspace_mib, timing)
+            rel = plan_file(g["file"])
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(out / rel, binary=True) as tmp:
+                Path(tmp).write_bytes(engine)
+            files[rel] = sha256_file(out / rel)
+            with atomic_write(out / TIMING_CACHE, binary=True) as tmp:  # kept even if a later graph fails
+                Path(tmp).write_bytes(timing)
+    manifest = {"backend": BACKEND, "bundle_manifest_sha256": bundle.manifest_sha256, "precision": precision,
+                **this_platform(), "profile_batches": profile_batches(batch_max), "batch_max": batch_max,
+                "workspace_mib": workspace_mib, "timing_cache": TIMING_CACHE, "files": files}
+    with atomic_write(out / "manifest.json") as tmp:
+        Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n")
+    return out
+
+
+def load_trt_manifest(bundle: Bundle) -> dict:
+    mf = engine_dir(bundle) / "manifest.json"
+    if not mf.exists():
+        raise BundleError(f"{bundle.path}: no tensorrt engines; build them with `sejd build {bundle.path} "
+                          f"--backend tensorrt`")
+    m = json.loads(mf.read_text())
+    if m.get("bundle_manifest_sha256") != bundle.manifest_sha256:
+        raise BundleError(f"{mf}: engines were built from another export of this bundle; rebuild them")
+    mismatch = platform_mismatch(m, this_platform())
+    if mismatch:
+        raise BundleError(f"{mf}: {mismatch}; rebuild them here with `sejd build {bundle.path} --backend tensorrt`")
+    for rel, digest in m["files"].items():
+        f = engine_dir(bundle) / rel
+        if not f.exists() or sha256_file(f) != digest:
+            raise BundleError(f"{bundle.path}: engine file engines/tensorrt/{rel} is missing or changed; rebuild")
+    return m
+
+
+def _torch_dtype(trt_dtype):
+    import tensorrt as trt
+
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+             trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool}
+    return table[trt_dtype]
+
+
+class TrtCall:
+    """One engine as a callable: device tensors in contract order -> output tensors (fresh copies).
+
+    Inputs are validated against the contract once per shape signature, before the engine runs;
+    output buffers are allocated once per signature, so a CUDA graph captured around a call keeps
+    valid addresses. The optimisation profile tuned nearest to the batch is selected."""
+
+    def __init__(self, engine, c, profile_batches_: list[int]):
+        self.engine, self.c, self.profile_batches = engine, c, profile_batches_
+        self.context = engine.create_execution_context()
+        self.profile = 0
+        self._outputs: dict = {}
+        self._signature = None
+
+    def _prepare(self, inputs, signature, stream: int):
+        if signature not in self._outputs:
+            self.c.validate(dict(zip(self.c.input_names, inputs)))
+        batch = inputs[0].shape[0] if inputs[0].dim() else 1
+        profile = min(range(len(self.profile_batches)), key=lambda i: abs(self.profile_batches[i] - batch))
+        if profile != self.profile:
+            self.context.set_optimization_profile_async(profile, stream)
+            self.profile = profile
+        for name, t in zip(self.c.input_names, inputs):
+            self.context.set_input_shape(name, tuple(t.shape))
+        if signature not in self._outputs:
+            self._outputs[signature] = [
+                torch.empty(tuple(self.context.get_tensor_shape(n)), dtype=_torch_dtype(self.engine.get_tensor_dtype(n)),
+                            device="cuda") for n in self.c.output_names]
+        for name, buf in zip(self.c.output_names, self._outputs[signature]):
+            self.context.set_tensor_address(name, buf.data_ptr())
+        self._signature = signature
+
+    def __call__(self, *inputs):
+        stream = torch.cuda.current_stream().cuda_stream  # the capture stream while a CUDA graph records
+        inputs = [t.contiguous() for t in inputs]
+        signature = tuple(tuple(t.shape) for t in inputs)
+        if signature != self._signature:
+            self._prepare(inputs, signature, stream)
+        for name, t in zip(self.c.input_names, inputs):
+            self.context.set_tensor_address(name, t.data_ptr())
+        if not self.context.execute_async_v3(stream):
+            raise SejdError(f"TensorRT failed to run the {self.c.variant} engine (see the log above)")
+        return tuple(o.clone() for o in self._outputs[signature])
+
+
+class TrtEngines:
+    """A bundle's TensorRT engines, deserialised lazily (one per graph used)."""
+
+    def __init__(self, bundle: Bundle):
+        import tensorrt as trt
+
+        self.bundle, self.manifest = bundle, load_trt_manifest(bundle)
+        self.runtime = trt.Runtime(_logger())
+        self._calls: dict = {}
+
+    def call(self, variant: str, block: int | None) -> TrtCall:
+        key = (variant, block)
+        if key not in self._calls:
+            rel = plan_file(self.bundle.graph(variant, block)["file"])
+            engine = self.runtime.deserialize_cuda_engine((engine_dir(self.bundle) / rel).read_bytes())
+            if engine is None:
+                raise BundleError(f"TensorRT could not load engines/tensorrt/{rel}; rebuild the engines")
+            c = contract(self.bundle.config, variant, self.bundle.unroll)
+            self._calls[key] = TrtCall(engine, c, self.manifest["profile_batches"])
+        return self._calls[key]
+
+
+def trt_runners(bundle: Bundle, cuda_graphs: bool | None = None) -> list[EngineBlockRunner]:
+    """One runner per block: TensorRT engines with the device runner's caches and CUDA graphs."""
+    engines = TrtEngines(bundle)
+    model = bundle.load_model().to("cuda")  # host-side glue (prior, permutations) on the device
+    graphs = cuda_graphs_default() if cuda_graphs is None else cuda_graphs
+    return [EngineBlockRunner(lambda v, k=k: engines.call(v, k), bundle.variants(), bundle.unroll, model, k, graphs)
+            for k in range(bundle.config.num_blocks)]
+
+
+def trt_engine_runner(bundle: Bundle):
+    """For `sejd check`: Polygraphy's own TensorRT runner over each built engine (profile 0 covers
+    every batch size)."""
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    load_trt_manifest(bundle)
+    return lambda g, c: TrtRunner(EngineFromBytes(BytesFromPath(str(engine_dir(bundle) / plan_file(g["file"])))))

@@ -1,0 +1,57 @@
+"""Reduced-precision ONNX graphs for an engine build, exported from the bundle's own model.
+
+The bundle keeps its fp32 graphs. `sejd build --precision fp16|bf16` exports each block graph again
+with the weights and matrix products in that type and LayerNorm, softmax and `exp` in float32 (see
+`sejd.export.graphs`), so the precision is written into the graph itself: a strongly typed TensorRT
+network or ONNX Runtime runs exactly those types. Inputs and outputs stay float32, so the contracts,
+runners and checks are the same at every precision; `forward` stays fp32.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import onnx
+
+from sejd.export.graphs import precision_dtype
+from sejd.util import progress
+
+KEPT_FP32 = ("LayerNormalization", "Softmax", "Exp")
+
+
+def precision_graphs(bundle, precision: str, out_dir: Path, show_progress: bool = True) -> dict[str, Path]:
+    """The ONNX file to build each of the bundle's graphs from (by its bundle-relative name)."""
+    from sejd.export.exporter import check_onnx
+    from sejd.export.onnx_export import export_block_variant
+
+    graphs = bundle.manifest["graphs"]
+    if precision == "fp32":
+        return {g["file"]: bundle.path / g["file"] for g in graphs}
+    dtype = precision_dtype(precision)
+    model = bundle.load_model()
+    paths = {}
+    for g in progress(graphs, desc=f"export {precision} graphs", enabled=show_progress):
+        rel = g["file"]
+        if g["block"] is None:  # forward: likelihood, not sampling; kept in fp32
+            paths[rel] = bundle.path / rel
+            continue
+        m = export_block_variant(model, g["block"], g["variant"], bundle.unroll, bundle.manifest["opset"], dtype)
+        check_onnx(m, f"{precision} {g['variant']} of block {g['block']}")
+        paths[rel] = Path(out_dir) / rel
+        paths[rel].parent.mkdir(parents=True, exist_ok=True)
+        onnx.save_model(m, paths[rel])
+    return paths
+
+
+def op_input_types(model: onnx.ModelProto) -> dict[str, collections.Counter]:
+    """For each op type in the main graph: how many nodes take their first input in each element type."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+    types.update({t.name: t.data_type for t in g.initializer})
+    found: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for node in g.node:
+        if node.input:
+            found[node.op_type][onnx.TensorProto.DataType.Name(types.get(node.input[0], 0))] += 1
+    return dict(found)

@@ -1,0 +1,56 @@
+"""The device runner over engine callables (what TensorRT and ONNX Runtime's GPU providers plug into),
+run here over ONNX Runtime CPU sessions bound to torch tensors: every plan must match the PyTorch
+reference, including the single-call loop engines and the unrolled jacobi_k."""
+
+import pytest
+import torch
+
+from sejd import InputError, sample
+from sejd.engines import unavailable
+from sejd.engines.ort import ort_tensor_runners
+from tests.engines.test_ort import plan_with
+
+
+@pytest.mark.parametrize("plan", ["sequential", "ujd", "sjd", "gs-jacobi", ("sjd", "chunk"), ("sjd", "loop"),
+                                  ("ujd", "loop")])
+@pytest.mark.parametrize("guidance", [0.0, 1.0])
+def test_engine_block_runner_matches_the_reference(tiny_bundle, plan, guidance):
+    plan = plan_with(*plan) if isinstance(plan, tuple) else plan
+    model = tiny_bundle.load_model()
+    noise = torch.randn(3, 16, 12, generator=torch.Generator().manual_seed(4))
+    kw = dict(labels=torch.tensor([1, -1, 4]), plan=plan, guidance=guidance, progress=False)
+    ref = sample(model, noise, **kw)
+    runners = ort_tensor_runners(tiny_bundle, "ort-cpu", "cpu")
+    got = sample(runners[0].model, noise, runners=runners, **kw)
+    torch.testing.assert_close(got.images, ref.images, atol=1e-4, rtol=0)
+    assert [b.iterations for b in got.stats.blocks] == [b.iterations for b in ref.stats.blocks]
+
+
+def test_engine_calls_check_the_contract_before_the_backend(tiny_bundle):
+    runner = ort_tensor_runners(tiny_bundle, "ort-cpu", "cpu")[0]
+    call = runner.call("jacobi")
+    z = torch.zeros(2, 16, 12)
+    with pytest.raises(InputError, match="input 'x' must have shape"):
+        call(z, torch.zeros(2, 15, 12), *[torch.zeros(2, dtype=torch.long), torch.ones(2), torch.zeros(2, 16)])
+    with pytest.raises(InputError, match="must be float32, got float64"):
+        call(z, z.double(), torch.zeros(2, dtype=torch.long), torch.ones(2), torch.zeros(2, 16))
+
+
+@pytest.mark.skipif(unavailable("ort-cuda") is not None, reason=f"ort-cuda unavailable: {unavailable('ort-cuda')}")
+@pytest.mark.parametrize("backend", ["ort-cuda", "ort-trt"])
+def test_ort_gpu_providers_pass_check_with_device_io(tmp_path, backend):
+    if unavailable(backend):
+        pytest.skip(unavailable(backend))
+    from sejd import save_checkpoint
+    from sejd.check import check_bundle
+    from sejd.engines import runners_for
+    from sejd.engines.ort import build_ort
+    from sejd.export.exporter import export_bundle
+    from tests.conftest import make_model
+
+    save_checkpoint(make_model(), tmp_path / "ckpt")
+    bundle = export_bundle(tmp_path / "ckpt", tmp_path / "b", unroll=3, batch_max=8, show_progress=False)
+    build_ort(bundle, backend, show_progress=False)
+    assert check_bundle(bundle, backend, show_progress=False)
+    runners = runners_for(bundle, backend)
+    assert runners[0].device.type == "cuda"  # caches and iterates live on the GPU
