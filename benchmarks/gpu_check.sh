@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# GPU check (issue 5), for a machine with an NVIDIA GPU. Builds what that machine can, runs the GPU
-# tests, `sejd check`, `sejd tune` and `sejd bench` for every available GPU backend at batch 1 and 64,
-# and the torch-cuda latency table (graphs on/off). Writes at most 8 files to ${OUT:-out/gpu}:
-# summary.txt, log.txt, check_<be>.json, bench_<be>.json, bench_<be>.png, cuda_latency.json, plans.json.
-# Budget: about 6 minutes on an H200 (every stage has its own timeout; a failed stage does not stop
-# the others). Backends: torch-cuda always (PyTorch + CUDA); ort-cuda / ort-trt where onnxruntime-gpu
-# is installed; tensorrt where the tensorrt package is.
-#   bash benchmarks/gpu_check.sh                      (from the repository root)
+# GPU check (issue 5), for a machine with an NVIDIA GPU. Runs the GPU tests, then for every available
+# GPU backend: build (engine backends), `sejd tune` at each batch size, `sejd check`, `sejd bench` at
+# batch 1 and 64; and the torch-cuda latency table (eager vs CUDA graphs, per precision). Writes 7
+# files to ${OUT:-out/gpu}: summary.txt, log.txt, checks.json, bench.json, bench.png (fp32 torch-cuda),
+# cuda_latency.json, plans.json. Budget: about 6 minutes on an H200 (each stage has its own timeout; a
+# failed stage does not stop the others). Backends: torch-cuda at fp32, bf16 and fp16 always (PyTorch +
+# CUDA); ort-cuda / ort-trt where onnxruntime-gpu is installed; tensorrt where the tensorrt package is.
+#   bash benchmarks/gpu_check.sh                                 (from the repository root)
 #   BACKENDS=ort-cpu BATCHES=1,4 bash benchmarks/gpu_check.sh   (a dry run of the script on a CPU)
 set -uo pipefail
 OUT=${OUT:-out/gpu}
@@ -16,6 +16,7 @@ PY=${PY:-python3}
 BATCHES=${BATCHES:-1,64}
 SEJD="$PY -m sejd.cli"
 B=${BUNDLE:-/tmp/sejd_gpu_bundle}
+WORK=$(mktemp -d)
 LOG=$OUT/log.txt
 SUMMARY=$OUT/summary.txt
 : > "$LOG"; : > "$SUMMARY"
@@ -29,6 +30,7 @@ stage() {  # stage NAME SECONDS CMD...: run with a timeout, log everything, repo
   say "[$name] exit $rc in $((SECONDS - t0)) s"
   return $rc
 }
+PYTEST="$PY -m pytest -q -p no:cacheprovider -o filterwarnings=default"
 
 say "== machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$SUMMARY"
@@ -46,7 +48,7 @@ EOF
 
 backends=()
 if [ -n "${BACKENDS:-}" ]; then read -ra backends <<< "$BACKENDS"; else
-  backends=(torch-cuda)
+  backends=(torch-cuda torch-cuda:bf16 torch-cuda:fp16)
   for be in ort-cuda ort-trt tensorrt; do
     reason=$($PY -c "from sejd.engines import unavailable; print(unavailable('$be') or '')" 2>&1)
     if [ -z "$reason" ]; then backends+=("$be"); else say "skip $be: $reason"; fi
@@ -56,36 +58,55 @@ say "backends: ${backends[*]}"
 
 if [[ " ${backends[*]} " == *" torch-cuda "* ]]; then
   # the capture path first: if CUDA graphs break, the rest still measures eager CUDA (and says so)
-  if ! stage "pytest torch-cuda" 150 $PY -m pytest -q -x -p no:cacheprovider -o filterwarnings=default tests/engines/test_torch_graphs.py; then
+  if ! stage "pytest GPU" 150 $PYTEST -x tests/engines/test_torch_graphs.py tests/engines/test_tensorrt.py \
+      tests/engines/test_engine_runner.py; then
     export SEJD_CUDA_GRAPHS=0
-    say "!! torch-cuda tests failed: the stages below run with SEJD_CUDA_GRAPHS=0 (eager CUDA)"
-    stage "pytest torch-cuda eager" 100 $PY -m pytest -q -p no:cacheprovider -o filterwarnings=default tests/engines/test_torch_graphs.py
+    say "!! GPU tests failed: the stages below run with SEJD_CUDA_GRAPHS=0 (eager CUDA)"
+    stage "pytest GPU eager" 120 $PYTEST tests/engines/test_torch_graphs.py
   fi
-  stage "cuda latency" 90 $PY benchmarks/cuda_latency.py builtin:textures --batch "$BATCHES" --json "$OUT/cuda_latency.json"
+  stage "cuda latency" 120 $PY benchmarks/cuda_latency.py builtin:textures --batch "$BATCHES" \
+    --precision fp32,bf16,fp16 --json "$OUT/cuda_latency.json"
   $PY - "$OUT/cuda_latency.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
 import json, sys
-rows = json.load(open(sys.argv[1]))["rows"]
-for r in rows:
-    print(f"  graphs={r['cuda_graphs']!s:<5} batch {r['batch']:>3} {r['op']:<16} {r['ms_median']:9.3f} ms")
+for r in json.load(open(sys.argv[1]))["rows"]:
+    print(f"  {r['precision']} graphs={r['cuda_graphs']!s:<5} batch {r['batch']:>3} {r['op']:<16} {r['ms_median']:9.3f} ms")
 EOF
 fi
 
 stage export 120 $SEJD export builtin:textures -o "$B" --force || { say "export failed"; exit 1; }
-echo "{" > "$OUT/plans.json.tmp"
 for be in "${backends[@]}"; do
   say "== $be"
-  case $be in ort-*|tensorrt) stage "build $be" 240 $SEJD build "$B" --backend "$be" ;; esac
+  name=${be%%:*}; tag=${be//:/_}
+  case $name in
+    ort-*|tensorrt) stage "build $be" 300 $SEJD build "$B" --backend "$be" ${PRECISION:+--precision $PRECISION} ;;
+  esac
   rm -rf "$B/plan.json" "$B/plans"
   for batch in ${BATCHES//,/ }; do
     stage "tune $be batch $batch" 150 $SEJD tune "$B" --backend "$be" --batch "$batch" --tau 0.5,0.2,0.1,0.05,0.02,0.01
   done
-  [ -d "$B/plans" ] && for f in "$B"/plans/*.json; do echo "\"$be/$(basename "$f")\": $(cat "$f")," >> "$OUT/plans.json.tmp"; done
-  stage "check $be" 150 $SEJD check "$B" --backend "$be" --json "$OUT/check_$be.json"
-  grep -E "enforced checks|^FAIL" "$LOG" | tail -n 6 | tee -a "$SUMMARY"
-  stage "bench $be" 180 $SEJD bench "$B" --backend "$be" --batch "$BATCHES" --runs 5 --json "$OUT/bench_$be.json" \
-    --plot "$OUT/bench_$be.png"
+  mkdir -p "$WORK/plans/$tag" && cp "$B"/plans/*.json "$WORK/plans/$tag/" 2>/dev/null
+  stage "check $be" 150 $SEJD check "$B" --backend "$be" --json "$WORK/check_$tag.json"
+  $PY -c "import json,sys; d=json.load(open(sys.argv[1])); e=[c for c in d['checks'] if c['enforced']]
+print(f\"check {d['backend']}: {sum(c['passed'] for c in e)}/{len(e)} enforced passed\", [c['name'] for c in e if not c['passed']])" \
+    "$WORK/check_$tag.json" 2>&1 | tee -a "$SUMMARY"
+  decoders=reference,sequential,ujd,sjd,gs-jacobi,auto
+  [[ $be == *:* ]] && decoders=reference,sequential,ujd,auto
+  plot=(); [ "$be" = torch-cuda ] && plot=(--plot "$OUT/bench.png")
+  stage "bench $be" 180 $SEJD bench "$B" --backend "$be" --batch "$BATCHES" --runs 5 --decoders "$decoders" \
+    --json "$WORK/bench_$tag.json" "${plot[@]}"
   $PY -c "import json,sys; from sejd.bench import table; print(table(json.load(open(sys.argv[1]))))" \
-    "$OUT/bench_$be.json" 2>&1 | tee -a "$SUMMARY"
+    "$WORK/bench_$tag.json" 2>&1 | tee -a "$SUMMARY"
 done
-echo "\"end\": null}" >> "$OUT/plans.json.tmp" && mv "$OUT/plans.json.tmp" "$OUT/plans.json"
+
+$PY - "$WORK" "$OUT" <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import json, pathlib, sys
+work, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+for kind in ("check", "bench"):
+    merged = {f.stem[len(kind) + 1:]: json.loads(f.read_text()) for f in sorted(work.glob(f"{kind}_*.json"))}
+    (out / ("checks.json" if kind == "check" else "bench.json")).write_text(json.dumps(merged, indent=1))
+plans = {f"{d.name}/{f.name}": json.loads(f.read_text()) for d in sorted((work / "plans").glob("*")) for f in d.glob("*.json")}
+(out / "plans.json").write_text(json.dumps(plans, indent=1))
+print("merged", sorted(p.name for p in out.iterdir()))
+EOF
+rm -rf "$WORK"
 say "done in $SECONDS s"

@@ -68,3 +68,19 @@ def test_runners_are_reused_across_batches_with_new_inputs():
     if DEVICE == "cuda":  # one capture per (batch shape, graph), replayed by the later batches
         assert set(runners[0]._state) == {2, 3}
         assert {"sequential_loop", "jacobi_chunk8"} & set(runners[0]._state[2][2])
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_runner_stays_within_its_parity_floor(precision):
+    from sejd.check import PARITY_DB_BY_PRECISION, psnr_db
+
+    model = make_model()
+    dev_model = make_model().to(DEVICE)
+    noise = torch.randn(2, 16, 12, generator=torch.Generator().manual_seed(6))
+    kw = dict(labels=torch.tensor([1, 2]), plan="sequential", guidance=1.0, progress=False)
+    ref = sample(model, noise, **kw)
+    runners = graph_runners(dev_model, precision=precision)
+    assert runners[0].jacobi.block.proj_in.weight.dtype != torch.float32  # really reduced
+    got = sample(dev_model, noise, runners=runners, **kw)
+    assert psnr_db(got.images, ref.images) >= PARITY_DB_BY_PRECISION[precision]
+    assert got.images.dtype == torch.float32
