@@ -24,9 +24,10 @@ from sejd.util import progress
 
 PSNR_FLOOR_DB = 40.0  # DESIGN.md §7: the default plan must stay >= 40 dB against exact decoding
 PARITY_DB = 60.0  # an engine running a plan must match PyTorch running the same plan to round-off
-# ... in reduced precision, to that precision's round-off (measured on builtin:textures, exact decoding vs
-# fp32: fp16 56.7 dB, bf16 47.1 dB); Jacobi plans may then stop an iteration earlier or later
-PARITY_DB_BY_PRECISION = {"fp32": PARITY_DB, "fp16": 45.0, "bf16": 35.0}
+# ... in reduced precision, to that precision's round-off. Measured on builtin:textures, H200 (docs/gpu/
+# checks.json), same plan engine vs fp32 PyTorch: fp16 54.8-67.5 dB, bf16 33.1-46.4 dB, the lowest being
+# GS-Jacobi at tau 0.5, whose stopping point on the first block moves with the round-off
+PARITY_DB_BY_PRECISION = {"fp32": PARITY_DB, "fp16": 45.0, "bf16": 30.0}
 END_TO_END_PLANS = ("sequential", "ujd", "sjd", "gs-jacobi")
 
 

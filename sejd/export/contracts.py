@@ -23,9 +23,11 @@ DEFAULT_UNROLL = 8
 FP32_ATOL = 1e-4  # DESIGN.md §7: engine vs PyTorch, per output of one pass
 FP32_CHAINED_ATOL = 1e-3  # outputs of up to T-1 dependent passes (loops): round-off compounds through exp
 # Reduced precision (weights and matrix products in fp16/bf16; LayerNorm, softmax, exp in fp32), against
-# the fp32 PyTorch reference: (one pass, chained passes: jacobi_k and the loops). Measured on builtin:textures
-# (max abs over dummy inputs): fp16 one pass <= 5.3e-3, jacobi_k 8.9e-3; bf16 one pass <= 3.6e-2, jacobi_k 7.4e-2.
-PRECISION_ATOL = {"fp32": (FP32_ATOL, FP32_CHAINED_ATOL), "fp16": (1e-2, 5e-2), "bf16": (6e-2, 0.25)}
+# the fp32 PyTorch reference: (one pass, chained passes: jacobi_k and the loops). Set at about twice the
+# worst error `sejd check` measured on builtin:textures, all 4 blocks, H200 (docs/gpu/checks.json): fp16
+# one pass 5.2e-3, jacobi_k 3.9e-2; bf16 one pass 4.7e-2, jacobi_k 0.35. Chained passes compound: 8 Jacobi
+# passes from an arbitrary iterate through the first-sampled block amplify round-off the most.
+PRECISION_ATOL = {"fp32": (FP32_ATOL, FP32_CHAINED_ATOL), "fp16": (1e-2, 0.1), "bf16": (0.1, 0.75)}
 CHAINED_VARIANTS = ("jacobi_k", "jacobi_loop", "sequential_loop")
 BLOCK_VARIANTS = ("step", "step_kv", "window", "jacobi", "jacobi_k", "jacobi_loop", "sequential_loop")
 MODEL_VARIANTS = ("forward",)
