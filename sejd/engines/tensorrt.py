@@ -91,6 +91,13 @@ def profile_shapes(c, batch_max: int, opt_batch: int, num_tokens: int) -> dict[s
     return shapes
 
 
+def shape_input_values(num_tokens: int) -> dict[str, tuple]:
+    """(min, opt, max) values of the scalar inputs TensorRT may treat as shape tensors (host inputs that
+    shapes depend on: the Loop trip count, positions)."""
+    T = num_tokens
+    return {"max_iters": (1, T - 1, T - 1), "pos": (0, T // 2, T - 1), "start": (0, 0, T - 1)}
+
+
 def profile_batches(batch_max: int) -> list[int]:
     """One profile tuned for batch 1 (latency) and one for batch_max (throughput); both cover 1..batch_max."""
     return sorted({1, batch_max})
@@ -120,6 +127,11 @@ def _build_one(builder, onnx_path: Path, c, batch_max: int, num_tokens: int, wor
         profile = builder.create_optimization_profile()
         for name, (lo, mid, hi) in profile_shapes(c, batch_max, opt, num_tokens).items():
             profile.set_shape(name, lo, mid, hi)
+        for i in range(network.num_inputs):  # scalars that TensorRT reads on the host as shape tensors
+            inp = network.get_input(i)
+            if inp.is_shape_tensor:
+                lo, mid, hi = shape_input_values(num_tokens)[inp.name]
+                profile.set_shape_input(inp.name, [lo], [mid], [hi])
         config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -200,6 +212,9 @@ class TrtCall:
         self.profile = 0
         self._outputs: dict = {}
         self._signature = None
+        # shape-tensor inputs are read by TensorRT on the host: they get a host copy, never a device pointer
+        self.host_inputs = {n for n in c.input_names if engine.is_shape_inference_io(n)}
+        self._host: dict = {}
 
     def _prepare(self, inputs, signature, stream: int):
         if signature not in self._outputs:
@@ -226,7 +241,11 @@ class TrtCall:
         if signature != self._signature:
             self._prepare(inputs, signature, stream)
         for name, t in zip(self.c.input_names, inputs):
-            self.context.set_tensor_address(name, t.data_ptr())
+            if name in self.host_inputs:
+                self._host[name] = t.cpu()  # kept alive until the next call
+                self.context.set_tensor_address(name, self._host[name].data_ptr())
+            else:
+                self.context.set_tensor_address(name, t.data_ptr())
         if not self.context.execute_async_v3(stream):
             raise SejdError(f"TensorRT failed to run the {self.c.variant} engine (see the log above)")
         return tuple(o.clone() for o in self._outputs[signature])
