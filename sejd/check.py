@@ -133,7 +133,7 @@ def ort_engine_runner(bundle: Bundle, backend: str):
     def runner(g, c):
         path = str(engine_dir(bundle, backend) / g["file"])
         return OnnxrtRunner(lambda: ort.InferenceSession(path, session_options(level="none"),
-                                                         providers=providers(bundle, backend, g["variant"])))
+                                                         providers=providers(bundle, backend, g)))
     return runner
 
 

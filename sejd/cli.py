@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("bundle")
     b.add_argument("--backend", default="ort-cpu", help="ort-cpu | ort-cuda | ort-trt | tensorrt")
     b.add_argument("--threads", type=int, default=None, help="intra-op threads (ONNX Runtime)")
-    b.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="fp16/bf16: weights and matrix products in that type, LayerNorm/softmax/exp in fp32")
+    b.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="fp16/bf16: weights and matrix products in that type, LayerNorm/softmax/exp in fp32")
     b.add_argument("--workspace", type=int, default=None, help="TensorRT workspace in MiB")
     b.set_defaults(func=_build)
 

@@ -33,21 +33,26 @@ def _shape_string(shapes: dict, which: int) -> str:
     return ",".join(f"{name}:{'x'.join(map(str, s[which]))}" for name, s in shapes.items())
 
 
-def providers(bundle: Bundle, backend: str, variant: str | None = None) -> list:
-    """Execution providers with their options. ort-trt: explicit optimisation profiles (batch 1..batch_max,
-    tuned for batch 1), engine and timing caches kept in the bundle (engines/ort-trt/trt_cache)."""
+def providers(bundle: Bundle, backend: str, graph: dict | None = None) -> list:
+    """Execution providers with their options, for one of the bundle's graphs. ort-trt: explicit
+    optimisation profiles (batch 1..batch_max, tuned for batch 1) and an engine and timing cache per
+    graph under engines/ort-trt/trt_cache/ (the provider keys cached engines by file name and graph
+    structure, not by weights: every block's graph has the same of both, so they must not share one)."""
     if backend == "ort-cpu":
         return PROVIDERS[backend]
-    cuda = ("CUDAExecutionProvider", {"device_id": "0"})
+    import torch
+
+    device = str(torch.cuda.current_device()) if torch.cuda.is_available() else "0"
+    cuda = ("CUDAExecutionProvider", {"device_id": device})
     if backend == "ort-cuda":
         return [cuda]
     from sejd.engines.tensorrt import profile_shapes
 
-    cache = str(engine_dir(bundle, backend) / "trt_cache")
-    trt = {"device_id": "0", "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
-           "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache}
-    if variant is not None:
-        c = contract(bundle.config, variant, bundle.unroll)
+    trt = {"device_id": device, "trt_engine_cache_enable": "True", "trt_timing_cache_enable": "True"}
+    if graph is not None:
+        cache = str(engine_dir(bundle, backend) / "trt_cache" / graph["file"][:-len(".onnx")])
+        trt.update({"trt_engine_cache_path": cache, "trt_timing_cache_path": cache})
+        c = contract(bundle.config, graph["variant"], bundle.unroll)
         shapes = profile_shapes(c, int(bundle.manifest.get("batch_max", 64)), 1, bundle.config.num_tokens)
         if shapes:
             trt.update({"trt_profile_min_shapes": _shape_string(shapes, 0),
@@ -120,19 +125,21 @@ def build_ort(bundle: Bundle, backend: str, threads: int | None = None, show_pro
         for g in progress(bundle.manifest["graphs"], desc=f"build {backend} {precision}", enabled=show_progress):
             target = out / g["file"]
             target.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(target, binary=True) as tmp:
-                try:
-                    if backend == "ort-trt":  # nodes compiled by TensorRT cannot be saved: keep the ONNX and
-                        Path(tmp).write_bytes(Path(sources[g["file"]]).read_bytes())  # fill the engine cache
-                        (out / "trt_cache").mkdir(exist_ok=True)
-                        ort.InferenceSession(tmp, session_options(threads),
-                                             providers=providers(bundle, backend, g["variant"]))
-                    else:
+            try:
+                if backend == "ort-trt":  # nodes compiled by TensorRT cannot be saved: keep the ONNX, then
+                    with atomic_write(target, binary=True) as tmp:  # fill the engine cache from the final
+                        Path(tmp).write_bytes(Path(sources[g["file"]]).read_bytes())  # path, as runs load it
+                    cache = Path(providers(bundle, backend, g)[0][1]["trt_engine_cache_path"])
+                    cache.mkdir(parents=True, exist_ok=True)
+                    ort.InferenceSession(str(target), session_options(threads, level="none"),
+                                         providers=providers(bundle, backend, g))
+                else:
+                    with atomic_write(target, binary=True) as tmp:
                         ort.InferenceSession(str(sources[g["file"]]), session_options(threads, Path(tmp)),
-                                             providers=providers(bundle, backend, g["variant"]))
-                except Exception as e:  # e.g. no bf16 kernels on the CPU provider
-                    raise SejdError(f"onnxruntime {ort.__version__} cannot build the {precision} {g['variant']} "
-                                    f"graph for {backend}: {str(e).splitlines()[0]}") from None
+                                             providers=providers(bundle, backend, g))
+            except Exception as e:  # e.g. no bf16 kernels on the CPU provider
+                raise SejdError(f"onnxruntime {ort.__version__} cannot build the {precision} {g['variant']} "
+                                f"graph for {backend}: {str(e).splitlines()[0]}") from None
             files[g["file"]] = sha256_file(target)
     manifest = {"backend": backend, "bundle_manifest_sha256": bundle.manifest_sha256, "precision": precision,
                 "onnxruntime": ort.__version__, "providers": [p if isinstance(p, str) else p[0] for p in
@@ -187,8 +194,9 @@ class OrtSessions:
             rel = self.bundle.graph(variant, block)["file"]
             path = engine_dir(self.bundle, self.backend) / rel
             # already optimised at build time: do not optimise again
-            self._sessions[key] = ort.InferenceSession(str(path), session_options(threads, level="none"),
-                                                       providers=providers(self.bundle, self.backend, variant))
+            self._sessions[key] = ort.InferenceSession(
+                str(path), session_options(threads, level="none"),
+                providers=providers(self.bundle, self.backend, self.bundle.graph(variant, block)))
         return self._sessions[key]
 
 
@@ -342,7 +350,8 @@ class OrtTensorCall:
         if signature not in self._dims:
             self._dims[signature] = self.c.validate(dict(zip(self.c.input_names, inputs)))
         dims, dev = self._dims[signature], inputs[0].device
-        outputs = [torch.empty(spec.resolve(dims), dtype=getattr(torch, spec.dtype), device=dev) for spec in self.c.outputs]
+        outputs = [torch.empty(spec.resolve(dims), dtype=getattr(torch, spec.dtype), device=dev)
+                   for spec in self.c.outputs]
         binding = self.session.io_binding()
         index = dev.index or 0
         for name, t in zip(self.c.input_names, inputs):

@@ -95,7 +95,7 @@ def shape_input_values(num_tokens: int) -> dict[str, tuple]:
     """(min, opt, max) values of the scalar inputs TensorRT may treat as shape tensors (host inputs that
     shapes depend on: the Loop trip count, positions)."""
     T = num_tokens
-    return {"max_iters": (1, T - 1, T - 1), "pos": (0, T // 2, T - 1), "start": (0, 0, T - 1)}
+    return {"max_iters": (0, T - 1, T - 1), "pos": (0, T // 2, T - 1), "start": (0, 0, T - 1)}
 
 
 def profile_batches(batch_max: int) -> list[int]:
@@ -122,7 +122,8 @@ def _build_one(builder, onnx_path: Path, c, batch_max: int, num_tokens: int, wor
     if workspace_mib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
     cache = config.create_timing_cache(timing)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):  # a cache from elsewhere: start afresh
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     for opt in profile_batches(batch_max):
         profile = builder.create_optimization_profile()
         for name, (lo, mid, hi) in profile_shapes(c, batch_max, opt, num_tokens).items():
@@ -130,7 +131,11 @@ def _build_one(builder, onnx_path: Path, c, batch_max: int, num_tokens: int, wor
         for i in range(network.num_inputs):  # scalars that TensorRT reads on the host as shape tensors
             inp = network.get_input(i)
             if inp.is_shape_tensor:
-                lo, mid, hi = shape_input_values(num_tokens)[inp.name]
+                values = shape_input_values(num_tokens)
+                if inp.name not in values:
+                    raise SejdError(f"TensorRT treats input {inp.name!r} of {onnx_path.name} as a shape tensor; "
+                                    f"sejd knows value ranges only for {sorted(values)}")
+                lo, mid, hi = values[inp.name]
                 profile.set_shape_input(inp.name, [lo], [mid], [hi])
         config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
@@ -150,7 +155,10 @@ def build_trt(bundle: Bundle, precision: str = "fp32", workspace_mib: int | None
     (out / "manifest.json").unlink(missing_ok=True)  # engines are invalid until the new manifest lands
     batch_max = int(bundle.manifest.get("batch_max", 64))
     T = bundle.config.num_tokens
-    timing = (out / TIMING_CACHE).read_bytes() if (out / TIMING_CACHE).exists() else b""
+    platform = this_platform()
+    cache_meta = out / (TIMING_CACHE + ".json")  # the platform the timing cache was measured on
+    reuse = (out / TIMING_CACHE).exists() and cache_meta.exists() and json.loads(cache_meta.read_text()) == platform
+    timing = (out / TIMING_CACHE).read_bytes() if reuse else b""
     builder = trt.Builder(_logger())
     files = {}
     with tempfile.TemporaryDirectory(prefix=".onnx-", dir=out) as scratch:
@@ -165,8 +173,10 @@ def build_trt(bundle: Bundle, precision: str = "fp32", workspace_mib: int | None
             files[rel] = sha256_file(out / rel)
             with atomic_write(out / TIMING_CACHE, binary=True) as tmp:  # kept even if a later graph fails
                 Path(tmp).write_bytes(timing)
+            with atomic_write(cache_meta) as tmp:
+                Path(tmp).write_text(json.dumps(platform))
     manifest = {"backend": BACKEND, "bundle_manifest_sha256": bundle.manifest_sha256, "precision": precision,
-                **this_platform(), "profile_batches": profile_batches(batch_max), "batch_max": batch_max,
+                **platform, "profile_batches": profile_batches(batch_max), "batch_max": batch_max,
                 "workspace_mib": workspace_mib, "timing_cache": TIMING_CACHE, "files": files}
     with atomic_write(out / "manifest.json") as tmp:
         Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -202,22 +212,40 @@ def _torch_dtype(trt_dtype):
 class TrtCall:
     """One engine as a callable: device tensors in contract order -> output tensors (fresh copies).
 
-    Inputs are validated against the contract once per shape signature, before the engine runs;
-    output buffers are allocated once per signature, so a CUDA graph captured around a call keeps
-    valid addresses. The optimisation profile tuned nearest to the batch is selected."""
+    Inputs are validated against the contract once per shape signature, before the engine runs.
+    Output buffers are allocated once per signature (the latest MAX_SIGNATURES are kept), so a CUDA
+    graph captured around a call keeps valid addresses. `epoch` counts reconfigurations of the
+    execution context (new input shapes or profile): graphs captured before are recaptured. Inputs
+    and outputs that TensorRT reads or writes on the host (shape tensors) get host buffers. The
+    optimisation profile tuned nearest to the batch is selected."""
+
+    MAX_SIGNATURES = 8
 
     def __init__(self, engine, c, profile_batches_: list[int]):
+        import collections
+
         self.engine, self.c, self.profile_batches = engine, c, profile_batches_
         self.context = engine.create_execution_context()
-        self.profile = 0
-        self._outputs: dict = {}
-        self._signature = None
-        # shape-tensor inputs are read by TensorRT on the host: they get a host copy, never a device pointer
-        self.host_inputs = {n for n in c.input_names if engine.is_shape_inference_io(n)}
+        self.profile = None
+        self.epoch = 0
+        self.host_io = {n for n in c.input_names + c.output_names if engine.is_shape_inference_io(n)}
+        self._buffers: collections.OrderedDict = collections.OrderedDict()  # signature -> output buffers
         self._host: dict = {}
+        self._signature = None
 
-    def _prepare(self, inputs, signature, stream: int):
-        if signature not in self._outputs:
+    def _dtype(self, name):
+        return _torch_dtype(self.engine.get_tensor_dtype(name))
+
+    def _bind_inputs(self, inputs):
+        for name, t in zip(self.c.input_names, inputs):
+            if name in self.host_io:
+                self._host[name] = t.to("cpu", self._dtype(name))  # kept alive until the next call
+                self.context.set_tensor_address(name, self._host[name].data_ptr())
+            else:
+                self.context.set_tensor_address(name, t.data_ptr())
+
+    def _configure(self, inputs, signature, stream: int):
+        if signature not in self._buffers:
             self.c.validate(dict(zip(self.c.input_names, inputs)))
         batch = inputs[0].shape[0] if inputs[0].dim() else 1
         profile = min(range(len(self.profile_batches)), key=lambda i: abs(self.profile_batches[i] - batch))
@@ -226,29 +254,30 @@ class TrtCall:
             self.profile = profile
         for name, t in zip(self.c.input_names, inputs):
             self.context.set_input_shape(name, tuple(t.shape))
-        if signature not in self._outputs:
-            self._outputs[signature] = [
-                torch.empty(tuple(self.context.get_tensor_shape(n)), dtype=_torch_dtype(self.engine.get_tensor_dtype(n)),
-                            device="cuda") for n in self.c.output_names]
-        for name, buf in zip(self.c.output_names, self._outputs[signature]):
+        self._bind_inputs(inputs)  # shape-tensor values first: output shapes may depend on them
+        if signature not in self._buffers:
+            self._buffers[signature] = [
+                torch.empty(tuple(self.context.get_tensor_shape(n)), dtype=self._dtype(n),
+                            device="cpu" if n in self.host_io else "cuda") for n in self.c.output_names]
+            while len(self._buffers) > self.MAX_SIGNATURES:
+                self._buffers.popitem(last=False)
+        self._buffers.move_to_end(signature)
+        for name, buf in zip(self.c.output_names, self._buffers[signature]):
             self.context.set_tensor_address(name, buf.data_ptr())
         self._signature = signature
+        self.epoch += 1
 
     def __call__(self, *inputs):
         stream = torch.cuda.current_stream().cuda_stream  # the capture stream while a CUDA graph records
         inputs = [t.contiguous() for t in inputs]
-        signature = tuple(tuple(t.shape) for t in inputs)
+        signature = tuple((tuple(t.shape), t.dtype) for t in inputs)
         if signature != self._signature:
-            self._prepare(inputs, signature, stream)
-        for name, t in zip(self.c.input_names, inputs):
-            if name in self.host_inputs:
-                self._host[name] = t.cpu()  # kept alive until the next call
-                self.context.set_tensor_address(name, self._host[name].data_ptr())
-            else:
-                self.context.set_tensor_address(name, t.data_ptr())
+            self._configure(inputs, signature, stream)
+        else:
+            self._bind_inputs(inputs)
         if not self.context.execute_async_v3(stream):
             raise SejdError(f"TensorRT failed to run the {self.c.variant} engine (see the log above)")
-        return tuple(o.clone() for o in self._outputs[signature])
+        return tuple(o.clone() for o in self._buffers[signature])
 
 
 class TrtEngines:

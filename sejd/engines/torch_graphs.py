@@ -95,11 +95,18 @@ class GraphModuleRunner(BlockRunner):
             tokens.append(affine(z[:, pos + 1], xa[:, 0], xb[:, 0]))
         return (torch.stack(tokens, dim=1),)
 
+    def _engine_epoch(self) -> tuple:
+        """Changes whenever an engine call used inside captured graphs reconfigures its execution context
+        for other shapes (TensorRT: a graph is valid only with the context state it was captured with)."""
+        return tuple(getattr(c, "epoch", 0) for c in (self.step_kv, self.jacobi, (self.jacobi_k or (0, None))[1]))
+
     def _replay(self, name, fn, inputs):
-        """Run fn(*inputs), captured as a CUDA graph on first use for this batch shape."""
+        """Run fn(*inputs), captured as a CUDA graph on first use for these input shapes."""
         if not self.cuda_graphs:
             return fn(*inputs)
-        if name not in self.graphs:
+        key = (name, tuple((tuple(t.shape), t.dtype) for t in inputs))
+        epoch = self._engine_epoch()
+        if key not in self.graphs or self.graphs[key][3] != epoch:
             static = [t.clone() for t in inputs]
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -109,8 +116,8 @@ class GraphModuleRunner(BlockRunner):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 outputs = fn(*static)
-            self.graphs[name] = (graph, static, outputs)
-        graph, static, outputs = self.graphs[name]
+            self.graphs[key] = (graph, static, outputs, self._engine_epoch())
+        graph, static, outputs, _ = self.graphs[key]
         for dst, src in zip(static, inputs):
             dst.copy_(src)
         graph.replay()

@@ -59,15 +59,16 @@ def test_runners_are_reused_across_batches_with_new_inputs():
     plan = named_plan("sjd", 4, tau=1e-3)
     for b in plan.blocks:
         b.variant = "loop" if b.decoder == "sequential" else "chunk"
-    for batch, seed in ((2, 0), (2, 1), (3, 2), (2, 3)):
+    # (1, guidance) has 2 rows like (2, no guidance): same caches, other input shapes
+    for batch, seed, guidance in ((2, 0, 0.0), (2, 1, 0.0), (3, 2, 0.0), (1, 4, 1.5), (2, 3, 0.0), (1, 5, 1.5)):
         noise = torch.randn(batch, 16, 12, generator=torch.Generator().manual_seed(seed))
-        labels = torch.arange(batch) % 5
-        ref = sample(model, noise, labels=labels, plan=plan, progress=False)
-        got = sample(dev_model, noise, labels=labels, plan=plan, runners=runners, progress=False)
+        kw = dict(labels=torch.arange(batch) % 5, plan=plan, guidance=guidance, progress=False)
+        ref = sample(model, noise, **kw)
+        got = sample(dev_model, noise, runners=runners, **kw)
         torch.testing.assert_close(got.images, ref.images, atol=1e-4, rtol=0)
     if DEVICE == "cuda":  # one capture per (batch shape, graph), replayed by the later batches
         assert set(runners[0]._state) == {2, 3}
-        assert {"sequential_loop", "jacobi_chunk8"} & set(runners[0]._state[2][2])
+        assert {"sequential_loop", "jacobi_chunk8"} & {name for name, _ in runners[0]._state[2][2]}
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
