@@ -83,6 +83,7 @@ def bench(src: Source, batches=(1, 16), decoders=DECODERS, runs: int = 5, warmup
             stats = result.stats
             out_runs.append({
                 "decoder": name, "variant": label, "backend": "torch" if name == "reference" else src.backend,
+                "precision": "fp32" if name == "reference" else src.precision,
                 "batch": batch, "seconds_median": median, "seconds_all": times,
                 "speedup_vs_reference": ref_s / median if ref_s else None,
                 "speedup_vs_sequential": seq_s / median if seq_s else None,

@@ -153,7 +153,8 @@ def check_graphs(bundle: Bundle, backend: str, model, show_progress=True, precis
     G_LOGGER.module_severity = G_LOGGER.CRITICAL  # sejd prints its own report
     engine_runner = engine_runner or ort_engine_runner(bundle, backend)
     checks = []
-    for g in progress(graphs or bundle.manifest["graphs"], desc=f"check graphs on {backend}", enabled=show_progress):
+    graphs = bundle.manifest["graphs"] if graphs is None else graphs
+    for g in progress(graphs, desc=f"check graphs on {backend}", enabled=show_progress):
         c = contract(bundle.config, g["variant"], bundle.unroll)
         ref = reference_runner(model, g["block"], c)
         results = Comparator.run([ref, engine_runner(g, c)], data_loader=graph_feeds(c, bundle.config))
@@ -167,7 +168,8 @@ def check_graphs(bundle: Bundle, backend: str, model, show_progress=True, precis
                     max_err[name] = max(max_err.get(name, 0.0), float(getattr(r, "max_absdiff", 0.0 if r else math.inf)))
                     mean_err[name] = max(mean_err.get(name, 0.0), float(getattr(r, "mean_absdiff", max_err[name])))
         name = g["variant"] if g["block"] is None else f"block {g['block']} {g['variant']}"
-        figures = {"atol": tolerance(c, precision), "precision": precision, "max_abs": max(max_err.values()),
+        built = "fp32" if c.variant == "forward" else precision  # forward is always built in fp32
+        figures = {"atol": tolerance(c, precision), "precision": built, "max_abs": max(max_err.values()),
                    "would_pass_atol": max(max_err.values()), "per_output_max_abs": max_err,
                    "per_output_mean_abs": mean_err, "inputs": len(graph_feeds(c, bundle.config))}
         checks.append(Check(name, bool(accuracy), figures))

@@ -83,7 +83,7 @@ def _sample(a):
                 b.variant, b.freeze, b.per_sample = "host", False, True
     result = sample(src.model, noise, labels=labels, plan=plan, tau=a.tau,
                     guidance=a.guidance, denoise=a.denoise, runners=src.runners, progress=True)
-    print(f"backend {src.backend}")
+    print(f"backend {src.backend} ({src.precision})")
     print(result.stats.table())
     if a.out:
         save_grid(result.images, a.out, scale=max(1, 128 // cfg.img_size))
@@ -196,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample images from a checkpoint, builtin model or bundle")
     s.add_argument("source", help="ml-tarflow .pth, sejd checkpoint folder, builtin:NAME, or a bundle folder")
-    s.add_argument("--backend", default="auto", help="torch | ort-cpu | ort-cuda | ort-trt (auto: ort-cpu for a "
-                   "bundle, torch for a checkpoint)")
+    s.add_argument("--backend", default="auto", help="torch | ort-cpu | ort-cuda | ort-trt | tensorrt | "
+                   "torch-cuda[:fp16|:bf16] (auto: ort-cpu for a bundle, torch for a checkpoint)")
     s.add_argument("--config", default=None, help="TarFlowConfig fields as JSON or a JSON file, e.g. '{\"head_dim\": 64}'")
     s.add_argument("-n", type=int, default=16, help="number of samples")
     s.add_argument("--seed", type=int, default=0)

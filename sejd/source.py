@@ -35,6 +35,13 @@ class Source:
     def tuned_plans(self) -> dict[int, Path]:
         return tuned_plans(self.bundle)
 
+    @property
+    def precision(self) -> str:
+        """What the backend computes in: the engines' build precision, or torch-cuda's suffix."""
+        from sejd.engines import engine_precision
+
+        return engine_precision(self.bundle, self.backend)
+
     def tuned_plan(self, batch: int | None = None) -> str:
         plans = self.tuned_plans()
         if not plans:

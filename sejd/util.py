@@ -30,6 +30,29 @@ def atomic_write(path: str | os.PathLike, binary: bool = False):
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a temporary folder beside `path`; it replaces `path` (a folder, if any) only if the block
+    succeeds: the old folder is moved aside, the new one moved in, then the old one deleted."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json(path: str | os.PathLike, data) -> Path:
     """Write `data` as indented JSON, atomically."""
     import json

@@ -19,13 +19,18 @@ def split_backend(spec: str) -> tuple[str, str]:
     """'torch-cuda:bf16' -> ('torch-cuda', 'bf16'); a plain name -> (name, 'fp32')."""
     from sejd.export.graphs import precision_dtype
 
-    name, _, precision = str(spec).partition(":")
+    name, colon, precision = str(spec).partition(":")
     if name not in BACKENDS:
         raise SejdError(f"unknown backend {spec!r}; expected one of {BACKENDS} (torch-cuda may carry a "
                         f"precision: torch-cuda:fp16, torch-cuda:bf16)")
-    if precision and name != "torch-cuda":
+    if colon and name == "torch":
+        raise SejdError(f"backend {spec!r}: the PyTorch reference runs in fp32; for reduced precision use "
+                        f"torch-cuda:{precision or 'fp16'} on a GPU, or build engines with --precision")
+    if colon and name != "torch-cuda":
         raise SejdError(f"backend {spec!r}: only torch-cuda takes a precision suffix; engine backends are built "
-                        f"at a precision (sejd build BUNDLE --backend {name} --precision {precision})")
+                        f"at a precision (sejd build BUNDLE --backend {name} --precision {precision or 'fp16'})")
+    if colon and not precision:
+        raise SejdError(f"backend {spec!r}: empty precision; expected torch-cuda:fp32, :fp16 or :bf16")
     precision_dtype(precision or "fp32")  # validates the suffix
     return name, precision or "fp32"
 

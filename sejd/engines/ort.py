@@ -17,7 +17,7 @@ from sejd.bundle import Bundle, BundleError, sha256_file
 from sejd.errors import SejdError
 from sejd.export.contracts import contract
 from sejd.runtime.runner import BlockRunner, Conditioning
-from sejd.util import atomic_write, progress
+from sejd.util import atomic_dir, progress
 
 PROVIDERS = {
     "ort-cpu": ["CPUExecutionProvider"],
@@ -33,11 +33,12 @@ def _shape_string(shapes: dict, which: int) -> str:
     return ",".join(f"{name}:{'x'.join(map(str, s[which]))}" for name, s in shapes.items())
 
 
-def providers(bundle: Bundle, backend: str, graph: dict | None = None) -> list:
+def providers(bundle: Bundle, backend: str, graph: dict | None = None, root: Path | None = None) -> list:
     """Execution providers with their options, for one of the bundle's graphs. ort-trt: explicit
     optimisation profiles (batch 1..batch_max, tuned for batch 1) and an engine and timing cache per
     graph under engines/ort-trt/trt_cache/ (the provider keys cached engines by file name and graph
-    structure, not by weights: every block's graph has the same of both, so they must not share one)."""
+    structure, not by weights: every block's graph has the same of both, so they must not share one).
+    `root`: the engine folder (default engines/BACKEND; a scratch folder while building)."""
     if backend == "ort-cpu":
         return PROVIDERS[backend]
     import torch
@@ -50,7 +51,7 @@ def providers(bundle: Bundle, backend: str, graph: dict | None = None) -> list:
 
     trt = {"device_id": device, "trt_engine_cache_enable": "True", "trt_timing_cache_enable": "True"}
     if graph is not None:
-        cache = str(engine_dir(bundle, backend) / "trt_cache" / graph["file"][:-len(".onnx")])
+        cache = str(Path(root or engine_dir(bundle, backend)) / "trt_cache" / graph["file"][:-len(".onnx")])
         trt.update({"trt_engine_cache_path": cache, "trt_timing_cache_path": cache})
         c = contract(bundle.config, graph["variant"], bundle.unroll)
         shapes = profile_shapes(c, int(bundle.manifest.get("batch_max", 64)), 1, bundle.config.num_tokens)
@@ -106,7 +107,8 @@ def engine_dir(bundle: Bundle, backend: str) -> Path:
 def build_ort(bundle: Bundle, backend: str, threads: int | None = None, show_progress: bool = True,
               precision: str = "fp32") -> Path:
     """Optimise every graph for `backend` and save the optimised models plus an engine manifest.
-    `precision` fp16/bf16: built from reduced-precision exports of the bundle's model (export/precision.py)."""
+    `precision` fp16/bf16: built from reduced-precision exports of the bundle's model (export/precision.py).
+    Built in a scratch folder that replaces engines/BACKEND only when every graph has been built."""
     import tempfile
 
     import onnxruntime as ort
@@ -116,39 +118,34 @@ def build_ort(bundle: Bundle, backend: str, threads: int | None = None, show_pro
     reason = unavailable_reason(backend)
     if reason:
         raise BackendUnavailable(f"backend {backend} not available: {reason}")
-    out = engine_dir(bundle, backend)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)  # engines are invalid until the new manifest lands
+    if backend == "ort-cpu" and precision == "bf16":
+        raise SejdError("ONNX Runtime's CPU provider has no bf16 matrix product: build ort-cpu with --precision "
+                        "fp16 or fp32, or bf16 on ort-cuda, ort-trt or tensorrt")
     files = {}
-    with tempfile.TemporaryDirectory(prefix=".onnx-", dir=out) as scratch:
+    with atomic_dir(engine_dir(bundle, backend)) as out, tempfile.TemporaryDirectory(prefix=".onnx-") as scratch:
         sources = precision_graphs(bundle, precision, Path(scratch), show_progress)
         for g in progress(bundle.manifest["graphs"], desc=f"build {backend} {precision}", enabled=show_progress):
             target = out / g["file"]
             target.parent.mkdir(parents=True, exist_ok=True)
+            opts = providers(bundle, backend, g, root=out)
             try:
-                if backend == "ort-trt":  # nodes compiled by TensorRT cannot be saved: keep the ONNX, then
-                    with atomic_write(target, binary=True) as tmp:  # fill the engine cache from the final
-                        Path(tmp).write_bytes(Path(sources[g["file"]]).read_bytes())  # path, as runs load it
-                    cache = Path(providers(bundle, backend, g)[0][1]["trt_engine_cache_path"])
-                    cache.mkdir(parents=True, exist_ok=True)
-                    ort.InferenceSession(str(target), session_options(threads, level="none"),
-                                         providers=providers(bundle, backend, g))
+                if backend == "ort-trt":  # nodes compiled by TensorRT cannot be saved: keep the ONNX and fill
+                    target.write_bytes(Path(sources[g["file"]]).read_bytes())  # the graph's engine cache,
+                    Path(opts[0][1]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)  # as runs do
+                    ort.InferenceSession(str(target), session_options(threads, level="none"), providers=opts)
                 else:
-                    with atomic_write(target, binary=True) as tmp:
-                        ort.InferenceSession(str(sources[g["file"]]), session_options(threads, Path(tmp)),
-                                             providers=providers(bundle, backend, g))
-            except Exception as e:  # e.g. no bf16 kernels on the CPU provider
+                    ort.InferenceSession(str(sources[g["file"]]), session_options(threads, target), providers=opts)
+            except Exception as e:
                 raise SejdError(f"onnxruntime {ort.__version__} cannot build the {precision} {g['variant']} "
                                 f"graph for {backend}: {str(e).splitlines()[0]}") from None
             files[g["file"]] = sha256_file(target)
-    manifest = {"backend": backend, "bundle_manifest_sha256": bundle.manifest_sha256, "precision": precision,
-                "onnxruntime": ort.__version__, "providers": [p if isinstance(p, str) else p[0] for p in
-                                                              providers(bundle, backend)], "files": files,
-                "settings": {"graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "sequential",
-                             "intra_op_num_threads": threads or "default", "inter_op_num_threads": 1}}
-    with atomic_write(out / "manifest.json") as tmp:
-        Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n")
-    return out
+        manifest = {"backend": backend, "bundle_manifest_sha256": bundle.manifest_sha256, "precision": precision,
+                    "onnxruntime": ort.__version__, "providers": [p if isinstance(p, str) else p[0] for p in
+                                                                  providers(bundle, backend)], "files": files,
+                    "settings": {"graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "sequential",
+                                 "intra_op_num_threads": threads or "default", "inter_op_num_threads": 1}}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return engine_dir(bundle, backend)
 
 
 def load_engine_manifest(bundle: Bundle, backend: str) -> dict:

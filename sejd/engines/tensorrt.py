@@ -3,9 +3,10 @@
 Build (`sejd build BUNDLE --backend tensorrt [--precision fp32|fp16|bf16] [--workspace MiB]`): every
 graph is parsed from ONNX into a strongly typed network (the precision is in the graph: see
 `sejd.export.precision`), with optimisation profiles that all cover batch 1..batch_max and are tuned
-for different batch sizes (`PROFILE_BATCHES`), a timing cache kept in the bundle
-(`engines/tensorrt/timing.cache`, reused by later builds), and an engine manifest that records the
-TensorRT version and the GPU the engines were built for: engines are refused elsewhere.
+for different batch sizes (`profile_batches`), a timing cache kept in the bundle
+(`engines/tensorrt-timing.cache`, reused by later builds on the same platform), and an engine
+manifest that records the TensorRT version and the GPU the engines were built for: engines are
+refused elsewhere. The engines replace engines/tensorrt only once every graph has been built.
 
 Run: `TrtCall` turns one engine into a callable over device tensors (tensor addresses set with
 `set_tensor_address`, `execute_async_v3` on PyTorch's current stream, output buffers allocated once
@@ -29,11 +30,11 @@ from sejd.bundle import Bundle, BundleError, sha256_file
 from sejd.engines.torch_graphs import EngineBlockRunner, cuda_graphs_default
 from sejd.errors import SejdError
 from sejd.export.contracts import contract
-from sejd.util import atomic_write, progress
+from sejd.util import atomic_dir, atomic_write, progress, write_json
 
 BACKEND = "tensorrt"
 MIN_VERSION = 10  # the name-based I/O API (set_tensor_address, execute_async_v3)
-TIMING_CACHE = "timing.cache"
+TIMING_CACHE = "tensorrt-timing.cache"
 _LOGGER = None
 
 
@@ -150,37 +151,38 @@ def build_trt(bundle: Bundle, precision: str = "fp32", workspace_mib: int | None
 
     from sejd.export.precision import precision_graphs
 
-    out = engine_dir(bundle)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)  # engines are invalid until the new manifest lands
     batch_max = int(bundle.manifest.get("batch_max", 64))
     T = bundle.config.num_tokens
     platform = this_platform()
-    cache_meta = out / (TIMING_CACHE + ".json")  # the platform the timing cache was measured on
-    reuse = (out / TIMING_CACHE).exists() and cache_meta.exists() and json.loads(cache_meta.read_text()) == platform
-    timing = (out / TIMING_CACHE).read_bytes() if reuse else b""
+    cache, cache_meta = timing_cache_files(bundle)  # beside the engines: kept when a build fails
+    reuse = cache.exists() and cache_meta.exists() and json.loads(cache_meta.read_text()) == platform
+    timing = cache.read_bytes() if reuse else b""
     builder = trt.Builder(_logger())
     files = {}
-    with tempfile.TemporaryDirectory(prefix=".onnx-", dir=out) as scratch:
+    with atomic_dir(engine_dir(bundle)) as out, tempfile.TemporaryDirectory(prefix=".onnx-") as scratch:
         sources = precision_graphs(bundle, precision, Path(scratch), show_progress)
         for g in progress(bundle.manifest["graphs"], desc=f"build tensorrt {precision}", enabled=show_progress):
             c = contract(bundle.config, g["variant"], bundle.unroll)
             engine, timing = _build_one(builder, sources[g["file"]], c, batch_max, T, workspace_mib, timing)
             rel = plan_file(g["file"])
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(out / rel, binary=True) as tmp:
-                Path(tmp).write_bytes(engine)
+            (out / rel).write_bytes(engine)
             files[rel] = sha256_file(out / rel)
-            with atomic_write(out / TIMING_CACHE, binary=True) as tmp:  # kept even if a later graph fails
+            with atomic_write(cache, binary=True) as tmp:
                 Path(tmp).write_bytes(timing)
-            with atomic_write(cache_meta) as tmp:
-                Path(tmp).write_text(json.dumps(platform))
-    manifest = {"backend": BACKEND, "bundle_manifest_sha256": bundle.manifest_sha256, "precision": precision,
-                **platform, "profile_batches": profile_batches(batch_max), "batch_max": batch_max,
-                "workspace_mib": workspace_mib, "timing_cache": TIMING_CACHE, "files": files}
-    with atomic_write(out / "manifest.json") as tmp:
-        Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n")
-    return out
+            write_json(cache_meta, platform)
+        manifest = {"backend": BACKEND, "bundle_manifest_sha256": bundle.manifest_sha256, "precision": precision,
+                    **platform, "profile_batches": profile_batches(batch_max), "batch_max": batch_max,
+                    "workspace_mib": workspace_mib, "timing_cache": str(cache.relative_to(bundle.path)),
+                    "files": files}
+        write_json(out / "manifest.json", manifest)
+    return engine_dir(bundle)
+
+
+def timing_cache_files(bundle: Bundle) -> tuple[Path, Path]:
+    """The TensorRT timing cache kept in the bundle, and the platform it was measured on."""
+    cache = bundle.path / "engines" / TIMING_CACHE
+    return cache, cache.with_name(TIMING_CACHE + ".json")
 
 
 def load_trt_manifest(bundle: Bundle) -> dict:

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from sejd.export.graphs import JacobiGraph, StepGraph, StepKVGraph, precision_dtype
+from sejd.export.graphs import JacobiGraph, StepGraph, StepKVGraph, precision_dtype, reduced_block
 from sejd.model.tarflow import TarFlow
 from sejd.runtime.runner import BlockRunner, Conditioning, affine
 
@@ -41,6 +41,7 @@ class GraphModuleRunner(BlockRunner):
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.dtype = dtype  # of weights and matrix products; caches and tokens stay float32 (see graphs.py)
         if calls is None:
+            block = reduced_block(block, dtype)  # one reduced copy shared by the three modules
             calls = {"step_kv": StepKVGraph(block, T, classes, dtype=dtype).eval(),
                      "window": StepGraph(block, T, classes, dtype=dtype).eval(),
                      "jacobi": JacobiGraph(block, T, classes, dtype=dtype).eval()}

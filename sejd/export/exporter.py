@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -18,7 +16,7 @@ from sejd.export.contracts import (BLOCK_VARIANTS, DEFAULT_OPSET, DEFAULT_UNROLL
                                    contract)
 from sejd.export.onnx_export import export_block_variant, export_forward
 from sejd.model.checkpoint import load_checkpoint, save_checkpoint
-from sejd.util import progress
+from sejd.util import atomic_dir, progress
 
 
 def check_onnx(model: onnx.ModelProto, what: str) -> None:
@@ -45,9 +43,7 @@ def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = D
     model = load_checkpoint(source)
     cfg = model.config
     source_path = Path(str(source)) if not str(source).startswith("builtin:") else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # the old bundle (if any) is replaced only by a verified new one
         save_checkpoint(model, tmp / "model", **model.meta)
         jobs = [(k, v) for k in range(cfg.num_blocks) for v in variants if v in BLOCK_VARIANTS]
         jobs += [(None, v) for v in variants if v in MODEL_VARIANTS]
@@ -78,16 +74,6 @@ def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = D
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         load_bundle(tmp)  # verify what was written before it becomes visible
-        old = None
-        if out.exists():  # move the old bundle aside, the new one in, then drop the old one
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "bundle")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return load_bundle(out)
 
 

@@ -36,8 +36,9 @@ def precision_dtype(precision: str) -> torch.dtype:
 
 
 def reduced_block(block: MetaBlock, dtype: torch.dtype) -> MetaBlock:
-    """A copy of `block` with its weights in `dtype` and its LayerNorms kept in float32."""
-    if dtype == torch.float32:
+    """A copy of `block` with its weights in `dtype` and its LayerNorms kept in float32 (the block itself
+    when it already is: modules of one runner share one reduced copy)."""
+    if block.proj_in.weight.dtype == dtype:
         return block
     reduced = copy.deepcopy(block).to(dtype)
     for m in reduced.modules():
@@ -50,7 +51,7 @@ def attend(q, k, v, mask, scale):
     """Attention over keys allowed by `mask` (bool, broadcast to the scores); softmax in float32."""
     if q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    scores = (q @ k.transpose(-1, -2)).float() * scale  # (R, H, n, keys)
+    scores = ((q * scale) @ k.transpose(-1, -2)).float()  # (R, H, n, keys); scaled first: fp16 range
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).type(q.dtype) @ v
 
 
@@ -160,8 +161,9 @@ class StepKVGraph(BlockGraph):
             scale = layer.attention.scale
             past_k, past_v = past_k.to(self.dtype), past_v.to(self.dtype)
             q, k, v = self.qkv(layer.attention, h, temps)  # (R, H, 1, hd)
-            s_past = ((q @ past_k.transpose(-1, -2)).float() * scale).masked_fill(~before, float("-inf"))  # (R, H, 1, T)
-            s_self = (q * k).sum(-1, keepdim=True).float() * scale  # (R, H, 1, 1)
+            q = q * scale  # before the products: scores stay in fp16's range
+            s_past = (q @ past_k.transpose(-1, -2)).float().masked_fill(~before, float("-inf"))  # (R, H, 1, T)
+            s_self = (q * k).sum(-1, keepdim=True).float()  # (R, H, 1, 1)
             w = torch.softmax(torch.cat([s_past, s_self], dim=-1), dim=-1).type(q.dtype)
             out = w[..., :self.T] @ past_v + w[..., self.T:] * v
             h = self.attention_out(layer, h, out)

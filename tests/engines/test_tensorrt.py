@@ -52,7 +52,7 @@ def test_tensorrt_engines_pass_check_and_match_the_reference(tmp_path, precision
     save_checkpoint(make_model(), tmp_path / "ckpt")
     bundle = export_bundle(tmp_path / "ckpt", tmp_path / "b", unroll=3, batch_max=8, show_progress=False)
     build_engines(bundle, "tensorrt", type("O", (), {"precision": precision, "workspace": 1024})())
-    assert (bundle.path / "engines/tensorrt/timing.cache").stat().st_size > 0
+    assert (bundle.path / "engines/tensorrt-timing.cache").stat().st_size > 0
     report = check_bundle(bundle, "tensorrt", show_progress=False)
     assert report, report.summary()
     if precision == "fp32":

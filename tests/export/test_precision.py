@@ -60,7 +60,7 @@ def test_fp16_engines_pass_check_at_fp16_tolerances(tmp_path):
 
     save_checkpoint(make_model(), tmp_path / "ckpt")
     bundle = export_bundle(tmp_path / "ckpt", tmp_path / "b", unroll=3, show_progress=False,
-                           variants=["step", "step_kv", "window", "jacobi", "jacobi_k", "sequential_loop"])
+                           variants=["step", "step_kv", "window", "jacobi", "jacobi_k", "sequential_loop", "forward"])
     build_ort(bundle, "ort-cpu", show_progress=False, precision="fp16")
     report = check_bundle(bundle, "ort-cpu", show_progress=False)
     assert report, report.summary()
@@ -69,6 +69,8 @@ def test_fp16_engines_pass_check_at_fp16_tolerances(tmp_path):
     assert {c.figures["precision"] for c in graphs} == {"fp16"}
     assert all(c.figures["atol"] == tolerance(contract(bundle.config, c.name.split()[-1], 3), "fp16") for c in graphs)
     assert max(c.figures["max_abs"] for c in graphs) > FP32_ATOL  # the engines do compute in fp16
+    (forward,) = [c for c in report.checks if c.name == "forward"]
+    assert forward.figures["precision"] == "fp32" and forward.figures["atol"] == FP32_ATOL  # always built fp32
     plans = [c for c in report.checks if "same plan" in c.name]
     assert plans and all(c.figures["psnr_floor_db"] == 45.0 for c in plans)
 
@@ -80,5 +82,54 @@ def test_backend_precision_suffix():
         split_backend("tensorrt:fp16")
     with pytest.raises(SejdError, match="unknown precision 'fp8'"):
         split_backend("torch-cuda:fp8")
+    with pytest.raises(SejdError, match="the PyTorch reference runs in fp32"):
+        split_backend("torch:fp16")
     with pytest.raises(SejdError, match="unknown backend 'cuda'"):
         split_backend("cuda")
+
+
+def test_reduced_precision_cli_errors_and_reports(tiny_bundle, tmp_path, capsys):
+    import shutil
+
+    from sejd.cli import main
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle.path, bundle)  # the shared bundle's fp32 engines stay untouched
+    before = (bundle / "engines/ort-cpu/manifest.json").read_text()
+    assert main(["build", str(bundle), "--backend", "ort-cpu", "--precision", "bf16"]) == 2
+    assert "CPU provider has no bf16 matrix product" in capsys.readouterr().err
+    assert (bundle / "engines/ort-cpu/manifest.json").read_text() == before  # a refused build changes nothing
+    assert main(["sample", str(bundle), "--backend", "torch:fp16", "-n", "1"]) == 2
+    assert "the PyTorch reference runs in fp32" in capsys.readouterr().err
+    assert main(["sample", str(bundle), "--backend", "torch-cuda:", "-n", "1"]) == 2
+    assert "empty precision" in capsys.readouterr().err
+    assert main(["build", str(bundle), "--backend", "ort-cpu", "--precision", "fp16"]) == 0
+    assert main(["sample", str(bundle), "-n", "1", "--plan", "sequential", "--out", str(tmp_path / "s.png")]) == 0
+    assert "backend ort-cpu (fp16)" in capsys.readouterr().out
+
+
+def test_failed_engine_build_keeps_the_previous_engines(tiny_bundle, tmp_path, monkeypatch):
+    import shutil
+
+    import onnxruntime
+
+    from sejd.engines.ort import load_engine_manifest
+
+    bundle_path = tmp_path / "b"
+    shutil.copytree(tiny_bundle.path, bundle_path)
+    from sejd.bundle import load_bundle
+    bundle = load_bundle(bundle_path)
+    calls = {"n": 0}
+    real = onnxruntime.InferenceSession
+
+    def failing_late(*args, **kwargs):  # the fifth graph fails to build
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated provider failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", failing_late)
+    with pytest.raises(SejdError, match="cannot build the fp16 .* simulated provider failure"):
+        build_ort(bundle, "ort-cpu", show_progress=False, precision="fp16")
+    assert load_engine_manifest(bundle, "ort-cpu")["precision"] == "fp32"  # still the old, complete engines
+    assert not [p for p in (bundle_path / "engines").iterdir() if p.name.startswith(".")]  # no scratch left
