@@ -126,7 +126,8 @@ def ort_engine_runner(bundle: Bundle, backend: str):
     import onnxruntime as ort
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    from sejd.engines.ort import engine_dir, load_engine_manifest, providers, session_options
+    from sejd.engines import engine_dir
+    from sejd.engines.ort import load_engine_manifest, providers, session_options
 
     load_engine_manifest(bundle, backend)
 

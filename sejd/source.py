@@ -89,12 +89,9 @@ def open_source(source: str | os.PathLike, backend: str = "auto", threads: int |
 
     name, precision = ("auto", "fp32") if backend == "auto" else split_backend(backend)
     if name == "torch-cuda":
-        from sejd.engines import unavailable
-        from sejd.engines.ort import BackendUnavailable
+        from sejd.engines import require
         from sejd.engines.torch_graphs import graph_runners
-        reason = unavailable(backend)
-        if reason:
-            raise BackendUnavailable(f"backend {backend} not available: {reason}")
+        require(backend)
         model = load_checkpoint(source, config=config).to("cuda")
         return Source(model, graph_runners(model, precision=precision), backend)
     if backend not in ("auto", "torch"):

@@ -61,7 +61,8 @@ def unavailable(backend: str) -> str | None:
     return None  # torch-cuda
 
 
-def _require(backend: str) -> None:
+def require(backend: str) -> None:
+    """Raise BackendUnavailable, saying why, when `backend` cannot run here."""
     from sejd.engines.ort import BackendUnavailable
 
     reason = unavailable(backend)
@@ -75,7 +76,7 @@ def runners_for(bundle, backend: str, threads: int | None = None):
     if name == "torch":
         from sejd.runtime.torch_runner import torch_runners
         return torch_runners(bundle.load_model())
-    _require(backend)
+    require(backend)
     if name == "torch-cuda":
         from sejd.engines.torch_graphs import graph_runners
         return graph_runners(bundle.load_model().to("cuda"), precision=precision)
@@ -91,7 +92,7 @@ def build_engines(bundle, backend: str, options):
     name, _ = split_backend(backend)
     if name not in ENGINE_BACKENDS:
         raise SejdError(f"backend {backend!r} needs no build step (it runs the bundle's PyTorch model directly)")
-    _require(name)
+    require(name)
     precision = getattr(options, "precision", None) or "fp32"
     if name == "tensorrt":
         from sejd.engines.tensorrt import build_trt
@@ -107,6 +108,34 @@ def engine_precision(bundle, backend: str) -> str:
         return precision
     import json
 
-    from sejd.engines.ort import engine_dir
     manifest = engine_dir(bundle, name) / "manifest.json"
     return json.loads(manifest.read_text()).get("precision", "fp32") if manifest.exists() else "fp32"
+
+
+def engine_dir(bundle, backend: str):
+    return bundle.path / "engines" / backend
+
+
+def read_engine_manifest(bundle, backend: str, runtime_mismatch) -> dict:
+    """engines/BACKEND/manifest.json, verified: built from this export of the bundle, for a runtime that
+    `runtime_mismatch(manifest)` accepts (None, else a sentence saying what differs), every file unchanged."""
+    import json
+
+    from sejd.bundle import BundleError, sha256_file
+
+    rebuild = f"rebuild them with `sejd build {bundle.path} --backend {backend}`"
+    mf = engine_dir(bundle, backend) / "manifest.json"
+    if not mf.exists():
+        raise BundleError(f"{bundle.path}: no {backend} engines; build them with `sejd build {bundle.path} "
+                          f"--backend {backend}`")
+    m = json.loads(mf.read_text())
+    if m.get("bundle_manifest_sha256") != bundle.manifest_sha256:
+        raise BundleError(f"{mf}: engines were built from another export of this bundle; {rebuild}")
+    mismatch = runtime_mismatch(m)
+    if mismatch:
+        raise BundleError(f"{mf}: {mismatch}; {rebuild}")
+    for rel, digest in m["files"].items():
+        f = engine_dir(bundle, backend) / rel
+        if not f.exists() or sha256_file(f) != digest:
+            raise BundleError(f"{bundle.path}: engine file engines/{backend}/{rel} is missing or changed; {rebuild}")
+    return m

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from sejd.bundle import Bundle, BundleError, sha256_file
+from sejd.engines import engine_dir, read_engine_manifest
 from sejd.errors import SejdError
 from sejd.export.contracts import contract
 from sejd.runtime.runner import BlockRunner, Conditioning
@@ -100,10 +101,6 @@ def session_options(threads: int | None = None, optimized_path: Path | None = No
     return so
 
 
-def engine_dir(bundle: Bundle, backend: str) -> Path:
-    return bundle.path / "engines" / backend
-
-
 def build_ort(bundle: Bundle, backend: str, threads: int | None = None, show_progress: bool = True,
               precision: str = "fp32") -> Path:
     """Optimise every graph for `backend` and save the optimised models plus an engine manifest.
@@ -151,21 +148,10 @@ def build_ort(bundle: Bundle, backend: str, threads: int | None = None, show_pro
 def load_engine_manifest(bundle: Bundle, backend: str) -> dict:
     import onnxruntime as ort
 
-    mf = engine_dir(bundle, backend) / "manifest.json"
-    if not mf.exists():
-        raise BundleError(f"{bundle.path}: no {backend} engines; build them with `sejd build {bundle.path} "
-                          f"--backend {backend}`")
-    m = json.loads(mf.read_text())
-    if m.get("bundle_manifest_sha256") != bundle.manifest_sha256:
-        raise BundleError(f"{mf}: engines were built from another export of this bundle; rebuild them")
-    if m.get("onnxruntime") != ort.__version__:
-        raise BundleError(f"{mf}: engines were built with onnxruntime {m.get('onnxruntime')}, this is "
-                          f"{ort.__version__}; rebuild them")
-    for rel, digest in m["files"].items():
-        f = engine_dir(bundle, backend) / rel
-        if not f.exists() or sha256_file(f) != digest:
-            raise BundleError(f"{bundle.path}: engine file engines/{backend}/{rel} is missing or changed; rebuild")
-    return m
+    def mismatch(m):
+        built = m.get("onnxruntime")
+        return None if built == ort.__version__ else f"engines were built with onnxruntime {built}, this is {ort.__version__}"
+    return read_engine_manifest(bundle, backend, mismatch)
 
 
 class OrtSessions:

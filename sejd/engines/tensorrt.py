@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from sejd.bundle import Bundle, BundleError, sha256_file
+from sejd.engines import engine_dir, read_engine_manifest
 from sejd.engines.torch_graphs import EngineBlockRunner, cuda_graphs_default
 from sejd.errors import SejdError
 from sejd.export.contracts import contract
@@ -55,10 +56,6 @@ def _logger():
     if _LOGGER is None:
         _LOGGER = trt.Logger(trt.Logger.WARNING)
     return _LOGGER
-
-
-def engine_dir(bundle: Bundle) -> Path:
-    return bundle.path / "engines" / BACKEND
 
 
 def plan_file(rel_onnx: str) -> str:
@@ -159,7 +156,7 @@ def build_trt(bundle: Bundle, precision: str = "fp32", workspace_mib: int | None
     timing = cache.read_bytes() if reuse else b""
     builder = trt.Builder(_logger())
     files = {}
-    with atomic_dir(engine_dir(bundle)) as out, tempfile.TemporaryDirectory(prefix=".onnx-") as scratch:
+    with atomic_dir(engine_dir(bundle, BACKEND)) as out, tempfile.TemporaryDirectory(prefix=".onnx-") as scratch:
         sources = precision_graphs(bundle, precision, Path(scratch), show_progress)
         for g in progress(bundle.manifest["graphs"], desc=f"build tensorrt {precision}", enabled=show_progress):
             c = contract(bundle.config, g["variant"], bundle.unroll)
@@ -176,7 +173,7 @@ def build_trt(bundle: Bundle, precision: str = "fp32", workspace_mib: int | None
                     "workspace_mib": workspace_mib, "timing_cache": str(cache.relative_to(bundle.path)),
                     "files": files}
         write_json(out / "manifest.json", manifest)
-    return engine_dir(bundle)
+    return engine_dir(bundle, BACKEND)
 
 
 def timing_cache_files(bundle: Bundle) -> tuple[Path, Path]:
@@ -186,21 +183,7 @@ def timing_cache_files(bundle: Bundle) -> tuple[Path, Path]:
 
 
 def load_trt_manifest(bundle: Bundle) -> dict:
-    mf = engine_dir(bundle) / "manifest.json"
-    if not mf.exists():
-        raise BundleError(f"{bundle.path}: no tensorrt engines; build them with `sejd build {bundle.path} "
-                          f"--backend tensorrt`")
-    m = json.loads(mf.read_text())
-    if m.get("bundle_manifest_sha256") != bundle.manifest_sha256:
-        raise BundleError(f"{mf}: engines were built from another export of this bundle; rebuild them")
-    mismatch = platform_mismatch(m, this_platform())
-    if mismatch:
-        raise BundleError(f"{mf}: {mismatch}; rebuild them here with `sejd build {bundle.path} --backend tensorrt`")
-    for rel, digest in m["files"].items():
-        f = engine_dir(bundle) / rel
-        if not f.exists() or sha256_file(f) != digest:
-            raise BundleError(f"{bundle.path}: engine file engines/tensorrt/{rel} is missing or changed; rebuild")
-    return m
+    return read_engine_manifest(bundle, BACKEND, lambda m: platform_mismatch(m, this_platform()))
 
 
 def _torch_dtype(trt_dtype):
@@ -296,7 +279,7 @@ class TrtEngines:
         key = (variant, block)
         if key not in self._calls:
             rel = plan_file(self.bundle.graph(variant, block)["file"])
-            engine = self.runtime.deserialize_cuda_engine((engine_dir(self.bundle) / rel).read_bytes())
+            engine = self.runtime.deserialize_cuda_engine((engine_dir(self.bundle, BACKEND) / rel).read_bytes())
             if engine is None:
                 raise BundleError(f"TensorRT could not load engines/tensorrt/{rel}; rebuild the engines")
             c = contract(self.bundle.config, variant, self.bundle.unroll)
@@ -320,4 +303,5 @@ def trt_engine_runner(bundle: Bundle):
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
     load_trt_manifest(bundle)
-    return lambda g, c: TrtRunner(EngineFromBytes(BytesFromPath(str(engine_dir(bundle) / plan_file(g["file"])))))
+    folder = engine_dir(bundle, BACKEND)
+    return lambda g, c: TrtRunner(EngineFromBytes(BytesFromPath(str(folder / plan_file(g["file"])))))

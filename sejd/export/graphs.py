@@ -4,13 +4,13 @@ What makes them exportable: static token counts, a fixed-size KV cache written w
 explicit position tensor and read through a position mask (no data-dependent slicing), CFG rows
 selected by index arithmetic (rows = R = B or 2B, cond rows first), and the class term computed in
 the graph from int64 labels (-1 = unconditional), so one graph serves every kind of batch.
+The loop variants (`jacobi_loop`, `sequential_loop`) wrap the bodies defined here in an ONNX `Loop`
+(see `loops.py`).
 
 Precision: every module takes a `dtype`. In float16/bfloat16 the weights and matrix products run in
 that type while LayerNorm, the softmax and `exp` stay in float32 (their ranges overflow or lose too
 much in half precision); the graph's inputs and outputs, caches included, stay float32, so every
 variant keeps one contract whatever its precision (the casts sit at the graph's edges).
-The loop variants (`jacobi_loop`, `sequential_loop`) wrap the bodies defined here in an ONNX `Loop`
-(see `loops.py`).
 """
 
 from __future__ import annotations
