@@ -9,8 +9,9 @@
     plan.json                      written by `sejd tune` (pins the bundle's manifest hash): the latest
     plans/batch-<N>.json           every tuned plan by the batch size it was tuned for
 
-Loading verifies the schema version and the sha256 of every listed file, and refuses a changed,
-missing or foreign file by name.
+Loading checks the manifest's schema, then confines every path a manifest names (`confined_file`),
+compares the manifest's config with model/config.json, refuses symlinks that leave the bundle, and
+verifies the sha256 of every listed file, refusing a changed, missing or foreign file by name.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from sejd.errors import SejdError
@@ -27,6 +29,13 @@ from sejd.model.tarflow import TarFlowConfig
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 UNPINNED_TOP = ("engines", "plan.json", "plans", MANIFEST)  # written after export, verified by their own means
+MODEL_CONFIG = "model/config.json"
+OPSETS = range(17, 22)  # the opsets `sejd export` writes
+UNROLL_MAX = 1024  # jacobi_k iterations per call: beyond T - 1 of the published models they buy nothing
+BATCH_MAX_LIMIT = 4096  # a manifest's batch_max beyond this is corrupt, not a model anyone serves
+PATH_RULE = "a manifest names only regular files inside the bundle, by relative, normalised POSIX paths"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_DRIVE = re.compile(r"[A-Za-z]:")
 
 
 class BundleError(SejdError):
@@ -75,7 +84,9 @@ class Bundle:
         return sorted({g["variant"] for g in self.manifest["graphs"]})
 
     def graph_path(self, variant: str, block: int | None = None) -> Path:
-        return self.path / self.graph(variant, block)["file"]
+        rel = self.graph(variant, block)["file"]
+        return confined_file(self.path, rel, f"the {variant} graph's file", self.path / MANIFEST,
+                             self.manifest["files"])
 
     def load_model(self):
         from sejd.model.checkpoint import load_checkpoint
@@ -84,34 +95,201 @@ class Bundle:
 
 
 def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
+    """Open a bundle; its manifest is checked before anything in it is used. `verify`: also walk the folder
+    (symlinks, foreign files) and hash every listed file."""
     path = Path(path)
     mf = path / MANIFEST
     if not mf.exists():
         raise BundleError(f"{path} is not a sejd bundle: {MANIFEST} is missing (create one with `sejd export`)")
-    try:
-        manifest = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{mf}: not valid JSON ({e})") from None
-    schema = manifest.get("schema") if isinstance(manifest, dict) else None
+    manifest = read_json_object(mf, "the bundle manifest")
+    schema = manifest.get("schema")
     if schema != SCHEMA_VERSION:
         raise BundleError(f"{path}: bundle schema version {schema!r}, this sejd reads version {SCHEMA_VERSION}; "
                           f"re-export it with this sejd (`sejd export`)")
+    validate_manifest(manifest, mf)
     bundle = Bundle(path, manifest)
+    if verify:
+        refuse_escaping_symlinks(path, manifest["files"], mf)  # before any file is opened through one
+    check_model_config(bundle)
     if verify:
         verify_files(bundle)
     return bundle
 
 
-def verify_files(bundle: Bundle) -> None:
-    files: dict = bundle.manifest["files"]
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from `path` (a manifest); anything else is a BundleError naming the file."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: {what} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: {what} must be a JSON object, got {_kind(data)}")
+    return data
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an int", float: "a number",
+            type(None): "null"}.get(
+        type(value), f"a {type(value).__name__}")
+
+
+def path_rule_broken(rel) -> str | None:
+    """Which part of the path rule the manifest path `rel` breaks (None: a relative, normalised POSIX path)."""
+    if not isinstance(rel, str):
+        return f"is {_kind(rel)}, not a path string"
+    if not rel:
+        return "is empty"
+    if "\\" in rel:
+        return "contains a backslash (paths are POSIX, '/'-separated)"
+    if "\0" in rel:
+        return "contains a NUL byte"
+    if rel.startswith("/"):
+        return "is absolute"
+    if _DRIVE.match(rel):
+        return "names a drive"
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        return "is not normalised (it has an empty, '.' or '..' segment)"
+    return None
+
+
+def _inside(real: Path, root_real: Path) -> bool:
+    return real == root_real or root_real in real.parents
+
+
+def confined_file(root: Path, rel, field: str, where, listed=None, remedy: str = "re-export the bundle") -> Path:
+    """root/rel, where `rel` is a path that manifest `where` names in `field`: refused (BundleError naming the
+    field, the path and the rule) unless it is a relative, normalised POSIX path, listed in `listed` (the
+    manifest's `files`, when given), and resolves (following symlinks) to a regular file inside `root`."""
+    check_path(rel, field, where, listed)
+    path = root / rel
+    try:
+        real = path.resolve(strict=True)
+    except FileNotFoundError:
+        listed_there = "listed in the manifest " if listed is not None else ""
+        raise BundleError(f"{where}: {field} {rel} {listed_there}is missing; {remedy}") from None
+    except (OSError, RuntimeError) as e:  # a symlink loop, a component that is not a folder
+        raise BundleError(f"{where}: {field} {rel} cannot be resolved ({e}); {PATH_RULE}") from None
+    if not _inside(real, root.resolve()):
+        raise BundleError(f"{where}: {field} {rel} resolves to {real}, outside {root}; {PATH_RULE}")
+    if not real.is_file():
+        raise BundleError(f"{where}: {field} {rel} is not a regular file; {PATH_RULE}")
+    return path
+
+
+def check_path(rel, field: str, where, listed=None) -> None:
+    """The syntax half of the path rule (see `confined_file`), and, given `listed`, that `rel` is a key of it."""
+    broken = path_rule_broken(rel)
+    if broken:
+        raise BundleError(f"{where}: {field} {rel!r} {broken}; {PATH_RULE}")
+    if listed is not None and rel not in listed:
+        raise BundleError(f"{where}: {field} {rel} is not listed in the manifest's files (every file a bundle "
+                          f"uses is listed there with its sha256)")
+
+
+def check_file_table(manifest: dict, where, field: str = "files") -> dict:
+    """manifest[field]: an object mapping each path (checked by `path_rule_broken`) to its sha256."""
+    if field not in manifest:
+        raise BundleError(f"{where}: no {field} table (every file is listed there with its sha256)")
+    files = manifest[field]
+    if not isinstance(files, dict):
+        raise BundleError(f"{where}: {field} must be an object mapping each file to its sha256, got {_kind(files)}")
     for rel, digest in files.items():
-        f = bundle.path / rel
-        if not f.exists():
-            raise BundleError(f"{bundle.path}: file {rel} listed in the manifest is missing")
+        check_path(rel, f"{field} entry", where)
+        if not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+            raise BundleError(f"{where}: {field} entry {rel}: expected a sha256 (64 lowercase hex digits), "
+                              f"got {digest!r}")
+    return files
+
+
+def _int_in(manifest: dict, key: str, lo: int, hi: int, where) -> None:
+    value = manifest.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise BundleError(f"{where}: {key} must be an int from {lo} to {hi}, got {value!r}")
+
+
+def validate_manifest(manifest: dict, where) -> None:
+    """The manifest's schema, before any of it is used: O(entries), opens no file."""
+    files = check_file_table(manifest, where)
+    try:
+        config = TarFlowConfig.from_dict(_object(manifest.get("config"), "config", where))
+    except SejdError as e:
+        raise BundleError(f"{where}: config: {e}") from None
+    _int_in(manifest, "unroll", 1, UNROLL_MAX, where)
+    _int_in(manifest, "batch_max", 1, BATCH_MAX_LIMIT, where)
+    _int_in(manifest, "opset", OPSETS.start, OPSETS.stop - 1, where)
+    graphs = manifest.get("graphs")
+    if not isinstance(graphs, list):
+        raise BundleError(f"{where}: graphs must be a list of graph entries, got {_kind(graphs)}")
+    seen = set()
+    for i, g in enumerate(graphs):
+        g = _object(g, f"graphs[{i}]", where)
+        block = g.get("block")
+        if block is not None and (not isinstance(block, int) or isinstance(block, bool)
+                                  or not 0 <= block < config.num_blocks):
+            raise BundleError(f"{where}: graphs[{i}].block must be null (the whole model) or a block index from 0 "
+                              f"to {config.num_blocks - 1}, got {block!r}")
+        if not isinstance(g.get("variant"), str):
+            raise BundleError(f"{where}: graphs[{i}].variant must be a string, got {g.get('variant')!r}")
+        if (block, g["variant"]) in seen:
+            raise BundleError(f"{where}: graphs[{i}] repeats the {g['variant']!r} graph of "
+                              f"{'the model' if block is None else f'block {block}'}")
+        seen.add((block, g["variant"]))
+        check_path(g.get("file"), f"graphs[{i}].file", where, files)
+
+
+def _object(value, field: str, where) -> dict:
+    if not isinstance(value, dict):
+        raise BundleError(f"{where}: {field} must be an object, got {_kind(value)}")
+    return value
+
+
+def check_model_config(bundle: Bundle) -> None:
+    """The manifest's config must be the config of model/ (the PyTorch reference): compares the two JSON
+    configs, without loading any weights."""
+    where = bundle.path / MANIFEST
+    path = confined_file(bundle.path, MODEL_CONFIG, "the PyTorch reference's config", where,
+                         bundle.manifest["files"])
+    meta = read_json_object(path, "the PyTorch reference's config")
+    try:
+        reference = TarFlowConfig.from_dict(_object(meta.get("config"), "config", path)).to_dict()
+    except SejdError as e:
+        raise BundleError(f"{path}: config: {e}") from None
+    stated = bundle.config.to_dict()
+    differ = [k for k in stated if stated[k] != reference[k]]
+    if differ:
+        raise BundleError(f"{where}: config contradicts {MODEL_CONFIG} (the bundle's PyTorch reference) in "
+                          f"{', '.join(f'{k} ({stated[k]!r} vs {reference[k]!r})' for k in differ)}; "
+                          f"re-export the bundle")
+
+
+def refuse_escaping_symlinks(root: Path, files: dict, where) -> None:
+    """Walk the bundle without following links: a symlink (to a file or a folder) must resolve inside it;
+    a dangling one is refused. Any other entry must be listed in `files` or sit in an unpinned place."""
+    root_real = root.resolve()
+    for folder, dirs, names in os.walk(root):
+        for name, is_file in [(d, False) for d in dirs] + [(n, True) for n in names]:
+            entry = Path(folder) / name
+            rel = entry.relative_to(root).as_posix()
+            if entry.is_symlink():
+                try:
+                    real = entry.resolve(strict=True)
+                except (OSError, RuntimeError):
+                    raise BundleError(f"{where}: symlink {rel} is dangling (its target {os.readlink(entry)!r} does "
+                                      f"not exist or loops); {PATH_RULE}") from None
+                if not _inside(real, root_real):
+                    raise BundleError(f"{where}: symlink {rel} resolves to {real}, outside {root}; {PATH_RULE}")
+            if is_file and rel not in files and rel.split("/")[0] not in UNPINNED_TOP:
+                raise BundleError(f"{root}: foreign file {rel} is not part of this bundle's manifest")
+
+
+def verify_files(bundle: Bundle) -> None:
+    """Every file in the manifest's `files` table, whatever its kind, confined and unchanged (sha256)."""
+    where = bundle.path / MANIFEST
+    files = bundle.manifest["files"]
+    for rel, digest in files.items():
+        f = confined_file(bundle.path, rel, "file", where, files)
         if sha256_file(f) != digest:
             raise BundleError(f"{bundle.path}: file {rel} has changed since export (sha256 mismatch); "
                               f"re-export the bundle")
-    for f in sorted(bundle.path.rglob("*")):
-        rel = f.relative_to(bundle.path).as_posix()
-        if f.is_file() and rel not in files and rel.split("/")[0] not in UNPINNED_TOP:
-            raise BundleError(f"{bundle.path}: foreign file {rel} is not part of this bundle's manifest")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 from sejd.errors import SejdError
@@ -47,7 +48,7 @@ class Source:
         if not plans:
             raise SejdError("plan 'auto' is the bundle's tuned plan: export a bundle and run `sejd tune` first")
         if batch is None:
-            return str(self.bundle.path / "plan.json") if (self.bundle.path / "plan.json").exists() \
+            return str(plan_file(self.bundle, "plan.json")) if (self.bundle.path / "plan.json").exists() \
                 else str(plans[min(plans)])
         nearest = min(plans, key=lambda b: (abs(b - batch), -b))
         return str(plans[nearest])
@@ -57,14 +58,31 @@ class Source:
         return self.tuned_plan(batch) if self.tuned_plans() else "sjd"
 
 
+# what `sejd tune` writes; other names in plans/ are not tuned plans and are ignored (up to 9 digits: no
+# batch is larger, and int() of a very long digit string raises)
+TUNED_PLAN_NAME = re.compile(r"batch-([1-9][0-9]{0,8})\.json")
+
+
 def tuned_plans(bundle) -> dict[int, Path]:
-    """The plans `sejd tune` wrote into a bundle, by the batch size they were tuned for (0: unknown)."""
+    """The plans `sejd tune` wrote into a bundle, by the batch size they were tuned for (0: unknown).
+    Each must be a regular file inside the bundle (symlinks leaving it are refused)."""
     if bundle is None:
         return {}
-    plans = {int(p.stem.split("-")[1]): p for p in (bundle.path / "plans").glob("batch-*.json")}
+    plans = {}
+    for p in (bundle.path / "plans").glob("batch-*.json"):
+        match = TUNED_PLAN_NAME.fullmatch(p.name)
+        if match:
+            plans[int(match.group(1))] = plan_file(bundle, f"plans/{p.name}")
     if not plans and (bundle.path / "plan.json").exists():
-        plans[0] = bundle.path / "plan.json"
+        plans[0] = plan_file(bundle, "plan.json")
     return plans
+
+
+def plan_file(bundle, rel: str) -> Path:
+    """A plan `sejd tune` wrote into `bundle` (plan.json or plans/...), confined to the bundle."""
+    from sejd.bundle import confined_file
+
+    return confined_file(bundle.path, rel, "tuned plan", bundle.path)
 
 
 def is_bundle(source) -> bool:

@@ -106,36 +106,63 @@ def engine_precision(bundle, backend: str) -> str:
     name, precision = split_backend(backend)
     if name not in ENGINE_BACKENDS:
         return precision
-    import json
-
-    manifest = engine_dir(bundle, name) / "manifest.json"
-    return json.loads(manifest.read_text()).get("precision", "fp32") if manifest.exists() else "fp32"
+    manifest = engine_manifest(bundle, name)
+    precision = manifest.get("precision", "fp32") if manifest is not None else "fp32"
+    if not isinstance(precision, str):
+        from sejd.bundle import BundleError
+        raise BundleError(f"{engine_dir(bundle, name) / 'manifest.json'}: precision must be a string such as "
+                          f"'fp16', got {precision!r}")
+    return precision
 
 
 def engine_dir(bundle, backend: str):
     return bundle.path / "engines" / backend
 
 
+def engine_manifest(bundle, backend: str) -> dict | None:
+    """engines/BACKEND/manifest.json as a checked object (its `files` table well formed; the files themselves
+    are verified by read_engine_manifest); None when no engines were built."""
+    from sejd.bundle import check_file_table, read_json_object
+
+    mf = engine_dir(bundle, backend) / "manifest.json"
+    if not mf.exists():
+        return None
+    m = read_json_object(mf, f"the {backend} engine manifest")
+    check_file_table(m, mf)
+    return m
+
+
+def engine_file(bundle, backend: str, rel: str, manifest: dict):
+    """The engine file `rel` of engines/BACKEND, which its manifest must list, confined to the bundle."""
+    from sejd.bundle import confined_file
+
+    where = engine_dir(bundle, backend) / "manifest.json"
+    if rel not in manifest["files"]:
+        from sejd.bundle import BundleError
+        raise BundleError(f"{where}: engine file {rel} is not listed in the engine manifest's files; "
+                          f"rebuild them with `sejd build {bundle.path} --backend {backend}`")
+    # confined to the bundle, not to engines/BACKEND, so that a symlinked engines folder cannot leave it
+    return confined_file(bundle.path, f"engines/{backend}/{rel}", "engine file", where,
+                         remedy=f"rebuild them with `sejd build {bundle.path} --backend {backend}`")
+
+
 def read_engine_manifest(bundle, backend: str, runtime_mismatch) -> dict:
     """engines/BACKEND/manifest.json, verified: built from this export of the bundle, for a runtime that
     `runtime_mismatch(manifest)` accepts (None, else a sentence saying what differs), every file unchanged."""
-    import json
-
     from sejd.bundle import BundleError, sha256_file
 
     rebuild = f"rebuild them with `sejd build {bundle.path} --backend {backend}`"
     mf = engine_dir(bundle, backend) / "manifest.json"
-    if not mf.exists():
+    m = engine_manifest(bundle, backend)
+    if m is None:
         raise BundleError(f"{bundle.path}: no {backend} engines; build them with `sejd build {bundle.path} "
                           f"--backend {backend}`")
-    m = json.loads(mf.read_text())
     if m.get("bundle_manifest_sha256") != bundle.manifest_sha256:
         raise BundleError(f"{mf}: engines were built from another export of this bundle; {rebuild}")
     mismatch = runtime_mismatch(m)
     if mismatch:
         raise BundleError(f"{mf}: {mismatch}; {rebuild}")
     for rel, digest in m["files"].items():
-        f = engine_dir(bundle, backend) / rel
-        if not f.exists() or sha256_file(f) != digest:
+        if sha256_file(engine_file(bundle, backend, rel, m)) != digest:
             raise BundleError(f"{bundle.path}: engine file engines/{backend}/{rel} is missing or changed; {rebuild}")
     return m
