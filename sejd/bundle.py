@@ -212,8 +212,9 @@ def _int_in(manifest: dict, key: str, lo: int, hi: int, where) -> None:
 def validate_manifest(manifest: dict, where) -> None:
     """The manifest's schema, before any of it is used: O(entries), opens no file."""
     files = check_file_table(manifest, where)
+    stated = _object(manifest.get("config"), "config", where)
     try:
-        config = TarFlowConfig.from_dict(_object(manifest.get("config"), "config", where))
+        config = TarFlowConfig.from_dict(stated)
     except SejdError as e:
         raise BundleError(f"{where}: config: {e}") from None
     _int_in(manifest, "unroll", 1, UNROLL_MAX, where)
@@ -252,8 +253,9 @@ def check_model_config(bundle: Bundle) -> None:
     path = confined_file(bundle.path, MODEL_CONFIG, "the PyTorch reference's config", where,
                          bundle.manifest["files"])
     meta = read_json_object(path, "the PyTorch reference's config")
+    reference = _object(meta.get("config"), "config", path)
     try:
-        reference = TarFlowConfig.from_dict(_object(meta.get("config"), "config", path)).to_dict()
+        reference = TarFlowConfig.from_dict(reference).to_dict()
     except SejdError as e:
         raise BundleError(f"{path}: config: {e}") from None
     stated = bundle.config.to_dict()
