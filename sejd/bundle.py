@@ -122,6 +122,8 @@ def read_json_object(path: Path, what: str) -> dict:
         data = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path}: {what} is not valid JSON ({e})") from None
+    except RecursionError:  # arrays nested deeper than the parser's stack
+        raise BundleError(f"{path}: {what} is nested too deeply to be a manifest") from None
     except OSError as e:
         raise BundleError(f"{path}: cannot read {what}: {e.strerror or e}") from None
     if not isinstance(data, dict):

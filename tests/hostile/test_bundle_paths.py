@@ -156,6 +156,26 @@ def test_dangling_symlink_is_refused(tiny_bundle, tmp_path):
         load_bundle(dst)
 
 
+def test_symlink_loop_is_refused(tiny_bundle, tmp_path):
+    dst = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    os.symlink("b.onnx", dst / "blocks/0/a.onnx")
+    os.symlink("a.onnx", dst / "blocks/0/b.onnx")
+    with pytest.raises(BundleError, match=r"symlink blocks/0/[ab]\.onnx is dangling .* or loops"):
+        load_bundle(dst)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_listed_path_that_is_not_a_regular_file_is_refused_without_reading_it(tiny_bundle, tmp_path, kind):
+    dst = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    (dst / JACOBI).unlink()
+    if kind == "fifo":  # opening it to hash it would block forever
+        os.mkfifo(dst / JACOBI)
+    else:
+        (dst / JACOBI).mkdir()
+    with pytest.raises(BundleError, match=r"file blocks/0/jacobi\.onnx is not a regular file"):
+        load_bundle(dst)
+
+
 def test_listed_file_replaced_by_a_symlink_to_an_identical_copy_outside_is_refused(tiny_bundle, tmp_path):
     dst = copy_bundle(tiny_bundle, tmp_path / "bundle")
     outside = tmp_path / "copy.onnx"
@@ -252,7 +272,8 @@ def test_malformed_manifest_is_one_bundle_error_naming_the_field(tiny_bundle, tm
 
 
 @pytest.mark.parametrize("text,message", [("[1, 2]", "must be a JSON object, got a list"),
-                                          ("{", "is not valid JSON"), ('"x"', "must be a JSON object, got a string")])
+                                          ("{", "is not valid JSON"), ('"x"', "must be a JSON object, got a string"),
+                                          ("[" * 100_000 + "]" * 100_000, "is nested too deeply")])
 def test_manifest_that_is_not_a_json_object_is_refused(tiny_bundle, tmp_path, text, message):
     dst = copy_bundle(tiny_bundle, tmp_path / "bundle")
     (dst / "manifest.json").write_text(text)
