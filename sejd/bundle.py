@@ -31,7 +31,7 @@ MANIFEST = "manifest.json"
 UNPINNED_TOP = ("engines", "plan.json", "plans", MANIFEST)  # written after export, verified by their own means
 MODEL_CONFIG = "model/config.json"
 OPSETS = range(17, 22)  # the opsets `sejd export` writes
-UNROLL_MAX = 1024  # jacobi_k iterations per call: beyond T - 1 of the published models they buy nothing
+UNROLL_MAX = 1024  # jacobi_k iterations per call: T - 1 are exact, and no published model has T > 1024
 BATCH_MAX_LIMIT = 4096  # a manifest's batch_max beyond this is corrupt, not a model anyone serves
 PATH_RULE = "a manifest names only regular files inside the bundle, by relative, normalised POSIX paths"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -132,9 +132,9 @@ def read_json_object(path: Path, what: str) -> dict:
 
 
 def _kind(value) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an int", float: "a number",
-            type(None): "null"}.get(
-        type(value), f"a {type(value).__name__}")
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an int", float: "a number",
+             type(None): "null"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
 
 
 def path_rule_broken(rel) -> str | None:

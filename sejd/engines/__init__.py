@@ -140,10 +140,14 @@ def engine_file(bundle, backend: str, rel: str, manifest: dict):
     if rel not in manifest["files"]:
         from sejd.bundle import BundleError
         raise BundleError(f"{where}: engine file {rel} is not listed in the engine manifest's files; "
-                          f"rebuild them with `sejd build {bundle.path} --backend {backend}`")
+                          f"{_rebuild(bundle, backend)}")
     # confined to the bundle, not to engines/BACKEND, so that a symlinked engines folder cannot leave it
     return confined_file(bundle.path, f"engines/{backend}/{rel}", "engine file", where,
-                         remedy=f"rebuild them with `sejd build {bundle.path} --backend {backend}`")
+                         remedy=_rebuild(bundle, backend))
+
+
+def _rebuild(bundle, backend: str) -> str:
+    return f"rebuild them with `sejd build {bundle.path} --backend {backend}`"
 
 
 def read_engine_manifest(bundle, backend: str, runtime_mismatch) -> dict:
@@ -151,7 +155,7 @@ def read_engine_manifest(bundle, backend: str, runtime_mismatch) -> dict:
     `runtime_mismatch(manifest)` accepts (None, else a sentence saying what differs), every file unchanged."""
     from sejd.bundle import BundleError, sha256_file
 
-    rebuild = f"rebuild them with `sejd build {bundle.path} --backend {backend}`"
+    rebuild = _rebuild(bundle, backend)
     mf = engine_dir(bundle, backend) / "manifest.json"
     m = engine_manifest(bundle, backend)
     if m is None:

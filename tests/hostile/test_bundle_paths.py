@@ -12,7 +12,7 @@ import pytest
 import sejd.engines.ort as ort_engines
 from sejd.bundle import Bundle, BundleError, load_bundle
 from sejd.cli import main
-from sejd.engines import build_engines, engine_precision, read_engine_manifest
+from sejd.engines import build_engines, engine_file, engine_precision, read_engine_manifest
 from sejd.source import open_source, tuned_plans
 
 JACOBI = "blocks/0/jacobi.onnx"
@@ -343,6 +343,16 @@ def test_engine_file_symlinked_outside_the_bundle_is_refused(tiny_bundle, tmp_pa
     os.symlink(tmp_path / "engine.onnx", engine)  # same bytes, same hash, outside the bundle
     with pytest.raises(BundleError, match=r"engine file engines/ort-cpu/blocks/0/jacobi\.onnx resolves to .*outside"):
         read_engine_manifest(bundle, "ort-cpu", lambda m: None)
+
+
+def test_engine_file_not_in_the_engine_manifest_is_refused(tiny_bundle, tmp_path):
+    dst = copy_bundle(tiny_bundle, tmp_path / "bundle", engines=True)
+    bundle = load_bundle(dst)
+    m = read_engine_manifest(bundle, "ort-cpu", lambda m: None)
+    shutil.copy(dst / "engines/ort-cpu" / JACOBI, dst / "engines/ort-cpu/blocks/0/planted.onnx")
+    assert engine_file(bundle, "ort-cpu", JACOBI, m) == dst / "engines/ort-cpu" / JACOBI
+    with pytest.raises(BundleError, match=r"engine file blocks/0/planted\.onnx is not listed in the engine manifest"):
+        engine_file(bundle, "ort-cpu", "blocks/0/planted.onnx", m)
 
 
 # --- tuned plans ---------------------------------------------------------------------------------------
