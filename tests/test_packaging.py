@@ -1,0 +1,63 @@
+"""The package as a user installs it: a wheel (not an editable install) in a fresh virtual environment."""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SKIP = {".git", ".venv", "out", "build", "dist", "runs", ".pytest_cache", "__pycache__"}
+
+
+def _run(cmd, **kw):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """The wheel built from a copy of the source tree (offline: no build isolation, no dependencies)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, ignore=lambda d, names: [n for n in names if n in SKIP or n.endswith(".egg-info")])
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+          "-w", str(tmp / "dist"), str(src)])
+    (whl,) = (tmp / "dist").glob("sejd-*.whl")
+    return whl
+
+
+def test_wheel_ships_the_builtin_models(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for model in ("digits", "textures"):
+        assert {f"sejd/assets/{model}/model.safetensors", f"sejd/assets/{model}/config.json"} <= names
+    assert not any(n.startswith("tests/") for n in names)
+
+
+def test_wheel_in_a_fresh_venv_samples_a_builtin_model(wheel, tmp_path):
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    python = venv / "bin" / "python"
+    site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
+    # dependencies (torch, onnx, ...) come from this environment's site-packages, read as plain paths, so its
+    # own .pth files (among them the editable install of this checkout) are not processed
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)])
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    where = _run([str(python), "-c", "import sejd; print(sejd.__file__); print(sejd.__version__)"],
+                 cwd=tmp_path, env=env).stdout.split()
+    assert Path(where[0]).is_relative_to(site), f"sejd imported from {where[0]}, not the wheel in {site}"
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert where[1] == version
+
+    out = tmp_path / "grid.png"
+    _run([str(venv / "bin" / "sejd"), "sample", "builtin:digits", "-n", "2", "--plan", "sjd", "--out", str(out)],
+         cwd=tmp_path, env=env)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
