@@ -59,8 +59,9 @@ def _new_parents(folder: Path):
     created = []
     try:
         for p in missing:
-            p.mkdir(exist_ok=True)
-            created.append(p)
+            with contextlib.suppress(FileExistsError):  # made by someone else meanwhile: not ours to remove
+                p.mkdir()
+                created.append(p)
         yield
     except BaseException:
         for p in reversed(created):
@@ -317,7 +318,7 @@ def write_json(path: str | os.PathLike, data) -> Path:
     return path
 
 
-def show_progress(enabled: bool = True) -> bool:
+def progress_shown(enabled: bool = True) -> bool:
     """Bars only when the caller wants them, stderr is a terminal (logs get no carriage-return frames) and
     SEJD_PROGRESS is not "0" (set by the CLI's --no-progress)."""
     isatty = getattr(sys.stderr, "isatty", None)
@@ -325,8 +326,8 @@ def show_progress(enabled: bool = True) -> bool:
 
 
 def progress(iterable=None, total=None, desc=None, enabled=True, **kw):
-    """A tqdm progress bar on stderr where `show_progress(enabled)`, else a silent stand-in with the same use."""
-    if not show_progress(enabled):
+    """A tqdm progress bar on stderr where `progress_shown(enabled)`, else a silent stand-in with the same use."""
+    if not progress_shown(enabled):
         return _NullBar(iterable)
     from tqdm import tqdm
 

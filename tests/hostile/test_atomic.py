@@ -277,17 +277,40 @@ def test_export_to_a_full_disk_is_one_line_and_leaves_nothing(ckpt, tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-def test_tune_writing_plan_to_a_full_disk_is_one_line(tmp_path, monkeypatch):
+def instant_tuner(monkeypatch):
+    """tune() with its search replaced by one fixed trial; the source it runs on."""
     import sejd.tune
     from sejd.runtime.plan import named_plan
     from sejd.source import open_source
 
     src = open_source("builtin:digits", "torch")
     plan = named_plan("sjd", src.model.config.num_blocks)
-    monkeypatch.setattr(sejd.tune.Tuner, "search_uniform", lambda self: sejd.tune.Trial(plan, 1.0, 50.0, [], []))
-    for step in ("per_block_decoder", "relax", "variants"):
+    searched = []
+
+    def search(self):
+        searched.append(True)
+        return sejd.tune.Trial(plan, 1.0, 50.0, [], [])
+
+    monkeypatch.setattr(sejd.tune.Tuner, "search_uniform", search)
+    for step in ("per_block_decoder", "relax", "variants", "verify"):
         monkeypatch.setattr(sejd.tune.Tuner, step, lambda self, best: best)
-    monkeypatch.setattr(sejd.tune.Tuner, "verify", lambda self, best: best)
+    return src, searched
+
+
+def test_tune_plan_file_naming_a_directory_fails_before_the_search(tmp_path, monkeypatch):
+    from sejd.tune import tune
+
+    src, searched = instant_tuner(monkeypatch)
+    with pytest.raises(SejdError) as e:
+        tune(src, out=tmp_path, log=lambda *a: None)
+    assert str(tmp_path) in one_line(e) and "directory" in str(e.value)
+    assert searched == []
+
+
+def test_tune_writing_plan_to_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    import sejd.tune
+
+    src, _ = instant_tuner(monkeypatch)
     real_write_text = Path.write_text
 
     def full(self, text, *a, **k):
@@ -327,6 +350,22 @@ def test_atomic_dir_failure_keeps_an_existing_parent_and_removes_its_scratch(tmp
             (new / "f").write_text("f")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     assert tmp_path.is_dir() and list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_raises_only_inside_and_the_previous_handler_comes_back(tmp_path):
+    def previous(signum, frame):
+        pass
+
+    old = signal.signal(signal.SIGTERM, previous)
+    try:
+        with pytest.raises(SystemExit) as e:
+            with atomic_dir(tmp_path / "x"):
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert e.value.code == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert list(tmp_path.iterdir()) == []
 
 
 # issue 13: progress bars only on a terminal, and never with SEJD_PROGRESS=0
