@@ -33,13 +33,13 @@ from typing import Callable
 from sejd.errors import SejdError
 
 SCRATCH_PREFIX = ".sejd-tmp-"
-SCRATCH_MARKER = ".sejd-scratch.json"  # {"tool": "sejd", "pid", "started", "host"}
+SCRATCH_MARKER = ".sejd-scratch.json"  # {"tool": "sejd", "pid", "started", "host": name and PID namespace}
 
 
 def write_error(path, e: OSError) -> SejdError:
     """`cannot write PATH: REASON` for an OSError met while writing `path`."""
     reason = e.strerror or str(e)
-    if e.filename is not None and Path(os.fsdecode(e.filename)) != Path(path):
+    if isinstance(e.filename, (str, bytes)) and Path(os.fsdecode(e.filename)) != Path(path):
         reason += f" ({os.fsdecode(e.filename)})"
     return SejdError(f"cannot write {path}: {reason}")
 
@@ -114,6 +114,15 @@ def _process_start(pid: int | str = "self") -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def _this_host() -> str:
+    """The host name and PID namespace: pids in a marker can be checked only where both are the same."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname()} {namespace}".strip()
+
+
 def _process_alive(pid: int, started: str | None) -> bool:
     try:
         os.kill(pid, 0)
@@ -135,7 +144,7 @@ def _is_stale_scratch(folder: Path) -> bool:
         return False
     if not (isinstance(info, dict) and info.get("tool") == "sejd" and isinstance(info.get("pid"), int)):
         return False
-    if info.get("host") != socket.gethostname():  # a process on another machine cannot be checked
+    if info.get("host") != _this_host():  # a process on another machine or in another container: unknowable
         return False
     if info["pid"] == os.getpid() and info.get("started") == _process_start():
         return False
@@ -169,7 +178,7 @@ def scratch_dir(parent: str | os.PathLike, name: str):
         try:
             (tmp / SCRATCH_MARKER).write_text(json.dumps({"tool": "sejd", "pid": os.getpid(),
                                                           "started": _process_start(),
-                                                          "host": socket.gethostname()}) + "\n")
+                                                          "host": _this_host()}) + "\n")
             yield tmp
         finally:
             with _sigterm_deferred():

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -219,16 +218,25 @@ def test_next_run_removes_scratch_of_a_killed_export_and_says_so(ckpt, tmp_path,
     assert len(killed) == 1 and (killed[0] / SCRATCH_MARKER).is_file()
     unmarked = tmp_path / f"{SCRATCH_PREFIX}b-unmarked"  # looks like ours, but no marker: never removed
     unmarked.mkdir()
-    live = tmp_path / f"{SCRATCH_PREFIX}b-live"  # its process is still running: kept
-    live.mkdir()
-    (live / SCRATCH_MARKER).write_text(json.dumps({"tool": "sejd", "pid": os.getppid(), "started": None,
-                                                   "host": socket.gethostname()}))
+    planted = {"live": (os.getppid(), None, sejd.util._this_host()),  # its process still runs: kept
+               "elsewhere": (dead_pid(), None, "another-host"),  # a pid on another host: unknowable, kept
+               "reused": (os.getppid(), "1", sejd.util._this_host())}  # that pid is another process now
+    for name, (pid, started, host) in planted.items():
+        (tmp_path / f"{SCRATCH_PREFIX}b-{name}").mkdir()
+        (tmp_path / f"{SCRATCH_PREFIX}b-{name}" / SCRATCH_MARKER).write_text(json.dumps(
+            {"tool": "sejd", "pid": pid, "started": started, "host": host}))
     capsys.readouterr()
     export(ckpt, out)
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and killed[0].name in err
-    assert not killed[0].exists() and unmarked.is_dir() and live.is_dir()
-    assert scratch_left(tmp_path) == sorted([unmarked.name, live.name])
+    assert err.count("\n") == 0 and killed[0].name in err and "b-reused" in err
+    assert not killed[0].exists() and unmarked.is_dir()
+    assert scratch_left(tmp_path) == sorted([unmarked.name, f"{SCRATCH_PREFIX}b-live", f"{SCRATCH_PREFIX}b-elsewhere"])
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
 
 
 # defect 8 (file system): one-line errors naming the path and the OS's reason, nothing left behind
