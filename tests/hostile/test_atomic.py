@@ -266,19 +266,24 @@ def test_export_into_read_only_folder_is_one_line(ckpt, tmp_path, monkeypatch):
     assert list(ro.iterdir()) == []
 
 
-def disk_full(monkeypatch, module, name, after: bytes = b"partial"):
-    """`module.name(obj, path)` writes a little, then fails as a full disk does."""
-    def full(obj, path, *a, **k):
-        Path(path).write_bytes(after)
+def full_disk(monkeypatch, module, name, write_some):
+    """`module.name(...)` does `write_some(...)`, then fails as on a full disk."""
+    def full(*a, **k):
+        write_some(*a, **k)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(module, name, full)
 
 
+def full_disk_for_text(monkeypatch):
+    real = Path.write_text
+    full_disk(monkeypatch, Path, "write_text", lambda path, text, *a, **k: real(path, text[:10]))
+
+
 def test_export_to_a_full_disk_is_one_line_and_leaves_nothing(ckpt, tmp_path, monkeypatch):
     import onnx
 
-    disk_full(monkeypatch, onnx, "save_model")
+    full_disk(monkeypatch, onnx, "save_model", lambda model, path, *a, **k: Path(path).write_bytes(b"partial"))
     with pytest.raises(SejdError) as e:
         export(ckpt, tmp_path / "new" / "b")
     assert str(tmp_path / "new" / "b") in one_line(e) and "No space left on device" in str(e.value)
@@ -319,13 +324,7 @@ def test_tune_writing_plan_to_a_full_disk_is_one_line(tmp_path, monkeypatch):
     import sejd.tune
 
     src, _ = instant_tuner(monkeypatch)
-    real_write_text = Path.write_text
-
-    def full(self, text, *a, **k):
-        real_write_text(self, text[:10], *a, **k)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(Path, "write_text", full)
+    full_disk_for_text(monkeypatch)
     with pytest.raises(SejdError) as e:
         sejd.tune.tune(src, out=tmp_path / "plan.json", log=lambda *a: None)
     assert str(tmp_path / "plan.json") in one_line(e) and "No space left on device" in str(e.value)
@@ -345,7 +344,7 @@ def test_sample_output_naming_a_directory_is_one_line(ckpt, tmp_path, capsys, op
 
 
 def test_failed_write_removes_the_folders_it_created(tmp_path, monkeypatch):
-    disk_full(monkeypatch, Path, "write_text")
+    full_disk_for_text(monkeypatch)
     with pytest.raises(SejdError) as e:
         write_json(tmp_path / "a" / "b" / "x.json", {"k": 1})
     assert "No space left on device" in one_line(e)
