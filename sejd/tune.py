@@ -31,7 +31,7 @@ from sejd.errors import PlanError
 from sejd.runtime.plan import BlockPlan, Plan
 from sejd.runtime.sampler import sample
 from sejd.source import Source
-from sejd.util import write_json
+from sejd.util import output_file, write_json
 
 TAU_GRID = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
 HOLDOUT_SEEDS = (1000, 1001)  # never used for calibration (calibration seeds count up from 0)
@@ -196,6 +196,8 @@ class Tuner:
 
 def tune(src: Source, batch: int = 1, target_db: float = 40.0, taus=TAU_GRID, guidance: float = 0.0,
          out: str | Path | None = None, log=print) -> Plan:
+    if out is not None:
+        output_file(out)  # a directory given as the plan file fails now, not after the search
     # quality is judged on at least 8 images for calibration and 16 for the hold-out
     calib = tuple(range(-(-8 // batch)))
     holdout_seeds = tuple(HOLDOUT_SEEDS[0] + i for i in range(-(-16 // batch)))

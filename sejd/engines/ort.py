@@ -18,7 +18,7 @@ from sejd.engines import engine_dir, read_engine_manifest
 from sejd.errors import SejdError
 from sejd.export.contracts import contract
 from sejd.runtime.runner import BlockRunner, Conditioning
-from sejd.util import atomic_dir, progress
+from sejd.util import atomic_dir, folder_with, progress, scratch_dir
 
 PROVIDERS = {
     "ort-cpu": ["CPUExecutionProvider"],
@@ -106,8 +106,6 @@ def build_ort(bundle: Bundle, backend: str, threads: int | None = None, show_pro
     """Optimise every graph for `backend` and save the optimised models plus an engine manifest.
     `precision` fp16/bf16: built from reduced-precision exports of the bundle's model (export/precision.py).
     Built in a scratch folder that replaces engines/BACKEND only when every graph has been built."""
-    import tempfile
-
     import onnxruntime as ort
 
     from sejd.export.precision import precision_graphs
@@ -119,8 +117,11 @@ def build_ort(bundle: Bundle, backend: str, threads: int | None = None, show_pro
         raise SejdError("ONNX Runtime's CPU provider has no bf16 matrix product: build ort-cpu with --precision "
                         "fp16 or fp32, or bf16 on ort-cuda, ort-trt or tensorrt")
     files = {}
-    with atomic_dir(engine_dir(bundle, backend)) as out, tempfile.TemporaryDirectory(prefix=".onnx-") as scratch:
-        sources = precision_graphs(bundle, precision, Path(scratch), show_progress)
+    # reduced-precision graphs go to a marked scratch folder beside the engines: removed on SIGTERM, and by
+    # the next build if this one is killed
+    with atomic_dir(engine_dir(bundle, backend), replace=folder_with("manifest.json")) as out, \
+            scratch_dir(engine_dir(bundle, backend).parent, f"{backend}-onnx") as scratch:
+        sources = precision_graphs(bundle, precision, scratch, show_progress)
         for g in progress(bundle.manifest["graphs"], desc=f"build {backend} {precision}", enabled=show_progress):
             target = out / g["file"]
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,6 @@ No TensorRT object is created unless PyTorch sees a CUDA device (`sejd.engines.u
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from sejd.engines import engine_dir, read_engine_manifest
 from sejd.engines.torch_graphs import EngineBlockRunner, cuda_graphs_default
 from sejd.errors import SejdError
 from sejd.export.contracts import contract
-from sejd.util import atomic_dir, atomic_write, progress, write_json
+from sejd.util import atomic_dir, atomic_write, folder_with, progress, scratch_dir, write_json
 
 BACKEND = "tensorrt"
 MIN_VERSION = 10  # the name-based I/O API (set_tensor_address, execute_async_v3)
@@ -156,8 +155,11 @@ def build_trt(bundle: Bundle, precision: str = "fp32", workspace_mib: int | None
     timing = cache.read_bytes() if reuse else b""
     builder = trt.Builder(_logger())
     files = {}
-    with atomic_dir(engine_dir(bundle, BACKEND)) as out, tempfile.TemporaryDirectory(prefix=".onnx-") as scratch:
-        sources = precision_graphs(bundle, precision, Path(scratch), show_progress)
+    # reduced-precision graphs go to a marked scratch folder beside the engines: removed on SIGTERM, and by
+    # the next build if this one is killed
+    with atomic_dir(engine_dir(bundle, BACKEND), replace=folder_with("manifest.json")) as out, \
+            scratch_dir(engine_dir(bundle, BACKEND).parent, f"{BACKEND}-onnx") as scratch:
+        sources = precision_graphs(bundle, precision, scratch, show_progress)
         for g in progress(bundle.manifest["graphs"], desc=f"build tensorrt {precision}", enabled=show_progress):
             c = contract(bundle.config, g["variant"], bundle.unroll)
             engine, timing = _build_one(builder, sources[g["file"]], c, batch_max, T, workspace_mib, timing)

@@ -16,7 +16,7 @@ from sejd.export.contracts import (BLOCK_VARIANTS, DEFAULT_OPSET, DEFAULT_UNROLL
                                    contract)
 from sejd.export.onnx_export import export_block_variant, export_forward
 from sejd.model.checkpoint import load_checkpoint, save_checkpoint
-from sejd.util import atomic_dir, progress
+from sejd.util import atomic_dir, folder_with, progress
 
 
 def check_onnx(model: onnx.ModelProto, what: str) -> None:
@@ -38,12 +38,14 @@ def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = D
     out = Path(out)
     if out.exists() and not force:
         raise SejdError(f"{out} exists; pass --force to replace it")
-    if out.exists() and not (out.is_dir() and (out / MANIFEST).exists()):
+    if out.exists() and not folder_with(MANIFEST)(out):
         raise SejdError(f"{out} exists and is not a sejd bundle (no {MANIFEST}); refusing to replace it")
     model = load_checkpoint(source)
     cfg = model.config
     source_path = Path(str(source)) if not str(source).startswith("builtin:") else None
-    with atomic_dir(out) as tmp:  # the old bundle (if any) is replaced only by a verified new one
+    # the old bundle (if any) is replaced only by a verified new one, and only with --force: a target that
+    # appears meanwhile makes the final move fail (atomic_dir re-checks at the moment of the move)
+    with atomic_dir(out, replace=folder_with(MANIFEST) if force else None) as tmp:
         save_checkpoint(model, tmp / "model", **model.meta)
         jobs = [(k, v) for k in range(cfg.num_blocks) for v in variants if v in BLOCK_VARIANTS]
         jobs += [(None, v) for v in variants if v in MODEL_VARIANTS]
