@@ -10,18 +10,23 @@ and Serve's HTTP proxy all use `host`, so `--host 127.0.0.1` opens nothing on ot
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import signal
+import socket
 import time
 
 from sejd.serve.preflight import check_port, check_source, require_ray
 
 
 def build_app(source: str, backend: str = "auto", replicas: int = 1, max_batch: int = 16,
-              batch_wait_ms: float = 10.0, deadline_s: float = 60.0):
+              batch_wait_ms: float = 10.0, deadline_s: float = 60.0, loopback_only: bool = False):
     from ray import serve
 
     def replica_app():  # runs on each replica: its engines are built once, there
         from sejd.serve.api import create_api
+        if loopback_only:
+            keep_replica_grpc_on_loopback()
         from sejd.serve.service import SampleService
         from sejd.source import open_source
 
@@ -34,14 +39,58 @@ def build_app(source: str, backend: str = "auto", replicas: int = 1, max_batch: 
     return sampler.bind()
 
 
-def start_ray(host: str, address: str | None, dashboard: bool) -> None:
-    """Join the cluster at `address`, or start a local Ray instance listening on `host` only."""
-    import ray
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch for single-machine, loopback-only nodes
+ALL_INTERFACES = ("0.0.0.0", "::", "")
 
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def keep_replica_grpc_on_loopback() -> None:
+    """Ray Serve starts each replica's inter-deployment gRPC server on [::]:0, whatever the node address,
+    with no option to change it; on a loopback-only node (where every peer is local) bind it to loopback.
+    Called in the replica before Serve starts that server; a Ray without this hook is left as it is."""
+    from ray.serve._private import replica
+
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "sejd_loopback", False):
+        return
+
+    def on_loopback(server, address: str):
+        if address.startswith("[::]:"):
+            address = "127.0.0.1:" + address.rsplit(":", 1)[1]
+        return bind(server, address)
+    on_loopback.sejd_loopback = True
+    replica.add_port_to_grpc_server = on_loopback
+
+
+def start_ray(host: str, address: str | None, dashboard: bool) -> None:
+    """Join the cluster at `address`, or start a local Ray instance listening on `host` only.
+
+    Ray turns a loopback node address into the machine's external one (so that other nodes can join) and
+    its servers then listen there; for a loopback host, Ray's single-machine mode keeps every Ray server
+    (GCS, raylet, workers, agents) on loopback instead. Its environment variable must be set before the
+    Ray processes start, and Ray reads it at import, hence the constant set too."""
     if address is not None:
+        import ray
+
         ray.init(address=address, ignore_reinit_error=True)
         return
-    ray.init(include_dashboard=dashboard, dashboard_host=host, _node_ip_address=host, ignore_reinit_error=True)
+    options = {"include_dashboard": dashboard, "ignore_reinit_error": True}
+    if host not in ALL_INTERFACES:
+        options.update(dashboard_host=host, _node_ip_address=host)
+    if is_loopback(host):
+        os.environ[LOCAL_ONLY_ENV] = "0"
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    import ray
+
+    ray.init(**options)
 
 
 def serve_forever(source: str, backend: str = "auto", replicas: int = 1, max_batch: int = 16,
@@ -50,16 +99,20 @@ def serve_forever(source: str, backend: str = "auto", replicas: int = 1, max_bat
     require_ray()
     check_port(host, port)
     check_source(source, backend)
+    import ray
     from ray import serve
+
+    start_ray(host, address, dashboard)
 
     def stop(signum, frame):  # SIGTERM (e.g. from a process manager) stops as Ctrl-C does
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
-    start_ray(host, address, dashboard)
+    signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs a handler of its own
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(source, backend, replicas, max_batch, batch_wait_ms, deadline_s), route_prefix="/")
+        app = build_app(source, backend, replicas, max_batch, batch_wait_ms, deadline_s,
+                        loopback_only=address is None and is_loopback(host))
+        serve.run(app, route_prefix="/")
         print(f"sejd serve: {source} on http://{host}:{port} (POST /sample, GET /healthz, /metrics, /docs); "
               f"Ctrl-C stops", flush=True)
         while True:
@@ -67,7 +120,5 @@ def serve_forever(source: str, backend: str = "auto", replicas: int = 1, max_bat
     except KeyboardInterrupt:
         pass
     finally:
-        import ray
-
         serve.shutdown()
         ray.shutdown()
