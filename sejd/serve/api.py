@@ -26,7 +26,6 @@ from sejd.serve.schema import RequestError, SampleRequest, first_error
 from sejd.serve.service import SampleService, SamplingFailed
 
 MAX_BODY_BYTES = 64 * 1024
-NOT_FOUND_FIELDS = {404: "path", 405: "method"}
 
 
 def unbatched(run_batch):
@@ -64,9 +63,15 @@ def create_api(service: SampleService, source: str = "", batch=unbatched, deadli
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
-        field = NOT_FOUND_FIELDS.get(e.status_code, "request")
-        message = f"no route {request.method} {request.url.path}" if e.status_code == 404 else str(e.detail)
-        return JSONResponse({"error": message, "field": field}, status_code=e.status_code, headers=e.headers)
+        # FastAPI's own 4xx: no such route, wrong method, a body it could not parse
+        if e.status_code == 404:
+            error = RequestError("path", f"no route {request.method} {request.url.path}", 404)
+        elif e.status_code == 405:
+            error = RequestError("method", f"{request.method} is not allowed here; "
+                                           f"allowed: {e.headers.get('Allow', '') if e.headers else ''}", 405)
+        else:
+            error = RequestError("body" if e.status_code == 400 else "request", str(e.detail), e.status_code)
+        return JSONResponse(error.to_dict(), status_code=e.status_code, headers=e.headers)
 
     @app.post("/sample")
     async def sample(body: Optional[schema] = Body(None)) -> dict:

@@ -109,7 +109,7 @@ def test_bad_requests_get_4xx_naming_the_field(server):
     assert call(port, "/sample", {"guidance": 1e308})[1]["field"] == "guidance"
     assert call(port, "/sample", b"x" * 70000) == (413, {"error": "body: larger than 65536 bytes "
                                                                   "(Content-Length 70000)", "field": "body"})
-    assert call(port, "/nope") == (404, {"error": "no route GET /nope", "field": "path"})
+    assert call(port, "/nope") == (404, {"error": "path: no route GET /nope", "field": "path"})
     assert call(port, "/sample")[0] == 405
 
 
