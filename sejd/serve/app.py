@@ -13,22 +13,23 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
-import socket
 import time
 
-from sejd.serve.preflight import check_port, check_source, require_ray
+from sejd.serve.preflight import check_port, check_source, host_address, require_ray
 
 
 def build_app(source: str, backend: str = "auto", replicas: int = 1, max_batch: int = 16,
-              batch_wait_ms: float = 10.0, deadline_s: float = 60.0, loopback_only: bool = False):
+              batch_wait_ms: float = 10.0, deadline_s: float = 60.0, replica_host: str | None = None):
+    """The Serve application; `replica_host`: the one address replicas listen on (a single local node)."""
     from ray import serve
 
     def replica_app():  # runs on each replica: its engines are built once, there
         from sejd.serve.api import create_api
-        if loopback_only:
-            keep_replica_grpc_on_loopback()
         from sejd.serve.service import SampleService
         from sejd.source import open_source
+
+        if replica_host is not None:
+            keep_replica_grpc_on(replica_host)
 
         batch = serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_wait_ms / 1000.0)
         return create_api(SampleService(open_source(source, backend)), source, batch, deadline_s)
@@ -44,28 +45,26 @@ ALL_INTERFACES = ("0.0.0.0", "::", "")
 
 
 def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-    except (OSError, ValueError):
-        return False
+    return ipaddress.ip_address(host_address(host)[1][0]).is_loopback
 
 
-def keep_replica_grpc_on_loopback() -> None:
+def keep_replica_grpc_on(host: str) -> None:
     """Ray Serve starts each replica's inter-deployment gRPC server on [::]:0, whatever the node address,
-    with no option to change it; on a loopback-only node (where every peer is local) bind it to loopback.
-    Called in the replica before Serve starts that server; a Ray without this hook is left as it is."""
+    with no option to change it; on a single node bound to `host`, bind that server to `host` as well.
+    Called in the replica before Serve starts the server; a Ray without this hook is left as it is."""
     from ray.serve._private import replica
 
     bind = getattr(replica, "add_port_to_grpc_server", None)
-    if bind is None or getattr(bind, "sejd_loopback", False):
+    if bind is None or getattr(bind, "sejd_host", None) == host:
         return
+    address = f"[{host}]" if ":" in host else host
 
-    def on_loopback(server, address: str):
-        if address.startswith("[::]:"):
-            address = "127.0.0.1:" + address.rsplit(":", 1)[1]
-        return bind(server, address)
-    on_loopback.sejd_loopback = True
-    replica.add_port_to_grpc_server = on_loopback
+    def on_host(server, listen: str):
+        if listen.startswith("[::]:"):
+            listen = f"{address}:{listen.rsplit(':', 1)[1]}"
+        return bind(server, listen)
+    on_host.sejd_host = host
+    replica.add_port_to_grpc_server = on_host
 
 
 def start_ray(host: str, address: str | None, dashboard: bool) -> None:
@@ -110,8 +109,9 @@ def serve_forever(source: str, backend: str = "auto", replicas: int = 1, max_bat
     signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs a handler of its own
     try:
         serve.start(http_options={"host": host, "port": port})
+        local = address is None and host not in ALL_INTERFACES  # one node, on `host` only
         app = build_app(source, backend, replicas, max_batch, batch_wait_ms, deadline_s,
-                        loopback_only=address is None and is_loopback(host))
+                        replica_host=host_address(host)[1][0] if local else None)
         serve.run(app, route_prefix="/")
         print(f"sejd serve: {source} on http://{host}:{port} (POST /sample, GET /healthz, /metrics, /docs); "
               f"Ctrl-C stops", flush=True)

@@ -20,15 +20,20 @@ def require_ray() -> None:
                         f"pip install 'sejd[serve]'") from None
 
 
+def host_address(host: str, port: int = 0) -> tuple:
+    """(address family, socket address) of `host`, a name or an IPv4/IPv6 address."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise SejdError(f"--host {host!r} is not an address of this machine ({e})") from None
+    return family, address
+
+
 def check_port(host: str, port: int) -> None:
     """The port is a TCP port that is free on `host` (Serve's HTTP proxy binds it)."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise SejdError(f"--port must be a TCP port 1..65535, got {port!r}")
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise SejdError(f"--host {host!r} is not an address of this machine ({e})") from None
-    family, _, _, _, address = infos[0]
+    family, address = host_address(host, port)
     with socket.socket(family, socket.SOCK_STREAM) as s:
         try:
             s.bind(address)
