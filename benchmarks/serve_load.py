@@ -35,7 +35,8 @@ def run(source, backend, max_batch, requests, clients, n, plan):
         port = s.getsockname()[1]
     start_ray("127.0.0.1", None, dashboard=False)  # as `sejd serve --host 127.0.0.1` does
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(source, backend, max_batch=max_batch, batch_wait_ms=10, replica_host="127.0.0.1"), route_prefix="/")
+    app = build_app(source, backend, max_batch=max_batch, batch_wait_ms=10, replica_host="127.0.0.1")
+    serve.run(app, route_prefix="/")
     bodies = [{"n": n, "seed": i, "plan": plan} for i in range(requests)]
     _post(port, bodies[0])  # warm-up
     t0 = time.perf_counter()

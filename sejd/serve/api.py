@@ -38,7 +38,7 @@ def unbatched(run_batch):
 def create_api(service: SampleService, source: str = "", batch=unbatched, deadline_s: float = 60.0):
     """The FastAPI app. `batch` turns `async run_batch(list) -> list` into `async submit(request) ->
     result`, collecting requests that arrive together (Ray Serve's `serve.batch`)."""
-    from fastapi import Body, FastAPI, Request
+    from fastapi import Body, FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
