@@ -29,13 +29,14 @@ def run(source, backend, max_batch, requests, clients, n, plan):
     import ray
     from ray import serve
 
-    from sejd.serve.app import build_app
+    from sejd.serve.app import build_app, start_ray
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    start_ray("127.0.0.1", None, dashboard=False)  # as `sejd serve --host 127.0.0.1` does
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(source, backend, max_batch=max_batch, batch_wait_ms=10), route_prefix="/")
+    app = build_app(source, backend, max_batch=max_batch, batch_wait_ms=10, replica_host="127.0.0.1")
+    serve.run(app, route_prefix="/")
     bodies = [{"n": n, "seed": i, "plan": plan} for i in range(requests)]
     _post(port, bodies[0])  # warm-up
     t0 = time.perf_counter()

@@ -1,109 +1,124 @@
-"""`sejd serve`: the sampling service on Ray Serve (one laptop or a Ray cluster, same code).
+"""`sejd serve`: the sampling service (`sejd.serve.api`) on Ray Serve, one laptop or a Ray cluster.
 
-HTTP JSON API:
-    POST /sample   {"n", "seed", "label", "guidance", "plan", "format"} -> images + per-block statistics
-    GET  /healthz  -> {"status": "ok", ...}
-    GET  /metrics  -> requests, batch sizes, latency percentiles, iterations per block
+Each replica builds its own FastAPI app over its own engines (`serve.ingress` with a builder function,
+evaluated on the replica), and Ray Serve's `serve.batch` collects requests that arrive together (up to
+`max_batch` requests or `batch_wait_ms`) into shared engine batches.
 
-Requests that arrive together are batched (Ray Serve's `serve.batch`, up to `max_batch` requests or
-`batch_wait_ms`), sampled in shared engine batches and split back. Engines are built once per replica.
-Bad requests get 4xx with the field named; an engine failure gets 500 and the replica keeps serving;
-a request that outlives `deadline_s` gets 504.
+Locally, Ray is started bound to the requested host: its node address, its dashboard (off unless asked)
+and Serve's HTTP proxy all use `host`, so `--host 127.0.0.1` opens nothing on other interfaces.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
+import ipaddress
+import os
+import signal
 import time
 
-from sejd.serve.service import RequestError, SampleService
-from sejd.source import open_source
-
-MAX_BODY_BYTES = 64 * 1024
+from sejd.serve.preflight import check_port, check_source, host_address, require_ray
 
 
 def build_app(source: str, backend: str = "auto", replicas: int = 1, max_batch: int = 16,
-              batch_wait_ms: float = 10.0, deadline_s: float = 60.0):
+              batch_wait_ms: float = 10.0, deadline_s: float = 60.0, replica_host: str | None = None):
+    """The Serve application; `replica_host`: the one address replicas listen on (a single local node)."""
     from ray import serve
-    from starlette.responses import JSONResponse
 
-    @serve.deployment(num_replicas=replicas, max_ongoing_requests=max(64, 4 * max_batch))
-    class SejdSampler:
-        def __init__(self):
-            self.service = SampleService(open_source(source, backend))  # engines built once per replica
-            self.started = time.time()
+    def replica_app():  # runs on each replica: its engines are built once, there
+        from sejd.serve.api import create_api
+        from sejd.serve.service import SampleService
+        from sejd.source import open_source
 
-        @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_wait_ms / 1000.0)
-        async def sample_batch(self, requests):
-            # the engines are synchronous: run them off the event loop so requests keep arriving
-            return await asyncio.get_running_loop().run_in_executor(None, self.service.run_batch, requests)
+        if replica_host is not None:
+            keep_replica_grpc_on(replica_host)
 
-        async def __call__(self, request):
-            # routes are matched by their last segment, so the app can sit under any route prefix
-            path, method = "/" + request.url.path.rstrip("/").rsplit("/", 1)[-1], request.method
-            if method == "GET" and path == "/healthz":
-                cfg = self.service.cfg
-                return JSONResponse({"status": "ok", "source": source, "backend": self.service.src.backend,
-                                     "plans": list(self.service.plan_names), "uptime_s": time.time() - self.started,
-                                     "image": [cfg.in_channels, cfg.img_size, cfg.img_size],
-                                     "num_classes": cfg.num_classes})
-            if method == "GET" and path == "/metrics":
-                return JSONResponse(self.service.metrics.to_dict())
-            if path != "/sample":
-                return JSONResponse({"error": f"no route {method} {path}", "field": "path"}, status_code=404)
-            if method != "POST":
-                return JSONResponse({"error": "use POST /sample", "field": "method"}, status_code=405)
-            t0 = time.perf_counter()
-            try:
-                raw = await request.body()
-                if len(raw) > MAX_BODY_BYTES:
-                    raise RequestError("body", f"larger than {MAX_BODY_BYTES} bytes", status=413)
-                try:
-                    body = json.loads(raw or b"{}")
-                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-                    raise RequestError("body", f"not valid JSON ({str(e)[:80]})") from None
-                req = self.service.parse(body)
-                result = await asyncio.wait_for(self.sample_batch(req), timeout=deadline_s)
-                if "error" in result:  # the engine batch it rode in failed
-                    raise RuntimeError(result["error"])
-            except RequestError as e:
-                self.service.metrics.record_request(time.perf_counter() - t0, ok=False)
-                return JSONResponse(e.to_dict(), status_code=e.status)
-            except asyncio.TimeoutError:
-                self.service.metrics.record_request(time.perf_counter() - t0, ok=False)
-                return JSONResponse({"error": f"deadline of {deadline_s} s exceeded", "field": "deadline"},
-                                    status_code=504)
-            except Exception as e:  # an engine failure: report it, keep the replica serving
-                self.service.metrics.record_request(time.perf_counter() - t0, ok=False)
-                message = str(e) if str(e).startswith("sampling failed") else f"sampling failed: {type(e).__name__}: {e}"
-                return JSONResponse({"error": message, "field": "engine"}, status_code=500)
-            self.service.metrics.record_request(time.perf_counter() - t0)
-            return JSONResponse(result)
+        batch = serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_wait_ms / 1000.0)
+        return create_api(SampleService(open_source(source, backend)), source, batch, deadline_s)
 
-    return SejdSampler.bind()
+    ingress = serve.ingress(replica_app)()
+    sampler = serve.deployment(name="SejdSampler", num_replicas=replicas,
+                               max_ongoing_requests=max(64, 4 * max_batch))(ingress)
+    return sampler.bind()
+
+
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch for single-machine, loopback-only nodes
+ALL_INTERFACES = ("0.0.0.0", "::", "")
+
+
+def is_loopback(host: str) -> bool:
+    return ipaddress.ip_address(host_address(host)[1][0]).is_loopback
+
+
+def keep_replica_grpc_on(host: str) -> None:
+    """Ray Serve starts each replica's inter-deployment gRPC server on [::]:0, whatever the node address,
+    with no option to change it; on a single node bound to `host`, bind that server to `host` as well.
+    Called in the replica before Serve starts the server; a Ray without this hook is left as it is."""
+    from ray.serve._private import replica
+
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "sejd_host", None) == host:
+        return
+    address = f"[{host}]" if ":" in host else host
+
+    def on_host(server, listen: str):
+        if listen.startswith("[::]:"):
+            listen = f"{address}:{listen.rsplit(':', 1)[1]}"
+        return bind(server, listen)
+    on_host.sejd_host = host
+    replica.add_port_to_grpc_server = on_host
+
+
+def start_ray(host: str, address: str | None, dashboard: bool) -> None:
+    """Join the cluster at `address`, or start a local Ray instance listening on `host` only.
+
+    Ray turns a loopback node address into the machine's external one (so that other nodes can join) and
+    its servers then listen there; for a loopback host, Ray's single-machine mode keeps every Ray server
+    (GCS, raylet, workers, agents) on loopback instead. Its environment variable must be set before the
+    Ray processes start, and Ray reads it at import, hence the constant set too."""
+    if address is not None:
+        import ray
+
+        ray.init(address=address, ignore_reinit_error=True)
+        return
+    options = {"include_dashboard": dashboard, "ignore_reinit_error": True}
+    if host not in ALL_INTERFACES:
+        options.update(dashboard_host=host, _node_ip_address=host)
+    if is_loopback(host):
+        os.environ[LOCAL_ONLY_ENV] = "0"
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    import ray
+
+    ray.init(**options)
 
 
 def serve_forever(source: str, backend: str = "auto", replicas: int = 1, max_batch: int = 16,
                   batch_wait_ms: float = 10.0, host: str = "127.0.0.1", port: int = 8000,
-                  deadline_s: float = 60.0, address: str | None = None) -> None:
+                  deadline_s: float = 60.0, address: str | None = None, dashboard: bool = False) -> None:
+    require_ray()
+    check_port(host, port)
+    check_source(source, backend)
     import ray
     from ray import serve
 
-    import signal
+    start_ray(host, address, dashboard)
 
     def stop(signum, frame):  # SIGTERM (e.g. from a process manager) stops as Ctrl-C does
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
-    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(source, backend, replicas, max_batch, batch_wait_ms, deadline_s), route_prefix="/")
-    print(f"sejd serve: {source} on http://{host}:{port} (POST /sample, GET /healthz, GET /metrics); Ctrl-C stops",
-          flush=True)
+    signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs a handler of its own
     try:
+        serve.start(http_options={"host": host, "port": port})
+        local = address is None and host not in ALL_INTERFACES  # one node, on `host` only
+        app = build_app(source, backend, replicas, max_batch, batch_wait_ms, deadline_s,
+                        replica_host=host_address(host)[1][0] if local else None)
+        serve.run(app, route_prefix="/")
+        print(f"sejd serve: {source} on http://{host}:{port} (POST /sample, GET /healthz, /metrics, /docs); "
+              f"Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        pass
+    finally:
         serve.shutdown()
         ray.shutdown()

@@ -1,184 +1,145 @@
-"""The sampling service core, independent of any server framework (Ray Serve and Triton wrap it).
+"""The sampling service core, independent of any server framework (Ray Serve's HTTP app and the Triton
+model wrap it).
 
-A request is validated at the edge into a `SampleRequest`; `SampleService.run_batch` samples a list of
-requests that arrived together in as few engine batches as possible and splits the results back.
-One sample is reproducible from its seed whatever batch it rode in: every Jacobi block of the served
-plan stops per sample (`per_sample`), so no sample waits on another's convergence, and on ONNX Runtime
-per-row results do not depend on the batch (checked bit for bit in the tests).
+A request is validated at the edge into a `SampleRequest` (`parse`, with the schema of
+`sejd.serve.schema`); `SampleService.run_batch` samples a list of requests that arrived together in as few
+engine batches as possible and hands back each request's images as a tensor with its statistics
+(`Sampled`); encoding them (png, npy, base64) is the HTTP layer's job. A request is the seeded request of
+`sejd.request`: noise and labels from its seed, the plan made per-sample, so its images depend on its seed
+only, whatever batch it rode in, and equal `sejd sample -n N --seed S --plan P --per-sample`.
 """
 
 from __future__ import annotations
 
-import base64
 import collections
-import copy
 import dataclasses
-import io
 import math
 import threading
 import time
 
-import numpy as np
 import torch
 
-from sejd.errors import SejdError
+from sejd.errors import PlanError, SejdError
+from sejd.request import per_sample_plan, seeded_labels, seeded_noise
 from sejd.runtime.plan import NAMED_PLANS, Plan
 from sejd.runtime.sampler import sample
+from sejd.serve.schema import RequestError, SampleRequest, first_error, request_model
 from sejd.source import Source
 
-FORMATS = ("png", "npy", "base64")
 MAX_N = 64
 
 
-class RequestError(SejdError):
-    """A request that cannot be served as given (HTTP 4xx); names the offending field."""
-
-    def __init__(self, field: str, message: str, status: int = 400):
-        super().__init__(f"{field}: {message}")
-        self.field, self.status = field, status
-
-    def to_dict(self) -> dict:
-        return {"error": str(self), "field": self.field}
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleRequest:
-    n: int = 1
-    seed: int = 0
-    label: int | None = None
-    guidance: float = 0.0
-    plan: str = "auto"
-    format: str = "base64"
+@dataclasses.dataclass
+class Sampled:
+    """One request's result: its images and the statistics of the engine batch it rode in."""
+    images: torch.Tensor  # (n, C, H, W) in [-1, 1]
+    plan: str
+    batch_size: int  # samples in the engine batch
+    seconds: float  # the engine batch's sampling time
+    blocks: list  # sejd.runtime.sampler.BlockStats, in sampling order
 
 
-
-def parse_request(body, num_classes: int, plans: tuple[str, ...], max_n: int = MAX_N) -> SampleRequest:
-    """A JSON object -> SampleRequest, or RequestError naming the field that is wrong."""
-    if not isinstance(body, dict):
-        raise RequestError("body", f"expected a JSON object, got {type(body).__name__}")
-    fields = {f.name for f in dataclasses.fields(SampleRequest)}
-    unknown = sorted(set(body) - fields)
-    if unknown:
-        raise RequestError(unknown[0], f"unknown field; expected some of {sorted(fields)}")
-
-    def integer(name, default):
-        v = body.get(name, default)
-        if v is None and name == "label":
-            return None
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise RequestError(name, f"expected an integer, got {v!r}")
-        return v
-
-    n, seed, label = integer("n", 1), integer("seed", 0), integer("label", None)
-    if not 1 <= n <= max_n:
-        raise RequestError("n", f"expected 1..{max_n}, got {n}")
-    if not 0 <= seed < 2**63:
-        raise RequestError("seed", f"expected 0..2**63-1, got {seed}")
-    if label is not None and not (-1 <= label < num_classes):
-        raise RequestError("label", f"expected -1..{num_classes - 1} (this model has {num_classes} classes), "
-                                    f"got {label}" if num_classes else "this model is unconditional: omit label")
-    guidance = body.get("guidance", 0.0)
-    try:
-        ok = isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and \
-            math.isfinite(guidance) and guidance >= 0
-    except OverflowError:  # an integer too large for a float
-        ok = False
-    if not ok:
-        raise RequestError("guidance", f"expected a finite number >= 0, got {str(guidance)[:40]}")
-    plan = body.get("plan", "auto" if "auto" in plans else "sjd")  # default: the tuned plan when there is one
-    if plan not in plans:
-        raise RequestError("plan", f"unknown plan {plan!r}; expected one of {list(plans)}")
-    fmt = body.get("format", "base64")
-    if fmt not in FORMATS:
-        raise RequestError("format", f"expected one of {list(FORMATS)}, got {fmt!r}")
-    return SampleRequest(n, seed, label, float(guidance), plan, fmt)
+class SamplingFailed(Exception):
+    """The engine batch a request rode in failed (a server fault, HTTP 500)."""
 
 
-def request_noise(req: SampleRequest, num_tokens: int, token_dim: int) -> torch.Tensor:
-    """The noise `sejd sample -n N --seed S` draws: a request's samples depend on its seed only."""
-    g = torch.Generator().manual_seed(req.seed)
-    return torch.randn(req.n, num_tokens, token_dim, generator=g)
-
-
-def request_labels(req: SampleRequest, num_classes: int) -> torch.Tensor | None:
-    """As `sejd sample`: the given label for every sample, else classes in turn for conditional models."""
-    if req.label is not None:
-        return torch.full((req.n,), req.label, dtype=torch.long)
-    return torch.arange(req.n) % num_classes if num_classes else None
+def served_plans(src: Source) -> dict[tuple, Plan]:
+    """Every plan `src` may serve, resolved, validated and made per-sample, keyed by (name, tuned batch):
+    the named plans and each tuned plan file. Done at start-up, so a broken tuned plan stops the service
+    from starting (naming the file) instead of failing every request that uses it."""
+    plans = {(name, None): per_sample_plan(src.plan(name)) for name in NAMED_PLANS}
+    for batch, path in sorted(src.tuned_plans().items()):
+        try:
+            plan = src.plan(str(path))
+        except SejdError as e:
+            raise PlanError(f"cannot serve the tuned plan {path}: {e}") from None
+        guidance = plan.meta.get("guidance", 0.0) if isinstance(plan.meta, dict) else None
+        if not (isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and math.isfinite(guidance)):
+            raise PlanError(f"cannot serve the tuned plan {path}: meta.guidance must be a finite number, "
+                            f"got {guidance!r}")
+        plans[("auto", batch)] = per_sample_plan(plan)
+    return plans
 
 
 class SampleService:
-    """Samples batches of requests on one Source (built once, e.g. per Ray Serve replica)."""
+    """Samples batches of requests on one Source (built once, e.g. per Ray Serve replica or Triton
+    instance). `on_batch(size, blocks)` is called after every engine batch (the HTTP layer's metrics)."""
 
-    def __init__(self, src: Source, max_n: int = MAX_N):
+    def __init__(self, src: Source, max_n: int = MAX_N, on_batch=None):
         # one engine call never exceeds the bundle's batch_max: groups are split into chunks of it
         self.batch_max = int(src.bundle.manifest.get("batch_max", max_n)) if src.bundle is not None else max_n
-        self.src, self.max_n = src, min(max_n, self.batch_max)
+        self.src, self.max_n, self.on_batch = src, min(max_n, self.batch_max), on_batch
         self.cfg = src.model.config
-        self.plan_names = tuple(p for p in NAMED_PLANS + ("auto",) if p != "auto" or src.tuned_plans())
-        self._plans: dict = {}
-        self.metrics = Metrics()
+        self.plans = served_plans(src)
+        self.tuned = sorted(b for name, b in self.plans if name == "auto")
+        self.plan_names = NAMED_PLANS + (("auto",) if self.tuned else ())
+        self.default_plan = "auto" if self.tuned else "sjd"  # the tuned plan when there is one
+        self.schema = request_model(self.plan_names, self.default_plan, self.max_n, self.cfg.num_classes)
         self._lock = threading.Lock()  # runners hold per-batch state: one engine batch at a time
 
     def parse(self, body) -> SampleRequest:
-        return parse_request(body, self.cfg.num_classes, self.plan_names, self.max_n)
+        """A JSON object -> SampleRequest, or RequestError naming the field that is wrong."""
+        import pydantic
 
-    def plan_key(self, req: SampleRequest):
+        try:
+            valid = self.schema.model_validate(body)
+        except pydantic.ValidationError as e:
+            raise first_error(e.errors(), self.schema) from None
+        return self.check(SampleRequest(**valid.model_dump()))
+
+    def check(self, req: SampleRequest) -> SampleRequest:
+        """What the schema cannot say: `auto` is served only at the guidance it was tuned at (a plan tuned
+        without guidance may need other tolerances with it), so other guidance is refused, naming both."""
+        if req.plan != "auto":
+            return req
+        tuned_at = self.plans[self.plan_key(req)].meta.get("guidance", 0.0)
+        if float(tuned_at) != req.guidance:
+            raise RequestError("guidance", f"plan 'auto' was tuned at guidance {float(tuned_at):g}, the request "
+                                           f"asks for {req.guidance:g}; use that guidance or a named plan")
+        return req
+
+    def plan_key(self, req: SampleRequest) -> tuple:
         """(plan name, tuned batch size): `auto` resolves by the request's own n, never by its batch-mates."""
         if req.plan != "auto":
             return (req.plan, None)
-        tuned = self.src.tuned_plans()
-        return ("auto", min(tuned, key=lambda b: (abs(b - req.n), -b)) if tuned else None)
+        return ("auto", min(self.tuned, key=lambda b: (abs(b - req.n), -b)))
 
-    def served_plan(self, key) -> Plan:
-        """The plan with per-sample stopping on every Jacobi block. GS-Jacobi blocks, which stop a
-        segment on the batch's largest residual, are served as per-sample Jacobi at the same tau."""
-        if key not in self._plans:
-            name, batch = key
-            plan = copy.deepcopy(self.src.plan(name, batch))
-            for b in plan.blocks:
-                if b.decoder in ("jacobi", "gs-jacobi"):
-                    b.decoder, b.variant, b.freeze, b.per_sample, b.segments = "jacobi", "host", False, True, 1
-            self._plans[key] = plan
-        return self._plans[key]
-
-    def run_batch(self, requests: list[SampleRequest]) -> list[dict]:
+    def run_batch(self, requests: list[SampleRequest]) -> list[Sampled | SamplingFailed]:
         """Sample every request; requests sharing plan and guidance ride in shared engine batches of at
-        most batch_max samples. A failing group fails only its own requests ({"error": ...})."""
+        most batch_max samples. A failing engine batch fails only its own requests (SamplingFailed)."""
         results: list = [None] * len(requests)
         groups = collections.defaultdict(list)
         for i, r in enumerate(requests):
             groups[(r.guidance, self.plan_key(r))].append(i)
         for (guidance, key), idx in groups.items():
             for chunk in _chunks(idx, [requests[i].n for i in idx], self.batch_max):
+                reqs = [requests[i] for i in chunk]
                 try:
-                    self._run_group(requests, chunk, guidance, key, results)
-                except Exception as e:  # an engine or plan failure: these requests fail, the others go on
-                    for i in chunk:
-                        results[i] = {"error": f"sampling failed: {type(e).__name__}: {e}"}
+                    out = self._sample(reqs, guidance, key)
+                except Exception as e:  # an engine fault: these requests fail, the others go on
+                    out = [SamplingFailed(f"sampling failed: {type(e).__name__}: {e}")] * len(chunk)
+                for i, res in zip(chunk, out):
+                    results[i] = res
         return results
 
-    def _run_group(self, requests, idx, guidance, key, results):
-        plan_name = key[0]
-        reqs = [requests[i] for i in idx]
-        noise = torch.cat([request_noise(r, self.cfg.num_tokens, self.cfg.token_dim) for r in reqs])
+    def _sample(self, reqs: list[SampleRequest], guidance: float, key: tuple) -> list[Sampled]:
+        cfg = self.cfg
+        noise = torch.cat([seeded_noise(r.n, r.seed, cfg.num_tokens, cfg.token_dim) for r in reqs])
         labels = None
-        if self.cfg.num_classes:
-            labels = torch.cat([request_labels(r, self.cfg.num_classes) for r in reqs])
+        if cfg.num_classes:
+            labels = torch.cat([seeded_labels(r.n, r.label, cfg.num_classes) for r in reqs])
         t0 = time.perf_counter()
         with self._lock:
             out = sample(self.src.model, noise, labels=labels, guidance=guidance, runners=self.src.runners,
-                         plan=self.served_plan(key), progress=False)
+                         plan=self.plans[key], progress=False)
         seconds = time.perf_counter() - t0
-        self.metrics.record_batch(len(noise), seconds, out.stats)
-        start = 0
-        for i, r in zip(idx, reqs):
-            images = out.images[start:start + r.n]
-            start += r.n
-            results[i] = {"n": r.n, "seed": r.seed, "plan": plan_name, "batch_size": len(noise),
-                          "seconds": seconds, **encode(images, r.format),
-                          "blocks": [{"block": b.block, "decoder": b.decoder, "iterations": b.iterations,
-                                      "seconds": b.seconds} for b in out.stats.blocks]}
+        if self.on_batch is not None:
+            self.on_batch(len(noise), out.stats.blocks)
+        starts = [0]
+        for r in reqs:
+            starts.append(starts[-1] + r.n)
+        return [Sampled(out.images[a:b], key[0], len(noise), seconds, out.stats.blocks)
+                for a, b in zip(starts, starts[1:])]
 
 
 def _chunks(idx: list[int], sizes: list[int], limit: int) -> list[list[int]]:
@@ -191,48 +152,3 @@ def _chunks(idx: list[int], sizes: list[int], limit: int) -> list[list[int]]:
         current.append(i)
         total += n
     return chunks + ([current] if current else [])
-
-
-def encode(images: torch.Tensor, fmt: str) -> dict:
-    """images (n, C, H, W) in [-1, 1] -> the response fields of a format."""
-    if fmt == "png":
-        from sejd.util import grid_png_bytes
-        return {"format": "png", "png": base64.b64encode(grid_png_bytes(images)).decode()}
-    if fmt == "npy":
-        buf = io.BytesIO()
-        np.save(buf, images.numpy())
-        return {"format": "npy", "npy": base64.b64encode(buf.getvalue()).decode()}
-    return {"format": "base64", "dtype": "float32", "shape": list(images.shape),
-            "data": base64.b64encode(images.numpy().astype(np.float32).tobytes()).decode()}
-
-
-class Metrics:
-    """Counters a /metrics endpoint reports: requests, batch sizes, latency percentiles, iterations."""
-
-    def __init__(self, keep: int = 10000):
-        self.keep = keep
-        self.requests = self.errors = 0
-        self.latencies: collections.deque = collections.deque(maxlen=keep)
-        self.batch_sizes: collections.deque = collections.deque(maxlen=keep)
-        self.iterations: dict[int, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=keep))
-
-    def record_request(self, seconds: float, ok: bool = True):
-        self.requests += 1
-        self.errors += not ok
-        self.latencies.append(seconds)
-
-    def record_batch(self, size: int, seconds: float, stats):
-        self.batch_sizes.append(size)
-        for b in stats.blocks:
-            self.iterations[b.block].append(b.iterations)
-
-    def to_dict(self) -> dict:
-        lat = sorted(self.latencies)
-
-        def pct(p):
-            return lat[min(len(lat) - 1, int(p / 100 * len(lat)))] if lat else None
-        return {"requests": self.requests, "errors": self.errors,
-                "latency_seconds": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "count": len(lat)},
-                "batch_size": {"mean": float(np.mean(self.batch_sizes)) if self.batch_sizes else None,
-                               "max": max(self.batch_sizes, default=None), "batches": len(self.batch_sizes)},
-                "iterations_per_block": {str(k): float(np.mean(v)) for k, v in sorted(self.iterations.items())}}

@@ -1,18 +1,26 @@
-"""A real local Ray Serve instance on loopback, serving the tiny bundle on ONNX Runtime."""
+"""`sejd serve` on a real local Ray instance on loopback (one Ray start-up for the module), serving the
+tiny bundle on ONNX Runtime."""
 
-import base64
 import concurrent.futures
+import ipaddress
 import json
-import shutil
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
-import ray  # a test dependency (pyproject `test` extra)
 
 from sejd.cli import main
+from tests.serve.sockets import listening
+
+pytest.importorskip("ray.serve")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 
 def free_port():
@@ -21,42 +29,66 @@ def free_port():
         return s.getsockname()[1]
 
 
-def call(port, path, body=None, method=None):
+def call(port, path, body=None, method=None, raw=False):
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method or
                                  ("POST" if data is not None else "GET"))
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
+        with urllib.request.urlopen(req, timeout=120) as r:
+            out = r.read()
+            return r.status, out if raw else json.loads(out)
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle, tmp_path_factory):
-    from ray import serve
-
-    from sejd.serve.app import build_app
-    bundle = tmp_path_factory.mktemp("serve") / "bundle"
-    shutil.copytree(tiny_bundle.path, bundle)
-    plans = bundle / "plans"
-    plans.mkdir(exist_ok=True)
-    (plans / "batch-1.json").write_text(json.dumps({"name": "auto", "blocks": [{"decoder": "sequential"}] * 4}))
+def server(tuned_bundle, tmp_path_factory):
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(str(bundle), "ort-cpu", max_batch=8, batch_wait_ms=100, deadline_s=30), route_prefix="/")
-    yield port, bundle
-    serve.shutdown()
-    ray.shutdown()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "sejd.cli", "serve", str(tuned_bundle), "--backend", "ort-cpu",
+                             "--host", "127.0.0.1", "--port", str(port), "--max-batch", "8", "--batch-wait-ms", "100"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": root})
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if call(port, "/healthz")[0] == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"sejd serve did not come up:\n{log.read()[-3000:]}")
+            time.sleep(1)
+        yield port, tuned_bundle, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)  # stops Serve and Ray as Ctrl-C does
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the session this fixture started
+            proc.wait()
+        log.close()
+
+
+def test_nothing_listens_beyond_the_requested_host(server):
+    port, _, proc = server
+    sockets = listening(proc.pid)
+    assert (("127.0.0.1", port) in {(a, p) for a, p, _ in sockets})  # Serve's proxy, where asked
+    assert len({pid for _, _, pid in sockets}) >= 3  # GCS, raylet, proxy, replica ... were all inspected
+    wide = [s for s in sockets if not ipaddress.ip_address(s[0]).is_loopback]
+    assert not wide, f"listening beyond 127.0.0.1: {wide}"
 
 
 def decode(result):
+    import base64
     return np.frombuffer(base64.b64decode(result["data"]), np.float32).reshape(result["shape"])
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_seeded_result(server, tmp_path):
-    port, bundle = server
+    port, bundle, _ = server
     bodies = [{"n": 1 + i % 3, "seed": i, "plan": "sjd"} for i in range(12)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda b: call(port, "/sample", b), bodies))
@@ -70,39 +102,30 @@ def test_concurrent_requests_are_batched_and_each_gets_its_seeded_result(server,
 
 
 def test_bad_requests_get_4xx_naming_the_field(server):
-    port, _ = server
-    assert call(port, "/sample", {"n": 0})[0] == 400 and call(port, "/sample", {"n": 0})[1]["field"] == "n"
+    port, _, _ = server
+    assert call(port, "/sample", {"n": 0}) [0] == 400 and call(port, "/sample", {"n": 0})[1]["field"] == "n"
     assert call(port, "/sample", b"{not json")[1]["field"] == "body"
     assert call(port, "/sample", {"plan": "warp"})[1]["field"] == "plan"
-    assert call(port, "/sample", b"x" * 70000)[0] == 413
-    assert call(port, "/nope")[0] == 404
+    assert call(port, "/sample", {"guidance": 1e308})[1]["field"] == "guidance"
+    assert call(port, "/sample", b"x" * 70000) == (413, {"error": "body: larger than 65536 bytes "
+                                                                  "(Content-Length 70000)", "field": "body"})
+    assert call(port, "/nope") == (404, {"error": "path: no route GET /nope", "field": "path"})
     assert call(port, "/sample")[0] == 405
 
 
-def test_an_engine_failure_is_a_500_and_the_replica_keeps_serving(server):
-    port, bundle = server
-    (bundle / "plans" / "batch-2.json").write_text("{broken")  # read at first use of batch size 2
-    status, body = call(port, "/sample", {"n": 2, "seed": 1, "plan": "auto"})
-    assert status == 500 and body["field"] == "engine" and "not valid JSON" in body["error"]
-    status, body = call(port, "/sample", {"n": 1, "seed": 1, "plan": "sequential"})
-    assert status == 200 and body["n"] == 1
-
-
-def test_a_request_past_its_deadline_gets_504(server):
-    from ray import serve
-
-    from sejd.serve.app import build_app
-    port, bundle = server
-    serve.run(build_app(str(bundle), "ort-cpu", deadline_s=1e-4), name="hasty", route_prefix="/hasty")
-    status, body = call(port, "/hasty/sample", {"n": 8, "seed": 1, "plan": "sequential"})
-    assert status == 504 and body["field"] == "deadline"
-    assert call(port, "/sample", {"n": 1, "seed": 1, "plan": "sequential"})[0] == 200  # the other app is fine
-
-
-def test_healthz_and_metrics(server):
-    port, _ = server
+def test_healthz_docs_and_prometheus_metrics(server):
+    port, _, _ = server
     status, health = call(port, "/healthz")
     assert status == 200 and health["status"] == "ok" and health["backend"] == "ort-cpu"
-    call(port, "/sample", {"n": 1, "seed": 2, "plan": "sequential"})
-    status, metrics = call(port, "/metrics")
-    assert status == 200 and metrics["requests"] >= 1 and metrics["latency_seconds"]["p50"] is not None
+    assert "auto" in health["plans"]
+    assert call(port, "/sample", {"n": 1, "seed": 2, "plan": "sequential"})[0] == 200
+    call(port, "/nope")
+    status, text = call(port, "/metrics", raw=True)
+    families = {f.name: f for f in text_string_to_metric_families(text.decode())}
+    by_status = {s.labels["status"]: s.value for s in families["sejd_requests"].samples
+                 if s.name == "sejd_requests_total"}
+    assert status == 200 and by_status.get("200", 0) >= 1 and by_status.get("404", 0) >= 1
+    assert any(s.name == "sejd_engine_batch_samples_count" and s.value >= 1
+               for s in families["sejd_engine_batch_samples"].samples)
+    assert call(port, "/metrics.json")[1]["latency_seconds"]["p50"] is not None
+    assert call(port, "/openapi.json")[1]["components"]["schemas"]["SampleBody"]["additionalProperties"] is False

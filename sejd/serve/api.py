@@ -1,0 +1,146 @@
+"""The HTTP face of the sampling service: a FastAPI app over one `SampleService`.
+
+    POST /sample        {"n", "seed", "label", "guidance", "plan", "format"} -> images + per-block statistics
+    GET  /healthz       {"status": "ok", ...}
+    GET  /metrics       Prometheus text format: requests by status, latency, engine batch sizes, iterations
+    GET  /metrics.json  the same as JSON, with latency percentiles
+    GET  /docs, /openapi.json
+
+Every 4xx body is `{"error": ..., "field": ...}` naming what was wrong (the field, "body", "path" or
+"method"); 413 for a body over 64 KiB; 500 only for a fault of the server (an engine batch that failed);
+504 past the deadline. `sejd.serve.app` runs this app on Ray Serve (`serve.ingress`), one per replica; the
+tests run it in-process. Routes are relative, so the app works under any route prefix.
+"""
+
+import asyncio
+import base64
+import io
+import time
+from typing import Optional
+
+import numpy as np
+
+from sejd.serve.body_limit import JsonBodyLimit
+from sejd.serve.metrics import Metrics
+from sejd.serve.schema import RequestError, SampleRequest, first_error
+from sejd.serve.service import SampleService, SamplingFailed
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+def unbatched(run_batch):
+    """Each request in its own engine batch (where Ray Serve's `serve.batch` is not available)."""
+    async def submit(req):
+        return (await run_batch([req]))[0]
+    return submit
+
+
+def create_api(service: SampleService, source: str = "", batch=unbatched, deadline_s: float = 60.0):
+    """The FastAPI app. `batch` turns `async run_batch(list) -> list` into `async submit(request) ->
+    result`, collecting requests that arrive together (Ray Serve's `serve.batch`)."""
+    from fastapi import Body, FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
+
+    metrics = Metrics()
+    service.on_batch = metrics.record_batch
+    schema = service.schema
+    app = FastAPI(title="sejd sampling service", summary=f"samples from {source or 'a TarFlow'}")
+
+    @batch
+    async def submit(requests):
+        # the engines are synchronous: run them off the event loop so requests keep arriving
+        return await asyncio.get_running_loop().run_in_executor(None, service.run_batch, requests)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request, e: RequestError):
+        return JSONResponse(e.to_dict(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        return JSONResponse(first_error(e.errors(), schema).to_dict(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        # FastAPI's own 4xx: no such route, wrong method, a body it could not parse
+        if e.status_code == 404:
+            error = RequestError("path", f"no route {request.method} {request.url.path}", 404)
+        elif e.status_code == 405:
+            error = RequestError("method", f"{request.method} is not allowed here; "
+                                           f"allowed: {e.headers.get('Allow', '') if e.headers else ''}", 405)
+        else:
+            error = RequestError("body" if e.status_code == 400 else "request", str(e.detail), e.status_code)
+        return JSONResponse(error.to_dict(), status_code=e.status_code, headers=e.headers)
+
+    @app.post("/sample")
+    async def sample(body: Optional[schema] = Body(None)) -> dict:
+        """Sample `n` images from the request's seed; the same seed gives the same images whatever
+        batch the request rides in."""
+        req = service.check(SampleRequest(**(body or schema()).model_dump()))
+        try:
+            result = await asyncio.wait_for(submit(req), timeout=deadline_s)
+        except asyncio.TimeoutError:
+            raise RequestError("deadline", f"deadline of {deadline_s} s exceeded", status=504) from None
+        if isinstance(result, SamplingFailed):
+            return JSONResponse({"error": str(result), "field": "engine"}, status_code=500)
+        return {"n": req.n, "seed": req.seed, "plan": result.plan, "batch_size": result.batch_size,
+                "seconds": result.seconds, **encode(result.images, req.format),
+                "blocks": [{"block": b.block, "decoder": b.decoder, "iterations": b.iterations,
+                            "seconds": b.seconds} for b in result.blocks]}
+
+    started = time.time()
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        cfg = service.cfg
+        return {"status": "ok", "source": source, "backend": service.src.backend, "plans": list(service.plan_names),
+                "uptime_s": time.time() - started, "image": [cfg.in_channels, cfg.img_size, cfg.img_size],
+                "num_classes": cfg.num_classes, "max_n": service.max_n}
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    @app.get("/metrics.json")
+    async def metrics_json() -> dict:
+        return metrics.to_dict()
+
+    app.add_middleware(JsonBodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(RecordStatus, metrics=metrics)  # added last: outermost, so it sees 413s too
+    return app
+
+
+class RecordStatus:
+    """ASGI middleware counting every HTTP answer by status code, with its latency."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [500]  # 500 unless a response starts: an unhandled fault
+
+        async def record(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            self.metrics.record_request(status[0], time.perf_counter() - t0)
+
+
+def encode(images, fmt: str) -> dict:
+    """images (n, C, H, W) in [-1, 1] -> the response fields of a format."""
+    if fmt == "png":
+        from sejd.util import grid_png_bytes
+        return {"format": "png", "png": base64.b64encode(grid_png_bytes(images)).decode()}
+    if fmt == "npy":
+        buf = io.BytesIO()
+        np.save(buf, images.numpy())
+        return {"format": "npy", "npy": base64.b64encode(buf.getvalue()).decode()}
+    return {"format": "base64", "dtype": "float32", "shape": list(images.shape),
+            "data": base64.b64encode(images.numpy().astype(np.float32).tobytes()).decode()}

@@ -1,0 +1,65 @@
+"""What `sejd serve` checks before it starts Ray: Ray Serve is installed, the port can be bound on the
+host, and the source opens with every plan it would serve valid. Each failure is one SejdError, instead
+of a Ray start-up that fails half a minute later in pages of replica logs."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import types
+
+from sejd.errors import SejdError
+
+
+def require_ray() -> None:
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError as e:
+        raise SejdError(f"sejd serve needs Ray Serve, which is not installed ({e}): "
+                        f"pip install 'sejd[serve]'") from None
+
+
+def host_address(host: str, port: int = 0) -> tuple:
+    """(address family, socket address) of `host`, a name or an IPv4/IPv6 address."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise SejdError(f"--host {host!r} is not an address of this machine ({e})") from None
+    return family, address
+
+
+def check_port(host: str, port: int) -> None:
+    """The port is a TCP port that is free on `host` (Serve's HTTP proxy binds it)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise SejdError(f"--port must be a TCP port 1..65535, got {port!r}")
+    family, address = host_address(host, port)
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(address)
+        except OSError as e:
+            why = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
+            raise SejdError(f"port {port} on {host} {why}; choose another --port") from None
+
+
+def check_source(source: str, backend: str) -> None:
+    """Opens what every replica will open, short of building engines (which a replica does once, on its
+    own device): a bundle's verified files, the backend's engines and every plan it serves; a checkpoint."""
+    from sejd.engines import ENGINE_BACKENDS, engine_dir, require, split_backend
+    from sejd.serve.service import served_plans
+    from sejd.source import Source, is_bundle, open_source
+
+    if not is_bundle(source):
+        served_plans(open_source(source, backend))
+        return
+    from sejd.bundle import BundleError, load_bundle
+
+    bundle = load_bundle(source)
+    backend = "ort-cpu" if backend == "auto" else backend
+    name, _ = split_backend(backend)
+    require(backend)
+    if name in ENGINE_BACKENDS and not (engine_dir(bundle, name) / "manifest.json").exists():
+        raise BundleError(f"{bundle.path}: no {name} engines; build them with `sejd build {bundle.path} "
+                          f"--backend {name}`")
+    # plans need only the model's config, not its weights
+    served_plans(Source(types.SimpleNamespace(config=bundle.config), None, backend, bundle))
