@@ -6,6 +6,7 @@ block applied at sampling time is `blocks[-1]`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -127,7 +128,7 @@ def named_plan(name: str, num_blocks: int, tau: float = SJD_TAU) -> Plan:
 def resolve_plan(plan: "str | os.PathLike | Plan", num_blocks: int, tau: float | None = None) -> Plan:
     """A Plan from a Plan, a named plan, or a JSON file; `tau` overrides every Jacobi block's tolerance."""
     if isinstance(plan, Plan):
-        plan = Plan(plan.name, [dataclasses.replace(b) for b in plan.blocks], dict(plan.meta))
+        plan = Plan(plan.name, [dataclasses.replace(b) for b in plan.blocks], copy.copy(plan.meta))  # validated below
     elif str(plan).endswith(".json"):
         path = Path(plan)
         try:
