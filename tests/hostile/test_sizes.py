@@ -210,6 +210,7 @@ def test_sampling_refuses_a_batch_that_cannot_fit(model, meminfo):
 
 
 def test_memory_check_is_skipped_where_memory_is_unknown(model, monkeypatch, tmp_path):
+    """A guard, not a regression test: no /proc/meminfo (macOS, some containers) must not block sampling."""
     monkeypatch.setattr(memory, "MEMINFO", str(tmp_path / "absent"))
     noise = torch.randn(1, model.config.num_tokens, model.config.token_dim)
     assert sample(model, noise, plan="sequential", progress=False).images.shape == (1, 3, 8, 8)
@@ -233,7 +234,6 @@ def test_the_estimate_counts_one_block_of_kv_caches_doubled_by_guidance():
     ("tau", float("inf"), "tau must be a number >= 0 and finite"),
     ("tau", True, "tau must be a number >= 0 and finite"),
     ("segments", True, "segments must be an int >= 1, got True"),
-    ("max_iters", False, "max_iters must be an int >= 1 or null, got False"),
     ("decoder", ["jacobi"], "decoder must be a string"),
 ])
 def test_plan_fields_are_type_strict(tmp_path, field, value, says):
@@ -314,6 +314,7 @@ def test_config_json_head_dim_contradicting_the_saved_record_is_refused(saved):
 
 
 def test_checkpoints_without_the_record_load_as_before(saved):
+    """A guard, not a regression test: files written before the header record keep loading."""
     from safetensors.torch import load_file, save_file
     w = saved / "model.safetensors"
     save_file(load_file(w), w)  # no metadata: what sejd wrote before
