@@ -2,7 +2,10 @@
 
 ml-tarflow checkpoints are plain `torch.save(state_dict)` files without a config. The config comes
 from the caller, from the file name convention `{dataset}_model_{patch}_{channels}_{blocks}_{layers}_{noise}.pth`,
-or from the tensor shapes; whatever the source, it is checked against every tensor before loading.
+or from the tensor shapes; whatever the source, every field the tensors fix is compared with them before
+a model is built (so a file name claiming 10**9 blocks fails at once), and every tensor's shape after.
+The patch size is the one thing the tensors leave open (token width = in_channels x patch^2): when
+nothing states it, it is taken only when exactly one candidate has 1 or 3 image channels.
 """
 
 from __future__ import annotations
