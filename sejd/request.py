@@ -12,6 +12,7 @@ import copy
 import torch
 
 from sejd.errors import InputError
+from sejd.runtime.memory import check_fits, noise_bytes
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
 
@@ -24,8 +25,12 @@ def check_seed(seed) -> int:
 
 def seeded_noise(n: int, seed: int, num_tokens: int, token_dim: int) -> torch.Tensor:
     """(n, T, D) float32 prior noise drawn from `torch.Generator().manual_seed(seed)`: a request's samples
-    depend on its own seed only, whatever batch it rides in."""
+    depend on its own seed only, whatever batch it rides in. Refused before allocating when it cannot fit."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InputError(f"the number of samples must be an integer >= 1, got {str(n)[:40]}")
     g = torch.Generator().manual_seed(check_seed(seed))
+    check_fits(noise_bytes(n, num_tokens, token_dim), f"the prior noise of {n} samples ({n} x {num_tokens} x "
+               f"{token_dim} float32)", advice="ask for fewer samples")
     return torch.randn(n, num_tokens, token_dim, generator=g)
 
 

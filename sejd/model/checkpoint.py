@@ -2,27 +2,37 @@
 
 ml-tarflow checkpoints are plain `torch.save(state_dict)` files without a config. The config comes
 from the caller, from the file name convention `{dataset}_model_{patch}_{channels}_{blocks}_{layers}_{noise}.pth`,
-or from the tensor shapes; whatever the source, it is checked against every tensor before loading.
+or from the tensor shapes; whatever the source, every field the tensors fix is compared with them before
+a model is built (so a file name claiming 10**9 blocks fails at once), and every tensor's shape after.
+The patch size is the one thing the tensors leave open (token width = in_channels x patch^2): when
+nothing states it, it is taken only when exactly one candidate has 1 or 3 image channels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import math
 import os
 import pickle
 import re
+import stat
 from pathlib import Path
 
 import torch
 
 from sejd.errors import CheckpointError, ConfigError
 from sejd.model.tarflow import TarFlow, TarFlowConfig
+from sejd.runtime.memory import check_fits
 from sejd.util import atomic_write
 
 FILENAME_RE = re.compile(
     r"^(?P<dataset>.+?)_model_(?P<patch>\d+)_(?P<channels>\d+)_(?P<blocks>\d+)_(?P<layers>\d+)_(?P<noise>[0-9.eE+-]+)$")
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN_PREFIX = "builtin:"
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
+RECORDED_CONFIG = "sejd_config"  # safetensors header key: the config the tensors were saved with
 
 
 def builtin_names() -> list[str]:
@@ -57,39 +67,168 @@ def config_from_filename(path: Path) -> dict:
             "layers_per_block": int(m["layers"]), "noise_std": noise}
 
 
+TENSOR_FIELDS = ("in_channels", "img_size", "patch_size", "channels", "num_blocks", "layers_per_block",
+                 "expansion", "nvp", "num_classes")  # every config field but head_dim is fixed by the tensors
+GEOMETRY_FIELDS = ("patch_size", "in_channels", "img_size")
+IMAGE_CHANNELS = (1, 3)  # grayscale or RGB: what image TarFlows are trained on
+MLP0 = "blocks.0.attn_blocks.0.mlp.main.0.weight"
+log = logging.getLogger("sejd")
+
+
+class ConfigMismatchError(ConfigError, CheckpointError):
+    """A config (given, from the file name or from config.json) contradicts the checkpoint's tensors."""
+
+
 def config_from_state_dict(sd: dict, head_dim: int = 64, patch_size: int | None = None) -> dict:
-    """Infer every config field the tensors determine. head_dim cannot be inferred (defaults to 64)."""
+    """Infer every config field the tensors determine. head_dim cannot be inferred (defaults to 64); the
+    patch size, when not given, is chosen by `choose_geometry` (refused when ambiguous)."""
+    layout = read_layout(sd)
+    if patch_size is None:
+        patch_size = choose_geometry(layout, {}, {})[0]
+    return layout.config(head_dim, patch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What block 0's tensors and the key names say about the model."""
+
+    num_blocks: int
+    layers: int
+    T: int  # tokens
+    C: int  # model width
+    D: int  # token width = in_channels * patch_size**2
+    out_dim: int  # 2D for nvp, D otherwise
+    hidden: int  # MLP width = expansion * C
+    num_classes: int
+
+    @property
+    def side(self) -> int:  # tokens per image side
+        return math.isqrt(self.T)
+
+    def geometries(self) -> list[tuple[int, int]]:
+        """Every (patch_size, in_channels) with in_channels * patch_size**2 == D."""
+        return [(p, self.D // (p * p)) for p in range(1, math.isqrt(self.D) + 1) if self.D % (p * p) == 0]
+
+    def config(self, head_dim: int, patch_size: int) -> dict:
+        return {"in_channels": self.D // patch_size**2, "img_size": self.side * patch_size, "patch_size": patch_size,
+                "channels": self.C, "num_blocks": self.num_blocks, "layers_per_block": self.layers,
+                "head_dim": head_dim, "expansion": self.hidden // self.C, "nvp": self.out_dim == 2 * self.D,
+                "num_classes": self.num_classes}
+
+
+def read_layout(sd: dict) -> Layout:
     try:
-        return _infer_config(sd, head_dim, patch_size)
+        return _read_layout(sd)
     except (ValueError, IndexError, TypeError) as e:  # malformed key names or shapes
         raise CheckpointError(f"not a TarFlow state dict: cannot read its layout ({e}); expected keys like "
                               f"blocks.0.attn_blocks.0.attention.qkv.weight") from None
 
 
-def _infer_config(sd: dict, head_dim: int, patch_size: int | None) -> dict:
+def _indices(sd: dict, prefix: str, position: int, what: str) -> int:
+    """How many consecutive numbered modules `prefix<i>.` there are; a gap (a key such as blocks.999999999
+    in a hostile file) is refused rather than sizing a model from the largest index."""
+    found = {int(k.split(".")[position]) for k in sd if k.startswith(prefix)}
+    if found != set(range(len(found))):
+        gap = next(i for i in range(len(found)) if i not in found)  # never a range up to the largest index
+        raise CheckpointError(f"{what} are not numbered 0..{len(found) - 1}: found {len(found)} with indices up to "
+                              f"{max(found)} (no {prefix}{gap}.*)")
+    return len(found)
+
+
+def _read_layout(sd: dict) -> Layout:
     def shape(key):
         if key not in sd:
             raise CheckpointError(f"missing key {key!r}: not a TarFlow state dict (found e.g. {sorted(sd)[:3]})")
         return tuple(sd[key].shape)
 
-    num_blocks = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+    num_blocks = _indices(sd, "blocks.", 1, "flow blocks")
     if num_blocks == 0:
         raise CheckpointError(f"no 'blocks.*' keys: not a TarFlow state dict (found e.g. {sorted(sd)[:3]})")
-    layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("blocks.0.attn_blocks."))
+    layers = _indices(sd, "blocks.0.attn_blocks.", 3, "block 0's attention layers")
     T, C = shape("blocks.0.pos_embed")
     _, D = shape("blocks.0.proj_in.weight")
     out_dim, _ = shape("blocks.0.proj_out.weight")
-    hidden, _ = shape("blocks.0.attn_blocks.0.mlp.main.0.weight")
-    side = int(round(T**0.5))
-    if side * side != T:
+    hidden, _ = shape(MLP0)
+    if math.isqrt(T) ** 2 != T:
         raise CheckpointError(f"blocks.0.pos_embed has {T} tokens, which is not a square number")
-    if patch_size is None:  # D = in_channels * p^2: prefer 1 or 3 channels
-        candidates = [p for p in (1, 2, 4, 8, 16, 3, 5, 6, 7) if D % (p * p) == 0]
-        patch_size = next((p for p in candidates if D // (p * p) in (3, 1)), candidates[0])
     num_classes = shape("blocks.0.class_embed")[0] if "blocks.0.class_embed" in sd else 0
-    return {"in_channels": D // patch_size**2, "img_size": side * patch_size, "patch_size": patch_size,
-            "channels": C, "num_blocks": num_blocks, "layers_per_block": layers, "head_dim": head_dim,
-            "expansion": hidden // C, "nvp": out_dim == 2 * D, "num_classes": num_classes}
+    return Layout(num_blocks, layers, T, C, D, out_dim, hidden, num_classes)
+
+
+def _geometry_text(layout: Layout, geometries) -> str:
+    return ", ".join(f"patch {p} x {c} channels ({layout.side * p}x{layout.side * p} images)" for p, c in geometries)
+
+
+def choose_geometry(layout: Layout, given: dict, sources: dict) -> tuple[int, str]:
+    """The patch size, and where it came from: "given" or "file name" when stated there, else from the
+    tensors: "tensor shapes" when only one geometry fits the token width, "guessed" (with a warning) when
+    exactly one of those that fit has 1 or 3 image channels (the caller warns, `warn_guessed`). Anything
+    else is refused as ambiguous."""
+    fits = layout.geometries()
+    stated = [f for f in GEOMETRY_FIELDS if f in given]
+    if stated:
+        chosen = [(p, c) for p, c in fits
+                  if given.get("patch_size", p) == p and given.get("in_channels", c) == c
+                  and given.get("img_size", layout.side * p) == layout.side * p]
+        if not chosen:
+            said = ", ".join(f"{f}={given[f]!r} ({sources[f]})" for f in stated)
+            raise ConfigMismatchError(
+                f"{said} does not fit the checkpoint's tensors: blocks.0.proj_in.weight has token width "
+                f"{layout.D} (= in_channels x patch_size^2) and blocks.0.pos_embed {layout.T} tokens; "
+                f"geometries that fit: {_geometry_text(layout, fits)}")
+        return chosen[0][0], "file name" if sources[stated[0]].startswith("file name") else "given"
+    if len(fits) == 1:
+        return fits[0][0], "tensor shapes"
+    images = [(p, c) for p, c in fits if c in IMAGE_CHANNELS]
+    if len(images) != 1:  # 3 p^2 = q^2 has no integer solution, so at most one candidate has 1 or 3 channels
+        raise ConfigError(
+            f"cannot tell the patch size from the tensors: token width {layout.D} fits {_geometry_text(layout, fits)}, "
+            f"none with 1 or 3 image channels; pass --config '{{\"patch_size\": P, \"in_channels\": C}}' "
+            f"(Python: load_checkpoint(path, config={{\"patch_size\": P, \"in_channels\": C}}))")
+    return images[0][0], "guessed"
+
+
+def warn_guessed(layout: Layout, patch_size: int) -> None:
+    """One console line (logger "sejd") saying which geometry was guessed and how to choose another."""
+    others = [g for g in layout.geometries() if g[0] != patch_size]
+    log.warning("sejd: patch size guessed from the tensor shapes: token width %d = patch %d x %d channels "
+                "(the only geometry with 1 or 3 image channels; also fits %s); pass --config "
+                "'{\"patch_size\": P, \"in_channels\": C}' to choose", layout.D, patch_size,
+                layout.D // patch_size**2, _geometry_text(layout, others))
+
+
+def _evidence(field: str, layout: Layout, value) -> str:
+    """Which tensors fix `field`, and what the contradicting value would need instead."""
+    def need(shape_fn) -> str:
+        return f", config expects {shape_fn()}" if isinstance(value, int) else ""
+    if field == "num_blocks":
+        n = layout.num_blocks
+        return f"keys blocks.0 .. blocks.{n - 1}" + (f"; missing blocks.{n}" if isinstance(value, int) and value > n else "")
+    if field == "layers_per_block":
+        n = layout.layers
+        return f"keys blocks.0.attn_blocks.0 .. {n - 1}" + \
+            (f"; missing blocks.0.attn_blocks.{n}" if isinstance(value, int) and value > n else "")
+    if field == "channels":
+        return f"blocks.0.pos_embed has shape {(layout.T, layout.C)}" + need(lambda: (layout.T, value))
+    if field == "expansion":
+        return f"{MLP0} has shape {(layout.hidden, layout.C)}" + need(lambda: (value * layout.C, layout.C))
+    if field == "nvp":
+        return f"blocks.0.proj_out.weight has shape {(layout.out_dim, layout.C)}" + \
+            need(lambda: ((2 if value else 1) * layout.D, layout.C))
+    if field == "num_classes":
+        return (f"blocks.0.class_embed has shape {(layout.num_classes, 1, layout.C)}" if layout.num_classes
+                else "no blocks.0.class_embed (unconditional)")
+    return f"blocks.0.proj_in.weight has token width {layout.D} and blocks.0.pos_embed {layout.T} tokens"
+
+
+def check_against_tensors(given: dict, sources: dict, inferred: dict, layout: Layout) -> None:
+    """Every given field the tensors fix must equal what they say, checked before any model is built: a
+    file name or config claiming 10**9 blocks is refused here instead of allocating them."""
+    for field in TENSOR_FIELDS:
+        if field in given and given[field] != inferred[field]:
+            raise ConfigMismatchError(
+                f"{field}={given[field]!r} ({sources[field]}) contradicts the checkpoint's tensors, which say "
+                f"{field}={inferred[field]!r}: {_evidence(field, layout, given[field])}")
 
 
 def check_state_dict(model: TarFlow, sd: dict, where: str) -> None:
@@ -137,62 +276,162 @@ def sejd_files(path: Path) -> tuple[Path, Path] | None:
     return None
 
 
+def require_readable(path: Path, what: str) -> None:
+    """Say why a file cannot be read (missing, a dangling link, a directory, no permission) before handing
+    it to a reader library whose own message would mislead ("No such device", "No such file")."""
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"{path}: the {what} is a dangling symbolic link (to {os.readlink(path)})")
+    if not path.exists():
+        raise CheckpointError(f"{path}: the {what} is missing")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: the {what} is a directory, expected a file")
+    if not path.is_file():  # opening a FIFO would block
+        raise CheckpointError(f"{path}: the {what} is not a regular file")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        st = path.stat()
+        raise CheckpointError(f"{path}: permission denied reading the {what} (mode {stat.filemode(st.st_mode)}, "
+                              f"owner uid {st.st_uid}, this process runs as uid {os.geteuid()})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: the {what} cannot be read: {e.strerror or e}") from None
+
+
+def read_safetensors(weights: Path) -> tuple[dict, dict | None]:
+    """The tensors, and the config recorded in the header by `save_checkpoint` (None in older files)."""
+    require_readable(weights, "weights file")
+    check_fits(weights.stat().st_size, f"reading {weights}")
+    from safetensors import safe_open
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            header = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError on truncation
+        raise CheckpointError(f"{weights}: not a readable safetensors file: {_truncation(weights) or e}") from None
+    if RECORDED_CONFIG not in header:
+        return sd, None
+    try:
+        recorded = json.loads(header[RECORDED_CONFIG])
+    except json.JSONDecodeError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"{weights}: the config recorded in its header ({RECORDED_CONFIG}) is not a JSON object")
+    return sd, recorded
+
+
+def _truncation(weights: Path) -> str | None:
+    """"truncated: ..." when the file is shorter than its own header says (read from the first bytes only)."""
+    size = weights.stat().st_size
+    with open(weights, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated: {size} bytes, shorter than the 8-byte header length"
+        n = int.from_bytes(head, "little")
+        if n > SAFETENSORS_MAX_HEADER:
+            return None  # not a safetensors file at all: the reader's own message says more
+        if 8 + n > size:
+            return f"truncated: the header alone says {8 + n} bytes, the file has {size}"
+        try:
+            header = json.loads(f.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError):
+            return None  # not a safetensors header at all: the reader's own message says more
+    return f"truncated: its tensors end at byte {8 + n + end}, the file has {size}" if 8 + n + end > size else None
+
+
+def _read_sejd(path: Path, files: tuple[Path, Path], explicit: dict) -> tuple[dict, dict, dict, dict]:
+    """sejd's format -> (state dict, config.json's contents, config fields, where each field came from)."""
+    weights, cfg_file = files
+    for f in files:
+        if not (f.exists() or f.is_symlink()):
+            raise CheckpointError(f"{path}: sejd checkpoint is missing {f.name}")
+    require_readable(cfg_file, "config file")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{cfg_file}: expected an object with a 'config' object, got "
+                              f"{sorted(meta) if isinstance(meta, dict) else type(meta).__name__}")
+    given = dict(meta["config"])
+    for k, v in explicit.items():
+        if k in given and given[k] != v:
+            raise ConfigError(f"config {k}={v} contradicts the checkpoint's own config ({k}={given[k]}) "
+                              f"in {cfg_file}")
+    sd, recorded = read_safetensors(weights)
+    sources = {k: str(cfg_file) for k in given}
+    for k, v in (recorded or {}).items():  # head_dim is known only from here: the tensors do not fix it
+        if k in given and given[k] != v:
+            raise ConfigError(f"{cfg_file} says {k}={given[k]!r}, but {weights.name} was saved with {k}={v!r} "
+                              f"(recorded in its header); config.json was edited or belongs to another checkpoint")
+        given.setdefault(k, v)
+        sources.setdefault(k, f"recorded in {weights}")
+    for k, v in explicit.items():
+        given.setdefault(k, v)
+        sources.setdefault(k, "given config")
+    return sd, meta, given, sources
+
+
+def _read_ml_tarflow(path: Path, explicit: dict) -> tuple[dict, dict, dict, dict]:
+    """An ml-tarflow `.pth` -> (state dict, {noise_std} from its name, config fields, their sources)."""
+    require_readable(path, "checkpoint")
+    check_fits(path.stat().st_size, f"reading {path}")
+    sd = read_pth(path)
+    from_name = config_from_filename(path)
+    meta = {"noise_std": from_name.pop("noise_std")} if from_name else {}
+    given, sources = dict(explicit), {k: "given config" for k in explicit}
+    for k, v in from_name.items():
+        if k in given and given[k] != v:
+            raise ConfigError(f"config {k}={given[k]} contradicts the file name {path.name} ({k}={v})")
+        given.setdefault(k, v)
+        sources.setdefault(k, f"file name {path.name}")
+    return sd, meta, given, sources
+
+
+def _build(cfg: TarFlowConfig, sd: dict, where: str) -> TarFlow:
+    """The model holding `sd`'s tensors themselves: built on the meta device (no memory, no random
+    initialisation for weights about to be replaced), so a 1.8 GB checkpoint is in memory once."""
+    with torch.device("meta"):
+        model = TarFlow(cfg)
+    check_state_dict(model, sd, where)
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)  # float16 files load as float32
+    return model.eval().requires_grad_(False)
+
+
 def load_checkpoint(path: str | os.PathLike, config: TarFlowConfig | dict | None = None) -> TarFlow:
     """Load a TarFlow from an ml-tarflow `.pth`, sejd's format, or `builtin:NAME`; returns an eval-mode model.
 
-    The model carries `model.config`, `model.noise_std` (training noise, 0 if unknown) and `model.meta`.
+    The model carries `model.config`, `model.noise_std` (training noise, 0 if unknown) and `model.meta`,
+    whose "geometry" says where the patch size came from: "given" (a config or config.json), "file name",
+    "tensor shapes" (the only fit) or "guessed" (see `choose_geometry`).
+    Every config field is checked against the tensors before the model is built.
     """
     path = resolve_source(path)
-    meta: dict = {}
+    if config is not None and not isinstance(config, (dict, TarFlowConfig)):
+        raise ConfigError(f"config must be a dict of TarFlowConfig fields or a TarFlowConfig, "
+                          f"got {type(config).__name__}")
+    explicit = config.to_dict() if isinstance(config, TarFlowConfig) else dict(config or {})
     files = sejd_files(path)
-    if files is not None:
-        weights, cfg_file = files
-        for f in files:
-            if not f.exists():
-                raise CheckpointError(f"{path}: sejd checkpoint is missing {f.name}")
-        try:
-            meta = json.loads(cfg_file.read_text())
-            from safetensors.torch import load_file
-            sd = load_file(weights)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{cfg_file}: not valid JSON: {e}") from None
-        except Exception as e:  # safetensors raises its own SafetensorError on truncation
-            raise CheckpointError(f"{weights}: not a readable safetensors file: {e}") from None
-        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
-            raise CheckpointError(f"{cfg_file}: expected an object with a 'config' object, got "
-                                  f"{sorted(meta) if isinstance(meta, dict) else type(meta).__name__}")
-        given = meta["config"]
-        for k, v in (config.to_dict() if isinstance(config, TarFlowConfig) else dict(config or {})).items():
-            if k in given and given[k] != v:
-                raise ConfigError(f"config {k}={v} contradicts the checkpoint's own config ({k}={given[k]}) "
-                                  f"in {cfg_file}")
-        inferred = config_from_state_dict(sd, given.get("head_dim", 64), given.get("patch_size"))
-    else:
-        sd = read_pth(path)
-        from_name = config_from_filename(path)
-        if from_name:
-            meta["noise_std"] = from_name.pop("noise_std")
-        given = config.to_dict() if isinstance(config, TarFlowConfig) else dict(config or {})
-        for k, v in from_name.items():
-            if k in given and given[k] != v:
-                raise ConfigError(f"config {k}={given[k]} contradicts the file name {path.name} ({k}={v})")
-            given.setdefault(k, v)
-        inferred = config_from_state_dict(sd, given.get("head_dim", 64), given.get("patch_size"))
-    if isinstance(config, TarFlowConfig):
-        config = config.to_dict()
-    merged = {**inferred, **given, **(config or {})}
-    cfg = TarFlowConfig.from_dict(merged)
-    model = TarFlow(cfg)
-    check_state_dict(model, sd, str(path))
-    model.load_state_dict(sd)
-    model.eval().requires_grad_(False)
+    sd, meta, given, sources = _read_sejd(path, files, explicit) if files else _read_ml_tarflow(path, explicit)
+    layout = read_layout(sd)
+    patch_size, geometry = choose_geometry(layout, given, sources)
+    inferred = layout.config(given.get("head_dim", 64), patch_size)
+    check_against_tensors(given, sources, inferred, layout)
+    model = _build(TarFlowConfig.from_dict({**inferred, **given}), sd, str(path))
+    if geometry == "guessed":
+        warn_guessed(layout, patch_size)
     model.noise_std = float(meta.get("noise_std", 0.0))
-    model.meta = {k: v for k, v in meta.items() if k != "config"}
+    # a sejd checkpoint exported from a guessed geometry keeps saying so
+    model.meta = {"geometry": geometry, **{k: v for k, v in meta.items() if k != "config"}}
     return model
 
 
 def save_checkpoint(model: TarFlow, path: str | os.PathLike, **meta) -> Path:
-    """Write sejd's format: PATH/model.safetensors + PATH/config.json (atomically). Returns the folder."""
+    """Write sejd's format: PATH/model.safetensors + PATH/config.json (atomically). Returns the folder.
+
+    The config is also recorded in the safetensors header, so an edited config.json (a head_dim the
+    tensors cannot reveal) is refused on load instead of silently building another model."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -200,7 +439,7 @@ def save_checkpoint(model: TarFlow, path: str | os.PathLike, **meta) -> Path:
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"config": model.config.to_dict(), "noise_std": getattr(model, "noise_std", 0.0), **meta}
     with atomic_write(path / "model.safetensors", binary=True) as tmp:
-        save_file(sd, tmp)
+        save_file(sd, tmp, metadata={RECORDED_CONFIG: json.dumps(model.config.to_dict())})
     with atomic_write(path / "config.json") as tmp:
         Path(tmp).write_text(json.dumps(meta, indent=2) + "\n")
     return path

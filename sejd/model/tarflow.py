@@ -19,6 +19,13 @@ from torch import nn
 
 from sejd.errors import ConfigError
 
+# Plausibility bounds, generous against the largest published TarFlow (ImageNet-128: T = 1024 tokens,
+# 1024 channels, 8 blocks x 8 layers, 3.2 GB of float32 weights). They exist so that a typo or a hostile
+# file (num_blocks 10**9, channels 2**40) fails at once instead of hanging or exhausting memory.
+MAX_TOKENS = 16384  # 16x the published T; the causal mask alone is T^2 floats per block
+MAX_LAYERS = 1024  # num_blocks * layers_per_block, 16x the published 8 x 8
+MAX_WEIGHT_BYTES = 16 * 2**30  # float32 parameters and buffers, 5x ImageNet-128's 3.2 GB
+
 
 @dataclasses.dataclass(frozen=True)
 class TarFlowConfig:
@@ -45,8 +52,26 @@ class TarFlowConfig:
             raise ConfigError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.channels % self.head_dim:
             raise ConfigError(f"channels {self.channels} is not a multiple of head_dim {self.head_dim}")
-        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+        if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 0:
             raise ConfigError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
+        if not isinstance(self.nvp, bool):
+            raise ConfigError(f"nvp must be true or false, got {self.nvp!r}")
+        self._check_plausible()
+
+    def _check_plausible(self) -> None:
+        """Refuse geometry no TarFlow has, before anything is sized from it (pure integer arithmetic)."""
+        if self.num_tokens > MAX_TOKENS:
+            raise ConfigError(f"img_size {self.img_size} / patch_size {self.patch_size} gives {self.num_tokens} "
+                              f"tokens; at most {MAX_TOKENS} are supported (published TarFlows use 1024)")
+        layers = self.num_blocks * self.layers_per_block
+        if layers > MAX_LAYERS:
+            raise ConfigError(f"num_blocks {self.num_blocks} x layers_per_block {self.layers_per_block} = {layers} "
+                              f"layers; at most {MAX_LAYERS} are supported (published TarFlows use 8 x 8)")
+        if self.weight_bytes > MAX_WEIGHT_BYTES:
+            raise ConfigError(f"this config needs {self.weight_bytes:.3g} bytes of float32 weights "
+                              f"({self.num_parameters:.3g} parameters: channels {self.channels}, expansion "
+                              f"{self.expansion}, token width {self.token_dim}, {self.num_classes} classes); at most "
+                              f"{MAX_WEIGHT_BYTES // 2**30} GiB are supported (ImageNet-128's TarFlow has 3.2 GB)")
 
     @property
     def num_tokens(self) -> int:  # T
@@ -59,6 +84,22 @@ class TarFlowConfig:
     @property
     def num_heads(self) -> int:
         return self.channels // self.head_dim
+
+    @property
+    def num_parameters(self) -> int:
+        """Learned parameters of the whole flow, counted from the config (no model is built)."""
+        T, D, C, E = self.num_tokens, self.token_dim, self.channels, self.expansion
+        out = 2 * D if self.nvp else D
+        # per layer: 2 LayerNorms, qkv, attention output projection, the MLP's two linears (weights + biases)
+        layer = 2 * 2 * C + (3 * C * C + 3 * C) + (C * C + C) + (E * C * C + E * C) + (E * C * C + C)
+        block = (D * C + C) + T * C + self.num_classes * C + self.layers_per_block * layer + (C * out + out)
+        return self.num_blocks * block
+
+    @property
+    def weight_bytes(self) -> int:
+        """float32 bytes of parameters and buffers (each block's T x T causal mask, the prior variance)."""
+        buffers = self.num_blocks * self.num_tokens**2 + self.num_tokens * self.token_dim
+        return 4 * (self.num_parameters + buffers)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -6,8 +6,10 @@ block applied at sampling time is `blocks[-1]`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -19,6 +21,15 @@ VARIANTS = {"sequential": ("host", "loop"), "jacobi": ("host", "chunk", "loop"),
 NAMED_PLANS = ("sequential", "ujd", "sjd", "gs-jacobi")
 SJD_TAU = 0.5  # the published SJD tolerance on data in [-1, 1]
 GS_SEGMENTS = 8
+
+
+def is_int(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def is_tau(value) -> bool:
+    """A finite number >= 0 (not a bool: true would read as tau 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 @dataclasses.dataclass
@@ -34,13 +45,21 @@ class BlockPlan:
     per_sample: bool = False  # Jacobi (host variant): each sample leaves the batch once its residual < tau
 
     def validate(self, where: str) -> None:
+        # JSON types are checked strictly: "per_sample": "no" is a truthy string, and true == 1 in Python
+        for name in ("decoder", "init", "variant"):
+            if not isinstance(getattr(self, name), str):
+                raise PlanError(f"{where}: {name} must be a string, got {getattr(self, name)!r}")
+        for name in ("freeze", "per_sample"):
+            if not isinstance(getattr(self, name), bool):
+                raise PlanError(f"{where}: {name} must be true or false, got {getattr(self, name)!r}")
         if self.decoder not in DECODERS:
             raise PlanError(f"{where}: unknown decoder {self.decoder!r}; expected one of {DECODERS}")
         if self.init not in INITS:
             raise PlanError(f"{where}: unknown init {self.init!r}; expected one of {INITS}")
-        if not (isinstance(self.tau, (int, float)) and self.tau >= 0):
-            raise PlanError(f"{where}: tau must be a number >= 0 (0 = iterate to the exact result), got {self.tau!r}")
-        if not (isinstance(self.segments, int) and self.segments >= 1):
+        if not is_tau(self.tau):
+            raise PlanError(f"{where}: tau must be a number >= 0 and finite (0 = iterate to the exact result), "
+                            f"got {self.tau!r}")
+        if not is_int(self.segments, 1):
             raise PlanError(f"{where}: segments must be an int >= 1, got {self.segments!r}")
         allowed = VARIANTS[self.decoder]
         if self.variant not in allowed:
@@ -50,9 +69,9 @@ class BlockPlan:
             raise PlanError(f"{where}: per_sample needs variant 'host' without freeze")
         if self.freeze and self.variant != "host":
             raise PlanError(f"{where}: freeze needs variant 'host' (the window shrinks between engine calls)")
-        if not (isinstance(self.chunk, int) and self.chunk >= 1):
+        if not is_int(self.chunk, 1):
             raise PlanError(f"{where}: chunk must be an int >= 1, got {self.chunk!r}")
-        if self.max_iters is not None and not (isinstance(self.max_iters, int) and self.max_iters >= 1):
+        if self.max_iters is not None and not is_int(self.max_iters, 1):
             raise PlanError(f"{where}: max_iters must be an int >= 1 or null, got {self.max_iters!r}")
 
 
@@ -63,6 +82,10 @@ class Plan:
     meta: dict = dataclasses.field(default_factory=dict)  # e.g. the measurements that chose it
 
     def validate(self, num_blocks: int) -> "Plan":
+        if not isinstance(self.name, str):
+            raise PlanError(f"plan name must be a string, got {self.name!r}")
+        if not isinstance(self.meta, dict):
+            raise PlanError(f"plan {self.name!r}: meta must be an object, got {type(self.meta).__name__}")
         if len(self.blocks) != num_blocks:
             raise PlanError(f"plan {self.name!r} has {len(self.blocks)} blocks, the model has {num_blocks}")
         for i, b in enumerate(self.blocks):
@@ -105,7 +128,7 @@ def named_plan(name: str, num_blocks: int, tau: float = SJD_TAU) -> Plan:
 def resolve_plan(plan: "str | os.PathLike | Plan", num_blocks: int, tau: float | None = None) -> Plan:
     """A Plan from a Plan, a named plan, or a JSON file; `tau` overrides every Jacobi block's tolerance."""
     if isinstance(plan, Plan):
-        plan = Plan(plan.name, [dataclasses.replace(b) for b in plan.blocks], dict(plan.meta))
+        plan = Plan(plan.name, [dataclasses.replace(b) for b in plan.blocks], copy.copy(plan.meta))  # validated below
     elif str(plan).endswith(".json"):
         path = Path(plan)
         try:
@@ -117,8 +140,8 @@ def resolve_plan(plan: "str | os.PathLike | Plan", num_blocks: int, tau: float |
     else:
         plan = named_plan(str(plan), num_blocks, SJD_TAU)
     if tau is not None:
-        if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not tau >= 0:
-            raise PlanError(f"tau must be a number >= 0, got {tau!r}")
+        if not is_tau(tau):
+            raise PlanError(f"tau must be a number >= 0 and finite, got {tau!r}")
         for b in plan.blocks:
             b.tau = tau
     return plan.validate(num_blocks)

@@ -10,6 +10,7 @@ import torch
 from sejd.errors import InputError
 from sejd.model.tarflow import TarFlow
 from sejd.runtime.decoders import decode_block
+from sejd.runtime.memory import check_fits, sampling_estimate
 from sejd.runtime.plan import Plan, resolve_plan
 from sejd.runtime.runner import BlockRunner, Conditioning
 from sejd.util import progress as progress_bar
@@ -93,6 +94,14 @@ def validate_inputs(model: TarFlow, noise, labels):
     return labels.long()
 
 
+def check_working_set(model: TarFlow, batch: int, guided: bool) -> None:
+    """Refuse a batch whose caches and images cannot fit where the model runs, before allocating any of it
+    (the noise, already allocated by the caller, is not counted again)."""
+    need = sampling_estimate(model.config, batch, guided).without("noise")
+    check_fits(need.total, f"sampling a batch of {batch}{' with guidance' if guided else ''} "
+               f"({need.describe()})", device=model.var.device, advice="use a smaller batch")
+
+
 def sample(model: TarFlow, noise: torch.Tensor, labels=None, plan: "str | Plan" = "sjd", guidance: float = 0.0,
            guide_what: str = "ab", attn_temp: float = 1.0, annealed_guidance: bool = False, denoise: bool = False,
            runners: list[BlockRunner] | None = None, keep_sequence: bool = False, progress: bool = True,
@@ -103,9 +112,6 @@ def sample(model: TarFlow, noise: torch.Tensor, labels=None, plan: "str | Plan" 
     `plan="reference"` runs ml-tarflow's own sampling loop instead (the speed baseline).
     """
     labels = validate_inputs(model, noise, labels)
-    device = model.var.device  # sampling runs where the model is; images come back on the CPU
-    noise = noise.to(device)
-    labels = None if labels is None else labels.to(device)
     if not isinstance(guide_what, str) or set(guide_what) - set("ab"):
         raise InputError(f"guide_what must be made of 'a' and 'b', got {guide_what!r}")
     for name, value in (("guidance", guidance), ("attn_temp", attn_temp)):
@@ -113,6 +119,10 @@ def sample(model: TarFlow, noise: torch.Tensor, labels=None, plan: "str | Plan" 
             raise InputError(f"{name} must be a number, got {value!r}")
     if attn_temp <= 0:
         raise InputError(f"attn_temp must be > 0, got {attn_temp}")
+    check_working_set(model, noise.shape[0], guidance > 0 and bool(guide_what))
+    device = model.var.device  # sampling runs where the model is; images come back on the CPU
+    noise = noise.to(device)
+    labels = None if labels is None else labels.to(device)
     if str(plan) == "reference":
         from sejd.runtime.reference import reference_sample
         result = reference_sample(model, noise, labels, guidance, guide_what, attn_temp, annealed_guidance,
