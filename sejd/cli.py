@@ -181,7 +181,7 @@ def _sample(a):
         plan = per_sample_plan(plan)
     result = sample(src.model, noise, labels=labels, plan=plan, tau=a.tau, guidance=a.guidance,
                     guide_what=a.guide_what, attn_temp=a.attn_temp, annealed_guidance=a.annealed_guidance,
-                    denoise=a.denoise, runners=src.runners, progress=True)
+                    denoise=a.denoise, runners=src.runners, progress=not (a.no_progress or a.quiet))
     print(f"backend {src.backend} ({src.precision})")
     print(result.stats.table())
     if a.out:
@@ -301,7 +301,8 @@ def _check(a):
     options = CheckOptions(atol=None if a.atol is None else _finite(a.atol, "--atol", 0.0),
                            rtol=None if a.rtol is None else _finite(a.rtol, "--rtol", 0.0), seed=_seed(a.seed),
                            plans=None if a.plans is None else _list_or_none(a.plans), graphs=a.graphs, quick=a.quick,
-                           save_failures=a.save_failures, polygraphy_log=a.verbose > 0)
+                           save_failures=a.save_failures, polygraphy_log=a.verbose > 0,
+                           show_progress=not (a.no_progress or a.quiet))
     _output_files(a, "--json")
     if a.save_failures is not None and Path(a.save_failures).is_file():
         raise SejdError(f"--save-failures {a.save_failures} is a file; expected a folder")
@@ -574,6 +575,15 @@ def _out_of_memory(e: BaseException) -> bool:
                                           ("can't allocate memory" in str(e) or "out of memory" in str(e)))
 
 
+def _memory_message(e: BaseException) -> str:
+    import re
+
+    asked = re.search(r"tried to allocate (\d+) bytes", str(e))
+    if asked:
+        return f"not enough memory: an allocation of {int(asked[1]):,} bytes failed; use a smaller batch (-n, --batch)"
+    return f"not enough memory ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = 0
@@ -592,7 +602,7 @@ def main(argv=None) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - the one place that turns any failure into one line
         if _out_of_memory(e):
-            print(f"sejd: error: not enough memory: {str(e).splitlines()[0][:300]}", file=sys.stderr)
+            print(f"sejd: error: {_memory_message(e)}", file=sys.stderr)
             return EXIT_USAGE
         if verbose:
             import traceback

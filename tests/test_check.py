@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from sejd.bundle import sha256_file
 from sejd.check import CheckOptions, check_bundle, select_graphs
 from sejd.cli import EXIT_CHECKS_FAILED, main
+from tests.test_cli import keep_progress_env  # noqa: F401 - autouse: restores SEJD_PROGRESS
 
 POLYGRAPHY = Path(sys.executable).parent / "polygraphy"
 
