@@ -14,9 +14,11 @@ compared and what was not (graphs and plans skipped, feeds used).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -96,8 +98,8 @@ class CheckReport:
             return []
         feeds = ", ".join(f"batch {f['batch']}{' +guidance rows' if f['guidance_rows'] else ''} (input seed "
                           f"{f['input_seed']})" for f in s["feeds"])
-        return [f"graphs compared: {len(s['graphs_compared'])} ({_names(s['graphs_compared'])}); "
-                f"skipped: {len(s['graphs_skipped'])} ({_names(s['graphs_skipped'])})",
+        return [f"graphs compared: {len(s['graphs_compared'])} ({_by_variant(s['graphs_compared'])}); "
+                f"skipped: {len(s['graphs_skipped'])} ({_by_variant(s['graphs_skipped'])})",
                 f"feeds per graph: {feeds or 'none'}; tolerance: {s['tolerance']}",
                 f"plans compared at batch {s['plan_batch']}, seed {s['seed']}: {_names(s['plans_compared'])}; "
                 f"skipped: {_names(s['plans_skipped'])}"]
@@ -112,6 +114,15 @@ class CheckReport:
 
 def _names(items) -> str:
     return ", ".join(items) if items else "none"
+
+
+def _by_variant(names) -> str:
+    """'block 0 step', 'block 1 step', 'forward' -> 'step (blocks 0, 1), forward'."""
+    blocks: dict[str, list[str]] = {}
+    for name in names:
+        *where, variant = name.split(" ")
+        blocks.setdefault(variant, []).extend(where[1:])
+    return _names([f"{v} (blocks {', '.join(b)})" if b else v for v, b in blocks.items()])
 
 
 def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -290,11 +301,12 @@ def check_graphs(bundle: Bundle | None, backend: str, model, show_progress=True,
     for g in progress(graphs, desc=f"check graphs on {backend}", enabled=show_progress):
         c = contract(cfg, g["variant"], unroll)
         feeds = graph_feeds(c, cfg, specs)
-        results = Comparator.run([reference_runner(model, g["block"], c), engine_runner(g, c)], data_loader=feeds)
         atol = tolerance(c, precision) if options.atol is None else options.atol
         rtol = options.rtol or 0.0
-        accuracy = Comparator.compare_accuracy(results, compare_func=simple_compare(atol=atol, rtol=rtol),
-                                               fail_fast=False)
+        with contextlib.redirect_stdout(sys.stderr):  # Polygraphy logs on stdout; results stay alone there
+            results = Comparator.run([reference_runner(model, g["block"], c), engine_runner(g, c)], data_loader=feeds)
+            accuracy = Comparator.compare_accuracy(results, compare_func=simple_compare(atol=atol, rtol=rtol),
+                                                   fail_fast=False)
         max_err, mean_err = _errors(accuracy)
         built = "fp32" if c.variant == "forward" else precision  # forward is always built in fp32
         figures = {"atol": atol, "rtol": rtol, "tolerance_from": "contract" if options.atol is None else "--atol",

@@ -121,6 +121,10 @@ def _open(source, backend: str, config_text):
     return open_source(source, backend, config=config)
 
 
+def _show_progress(a) -> bool:
+    return not (a.no_progress or a.quiet)
+
+
 def _require_extra(module: str, extra: str, command: str) -> None:
     """A one-line error naming the extra to install when an optional package is missing."""
     import importlib
@@ -155,7 +159,6 @@ def _train(a):
 def _sample(a):
     import numpy as np
 
-    from sejd.engines import ENGINE_BACKENDS, split_backend
     from sejd.request import per_sample_plan, seeded_labels, seeded_noise
     from sejd.runtime.sampler import sample
     from sejd.util import atomic_write, save_grid, write_json
@@ -167,13 +170,9 @@ def _sample(a):
     if a.tau is not None:
         _finite(a.tau, "--tau", 0.0)
     _output_files(a, "--out", "--npy", "--json")
+    _refuse_above_batch_max(a.source, a.backend, a.n)
     src = _open(a.source, a.backend, a.config)
     cfg = src.model.config
-    if src.bundle is not None and split_backend(src.backend)[0] in ENGINE_BACKENDS:
-        batch_max = int(src.bundle.manifest.get("batch_max", 64))
-        if a.n > batch_max:  # refused before any noise is drawn
-            raise SejdError(f"-n {a.n} is above the bundle's batch_max {batch_max} (the largest batch its engines "
-                            f"serve); sample at most {batch_max} at a time, or re-export with a larger --batch-max")
     noise = seeded_noise(a.n, a.seed, cfg.num_tokens, cfg.token_dim)
     labels = seeded_labels(a.n, a.label, cfg.num_classes)
     plan = src.plan(a.plan, a.n)
@@ -181,7 +180,7 @@ def _sample(a):
         plan = per_sample_plan(plan)
     result = sample(src.model, noise, labels=labels, plan=plan, tau=a.tau, guidance=a.guidance,
                     guide_what=a.guide_what, attn_temp=a.attn_temp, annealed_guidance=a.annealed_guidance,
-                    denoise=a.denoise, runners=src.runners, progress=not (a.no_progress or a.quiet))
+                    denoise=a.denoise, runners=src.runners, progress=_show_progress(a))
     print(f"backend {src.backend} ({src.precision})")
     print(result.stats.table())
     if a.out:
@@ -195,6 +194,27 @@ def _sample(a):
     if a.json:
         write_json(a.json, result.stats.to_dict())
         print(f"wrote {a.json}")
+
+
+def _refuse_above_batch_max(source, backend: str, n: int) -> None:
+    """A bundle's engines take at most its batch_max samples per call: more is refused before any engine is
+    opened or any noise drawn (the manifest is read unverified here; opening the bundle verifies it)."""
+    from sejd.bundle import load_bundle
+    from sejd.engines import ENGINE_BACKENDS, split_backend
+    from sejd.source import is_bundle
+
+    if not is_bundle(source) or (backend != "auto" and split_backend(backend)[0] not in ENGINE_BACKENDS):
+        return
+    batch_max = load_bundle(source, verify=False).manifest.get("batch_max", 64)
+    if isinstance(batch_max, int) and n > batch_max:
+        raise SejdError(f"-n {n} is above the bundle's batch_max {batch_max} (the largest batch its engines "
+                        f"serve); sample at most {batch_max} at a time, or re-export with a larger --batch-max")
+
+
+def _config_kwargs(text) -> dict:
+    """--config as a keyword argument, only when given: the model config reaches load_checkpoint there."""
+    config = _config_arg(text)
+    return {} if config is None else {"config": config}
 
 
 def _tune(a):
@@ -234,14 +254,11 @@ def _serve(a):
         raise SejdError(f"--port must be in 1..65535, got {a.port}")
     _finite(a.batch_wait_ms, "--batch-wait-ms", 0.0)
     _finite(a.deadline_s, "--deadline-s", 0.0, low_ok=False)
-    config = _config_arg(a.config)
+    config = _config_kwargs(a.config)  # for the replicas' open_source
     from sejd.serve.app import serve_forever
 
-    # the model config reaches the replicas' open_source; passed only when given, so a service without
-    # the keyword still serves checkpoints whose names or tensors say their config
-    extra = {} if config is None else {"config": config}
     serve_forever(a.source, a.backend, a.replicas, a.max_batch, a.batch_wait_ms, a.host, a.port, a.deadline_s,
-                  a.address, **extra)
+                  a.address, **config)
 
 
 def _bench(a):
@@ -271,10 +288,8 @@ def _export(a):
     from sejd.export.exporter import export_bundle
 
     variants = a.variants.split(",") if a.variants else None
-    config = _config_arg(a.config)
-    extra = {} if config is None else {"config": config}  # the exporter takes the model config like load_checkpoint
     b = export_bundle(a.source, a.out, variants=variants, unroll=a.unroll, opset=a.opset, batch_max=a.batch_max,
-                      force=a.force, **extra)
+                      force=a.force, show_progress=_show_progress(a), **_config_kwargs(a.config))
     print(f"wrote bundle {b.path}: {len(b.manifest['graphs'])} graphs ({', '.join(b.variants())}), "
           f"opset {b.manifest['opset']}")
 
@@ -302,7 +317,7 @@ def _check(a):
                            rtol=None if a.rtol is None else _finite(a.rtol, "--rtol", 0.0), seed=_seed(a.seed),
                            plans=None if a.plans is None else _list_or_none(a.plans), graphs=a.graphs, quick=a.quick,
                            save_failures=a.save_failures, polygraphy_log=a.verbose > 0,
-                           show_progress=not (a.no_progress or a.quiet))
+                           show_progress=_show_progress(a))
     _output_files(a, "--json")
     if a.save_failures is not None and Path(a.save_failures).is_file():
         raise SejdError(f"--save-failures {a.save_failures} is a file; expected a folder")

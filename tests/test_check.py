@@ -132,3 +132,12 @@ def test_check_takes_a_checkpoint_with_its_config(tmp_path, capsys):
                "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0 and "plan sjd: engine vs PyTorch, same plan" in out and "on torch" in out
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_v_shows_polygraphys_log_on_stderr(tiny_bundle, capsys, verbose):
+    argv = ["check", str(tiny_bundle.path), "--graphs", "block:0:step", "--plans", "none", "--no-progress"]
+    assert main(argv + (["-v"] if verbose else [])) == 0
+    out, err = capsys.readouterr()
+    assert "PASS  block 0 step" in out and "[I]" not in out
+    assert ("[I]" in err) == verbose  # Polygraphy's own log lines
