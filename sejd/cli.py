@@ -63,7 +63,7 @@ def _numbers(text: str, kind, what: str, positive: bool = True) -> list:
     except ValueError:
         raise SejdError(f"{what} must be comma-separated {kind.__name__}s, got {text!r}") from None
     if positive and any(not v > 0 or not math.isfinite(v) for v in values):
-        raise SejdError(f"{what} values must be finite and > 0, got {values}")
+        raise SejdError(f"{what} values must be > 0 and finite, got {values}")
     return values
 
 
