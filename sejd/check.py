@@ -1,34 +1,64 @@
 """`sejd check`: prove that a backend's engines compute what the PyTorch reference computes.
 
-1. Per graph: Polygraphy's Comparator runs the engine and a PyTorch reference runner on several
-   seeded inputs (batch 1 and 3, plain and CFG rows) and compares every output with the contract's
-   absolute tolerance; the report keeps max/mean error and the tolerance that would have passed.
-2. End to end: each named plan sampled on the engines against exact sequential decoding on PyTorch
-   from the same noise (PSNR on images mapped to [0, 1], max abs error).
+1. Per graph: Polygraphy's Comparator runs the engine and a PyTorch reference runner on seeded inputs
+   (batch 1 and 3, plain and CFG rows; `quick`: batch 1 plain and with CFG rows) and compares every
+   output with the contract's absolute tolerance (or the user's `atol`/`rtol`); the report keeps
+   max/mean error and the tolerance that would have passed. A failing graph's inputs and both runners'
+   outputs are saved in Polygraphy's JSON format, with the `polygraphy run` command that reproduces it.
+2. End to end: each plan sampled on the engines against the same plan on PyTorch, and against exact
+   sequential decoding on PyTorch from the same noise (PSNR on images mapped to [0, 1], max abs error).
 
-Results are values: `CheckReport` is truthy only when every check passed.
+Results are values: `CheckReport` is truthy only when every enforced check passed, and says what was
+compared and what was not (graphs and plans skipped, feeds used).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import shlex
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from sejd.bundle import Bundle
-from sejd.export.contracts import contract, dummy_inputs, tolerance
+from sejd.errors import SejdError
+from sejd.export.contracts import BLOCK_VARIANTS, DEFAULT_UNROLL, VARIANTS, contract, dummy_inputs, tolerance
 from sejd.export.reference import reference_outputs
+from sejd.request import seeded_labels, seeded_noise
+from sejd.runtime.plan import NAMED_PLANS
 from sejd.util import progress
 
-PSNR_FLOOR_DB = 40.0  # DESIGN.md §7: the default plan must stay >= 40 dB against exact decoding
+PSNR_FLOOR_DB = 40.0  # the default (tuned) plan must stay >= 40 dB against exact decoding
 PARITY_DB = 60.0  # an engine running a plan must match PyTorch running the same plan to round-off
 # ... in reduced precision, to that precision's round-off. Measured on builtin:textures, H200 (docs/gpu/
 # checks.json), same plan engine vs fp32 PyTorch: fp16 54.8-67.5 dB, bf16 33.1-46.4 dB, the lowest being
 # GS-Jacobi at tau 0.5, whose stopping point on the first block moves with the round-off
 PARITY_DB_BY_PRECISION = {"fp32": PARITY_DB, "fp16": 45.0, "bf16": 30.0}
 END_TO_END_PLANS = ("sequential", "ujd", "sjd", "gs-jacobi")
+PLAN_CHOICES = NAMED_PLANS + ("auto",)
+LOOSE_TAU = 0.3  # jacobi_loop inputs that stop early; tau 0 runs it to the exact result (T-1 passes)
+# quick mode: one pass per graph call, so a published-size model (T = 1024) checks in minutes on 2 cores;
+# the chained graphs (jacobi_k, the loops) cost up to T-1 passes per input
+QUICK_GRAPHS = ("step", "step_kv", "window", "jacobi", "forward")
+QUICK_PLANS = ("sjd",)
+
+
+@dataclasses.dataclass
+class CheckOptions:
+    """What `sejd check` compares, and how (the CLI's options)."""
+    atol: float | None = None  # None: each contract's tolerance at the engines' precision
+    rtol: float | None = None  # None: 0 (the contracts are absolute)
+    seed: int = 0
+    plans: tuple | None = None  # None: the default plans (+ the tuned plan); (): graphs only
+    graphs: str | None = None  # selectors (see select_graphs); None: all ("quick": QUICK_GRAPHS)
+    quick: bool = False
+    save_failures: str | Path | None = None  # where a failing graph's inputs/outputs go (None: a temp folder)
+    polygraphy_log: bool = False  # show Polygraphy's own log
+    show_progress: bool = True
 
 
 @dataclasses.dataclass
@@ -37,11 +67,12 @@ class Check:
     passed: bool
     figures: dict
     enforced: bool = True  # informational checks are reported but do not fail the report
+    reproduce: str | None = None  # the command that reproduces a failing graph outside sejd
 
     def line(self) -> str:
-        fig = ", ".join(f"{k}={_fmt(v)}" for k, v in self.figures.items() if not isinstance(v, dict))
+        fig = ", ".join(f"{k}={_fmt(v)}" for k, v in self.figures.items() if not isinstance(v, (dict, list)))
         status = ("PASS" if self.passed else "FAIL") if self.enforced else ("info" if self.passed else "low ")
-        return f"{status}  {self.name}: {fig}"
+        return f"{status}  {self.name}: {fig}" + (f"\n      reproduce: {self.reproduce}" if self.reproduce else "")
 
 
 def _fmt(v):
@@ -52,19 +83,46 @@ def _fmt(v):
 class CheckReport:
     backend: str
     checks: list[Check]
+    scope: dict = dataclasses.field(default_factory=dict)  # what was and was not compared
 
     def __bool__(self):
         return all(c.passed or not c.enforced for c in self.checks)
 
     def to_dict(self) -> dict:
-        return {"backend": self.backend, "passed": bool(self), "checks": [dataclasses.asdict(c) for c in self.checks]}
+        return {"backend": self.backend, "passed": bool(self), "scope": self.scope,
+                "checks": [dataclasses.asdict(c) for c in self.checks]}
+
+    def scope_lines(self) -> list[str]:
+        s = self.scope
+        if not s:
+            return []
+        feeds = ", ".join(f"batch {f['batch']}{' +guidance rows' if f['guidance_rows'] else ''} (input seed "
+                          f"{f['input_seed']})" for f in s["feeds"])
+        return [f"graphs compared: {len(s['graphs_compared'])} ({_by_variant(s['graphs_compared'])}); "
+                f"skipped: {len(s['graphs_skipped'])} ({_by_variant(s['graphs_skipped'])})",
+                f"feeds per graph: {feeds or 'none'}; tolerance: {s['tolerance']}",
+                f"plans compared at batch {s['plan_batch']}, seed {s['seed']}: {_names(s['plans_compared'])}; "
+                f"skipped: {_names(s['plans_skipped'])}"]
 
     def summary(self) -> str:
         enforced = [c for c in self.checks if c.enforced]
         failed = sum(not c.passed for c in enforced)
-        return "\n".join([c.line() for c in self.checks] +
+        return "\n".join([c.line() for c in self.checks] + self.scope_lines() +
                          [f"{len(enforced) - failed}/{len(enforced)} enforced checks passed on {self.backend} "
                           f"(+{len(self.checks) - len(enforced)} informational)"])
+
+
+def _names(items) -> str:
+    return ", ".join(items) if items else "none"
+
+
+def _by_variant(names) -> str:
+    """'block 0 step', 'block 1 step', 'forward' -> 'step (blocks 0, 1), forward'."""
+    blocks: dict[str, list[str]] = {}
+    for name in names:
+        *where, variant = name.split(" ")
+        blocks.setdefault(variant, []).extend(where[1:])
+    return _names([f"{v} (blocks {', '.join(b)})" if b else v for v, b in blocks.items()])
 
 
 def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -109,16 +167,57 @@ def reference_runner(model, block, c):
     return callable_runner(f"pytorch[{c.variant}]", c, lambda feeds: reference_outputs(model, block, c, feeds))
 
 
-def graph_feeds(c, cfg, seeds=(0, 1)) -> list[dict]:
+def feed_specs(seed: int = 0, quick: bool = False) -> list[dict]:
+    """The inputs each graph is compared on: batch, guidance rows, the input seed, jacobi_loop's tau."""
+    if quick:  # one seed: batch 1 plain and with guidance rows; jacobi_loop stops early
+        return [{"batch": 1, "guidance_rows": rows, "input_seed": seed * 10 + 1, "tau": LOOSE_TAU}
+                for rows in (False, True)]
+    # two seeds; jacobi_loop once to convergence at a loose tau, once to the exact result
+    return [{"batch": batch, "guidance_rows": rows, "input_seed": s * 10 + batch, "tau": LOOSE_TAU if s % 2 else 0.0}
+            for s in (seed, seed + 1) for batch, rows in ((1, False), (3, False), (3, True))]
+
+
+def graph_feeds(c, cfg, specs=None) -> list[dict]:
     feeds = []
-    for seed in seeds:
-        for batch, cfg_rows in ((1, False), (3, False), (3, True)):
-            if c.variant == "forward" and cfg_rows:
-                continue
-            # jacobi_loop: once to convergence at a loose tau, once to the exact result
-            tau = 0.3 if seed % 2 else 0.0
-            feeds.append(dummy_inputs(c, cfg, batch=batch, cfg_rows=cfg_rows, seed=seed * 10 + batch, tau=tau))
+    for f in specs or feed_specs():
+        if c.variant == "forward" and f["guidance_rows"]:
+            continue  # the forward pass has no guidance rows
+        feeds.append(dummy_inputs(c, cfg, batch=f["batch"], cfg_rows=f["guidance_rows"], seed=f["input_seed"],
+                                  tau=f["tau"]))
     return feeds
+
+
+def graph_name(g: dict) -> str:
+    return g["variant"] if g["block"] is None else f"block {g['block']} {g['variant']}"
+
+
+def select_graphs(graphs: list[dict], spec: str | None, num_blocks: int) -> tuple[list[dict], list[dict]]:
+    """(selected, skipped) graphs for `--graphs`: `all`, `none`, or a comma list of selectors, any of
+    which selects a graph: `VARIANT` (e.g. `step`), `block:K` (every variant of block K) or
+    `block:K:VARIANT`."""
+    if spec is None or spec == "all":
+        return list(graphs), []
+    if spec == "none":
+        return [], list(graphs)
+    wanted = [_selector(item.strip(), num_blocks) for item in spec.split(",")]
+    chosen = [g for g in graphs if any((b is None or g["block"] == b) and (v is None or g["variant"] == v)
+                                       for b, v in wanted)]
+    return chosen, [g for g in graphs if g not in chosen]
+
+
+def _selector(item: str, num_blocks: int) -> tuple[int | None, str | None]:
+    expected = f"expected all, none, or a comma list of VARIANT, block:K or block:K:VARIANT " \
+               f"(variants {', '.join(VARIANTS)}; blocks 0..{num_blocks - 1})"
+    parts = item.split(":")
+    if len(parts) == 1 and item in VARIANTS:
+        return None, item
+    if parts[0] == "block" and len(parts) in (2, 3):
+        if not parts[1].isdigit() or int(parts[1]) >= num_blocks:
+            raise SejdError(f"--graphs: {item!r} names block {parts[1]!r}; {expected}")
+        if len(parts) == 3 and parts[2] not in BLOCK_VARIANTS:
+            raise SejdError(f"--graphs: {item!r} names variant {parts[2]!r}; {expected}")
+        return int(parts[1]), parts[2] if len(parts) == 3 else None
+    raise SejdError(f"--graphs: cannot read {item!r}; {expected}")
 
 
 def ort_engine_runner(bundle: Bundle, backend: str):
@@ -138,11 +237,50 @@ def ort_engine_runner(bundle: Bundle, backend: str):
     return runner
 
 
-def check_graphs(bundle: Bundle, backend: str, model, show_progress=True, precision: str = "fp32",
-                 engine_runner=None, graphs=None) -> list[Check]:
+def polygraphy_target(bundle: Bundle | None, backend: str, g: dict) -> list[str] | None:
+    """The graph file and runner flags with which `polygraphy run` reruns graph `g` outside sejd: the
+    built engine for ONNX Runtime backends, else the bundle's ONNX graph (on TensorRT for `tensorrt`,
+    on ONNX Runtime for torch-cuda's modules). None without a bundle (nothing on disk to run)."""
+    if bundle is None:
+        return None
+    from sejd.engines import engine_dir
+
+    flags = {"ort-cpu": ["--onnxrt"], "ort-cuda": ["--onnxrt", "--providers", "cuda"],
+             "ort-trt": ["--onnxrt", "--providers", "tensorrt", "cuda"], "tensorrt": ["--trt"]}
+    if backend.startswith("ort-"):
+        return [str(engine_dir(bundle, backend) / g["file"])] + flags[backend]
+    return [str(bundle.path / g["file"])] + flags.get(backend, ["--onnxrt"])
+
+
+def save_failure(folder: Path, g: dict, feeds: list[dict], results, target: list[str] | None,
+                 atol: float, rtol: float) -> str:
+    """Write the failing graph's inputs, both runners' outputs and the reference's alone (Polygraphy's
+    JSON format) under `folder`; return the command that reproduces the comparison, or where the
+    files are when there is no graph file to rerun."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import save_json
+
+    from sejd.util import atomic_write
+
+    where = folder / graph_name(g).replace(" ", "-")
+    reference = RunResults()
+    reference.append(results[0])  # the PyTorch runner's (name, iteration results)
+    files = {"inputs": feeds, "outputs": results, "reference": reference}
+    for stem, obj in files.items():
+        with atomic_write(where / f"{stem}.json") as tmp:
+            save_json(obj, tmp, description=f"{graph_name(g)} {stem}")
+    if target is None:
+        return f"inputs and outputs saved in {where}"
+    return shlex.join(["polygraphy", "run", *target, "--load-inputs", str(where / "inputs.json"),
+                       "--load-outputs", str(where / "reference.json"), "--atol", repr(atol), "--rtol", repr(rtol)])
+
+
+def check_graphs(bundle: Bundle | None, backend: str, model, show_progress=True, precision: str = "fp32",
+                 engine_runner=None, graphs=None, options: CheckOptions | None = None) -> list[Check]:
     """Polygraphy's Comparator: each graph on the engine vs the PyTorch reference, with the contract's
-    tolerance at `precision`. `engine_runner(graph entry, contract)` makes the engine's Polygraphy
-    runner (default: the backend's ONNX Runtime engines); `graphs`: a subset of the manifest's."""
+    tolerance at `precision` (or `options.atol`/`rtol`). `engine_runner(graph entry, contract)` makes the
+    engine's Polygraphy runner (default: the backend's ONNX Runtime engines); `graphs`: a subset of the
+    manifest's (entries with `block`, `variant`, and `file` when there is a bundle)."""
     from polygraphy.comparator import Comparator
     try:  # Polygraphy >= 0.50 names it SimpleCompareFunc; CompareFunc.simple is deprecated
         from polygraphy.comparator.compare import SimpleCompareFunc as simple_compare
@@ -151,50 +289,74 @@ def check_graphs(bundle: Bundle, backend: str, model, show_progress=True, precis
         simple_compare = CompareFunc.simple
     from polygraphy.logger import G_LOGGER
 
-    G_LOGGER.module_severity = G_LOGGER.CRITICAL  # sejd prints its own report
+    options = options or CheckOptions(show_progress=show_progress)
+    # sejd prints its own report; -v shows Polygraphy's log too
+    G_LOGGER.module_severity = G_LOGGER.INFO if options.polygraphy_log else G_LOGGER.CRITICAL
     engine_runner = engine_runner or ort_engine_runner(bundle, backend)
+    cfg = model.config
+    unroll = bundle.unroll if bundle is not None else DEFAULT_UNROLL
+    specs = feed_specs(options.seed, options.quick)
     checks = []
     graphs = bundle.manifest["graphs"] if graphs is None else graphs
     for g in progress(graphs, desc=f"check graphs on {backend}", enabled=show_progress):
-        c = contract(bundle.config, g["variant"], bundle.unroll)
-        ref = reference_runner(model, g["block"], c)
-        results = Comparator.run([ref, engine_runner(g, c)], data_loader=graph_feeds(c, bundle.config))
-        atol = {n: tolerance(c, precision) for n in c.output_names}
-        accuracy = Comparator.compare_accuracy(results, compare_func=simple_compare(atol=atol, rtol=0.0),
-                                               fail_fast=False)
-        max_err, mean_err = {}, {}
-        for result in accuracy:  # one AccuracyResult per compare function: {runner pair: [per-iteration]}
-            for iteration in (it for pair in result.values() for it in pair):
-                for name, r in iteration.items():  # integer outputs compare exactly and give a plain bool
-                    max_err[name] = max(max_err.get(name, 0.0), float(getattr(r, "max_absdiff", 0.0 if r else math.inf)))
-                    mean_err[name] = max(mean_err.get(name, 0.0), float(getattr(r, "mean_absdiff", max_err[name])))
-        name = g["variant"] if g["block"] is None else f"block {g['block']} {g['variant']}"
+        c = contract(cfg, g["variant"], unroll)
+        feeds = graph_feeds(c, cfg, specs)
+        atol = tolerance(c, precision) if options.atol is None else options.atol
+        rtol = options.rtol or 0.0
+        with contextlib.redirect_stdout(sys.stderr):  # Polygraphy logs on stdout; results stay alone there
+            results = Comparator.run([reference_runner(model, g["block"], c), engine_runner(g, c)], data_loader=feeds)
+            accuracy = Comparator.compare_accuracy(results, compare_func=simple_compare(atol=atol, rtol=rtol),
+                                                   fail_fast=False)
+        max_err, mean_err = _errors(accuracy)
         built = "fp32" if c.variant == "forward" else precision  # forward is always built in fp32
-        figures = {"atol": tolerance(c, precision), "precision": built, "max_abs": max(max_err.values()),
-                   "would_pass_atol": max(max_err.values()), "per_output_max_abs": max_err,
-                   "per_output_mean_abs": mean_err, "inputs": len(graph_feeds(c, bundle.config))}
-        checks.append(Check(name, bool(accuracy), figures))
+        figures = {"atol": atol, "rtol": rtol, "tolerance_from": "contract" if options.atol is None else "--atol",
+                   "precision": built, "max_abs": max(max_err.values()), "would_pass_atol": max(max_err.values()),
+                   "per_output_max_abs": max_err, "per_output_mean_abs": mean_err, "inputs": len(feeds)}
+        check = Check(graph_name(g), bool(accuracy), figures)
+        if not check.passed:
+            check.reproduce = save_failure(failure_folder(options), g, feeds, results,
+                                           polygraphy_target(bundle, backend, g), atol, rtol)
+        checks.append(check)
     return checks
 
 
-def check_end_to_end(bundle: Bundle, runners, model, plans=END_TO_END_PLANS, batch: int = 4, seed: int = 0,
-                     show_progress=True, quality_plans=(), engine_model=None, precision: str = "fp32") -> list[Check]:
+def _errors(accuracy) -> tuple[dict, dict]:
+    """Per output, the largest max and mean absolute errors over every input."""
+    max_err, mean_err = {}, {}
+    for result in accuracy:  # one AccuracyResult per compare function: {runner pair: [per-iteration]}
+        for iteration in (it for pair in result.values() for it in pair):
+            for name, r in iteration.items():  # integer outputs compare exactly and give a plain bool
+                max_err[name] = max(max_err.get(name, 0.0), float(getattr(r, "max_absdiff", 0.0 if r else math.inf)))
+                mean_err[name] = max(mean_err.get(name, 0.0), float(getattr(r, "mean_absdiff", max_err[name])))
+    return max_err, mean_err
+
+
+def failure_folder(options: CheckOptions) -> Path:
+    """Where failing graphs are saved: `options.save_failures`, else one fresh temporary folder per check
+    (named in the report)."""
+    if options.save_failures is None:
+        import tempfile
+        options.save_failures = tempfile.mkdtemp(prefix="sejd-check-failures-")
+    return Path(options.save_failures)
+
+
+def check_end_to_end(src, model, plans=END_TO_END_PLANS, batch: int = 4, seed: int = 0, show_progress=True,
+                     quality_plans=(), engine_model=None, precision: str = "fp32") -> list[Check]:
     """Every plan: engine == PyTorch running the same plan (enforced), and quality against exact
-    sequential decoding (enforced >= 40 dB only for `quality_plans`, e.g. the bundle's tuned plan)."""
+    sequential decoding (enforced >= 40 dB only for `quality_plans`, e.g. the bundle's tuned plan).
+    `src`: the Source whose runners run the engines; `model`: the fp32 PyTorch reference."""
     from sejd.runtime.sampler import sample
 
     cfg = model.config
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(batch, cfg.num_tokens, cfg.token_dim, generator=g)
-    labels = torch.arange(batch) % cfg.num_classes if cfg.num_classes else None
+    noise = seeded_noise(batch, seed, cfg.num_tokens, cfg.token_dim)
+    labels = seeded_labels(batch, None, cfg.num_classes)
     exact = sample(model, noise, labels=labels, plan="sequential", progress=False).images
     checks = []
-    from sejd.source import Source
-    src = Source(model, runners, "", bundle)
     for plan in progress(plans, desc="check plans", enabled=show_progress):
         spec = src.plan("auto", batch) if plan == "auto" else plan
-        r = sample(engine_model or model, noise, labels=labels, plan=spec, runners=runners, progress=False)
-        same = sample(model, noise, labels=labels, plan=spec, progress=False).images  # same plan on PyTorch
+        r = sample(engine_model or model, noise, labels=labels, plan=spec, runners=src.runners, progress=False)
+        # the same plan on PyTorch (exact decoding is that already)
+        same = exact if plan == "sequential" else sample(model, noise, labels=labels, plan=spec, progress=False).images
         iters = [b.iterations for b in r.stats.blocks]
         floor = PARITY_DB_BY_PRECISION[precision]
         checks.append(Check(f"plan {plan}: engine vs PyTorch, same plan", psnr_db(r.images, same) >= floor,
@@ -207,28 +369,83 @@ def check_end_to_end(bundle: Bundle, runners, model, plans=END_TO_END_PLANS, bat
     return checks
 
 
-def check_bundle(bundle: Bundle, backend: str, plans=END_TO_END_PLANS, show_progress=True) -> CheckReport:
-    from sejd.engines import engine_precision, runners_for, split_backend
+def choose_plans(options: CheckOptions, tuned: bool) -> tuple[list[str], list[str]]:
+    """(compared, skipped) plans: the user's list, else the defaults plus the tuned plan when there is one."""
+    available = list(END_TO_END_PLANS) + (["auto"] if tuned else [])
+    if options.plans is None:
+        default = [p for p in QUICK_PLANS if p in available] if options.quick else list(END_TO_END_PLANS)
+        wanted = default + (["auto"] if tuned else [])  # the tuned plan is the default one: always checked
+    else:
+        wanted = list(dict.fromkeys(options.plans))
+        unknown = [p for p in wanted if p not in PLAN_CHOICES]
+        if unknown:
+            raise SejdError(f"--plans: unknown plans {unknown}; expected none or a comma list of {list(PLAN_CHOICES)}")
+        if "auto" in wanted and not tuned:
+            raise SejdError("--plans auto is the bundle's tuned plan, and there is none: run `sejd tune` first")
+    return wanted, [p for p in available if p not in wanted]
 
-    model = bundle.load_model()
-    precision = engine_precision(bundle, backend)
-    plans = [p for p in plans if p != "auto"]
-    if (bundle.path / "plan.json").exists():
-        plans.append("auto")  # the tuned plan is the default one: its quality bar is enforced
-    name = split_backend(backend)[0]
-    runners = runners_for(bundle, backend)
-    checks = []
-    if name.startswith("ort-"):
-        checks = check_graphs(bundle, name, model, show_progress, precision)
-    elif name == "tensorrt":
-        from sejd.engines.tensorrt import trt_engine_runner
-        checks = check_graphs(bundle, name, model, show_progress, precision, trt_engine_runner(bundle))
-    elif name == "torch-cuda":  # the graph modules themselves, on the GPU, at the backend's precision
+
+def graph_checks(src, model, options: CheckOptions, precision: str) -> tuple[list[Check], list[dict], list[dict]]:
+    """The per-graph checks this backend supports, on the graphs `options.graphs` selects:
+    (checks, compared graphs, skipped graphs)."""
+    from sejd.engines import split_backend
+
+    name = split_backend(src.backend)[0]
+    bundle, cfg = src.bundle, model.config
+    if name == "torch-cuda":  # the graph modules themselves, on the GPU, at the backend's precision
         from sejd.engines.torch_graphs import MODULE_VARIANTS, module_runner
-        graphs = [g for g in bundle.manifest["graphs"] if g["variant"] in MODULE_VARIANTS]
-        checks = check_graphs(bundle, backend, model, show_progress, precision,
-                              lambda g, c: module_runner(runners[0].model, g["block"], c, precision), graphs)
-    engine_model = getattr(runners[0], "model", None)  # torch-cuda runners carry their own (device) model
-    checks += check_end_to_end(bundle, runners, model, plans, show_progress=show_progress,
+        every = bundle.manifest["graphs"] if bundle is not None else \
+            [{"block": k, "variant": v} for k in range(cfg.num_blocks) for v in BLOCK_VARIANTS]
+        runnable = [g for g in every if g["variant"] in MODULE_VARIANTS]
+        make_runner = lambda g, c: module_runner(src.runners[0].model, g["block"], c, precision)  # noqa: E731
+    elif name == "torch":  # the reference itself: no graphs to compare
+        return [], [], []
+    else:
+        every = runnable = bundle.manifest["graphs"]
+        if name == "tensorrt":
+            from sejd.engines.tensorrt import trt_engine_runner
+            make_runner = trt_engine_runner(bundle)
+        else:
+            make_runner = ort_engine_runner(bundle, name)
+    spec = options.graphs if options.graphs is not None else (",".join(QUICK_GRAPHS) if options.quick else None)
+    chosen, skipped = select_graphs(runnable, spec, cfg.num_blocks)
+    skipped += [g for g in every if g not in runnable]
+    checks = check_graphs(bundle, name, model, options.show_progress, precision, make_runner, chosen, options)
+    return checks, chosen, skipped
+
+
+def check_source(src, model, options: CheckOptions | None = None, engine_model=None) -> CheckReport:
+    """Check `src` (a Source: a bundle's engines, or a checkpoint on torch / torch-cuda) against `model`,
+    the fp32 PyTorch reference on the CPU. `engine_model`: the model the engine runners run with, when it
+    is not `model` (torch-cuda: a copy on the device)."""
+    options = options or CheckOptions()
+    precision = src.precision
+    tuned = bool(src.tuned_plans())
+    plans, plans_skipped = choose_plans(options, tuned)  # validated before anything runs
+    checks, compared, skipped = graph_checks(src, model, options, precision)
+    batch = 1 if options.quick else 4
+    checks += check_end_to_end(src, model, plans, batch=batch, seed=options.seed, show_progress=options.show_progress,
                                quality_plans=("auto",), engine_model=engine_model, precision=precision)
-    return CheckReport(backend, checks)
+    tol = "contract (per graph, at the engines' precision)" if options.atol is None else f"atol {options.atol}"
+    scope = {"graphs_compared": [graph_name(g) for g in compared], "graphs_skipped": [graph_name(g) for g in skipped],
+             "feeds": feed_specs(options.seed, options.quick) if compared else [], "quick": options.quick,
+             "tolerance": f"{tol}, rtol {options.rtol or 0.0}", "plans_compared": plans, "plans_skipped": plans_skipped,
+             "plan_batch": batch, "seed": options.seed,
+             "failures_saved_in": str(options.save_failures) if any(c.reproduce for c in checks) else None}
+    return CheckReport(src.backend, checks, scope)
+
+
+def check_bundle(bundle: Bundle, backend: str, plans=None, show_progress=True,
+                 options: CheckOptions | None = None) -> CheckReport:
+    """`sejd check` on a loaded bundle; `plans` (if given) overrides `options.plans`."""
+    from sejd.engines import runners_for
+    from sejd.source import Source, tuned_plans
+
+    options = options or CheckOptions(show_progress=show_progress)
+    if plans is not None:  # the tuned plan is the default one: checked whenever there is one
+        tuned = ("auto",) if tuned_plans(bundle) else ()
+        options = dataclasses.replace(options, plans=tuple(p for p in plans if p != "auto") + tuned)
+    model = bundle.load_model()
+    runners = runners_for(bundle, backend)
+    engine_model = getattr(runners[0], "model", None)  # torch-cuda runners carry their own (device) model
+    return check_source(Source(model, runners, backend, bundle), model, options, engine_model)

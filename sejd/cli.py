@@ -1,21 +1,51 @@
-"""The `sejd` command line: thin wrappers over the library."""
+"""The `sejd` command line: thin wrappers over the library.
+
+Results go to stdout; logs (Python `logging`, the "sejd" logger), progress bars and errors to stderr.
+Every failure is one line, and the exit status says which kind it was (EXIT_* below).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
+import os
 import shlex
 import sys
+from pathlib import Path
 
 from sejd.errors import SejdError
+
+EXIT_OK, EXIT_CHECKS_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EPILOG = """exit status:
+  0  success
+  1  checks failed (`sejd check`: an engine does not match the PyTorch reference)
+  2  usage or input error (one line: `sejd: error: ...`)
+  3  internal error (a bug in sejd or a library it uses; -v prints the traceback)"""
+log = logging.getLogger("sejd")
+
+
+class UsageError(SejdError):
+    """The command line itself is wrong (argparse's complaint, as a one-line error)."""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown on every option; the epilog's table keeps its lines."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage and exits; sejd errors are one line
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+# ---------------------------------------------------------------------------------------------- values
 
 
 def _config_arg(text):
     """--config: inline JSON or a JSON file of TarFlowConfig fields (for .pth files without a telling name)."""
     if text is None:
         return None
-    from pathlib import Path
-
     from sejd.errors import ConfigError
     try:
         value = json.loads(Path(text).read_text() if Path(text).is_file() else text)
@@ -28,24 +58,91 @@ def _config_arg(text):
 
 def _numbers(text: str, kind, what: str, positive: bool = True) -> list:
     """Comma-separated numbers from a CLI option, or a one-line error naming the option."""
-    from sejd.errors import SejdError
     try:
         values = [kind(v) for v in text.split(",")]
     except ValueError:
         raise SejdError(f"{what} must be comma-separated {kind.__name__}s, got {text!r}") from None
-    if positive and any(v <= 0 for v in values):
-        raise SejdError(f"{what} values must be > 0, got {values}")
+    if positive and any(not v > 0 or not math.isfinite(v) for v in values):
+        raise SejdError(f"{what} values must be > 0 and finite, got {values}")
     return values
 
 
 def _positive(value: int, what: str) -> int:
-    from sejd.errors import SejdError
     if value < 1:
         raise SejdError(f"{what} must be >= 1, got {value}")
     return value
 
 
+def _finite(value: float, what: str, low: float = -math.inf, low_ok: bool = True) -> float:
+    """A finite number above `low` (or at it, when `low_ok`), else a one-line error naming the option."""
+    if not math.isfinite(value) or value < low or (value == low and not low_ok):
+        bound = "" if low == -math.inf else f" {'>=' if low_ok else '>'} {low:g}"
+        raise SejdError(f"{what} must be a finite number{bound}, got {value}")
+    return value
+
+
+def _seed(value: int, what: str = "--seed") -> int:
+    from sejd.request import check_seed
+    try:
+        return check_seed(value)
+    except SejdError as e:
+        raise SejdError(f"{what}: {e}") from None
+
+
+def _output_files(a, *options: str) -> None:
+    """Refuse output paths that could only fail once the work is done: a folder, or a place this user
+    cannot write (the nearest existing parent folder decides; missing ones are created)."""
+    for option in options:
+        path = getattr(a, option.lstrip("-").replace("-", "_"))
+        if path is None:
+            continue
+        if Path(path).is_dir():
+            raise SejdError(f"{option} {path} is a directory; expected a file path to write")
+        parent = next(p for p in Path(path).absolute().parents if p.exists())
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise SejdError(f"{option} {path}: cannot write in {parent} (not a writable folder)")
+
+
+def _checkpoint_config(source, config_text) -> dict | None:
+    """--config, which only a checkpoint takes (a bundle carries its config)."""
+    from sejd.source import is_bundle
+
+    config = _config_arg(config_text)
+    if config is not None and is_bundle(source):
+        raise SejdError(f"--config applies to checkpoints; {source} is a bundle, whose config is in its manifest.json")
+    return config
+
+
+def _open(source, backend: str, config_text):
+    from sejd.source import open_source
+
+    config = _checkpoint_config(source, config_text)
+    log.debug("opening %s on backend %s", source, backend)
+    return open_source(source, backend, config=config)
+
+
+def _show_progress(a) -> bool:
+    return not (a.no_progress or a.quiet)
+
+
+def _require_extra(module: str, extra: str, command: str) -> None:
+    """A one-line error naming the extra to install when an optional package is missing."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise SejdError(f"`sejd {command}` needs the optional package {module.split('.')[0]} ({e}); "
+                        f"install it with: pip install 'sejd[{extra}]'") from None
+
+
+# -------------------------------------------------------------------------------------------- commands
+
+
 def _train(a):
+    from sejd.data import DATASET_PACKAGES
+
+    _require_extra(DATASET_PACKAGES[a.dataset], "train", f"train --dataset {a.dataset}")
     from sejd.model.tarflow import TarFlowConfig
     from sejd.train import train
 
@@ -53,36 +150,37 @@ def _train(a):
     cfg = TarFlowConfig(in_channels=shapes[0], img_size=a.img_size or shapes[1], patch_size=a.patch_size,
                         channels=a.channels, num_blocks=a.blocks, layers_per_block=a.layers_per_block,
                         head_dim=a.head_dim, nvp=a.nvp, num_classes=shapes[2])
-    train(a.dataset, cfg, a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, noise_std=a.noise_std,
-          drop_label=a.drop_label, ema_decay=a.ema, seed=a.seed, threads=a.threads,
+    train(a.dataset, cfg, a.out, steps=_positive(a.steps, "--steps"), batch_size=_positive(a.batch_size, "--batch-size"),
+          lr=_finite(a.lr, "--lr", 0.0, low_ok=False), noise_std=_finite(a.noise_std, "--noise-std", 0.0),
+          drop_label=a.drop_label, ema_decay=a.ema, seed=_seed(a.seed), threads=a.threads,
           command="sejd " + shlex.join(a.argv))
 
 
 def _sample(a):
     import numpy as np
-    import torch
 
+    from sejd.request import per_sample_plan, seeded_labels, seeded_noise
     from sejd.runtime.sampler import sample
-    from sejd.source import open_source
     from sejd.util import atomic_write, save_grid, write_json
 
+    _seed(a.seed)
     _positive(a.n, "-n")
-    src = open_source(a.source, a.backend, config=_config_arg(a.config))
+    _finite(a.guidance, "--guidance")
+    _finite(a.attn_temp, "--attn-temp", 0.0, low_ok=False)
+    if a.tau is not None:
+        _finite(a.tau, "--tau", 0.0)
+    _output_files(a, "--out", "--npy", "--json")
+    _refuse_above_batch_max(a.source, a.backend, a.n)
+    src = _open(a.source, a.backend, a.config)
     cfg = src.model.config
-    g = torch.Generator().manual_seed(a.seed)
-    noise = torch.randn(a.n, cfg.num_tokens, cfg.token_dim, generator=g)
-    labels = None
-    if a.label is not None:
-        labels = torch.full((a.n,), a.label, dtype=torch.long)
-    elif cfg.num_classes:
-        labels = torch.arange(a.n) % cfg.num_classes
+    noise = seeded_noise(a.n, a.seed, cfg.num_tokens, cfg.token_dim)
+    labels = seeded_labels(a.n, a.label, cfg.num_classes)
     plan = src.plan(a.plan, a.n)
-    if a.per_sample and plan != "reference":
-        for b in plan.blocks:
-            if b.decoder == "jacobi":
-                b.variant, b.freeze, b.per_sample = "host", False, True
-    result = sample(src.model, noise, labels=labels, plan=plan, tau=a.tau,
-                    guidance=a.guidance, denoise=a.denoise, runners=src.runners, progress=True)
+    if a.per_sample:
+        plan = per_sample_plan(plan)
+    result = sample(src.model, noise, labels=labels, plan=plan, tau=a.tau, guidance=a.guidance,
+                    guide_what=a.guide_what, attn_temp=a.attn_temp, annealed_guidance=a.annealed_guidance,
+                    denoise=a.denoise, runners=src.runners, progress=_show_progress(a))
     print(f"backend {src.backend} ({src.precision})")
     print(result.stats.table())
     if a.out:
@@ -95,17 +193,40 @@ def _sample(a):
         print(f"wrote {a.npy}")
     if a.json:
         write_json(a.json, result.stats.to_dict())
+        print(f"wrote {a.json}")
+
+
+def _refuse_above_batch_max(source, backend: str, n: int) -> None:
+    """A bundle's engines take at most its batch_max samples per call: more is refused before any engine is
+    opened or any noise drawn (the manifest is read unverified here; opening the bundle verifies it)."""
+    from sejd.bundle import load_bundle
+    from sejd.engines import ENGINE_BACKENDS, split_backend
+    from sejd.source import is_bundle
+
+    if not is_bundle(source) or (backend != "auto" and split_backend(backend)[0] not in ENGINE_BACKENDS):
+        return
+    batch_max = load_bundle(source, verify=False).manifest.get("batch_max", 64)
+    if isinstance(batch_max, int) and n > batch_max:
+        raise SejdError(f"-n {n} is above the bundle's batch_max {batch_max} (the largest batch its engines "
+                        f"serve); sample at most {batch_max} at a time, or re-export with a larger --batch-max")
+
+
+def _config_kwargs(text) -> dict:
+    """--config as a keyword argument, only when given: the model config reaches load_checkpoint there."""
+    config = _config_arg(text)
+    return {} if config is None else {"config": config}
 
 
 def _tune(a):
-    from pathlib import Path
-
-    from sejd.source import is_bundle, open_source
+    from sejd.source import is_bundle
     from sejd.tune import TAU_GRID, tune
 
-    src = open_source(a.bundle, a.backend)
-    taus = _numbers(a.tau, float, "--tau") if a.tau else TAU_GRID
     _positive(a.batch, "--batch")
+    _finite(a.psnr, "--psnr", 0.0, low_ok=False)
+    _finite(a.guidance, "--guidance")
+    taus = _numbers(a.tau, float, "--tau") if a.tau else TAU_GRID
+    _output_files(a, "--out")
+    src = _open(a.bundle, a.backend, a.config)
     out = a.out or (Path(a.bundle) / "plan.json" if is_bundle(a.bundle) else "plan.json")
     plan = tune(src, batch=a.batch, target_db=a.psnr, taus=taus, guidance=a.guidance, out=out)
     for k, b in enumerate(plan.blocks):
@@ -117,36 +238,43 @@ def _tune(a):
 
 
 def _export_triton(a):
+    _require_extra("tritonclient", "triton", "export-triton")
     from sejd.serve.triton import export_triton
 
-    d = export_triton(a.bundle, a.out, name=a.name, backend=a.backend, plan=a.plan, max_batch=a.max_batch,
-                      instances=a.instances, queue_delay_us=a.queue_delay_us, force=a.force)
+    d = export_triton(a.bundle, a.out, name=a.name, backend=a.backend, plan=a.plan,
+                      max_batch=_positive(a.max_batch, "--max-batch"), instances=_positive(a.instances, "--instances"),
+                      queue_delay_us=a.queue_delay_us, force=a.force)
     print(f"wrote Triton model {d} (tritonserver --model-repository {a.out})")
 
 
 def _serve(a):
-    from sejd.serve.app import serve_forever
-
     _positive(a.replicas, "--replicas")
     _positive(a.max_batch, "--max-batch")
+    if not 1 <= a.port <= 65535:
+        raise SejdError(f"--port must be in 1..65535, got {a.port}")
+    _finite(a.batch_wait_ms, "--batch-wait-ms", 0.0)
+    _finite(a.deadline_s, "--deadline-s", 0.0, low_ok=False)
+    config = _config_kwargs(a.config)  # for the replicas' open_source
+    from sejd.serve.app import serve_forever
+
     serve_forever(a.source, a.backend, a.replicas, a.max_batch, a.batch_wait_ms, a.host, a.port, a.deadline_s,
-                  a.address)
+                  a.address, **config)
 
 
 def _bench(a):
-    from sejd.bench import bench, plot, table
-    from sejd.source import open_source
+    from sejd.bench import DECODERS, bench, plot, table
     from sejd.util import write_json
 
-    src = open_source(a.source, a.backend, config=_config_arg(a.config))
-    from sejd.bench import DECODERS
-    from sejd.errors import SejdError
     unknown = sorted(set(a.decoders.split(",")) - set(DECODERS))
     if unknown:
         raise SejdError(f"unknown decoders {unknown}; expected a subset of {list(DECODERS)}")
     _positive(a.runs, "--runs")
-    result = bench(src, _numbers(a.batch, int, "--batch"), a.decoders.split(","), runs=a.runs,
-                   warmup=a.warmup, seed=a.seed, guidance=a.guidance)
+    batches = _numbers(a.batch, int, "--batch")
+    _seed(a.seed)
+    _finite(a.guidance, "--guidance")
+    _output_files(a, "--json", "--plot")
+    src = _open(a.source, a.backend, a.config)
+    result = bench(src, batches, a.decoders.split(","), runs=a.runs, warmup=a.warmup, seed=a.seed, guidance=a.guidance)
     print(table(result))
     if a.json:
         write_json(a.json, result)
@@ -161,7 +289,7 @@ def _export(a):
 
     variants = a.variants.split(",") if a.variants else None
     b = export_bundle(a.source, a.out, variants=variants, unroll=a.unroll, opset=a.opset, batch_max=a.batch_max,
-                      force=a.force)
+                      force=a.force, show_progress=_show_progress(a), **_config_kwargs(a.config))
     print(f"wrote bundle {b.path}: {len(b.manifest['graphs'])} graphs ({', '.join(b.variants())}), "
           f"opset {b.manifest['opset']}")
 
@@ -169,161 +297,335 @@ def _export(a):
 def _build(a):
     from sejd.bundle import load_bundle
     from sejd.engines import build_engines
-    from sejd.errors import SejdError
 
     if a.backend != "tensorrt" and a.workspace is not None:
         raise SejdError(f"--workspace applies to --backend tensorrt only, not {a.backend}")
+    if a.threads is not None:
+        _positive(a.threads, "--threads")
     out = build_engines(load_bundle(a.bundle), a.backend, a)
     print(f"built {a.backend} engines in {out}")
 
 
 def _check(a):
-    from sejd.bundle import load_bundle
-    from sejd.check import check_bundle
+    import copy
+
+    from sejd.check import CheckOptions, check_bundle, check_source
+    from sejd.source import is_bundle
     from sejd.util import write_json
 
-    report = check_bundle(load_bundle(a.bundle), a.backend)
+    options = CheckOptions(atol=None if a.atol is None else _finite(a.atol, "--atol", 0.0),
+                           rtol=None if a.rtol is None else _finite(a.rtol, "--rtol", 0.0), seed=_seed(a.seed),
+                           plans=None if a.plans is None else _list_or_none(a.plans), graphs=a.graphs, quick=a.quick,
+                           save_failures=a.save_failures, polygraphy_log=a.verbose > 0,
+                           show_progress=_show_progress(a))
+    _output_files(a, "--json")
+    if a.save_failures is not None and Path(a.save_failures).is_file():
+        raise SejdError(f"--save-failures {a.save_failures} is a file; expected a folder")
+    if is_bundle(a.source):
+        from sejd.bundle import load_bundle
+
+        _checkpoint_config(a.source, a.config)  # refuses --config for a bundle, naming why
+        report = check_bundle(load_bundle(a.source), "ort-cpu" if a.backend == "auto" else a.backend,
+                              options=options)
+    else:  # a checkpoint: the PyTorch reference or torch-cuda's graph modules
+        src = _open(a.source, a.backend, a.config)
+        reference = copy.deepcopy(src.model).cpu() if src.runners is not None else src.model
+        report = check_source(src, reference, options, engine_model=src.model)
     print(report.summary())
     if a.json:
         write_json(a.json, report.to_dict())
-    if not report:
-        raise SystemExit(1)
+        print(f"wrote {a.json}")
+    return EXIT_OK if report else EXIT_CHECKS_FAILED
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sejd", description="Fast verified sampling of TarFlow normalizing flows.")
-    sub = p.add_subparsers(dest="command", required=True)
+def _list_or_none(text: str) -> tuple:
+    return () if text == "none" else tuple(p.strip() for p in text.split(","))
 
-    s = sub.add_parser("sample", help="sample images from a checkpoint, builtin model or bundle")
+
+# ---------------------------------------------------------------------------------------------- parser
+
+BACKEND_HELP = ("torch | ort-cpu | ort-cuda | ort-trt | tensorrt | torch-cuda[:fp16|:bf16] "
+                "(auto: ort-cpu for a bundle, torch for a checkpoint)")
+CONFIG_HELP = ("model config for a .pth checkpoint: TarFlowConfig fields as JSON or a JSON file, e.g. "
+               "'{\"head_dim\": 64}' (bundles carry their own)")
+
+
+def _option(p, *flags, aliases=(), **kw):
+    """An option, plus ml-tarflow's spellings of it as hidden aliases (same destination)."""
+    action = p.add_argument(*flags, **kw)
+    if aliases:
+        hidden = {k: v for k, v in kw.items() if k in ("type", "action", "choices", "nargs")}
+        p.add_argument(*aliases, dest=action.dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **hidden)
+    return action
+
+
+def _global_options(p, at_top: bool) -> None:
+    """-v/-q/--no-progress, before the command (`sejd -v check`) or after it (`sejd check -v`). After the
+    command their defaults are SUPPRESS, so they do not overwrite what was given before it."""
+    def default(value):
+        return {"default": value} if at_top else {"default": argparse.SUPPRESS}
+    shown = "" if at_top else " (default: off)"
+    p.add_argument("-v", "--verbose", action="count", help="more detail on stderr: debug logs, Polygraphy's log in "
+                   "`check`, the traceback of an internal error" + shown, **default(0))
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr, no progress "
+                   "bars" + shown, **default(False))
+    p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bars (they are off "
+                   "anyway when stderr is not a terminal)" + shown, **default(False))
+
+
+def _command(sub, name: str, help: str, func):
+    p = sub.add_parser(name, help=help, description=help, formatter_class=_Formatter)
+    _global_options(p, at_top=False)
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_sample(sub):
+    s = _command(sub, "sample", "sample images from a checkpoint, builtin model or bundle", _sample)
     s.add_argument("source", help="ml-tarflow .pth, sejd checkpoint folder, builtin:NAME, or a bundle folder")
-    s.add_argument("--backend", default="auto", help="torch | ort-cpu | ort-cuda | ort-trt | tensorrt | "
-                   "torch-cuda[:fp16|:bf16] (auto: ort-cpu for a bundle, torch for a checkpoint)")
-    s.add_argument("--config", default=None, help="TarFlowConfig fields as JSON or a JSON file, e.g. '{\"head_dim\": 64}'")
+    s.add_argument("--backend", default="auto", help=BACKEND_HELP)
+    s.add_argument("--config", default=None, help=CONFIG_HELP)
     s.add_argument("-n", type=int, default=16, help="number of samples")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="noise seed (0..2**63-1): the same seed gives the same images")
     s.add_argument("--plan", default=None, help="sequential | ujd | sjd | gs-jacobi | reference | auto | plan.json "
-                   "(default: the bundle's tuned plan, else sjd)")
-    s.add_argument("--tau", type=float, default=None, help="Jacobi tolerance (infinity norm) for every Jacobi block")
+                   "(None: the bundle's tuned plan, else sjd)")
+    s.add_argument("--tau", type=float, default=None, help="Jacobi tolerance (infinity norm) for every Jacobi block "
+                   "(None: the plan's)")
     s.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight")
-    s.add_argument("--label", type=int, default=None, help="class label for conditional models (-1: unconditional)")
+    s.add_argument("--guide-what", dest="guide_what", default="ab", choices=["a", "b", "ab"],
+                   help="which affine parameters guidance applies to, as in ml-tarflow: a (shift), b (scale), ab")
+    s.add_argument("--attn-temp", dest="attn_temp", type=float, default=1.0,
+                   help="attention temperature of the unconditional guidance rows (ml-tarflow's attn_temp)")
+    s.add_argument("--annealed-guidance", dest="annealed_guidance", action="store_true",
+                   help="ramp the guidance weight up over the tokens (ml-tarflow's annealed_guidance)")
+    s.add_argument("--label", type=int, default=None, help="class label for conditional models (-1: unconditional; "
+                   "None: classes in turn)")
     s.add_argument("--denoise", action="store_true", help="apply TarFlow's self-denoising step")
     s.add_argument("--per-sample", dest="per_sample", action="store_true",
                    help="every Jacobi block stops per sample (what the service runs: results match it bit for bit)")
     s.add_argument("--out", default=None, help="PNG grid to write")
     s.add_argument("--npy", default=None, help="write the images (N, C, H, W) in [-1, 1] as .npy")
     s.add_argument("--json", default=None, help="write per-block statistics as JSON")
-    s.set_defaults(func=_sample)
 
-    tu = sub.add_parser("tune", help="choose per block the fastest decoder that keeps PSNR >= target; write plan.json")
+
+def _add_tune(sub):
+    tu = _command(sub, "tune", "choose per block the fastest decoder that keeps PSNR >= target; write plan.json", _tune)
     tu.add_argument("bundle", help="bundle folder (or a checkpoint / builtin:NAME for the PyTorch backend)")
-    tu.add_argument("--backend", default="auto")
-    tu.add_argument("--batch", type=int, default=1)
-    tu.add_argument("--psnr", type=float, default=40.0, help="quality target in dB against exact sequential decoding")
-    tu.add_argument("--tau", default=None, help="comma-separated tolerance grid to search (default 0.5 ... 0.001)")
-    tu.add_argument("--guidance", type=float, default=0.0)
-    tu.add_argument("--out", default=None, help="plan file (default BUNDLE/plan.json)")
-    tu.set_defaults(func=_tune)
+    tu.add_argument("--backend", default="auto", help=BACKEND_HELP)
+    tu.add_argument("--config", default=None, help=CONFIG_HELP)
+    tu.add_argument("--batch", type=int, default=1, help="batch size the plan is tuned for")
+    tu.add_argument("--psnr", type=float, default=40.0, help="quality target in dB against exact sequential "
+                    "decoding (finite, > 0)")
+    tu.add_argument("--tau", default=None, help="comma-separated tolerance grid to search (None: 0.5 ... 0.001)")
+    tu.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight to tune at")
+    tu.add_argument("--out", default=None, help="plan file (None: BUNDLE/plan.json, or plan.json for a checkpoint)")
 
-    tr = sub.add_parser("export-triton", help="write a Triton Inference Server model repository serving a bundle")
-    tr.add_argument("bundle")
+
+def _add_export_triton(sub):
+    tr = _command(sub, "export-triton", "write a Triton Inference Server model repository serving a bundle",
+                  _export_triton)
+    tr.add_argument("bundle", help="bundle folder")
     tr.add_argument("-o", "--out", required=True, help="model repository folder")
-    tr.add_argument("--name", default=None, help="model name (default sejd_<bundle folder name>)")
+    tr.add_argument("--name", default=None, help="model name (None: sejd_<bundle folder name>)")
     tr.add_argument("--backend", default="ort-cpu", help="sejd backend inside Triton's Python backend")
-    tr.add_argument("--plan", default=None, help="served plan (default: the tuned plan, else sjd)")
-    tr.add_argument("--max-batch", dest="max_batch", type=int, default=16)
-    tr.add_argument("--instances", type=int, default=1)
-    tr.add_argument("--queue-delay-us", dest="queue_delay_us", type=int, default=10000)
-    tr.add_argument("--force", action="store_true")
-    tr.set_defaults(func=_export_triton)
+    tr.add_argument("--plan", default=None, help="served plan (None: the tuned plan, else sjd)")
+    tr.add_argument("--max-batch", dest="max_batch", type=int, default=16, help="Triton's max_batch_size")
+    tr.add_argument("--instances", type=int, default=1, help="model instances (Triton instance_group count)")
+    tr.add_argument("--queue-delay-us", dest="queue_delay_us", type=int, default=10000,
+                    help="Triton's dynamic batcher max_queue_delay_microseconds")
+    tr.add_argument("--force", action="store_true", help="replace an existing model folder")
 
-    sv = sub.add_parser("serve", help="serve sampling over HTTP on Ray Serve (POST /sample, GET /healthz, /metrics)")
+
+def _add_serve(sub):
+    sv = _command(sub, "serve", "serve sampling over HTTP on Ray Serve (POST /sample, GET /healthz, /metrics)", _serve)
     sv.add_argument("source", help="bundle folder (engines), checkpoint or builtin:NAME")
-    sv.add_argument("--backend", default="auto")
-    sv.add_argument("--replicas", type=int, default=1)
+    sv.add_argument("--backend", default="auto", help=BACKEND_HELP)
+    sv.add_argument("--config", default=None, help=CONFIG_HELP)
+    sv.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (each builds its own engines)")
     sv.add_argument("--max-batch", dest="max_batch", type=int, default=16, help="requests batched together at most")
-    sv.add_argument("--batch-wait-ms", dest="batch_wait_ms", type=float, default=10.0)
+    sv.add_argument("--batch-wait-ms", dest="batch_wait_ms", type=float, default=10.0,
+                    help="how long a batch waits for more requests")
     sv.add_argument("--deadline-s", dest="deadline_s", type=float, default=60.0, help="per-request deadline (504)")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
-    sv.set_defaults(func=_serve)
+    sv.add_argument("--host", default="127.0.0.1", help="interface the HTTP proxy binds to")
+    sv.add_argument("--port", type=int, default=8000, help="HTTP port (1..65535)")
+    sv.add_argument("--address", default=None, help="Ray cluster address (None: start Ray locally)")
 
-    be = sub.add_parser("bench", help="time every decoder side by side (warm-up, median of runs)")
+
+def _add_bench(sub):
+    from sejd.bench import DECODERS
+
+    be = _command(sub, "bench", "time every decoder side by side (warm-up, median of runs)", _bench)
     be.add_argument("source", help="bundle folder (engines), checkpoint or builtin:NAME (PyTorch)")
-    be.add_argument("--backend", default="auto")
-    be.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    be.add_argument("--backend", default="auto", help=BACKEND_HELP)
+    be.add_argument("--config", default=None, help=CONFIG_HELP)
     be.add_argument("--batch", default="1,16", help="comma-separated batch sizes")
-    be.add_argument("--decoders", default=",".join(("reference", "sequential", "ujd", "sjd", "gs-jacobi", "auto")))
-    be.add_argument("--runs", type=int, default=5)
-    be.add_argument("--warmup", type=int, default=1)
-    be.add_argument("--seed", type=int, default=0)
-    be.add_argument("--guidance", type=float, default=0.0)
+    be.add_argument("--decoders", default=",".join(DECODERS), help="comma-separated subset of " + ", ".join(DECODERS))
+    be.add_argument("--runs", type=int, default=5, help="timed runs per decoder and batch (the median is reported)")
+    be.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    be.add_argument("--seed", type=int, default=0, help="noise seed")
+    be.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight")
     be.add_argument("--json", default=None, help="write the runs as JSON")
     be.add_argument("--plot", default=None, help="write a PNG: residual per iteration per block, time per block")
-    be.set_defaults(func=_bench)
 
-    e = sub.add_parser("export", help="export every block variant to ONNX: a verified bundle folder")
+
+def _add_export(sub):
+    from sejd.export.contracts import VARIANTS
+
+    e = _command(sub, "export", "export every block variant to ONNX: a verified bundle folder", _export)
     e.add_argument("source", help="checkpoint, sejd folder or builtin:NAME")
     e.add_argument("-o", "--out", required=True, help="bundle folder to write")
-    e.add_argument("--variants", default=None, help="comma-separated subset of: " + ", ".join(_variants()))
+    e.add_argument("--config", default=None, help=CONFIG_HELP)
+    e.add_argument("--variants", default=None, help="comma-separated subset of: " + ", ".join(VARIANTS) + " (None: all)")
     e.add_argument("--unroll", type=int, default=8, help="iterations unrolled in jacobi_k")
-    e.add_argument("--opset", type=int, default=18)
+    e.add_argument("--opset", type=int, default=18, help="ONNX opset (17..21)")
     e.add_argument("--batch-max", dest="batch_max", type=int, default=64, help="largest batch engines must serve")
     e.add_argument("--force", action="store_true", help="replace an existing bundle")
-    e.set_defaults(func=_export)
 
-    b = sub.add_parser("build", help="build a bundle's graphs into engines for a backend")
-    b.add_argument("bundle")
+
+def _add_build(sub):
+    b = _command(sub, "build", "build a bundle's graphs into engines for a backend", _build)
+    b.add_argument("bundle", help="bundle folder")
     b.add_argument("--backend", default="ort-cpu", help="ort-cpu | ort-cuda | ort-trt | tensorrt")
-    b.add_argument("--threads", type=int, default=None, help="intra-op threads (ONNX Runtime)")
+    b.add_argument("--threads", type=int, default=None, help="intra-op threads (ONNX Runtime; None: its default)")
     b.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="fp16/bf16: weights and matrix products in that type, LayerNorm/softmax/exp in fp32")
-    b.add_argument("--workspace", type=int, default=None, help="TensorRT workspace in MiB")
-    b.set_defaults(func=_build)
+    b.add_argument("--workspace", type=int, default=None, help="TensorRT workspace in MiB (None: TensorRT's default)")
 
-    c = sub.add_parser("check", help="compare every graph and every named plan against the PyTorch reference")
-    c.add_argument("bundle")
-    c.add_argument("--backend", default="ort-cpu")
+
+def _add_check(sub):
+    from sejd.check import PLAN_CHOICES, QUICK_GRAPHS, QUICK_PLANS
+
+    c = _command(sub, "check", "compare every graph and every plan of a backend against the PyTorch reference "
+                 "(exit status 1 when one does not match)", _check)
+    c.add_argument("source", help="bundle folder (or a checkpoint / builtin:NAME for torch and torch-cuda)")
+    c.add_argument("--backend", default="auto", help=BACKEND_HELP)
+    c.add_argument("--config", default=None, help=CONFIG_HELP)
+    c.add_argument("--atol", type=float, default=None, help="absolute tolerance for every graph output (None: each "
+                   "graph contract's tolerance at the engines' precision)")
+    c.add_argument("--rtol", type=float, default=None, help="relative tolerance (None: 0; an element passes when "
+                   "within atol or rtol)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the graph inputs and of the plans' noise")
+    c.add_argument("--plans", default=None, help=f"comma list of {', '.join(PLAN_CHOICES)} to sample end to end, or "
+                   "none for graphs only (None: sequential, ujd, sjd, gs-jacobi, and auto when tuned; with --quick: "
+                   f"{', '.join(QUICK_PLANS)} and auto)")
+    c.add_argument("--graphs", default=None, help="all, none (plans only), or a comma list of selectors: VARIANT "
+                   "(step,jacobi), block:K, block:K:VARIANT (None: all; with --quick: "
+                   f"{', '.join(QUICK_GRAPHS)})")
+    c.add_argument("--quick", action="store_true", help="for published-size models: graphs on batch 1 with and "
+                   "without guidance rows, one seed, single-pass graphs only; plans at batch 1")
+    c.add_argument("--save-failures", dest="save_failures", default=None, help="folder for a failing graph's inputs "
+                   "and outputs (Polygraphy JSON) (None: a new temporary folder, named in the output)")
     c.add_argument("--json", default=None, help="write every check with its figures as JSON")
-    c.set_defaults(func=_check)
 
-    t = sub.add_parser("train", help="train a TarFlow on data bundled with installed packages")
-    t.add_argument("--dataset", choices=["digits", "textures"], required=True)
+
+def _add_train(sub):
+    t = _command(sub, "train", "train a TarFlow on data bundled with installed packages (pip install 'sejd[train]')",
+                 _train)
+    t.add_argument("--dataset", choices=["digits", "textures"], required=True, help="training data")
     t.add_argument("--out", required=True, help="output folder (resumed if it holds a training state)")
-    t.add_argument("--img_size", type=int, default=None)
-    t.add_argument("--patch_size", type=int, default=2)
-    t.add_argument("--channels", type=int, default=128)
-    t.add_argument("--blocks", type=int, default=4)
-    t.add_argument("--layers_per_block", type=int, default=2)
-    t.add_argument("--head_dim", type=int, default=64)
-    t.add_argument("--nvp", action=argparse.BooleanOptionalAction, default=True)
-    t.add_argument("--noise_std", type=float, default=0.05)
-    t.add_argument("--batch_size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--steps", type=int, default=2000)
-    t.add_argument("--drop_label", type=float, default=0.1)
-    t.add_argument("--ema", type=float, default=0.999)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=None)
-    t.set_defaults(func=_train)
+    _option(t, "--img-size", dest="img_size", type=int, default=None, aliases=("--img_size",),
+            help="image side (None: the dataset's)")
+    _option(t, "--patch-size", dest="patch_size", type=int, default=2, aliases=("--patch_size",), help="patch side")
+    t.add_argument("--channels", type=int, default=128, help="transformer width")
+    t.add_argument("--blocks", type=int, default=4, help="flow blocks")
+    _option(t, "--layers-per-block", dest="layers_per_block", type=int, default=2, aliases=("--layers_per_block",),
+            help="transformer layers per flow block")
+    _option(t, "--head-dim", dest="head_dim", type=int, default=64, aliases=("--head_dim",),
+            help="attention head width")
+    t.add_argument("--nvp", action=argparse.BooleanOptionalAction, default=True,
+                   help="affine (scale and shift) coupling; --no-nvp: shift only")
+    _option(t, "--noise-std", dest="noise_std", type=float, default=0.05, aliases=("--noise_std",),
+            help="Gaussian noise added to the training data")
+    _option(t, "--batch-size", dest="batch_size", type=int, default=64, aliases=("--batch_size",),
+            help="training batch size")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up then cosine)")
+    t.add_argument("--steps", type=int, default=2000, help="optimiser steps")
+    _option(t, "--drop-label", dest="drop_label", type=float, default=0.1, aliases=("--drop_label",),
+            help="label dropout probability (classifier-free guidance)")
+    t.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights")
+    t.add_argument("--seed", type=int, default=0, help="training seed")
+    t.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (None: its default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import sejd
+
+    p = _Parser(prog="sejd", description="Fast verified sampling of TarFlow normalizing flows.", epilog=EPILOG,
+                formatter_class=_Formatter)
+    p.add_argument("--version", action="version", version=f"sejd {sejd.__version__}", help="print the version")
+    _global_options(p, at_top=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
+    for add in (_add_sample, _add_tune, _add_export_triton, _add_serve, _add_bench, _add_export, _add_build,
+                _add_check, _add_train):
+        add(sub)
     return p
 
 
-def _variants():
-    from sejd.export.contracts import VARIANTS
-    return VARIANTS
+# ------------------------------------------------------------------------------------------------ main
+
+
+def _configure(a) -> None:
+    """Logs of the "sejd" logger on stderr (results stay on stdout); progress bars off on request."""
+    level = logging.WARNING if a.quiet else logging.DEBUG if a.verbose > 0 else logging.INFO
+    for h in [h for h in log.handlers if getattr(h, "sejd_cli", False)]:
+        log.removeHandler(h)  # main() may run more than once in a process (tests)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.sejd_cli = True
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+    if a.no_progress or a.quiet:
+        os.environ["SEJD_PROGRESS"] = "0"
+
+
+def _os_error(e: OSError) -> str:
+    paths = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    return f"{e.strerror or e}: {paths}" if paths else str(e)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    # PyTorch reports a failed allocation as a RuntimeError (torch.OutOfMemoryError on CUDA)
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and
+                                          ("can't allocate memory" in str(e) or "out of memory" in str(e)))
+
+
+def _memory_message(e: BaseException) -> str:
+    import re
+
+    asked = re.search(r"tried to allocate (\d+) bytes", str(e))
+    if asked:
+        return f"not enough memory: an allocation of {int(asked[1]):,} bytes failed; use a smaller batch (-n, --batch)"
+    return f"not enough memory ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv  # what this command was called with (recorded by `train`)
+    verbose = 0
     try:
-        args.func(args)
+        args = build_parser().parse_args(argv)
+        args.argv = argv  # what this command was called with (recorded by `train`)
+        verbose = args.verbose
+        _configure(args)
+        return args.func(args) or EXIT_OK
     except SejdError as e:
         print(f"sejd: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    except OSError as e:  # a path the user gave cannot be read or written
+        print(f"sejd: error: {_os_error(e)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("sejd: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns any failure into one line
+        if _out_of_memory(e):
+            print(f"sejd: error: {_memory_message(e)}", file=sys.stderr)
+            return EXIT_USAGE
+        if verbose:
+            import traceback
+            traceback.print_exc()
+        print(f"sejd: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              f"(run with -v for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

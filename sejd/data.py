@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from sejd.errors import SejdError
 
 DATASETS = ("digits", "textures")
+DATASET_PACKAGES = {"digits": "sklearn", "textures": "skimage"}  # from the `train` extra, imported when used
 # RGB photographs stored inside scikit-image's wheel (no pooch download)
 TEXTURE_IMAGES = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry",
                   "retina", "rocket", "stereo_motorcycle")

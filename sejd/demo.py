@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 
 def step(title):
     print(f"\n== {title}", flush=True)
@@ -32,6 +30,7 @@ def main(argv=None) -> int:
     from sejd.check import check_bundle
     from sejd.engines.ort import build_ort
     from sejd.export.exporter import export_bundle
+    from sejd.request import seeded_labels, seeded_noise
     from sejd.runtime.sampler import sample
     from sejd.source import open_source
     from sejd.tune import tune
@@ -61,8 +60,9 @@ def main(argv=None) -> int:
     t = step("sample 16 images with the tuned plan")
     src = open_source(bundle.path, "ort-cpu")
     cfg = src.model.config
-    noise = torch.randn(16, cfg.num_tokens, cfg.token_dim, generator=torch.Generator().manual_seed(0))
-    result = sample(src.model, noise, plan=src.plan("auto", 16), runners=src.runners, progress=False)
+    noise = seeded_noise(16, 0, cfg.num_tokens, cfg.token_dim)  # what `sejd sample -n 16 --seed 0` draws
+    labels = seeded_labels(16, None, cfg.num_classes)
+    result = sample(src.model, noise, labels=labels, plan=src.plan("auto", 16), runners=src.runners, progress=False)
     print(result.stats.table())
     grid = save_grid(result.images, out / "samples.png", scale=max(1, 128 // cfg.img_size))
     print(f"wrote {grid}")

@@ -7,6 +7,7 @@ Training state is checkpointed atomically and resumed when the same output folde
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import shlex
 import sys
@@ -19,6 +20,8 @@ from sejd.data import load_dataset
 from sejd.model.checkpoint import save_checkpoint
 from sejd.model.tarflow import TarFlow, TarFlowConfig
 from sejd.util import atomic_write, progress
+
+log = logging.getLogger(__name__)  # "sejd.train": shown by the CLI on stderr (-q hides it)
 
 
 @torch.no_grad()
@@ -61,7 +64,7 @@ def train(dataset: str, config: TarFlowConfig, out: str | Path, steps: int, batc
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
         step = int(state["step"])
-        print(f"resumed {state_file} at step {step}", file=sys.stderr)
+        log.info("resumed %s at step %d", state_file, step)
     dims = config.in_channels * config.img_size**2
     bar = progress(range(step, steps), total=steps, initial=step, desc=f"train {dataset}")
     started = time.time()
@@ -90,8 +93,8 @@ def train(dataset: str, config: TarFlowConfig, out: str | Path, steps: int, batc
             with atomic_write(state_file, binary=True) as tmp:
                 torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                             "gen": gen.get_state(), "step": step + 1}, tmp)
-            print(f"step {step + 1}/{steps} loss {loss.item():.4f} bpd~{bpd:.3f} "
-                  f"({time.time() - started:.0f}s)", file=sys.stderr, flush=True)
+            log.info("step %d/%d loss %.4f bpd~%.3f (%.0fs)", step + 1, steps, loss.item(), bpd,
+                     time.time() - started)
     tx, ty = data.batch(512, torch.Generator().manual_seed(99))
     hx, hy = data.heldout()
     # ship whichever of the EMA and the raw weights generalises better
@@ -100,7 +103,7 @@ def train(dataset: str, config: TarFlowConfig, out: str | Path, steps: int, batc
     chosen = min(scores, key=scores.get)
     ema = candidates[chosen]
     train_bpd, heldout_bpd = evaluate_bpd(ema, tx, ty, noise_std), scores[chosen]
-    print(f"held-out bpd: {scores}; shipping {chosen}", file=sys.stderr)
+    log.info("held-out bpd: %s; shipping %s", scores, chosen)
     ema.noise_std = noise_std
     meta = {"dataset": dataset, "training": {
         "command": command or " ".join(shlex.quote(a) for a in sys.argv), "steps": steps,
@@ -109,5 +112,5 @@ def train(dataset: str, config: TarFlowConfig, out: str | Path, steps: int, batc
         "train_bpd": round(train_bpd, 4), "heldout_bpd": round(heldout_bpd, 4),
         "bpd_eval": "shipped weights; 512 training crops (seed 99) and the held-out set, each + noise_std noise (seed 0)"}}
     save_checkpoint(ema, out, **meta)
-    print(f"wrote {out}: train {train_bpd:.4f} bpd, held-out {heldout_bpd:.4f} bpd", file=sys.stderr)
+    log.info("wrote %s: train %.4f bpd, held-out %.4f bpd", out, train_bpd, heldout_bpd)
     return meta
