@@ -90,17 +90,16 @@ def _seed(value: int, what: str = "--seed") -> int:
 
 
 def _output_files(a, *options: str) -> None:
-    """Refuse output paths that could only fail once the work is done: a folder, or a place this user
-    cannot write (the nearest existing parent folder decides; missing ones are created)."""
+    """Refuse output paths that could only fail once the work is done (`sejd.util.output_file`)."""
+    from sejd.util import output_file
+
     for option in options:
         path = getattr(a, option.lstrip("-").replace("-", "_"))
-        if path is None:
-            continue
-        if Path(path).is_dir():
-            raise SejdError(f"{option} {path} is a directory; expected a file path to write")
-        parent = next(p for p in Path(path).absolute().parents if p.exists())
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise SejdError(f"{option} {path}: cannot write in {parent} (not a writable folder)")
+        if path is not None:
+            try:
+                output_file(path)
+            except SejdError as e:
+                raise SejdError(f"{option}: {e}") from None
 
 
 def _checkpoint_config(source, config_text) -> dict | None:
@@ -258,7 +257,7 @@ def _serve(a):
     from sejd.serve.app import serve_forever
 
     serve_forever(a.source, a.backend, a.replicas, a.max_batch, a.batch_wait_ms, a.host, a.port, a.deadline_s,
-                  a.address, **config)
+                  a.address, dashboard=a.dashboard, **config)
 
 
 def _bench(a):
@@ -449,6 +448,7 @@ def _add_serve(sub):
     sv.add_argument("--host", default="127.0.0.1", help="interface the HTTP proxy binds to")
     sv.add_argument("--port", type=int, default=8000, help="HTTP port (1..65535)")
     sv.add_argument("--address", default=None, help="Ray cluster address (None: start Ray locally)")
+    sv.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (bound to --host)")
 
 
 def _add_bench(sub):

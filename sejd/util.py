@@ -230,10 +230,14 @@ def folder_with(name: str) -> Callable[[Path], bool]:
 
 
 def output_file(path: str | os.PathLike) -> Path:
-    """`path` as a file to write, or a one-line error if it names a directory (check before long work)."""
+    """`path` as a file to write, or a one-line error if it names a directory or a place this user cannot
+    write (the nearest existing parent folder decides; missing ones are created): check before long work."""
     path = Path(path)
     if path.is_dir():
         raise SejdError(f"cannot write {path}: it is a directory; expected a file name")
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise SejdError(f"cannot write {path}: {parent} is not a writable folder")
     return path
 
 

@@ -19,8 +19,10 @@ from sejd.serve.preflight import check_port, check_source, host_address, require
 
 
 def build_app(source: str, backend: str = "auto", replicas: int = 1, max_batch: int = 16,
-              batch_wait_ms: float = 10.0, deadline_s: float = 60.0, replica_host: str | None = None):
-    """The Serve application; `replica_host`: the one address replicas listen on (a single local node)."""
+              batch_wait_ms: float = 10.0, deadline_s: float = 60.0, replica_host: str | None = None,
+              config: dict | None = None):
+    """The Serve application; `replica_host`: the one address replicas listen on (a single local node);
+    `config`: the model config of a checkpoint source (as `--config`)."""
     from ray import serve
 
     def replica_app():  # runs on each replica: its engines are built once, there
@@ -32,7 +34,7 @@ def build_app(source: str, backend: str = "auto", replicas: int = 1, max_batch: 
             keep_replica_grpc_on(replica_host)
 
         batch = serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_wait_ms / 1000.0)
-        return create_api(SampleService(open_source(source, backend)), source, batch, deadline_s)
+        return create_api(SampleService(open_source(source, backend, config=config)), source, batch, deadline_s)
 
     ingress = serve.ingress(replica_app)()
     sampler = serve.deployment(name="SejdSampler", num_replicas=replicas,
@@ -94,10 +96,11 @@ def start_ray(host: str, address: str | None, dashboard: bool) -> None:
 
 def serve_forever(source: str, backend: str = "auto", replicas: int = 1, max_batch: int = 16,
                   batch_wait_ms: float = 10.0, host: str = "127.0.0.1", port: int = 8000,
-                  deadline_s: float = 60.0, address: str | None = None, dashboard: bool = False) -> None:
+                  deadline_s: float = 60.0, address: str | None = None, dashboard: bool = False,
+                  config: dict | None = None) -> None:
     require_ray()
     check_port(host, port)
-    check_source(source, backend)
+    check_source(source, backend, config)
     import ray
     from ray import serve
 
@@ -111,7 +114,7 @@ def serve_forever(source: str, backend: str = "auto", replicas: int = 1, max_bat
         serve.start(http_options={"host": host, "port": port})
         local = address is None and host not in ALL_INTERFACES  # one node, on `host` only
         app = build_app(source, backend, replicas, max_batch, batch_wait_ms, deadline_s,
-                        replica_host=host_address(host)[1][0] if local else None)
+                        replica_host=host_address(host)[1][0] if local else None, config=config)
         serve.run(app, route_prefix="/")
         print(f"sejd serve: {source} on http://{host}:{port} (POST /sample, GET /healthz, /metrics, /docs); "
               f"Ctrl-C stops", flush=True)

@@ -42,7 +42,7 @@ def check_port(host: str, port: int) -> None:
             raise SejdError(f"port {port} on {host} {why}; choose another --port") from None
 
 
-def check_source(source: str, backend: str) -> None:
+def check_source(source: str, backend: str, config: dict | None = None) -> None:
     """Opens what every replica will open, short of building engines (which a replica does once, on its
     own device): a bundle's verified files, the backend's engines and every plan it serves; a checkpoint."""
     from sejd.engines import ENGINE_BACKENDS, engine_dir, require, split_backend
@@ -50,7 +50,7 @@ def check_source(source: str, backend: str) -> None:
     from sejd.source import Source, is_bundle, open_source
 
     if not is_bundle(source):
-        served_plans(open_source(source, backend))
+        served_plans(open_source(source, backend, config=config))
         return
     from sejd.bundle import BundleError, load_bundle
 
