@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
+import weakref
 
 import torch
 
@@ -138,3 +140,67 @@ class BlockRunner(abc.ABC):
         if tuple(z.shape) != expected:
             raise InputError(f"block input must have shape {expected} (batch, tokens, token width), "
                              f"got {tuple(z.shape)}")
+
+
+class KVCachePool:
+    """One set of KV-cache buffers shared by every block runner of a model.
+
+    Blocks are decoded one at a time, so a single set of caches sized for the largest batch x rows
+    seen serves all of them (as gpt-fast keeps one static cache); a runner takes views of it in
+    `begin`. The buffers are flat and reallocated only when a larger size (more rows or buffers, or
+    another dtype or device) is asked for; each reallocation bumps `generation`, so runners that
+    captured CUDA graphs over the old addresses know to capture again. Smaller shapes are views at
+    the same addresses. What a view holds on `begin` is whatever the previous block left: runners
+    either never read positions they have not written (their contract) or zero the views."""
+
+    def __init__(self):
+        self._flat: list[torch.Tensor] = []
+        self.generation = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.numel() * f.element_size() for f in self._flat)
+
+    def caches(self, count: int, shape: tuple, dtype=torch.float32, device="cpu") -> list[torch.Tensor]:
+        """`count` cache tensors of `shape`, views of the pool's storage (the same for every caller)."""
+        numel, device = math.prod(shape), torch.device(device)
+        have = self._flat[0] if self._flat else None
+        if have is None or len(self._flat) < count or have.numel() < numel or have.dtype != dtype \
+                or have.device != device:
+            keep = have is not None and have.dtype == dtype and have.device == device
+            numel = max(numel, have.numel() if keep else 0)
+            count = max(count, len(self._flat) if keep else 0)
+            self._flat = []  # free the old set before allocating the new one
+            _check_fits(count * numel * torch.empty((), dtype=dtype).element_size(), device, shape, count)
+            self._flat = [torch.zeros(numel, dtype=dtype, device=device) for _ in range(count)]
+            self.generation += 1
+        size = math.prod(shape)
+        return [f[:size].view(shape) for f in self._flat[:count]]
+
+
+def _check_fits(nbytes: int, device: torch.device, shape: tuple, count: int) -> None:
+    """Refuse, before allocating, KV caches larger than the memory the device has free."""
+    if device.type == "cuda":
+        # memory PyTorch's allocator holds but does not use is free for this allocation too
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) \
+            - torch.cuda.memory_allocated(device)
+    else:
+        try:
+            meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+            free = int(meminfo["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return  # no way to tell here: let the allocation decide
+    if nbytes > free:
+        raise InputError(f"the KV caches for this batch need {nbytes / 2**30:.2f} GiB ({count} buffers of shape "
+                         f"{tuple(shape)}: rows x heads x tokens x head_dim), but {device} has "
+                         f"{free / 2**30:.2f} GiB free; sample a smaller batch")
+
+
+_MODEL_POOLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def model_pool(model) -> KVCachePool:
+    """The KV-cache pool of `model`: every runner made over the same model object shares it."""
+    if model not in _MODEL_POOLS:
+        _MODEL_POOLS[model] = KVCachePool()
+    return _MODEL_POOLS[model]
