@@ -19,6 +19,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+import resource
+import sys
 import weakref
 
 import torch
@@ -204,3 +206,9 @@ def model_pool(model) -> KVCachePool:
     if model not in _MODEL_POOLS:
         _MODEL_POOLS[model] = KVCachePool()
     return _MODEL_POOLS[model]
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident memory of this process so far, in bytes (ru_maxrss is in KiB on Linux)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
