@@ -18,8 +18,9 @@ peak resident memory are the kernel's figures for that stage alone:
    iteration counts (timing only: not converged by design; `sequential` is exact) and of ml-tarflow's
    own loop (`plan="reference"`) on the first sampling block.
 
-JSON on stdout and in --json; a table on stderr. `--backend torch-cuda[:bf16]` measures stage 4 on
-the GPU runner instead (no build stage; used by benchmarks/gpu_scale.sh).
+JSON on stdout and in --json; a table on stderr. `--backend torch` or `torch-cuda[:bf16]` skips the
+build and measures stage 4 on the checkpoint itself (`step` then includes the cache write);
+benchmarks/gpu_scale.sh runs the stages one by one (`--stage make|measure --path P`) on a GPU.
 """
 
 from __future__ import annotations
