@@ -11,7 +11,7 @@
 # measure_<backend>.json per backend and floors.json. Budget: under 10 minutes (each stage has a timeout;
 # a failed stage does not stop the others; engine backends are skipped when less than 4 minutes remain).
 #   bash benchmarks/gpu_scale.sh                                          (from the repository root)
-#   BACKENDS=torch SLIM=1 SAMPLE_BATCHES=1 bash benchmarks/gpu_scale.sh   (a dry run on a CPU)
+#   BACKENDS=torch SLIM=1 BATCHES=1 SAMPLE_BATCHES=1 TORCH_THREADS=1 bash benchmarks/gpu_scale.sh  (dry run, CPU)
 set -uo pipefail
 OUT=${OUT:-out/gpu_scale}
 mkdir -p "$OUT"
@@ -49,7 +49,8 @@ print(p.checkpoint_name(p.shape_of('$CONFIG', bool('${SLIM:-}'))))")
 stage "make checkpoint" 150 $SCALE --stage make --path "$CKPT" || { say "no checkpoint: stop"; exit 1; }
 ls -l "$CKPT" | tee -a "$SUMMARY"
 
-MEASURE=(--batch "$BATCHES" --sample-batch "$SAMPLE_BATCHES" --runs 10 --warmup 3 --sample-runs 1)
+MEASURE=(--batch "$BATCHES" --sample-batch "$SAMPLE_BATCHES" --runs 10 --warmup 3 --sample-runs 1
+         ${TORCH_THREADS:+--torch-threads "$TORCH_THREADS"})
 for be in "${backends[@]}"; do
   tag=${be//:/_}
   refs=none; [[ $be == torch-cuda || $be == torch ]] && refs=fp32,bf16  # ml-tarflow's loop: measured once
@@ -106,7 +107,7 @@ for m in measured:
         floors["rows"].append({"backend": m["backend"], "op": r["variant"], "batch": r["batch"],
                                "ms": r["ms_median"], "floor_ms": floor * 1e3, "ratio": ratio})
         print(f"{m['backend']:<16} {r['variant']:<7} batch {r['batch']:>3} {r['ms_median']:9.3f} ms, "
-              f"floor {floor * 1e3:8.3f} ms ({'HBM' if r['variant'] == 'step' else 'compute'}): {ratio:6.2f}x")
+              f"floor {floor * 1e3:9.4f} ms ({'HBM' if r['variant'] == 'step' else 'compute'}): {ratio:6.2f}x")
     for s in m["sampling"]:
         against = ", ".join(f"{sec / s['seconds_median']:.1f}x faster than ml-tarflow's loop ({p})"
                             for (p, b), sec in sorted(refs.items()) if b == s["batch"])

@@ -250,6 +250,9 @@ def main():
     p.add_argument("--guidance", type=float, default=0.0)
     p.add_argument("--reference-precisions", default="fp32",
                    help="ml-tarflow's loop: fp32 and/or bf16 (autocast, as its sampling notebook), or none")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="PyTorch intra-op threads in the measure stage (default: PyTorch's; 1 is steadier on a "
+                   "loaded machine, where a thread pool waits for descheduled threads at every op)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per stage")
     p.add_argument("--workdir", default=None, help="where the temporary folder goes (default: the system's)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and bundle")
@@ -265,6 +268,9 @@ def main():
     if a.stage == "make":
         return make_checkpoint(shape_of(a.config, a.slim), Path(a.path))
     if a.stage == "measure":
+        if a.torch_threads:
+            import torch
+            torch.set_num_threads(a.torch_threads)
         result = measure(a.path, a.backend, _numbers(a.batch), _numbers(a.sample_batch), a.runs, sample_runs,
                          a.warmup, a.guidance, [r for r in a.reference_precisions.split(",") if r != "none"])
         return write_json(a.json, result)
@@ -276,7 +282,8 @@ def main():
     sejd_cli = [sys.executable, "-m", "sejd.cli"]
     try:
         ckpt, bundle = work / checkpoint_name(shape), work / "bundle"
-        result = {"config": a.config, "slim": a.slim, "shape": shape, "backend": a.backend}
+        result = {"config": a.config, "slim": a.slim, "shape": shape, "backend": a.backend,
+                  "torch_threads": a.torch_threads}
         result["make"] = run_stage("make", me + [a.config, "--stage", "make", "--path", str(ckpt)]
                                    + (["--slim"] if a.slim else []), a.timeout)
         result["checkpoint"] = {"file": ckpt.name, "bytes": ckpt.stat().st_size}
@@ -290,7 +297,8 @@ def main():
             "--stage", "measure", "--path", str(ckpt if a.backend.startswith("torch") else bundle), "--backend", a.backend, "--batch", a.batch,
             "--sample-batch", a.sample_batch, "--runs", str(a.runs), "--warmup", str(a.warmup),
             "--sample-runs", str(sample_runs), "--guidance", str(a.guidance),
-            "--reference-precisions", a.reference_precisions, "--json", str(measured)], a.timeout)
+            "--reference-precisions", a.reference_precisions, "--json", str(measured)]
+            + (["--torch-threads", str(a.torch_threads)] if a.torch_threads else []), a.timeout)
         result["measured"] = json.loads(measured.read_text())
         result["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                              "python": platform.python_version()}
