@@ -25,7 +25,8 @@ from sejd.runtime.runner import Conditioning
 from sejd.util import write_json
 
 
-def _timed(fn, device, runs, warmup):
+def timed(fn, device, runs, warmup) -> tuple[float, list[float]]:
+    """(median seconds, every run's seconds) of fn() after `warmup` calls, each run ended by a device sync."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
@@ -36,7 +37,7 @@ def _timed(fn, device, runs, warmup):
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), times
 
 
 def measure(source: str, batches, runs: int, warmup: int, block: int | None = None, precisions=("fp32",)) -> dict:
@@ -59,7 +60,7 @@ def measure(source: str, batches, runs: int, warmup: int, block: int | None = No
             for op, fn in ops.items():
                 n = max(3, runs // 4) if op == "sequential_loop" and not runner.cuda_graphs else runs
                 rows.append({"op": op, "batch": batch, "cuda_graphs": runner.cuda_graphs, "precision": precision,
-                             "ms_median": 1e3 * _timed(fn, device, n, warmup)})
+                             "ms_median": 1e3 * timed(fn, device, n, warmup)[0]})
                 print(f"  {precision} graphs={runner.cuda_graphs!s:<5} batch {batch:>3} {op:<16} "
                       f"{rows[-1]['ms_median']:9.3f} ms", file=sys.stderr, flush=True)
     return {"source": source, "block": k, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

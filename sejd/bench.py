@@ -16,7 +16,8 @@ import time
 import torch
 
 from sejd.check import psnr_db
-from sejd.runtime.plan import named_plan
+from sejd.runtime.plan import TIMING_ONLY, Plan, named_plan
+from sejd.runtime.runner import peak_rss_bytes
 from sejd.runtime.sampler import sample
 from sejd.source import Source
 
@@ -44,6 +45,7 @@ def _sequential_loop_plan(n: int):
 
 def bench(src: Source, batches=(1, 16), decoders=DECODERS, runs: int = 5, warmup: int = 1, seed: int = 0,
           guidance: float = 0.0, log=print) -> dict:
+    """`decoders`: names from DECODERS, or Plan objects (measured under their names)."""
     model, cfg = src.model, src.model.config
     nblocks = cfg.num_blocks
     out_runs = []
@@ -65,6 +67,8 @@ def bench(src: Source, batches=(1, 16), decoders=DECODERS, runs: int = 5, warmup
                 candidates = {"sequential[host]": "sequential"}
                 if src.runners is not None:
                     candidates["sequential[loop]"] = _sequential_loop_plan(nblocks)
+            elif isinstance(name, Plan):  # a plan object (e.g. fixed iteration counts), under its own name
+                name, candidates = name.name, {name.name: name}
             else:
                 candidates = {name: name}
             best = None
@@ -93,9 +97,11 @@ def bench(src: Source, batches=(1, 16), decoders=DECODERS, runs: int = 5, warmup
                 "seconds_per_block": [b.seconds for b in stats.blocks],
                 "blocks_in_sampling_order": [b.block for b in stats.blocks],
                 "residuals_per_block": [b.residuals for b in stats.blocks],
+                "timing_only": TIMING_ONLY in stats.plan,  # fixed iteration counts: not converged by design
+                "peak_rss_bytes": stats.peak_rss_bytes,  # of the process, when this decoder's runs ended
             })
     return {"runs": out_runs, "runs_per_measurement": runs, "warmup": warmup, "seed": seed, "guidance": guidance,
-            "config": cfg.to_dict(), "machine": machine_info()}
+            "config": cfg.to_dict(), "machine": machine_info(), "peak_rss_bytes": peak_rss_bytes()}
 
 
 def machine_info() -> dict:
@@ -114,8 +120,10 @@ def table(result: dict) -> str:
         p = r["psnr_db_vs_sequential"]
         rows.append(f"{r['batch']:>5} {r['decoder']:<10} {r['variant']:<18} {r['seconds_median'] * 1e3:>10.1f} "
                     f"{f(r['speedup_vs_reference']):>7} {f(r['speedup_vs_sequential']):>7} "
-                    f"{'exact' if p == float('inf') or p > 100 else f'{p:.1f}':>8}  {r['iterations_per_block']}")
-    return "\n".join(rows)
+                    f"{'exact' if p == float('inf') or p > 100 else f'{p:.1f}':>8}  {r['iterations_per_block']}"
+                    + (f"  {TIMING_ONLY}" if r.get("timing_only") else ""))
+    rows.append(f"peak resident memory: {result['peak_rss_bytes'] / 2**30:.2f} GiB" if "peak_rss_bytes" in result else "")
+    return "\n".join(rows).rstrip()
 
 
 def plot(result: dict, path) -> None:

@@ -79,7 +79,7 @@ def test_bench_json_has_every_field(tiny_bundle, tmp_path):
     data = json.loads(js.read_text())
     fields = {"decoder", "backend", "batch", "seconds_median", "seconds_all", "speedup_vs_reference",
               "speedup_vs_sequential", "psnr_db_vs_sequential", "max_abs_vs_sequential", "iterations_per_block",
-              "seconds_per_block"}
+              "seconds_per_block", "timing_only", "peak_rss_bytes"}
     assert {r["decoder"] for r in data["runs"]} == {"reference", "sequential", "sjd"}
     for r in data["runs"]:
         assert fields <= set(r) and len(r["seconds_all"]) == 2
@@ -87,3 +87,4 @@ def test_bench_json_has_every_field(tiny_bundle, tmp_path):
     seq = [r for r in data["runs"] if r["decoder"] == "sequential"]
     assert all(r["psnr_db_vs_sequential"] > 100 and r["speedup_vs_sequential"] == 1.0 for r in seq)
     assert png.stat().st_size > 1000 and "torch" in data["machine"] and "onnxruntime" in data["machine"]
+    assert data["peak_rss_bytes"] > 10 * 2**20 and not any(r["timing_only"] for r in data["runs"])

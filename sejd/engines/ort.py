@@ -2,7 +2,8 @@
 
 `ort-cpu` is always available; `ort-cuda` and `ort-trt` need onnxruntime-gpu (the `gpu` extra).
 KV caches live in preallocated ping-pong buffers bound with IO binding: a step reads the caches of
-the previous step and writes the other pair, so caches are never copied or reallocated.
+the previous step and writes the other pair, so caches are never copied or reallocated. Both sets
+are views of one KV-cache pool per model (`OrtSessions.pool`), shared by every block's runner.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from sejd.bundle import Bundle, BundleError, sha256_file
 from sejd.engines import engine_dir, read_engine_manifest
 from sejd.errors import SejdError
 from sejd.export.contracts import contract
-from sejd.runtime.runner import BlockRunner, Conditioning
+from sejd.runtime.runner import BlockRunner, Conditioning, KVCachePool
 from sejd.util import atomic_dir, folder_with, progress, scratch_dir
 
 PROVIDERS = {
@@ -165,6 +166,7 @@ class OrtSessions:
         self.bundle, self.backend, self.threads = bundle, backend, threads
         self.manifest = load_engine_manifest(bundle, backend)
         self._sessions: dict = {}
+        self.pool = KVCachePool()  # blocks run one at a time: one set of caches for all of them
 
     def get(self, variant: str, block: int | None = None, single_thread: bool = False):
         """The session of one graph. `single_thread`: for latency-bound calls on the CPU (one token, or a
@@ -216,8 +218,10 @@ class OrtBlockRunner(BlockRunner):
         if self.cfg.num_classes:
             self.cond_feeds["labels"] = cond.labels.numpy().astype(np.int64)
         shape = (R, self.cfg.num_heads, self.num_tokens, self.cfg.head_dim)
-        if not self._caches or self._caches[0][0].shape != shape:
-            self._caches = [[np.zeros(shape, np.float32) for _ in self.cache_names] for _ in range(2)]
+        # the ping-pong pair, as numpy views of the shared pool (bindings below take their addresses)
+        views = [t.numpy() for t in self.sessions.pool.caches(2 * len(self.cache_names), shape)]
+        n = len(self.cache_names)
+        self._caches = [views[:n], views[n:]]
         self._current = 0  # which buffer set holds the valid cache
         self._bindings: dict = {}
         self._validated: set = set()

@@ -23,7 +23,7 @@ import torch
 
 from sejd.export.graphs import JacobiGraph, StepGraph, StepKVGraph, precision_dtype, reduced_block
 from sejd.model.tarflow import TarFlow
-from sejd.runtime.runner import BlockRunner, Conditioning, affine
+from sejd.runtime.runner import BlockRunner, Conditioning, KVCachePool, affine, model_pool
 
 
 class GraphModuleRunner(BlockRunner):
@@ -32,9 +32,10 @@ class GraphModuleRunner(BlockRunner):
     `sejd.engines.tensorrt`, which reuses everything else (caches, capture, fused operations)."""
 
     def __init__(self, model: TarFlow, k: int, cuda_graphs: bool, dtype: torch.dtype = torch.float32,
-                 calls: dict | None = None):
+                 calls: dict | None = None, pool: KVCachePool | None = None):
         cfg = model.config
         self.model = model
+        self.pool = pool or model_pool(model)  # one set of KV caches for all blocks of the model
         block, T, classes = model.blocks[k], cfg.num_tokens, bool(cfg.num_classes)
         self.num_tokens, self.token_dim, self.cfg = T, cfg.token_dim, cfg
         self.device = block.pos_embed.device
@@ -49,21 +50,26 @@ class GraphModuleRunner(BlockRunner):
         self.jacobi_k = calls.get("jacobi_k")  # (unroll, callable): k Jacobi passes in one call, if any
         self.has_classes = classes
         self.positions = torch.arange(T, device=self.device)  # positions[i]: a 0-d device view, no host copy
-        self._state: dict = {}  # rows -> (caches, conditioning buffers, captured graphs)
+        self._state: dict = {}  # rows -> (conditioning buffers, captured graphs, pool generation)
 
     def begin(self, batch: int, cond: Conditioning) -> None:
-        """Buffers (caches, conditioning) and captured graphs are kept per row count and refilled in
-        place, so a graph captured once for a batch shape is replayed by every later batch of it."""
+        """Conditioning buffers and captured graphs are kept per row count and refilled in place, so a
+        graph captured once for a batch shape is replayed by every later batch of it. The caches are
+        views of the model's pool: for a row count they sit at the same addresses every time (views at
+        the start of the pool's flat buffers), which is what keeps captured graphs valid across blocks
+        and batches; only when the pool grows (a larger batch) do the addresses change, and graphs
+        captured before that (an older pool generation) are dropped and captured again."""
         dev, cfg = self.device, self.cfg
         self.batch = batch
         guidance = cond.guidance if cond.guidance is not None else torch.zeros(2, self.num_tokens)
         values = ([cond.labels] if self.has_classes else []) + [cond.temps.float(), guidance.float()]
-        if cond.rows not in self._state:
-            shape = (cond.rows, cfg.num_heads, self.num_tokens, cfg.head_dim)
-            caches = [torch.zeros(shape, device=dev) for _ in range(2 * cfg.layers_per_block)]
-            self._state[cond.rows] = (caches, [v.to(dev).clone() for v in values], {})
-        self.caches, self.cond, self.graphs = self._state[cond.rows]
-        for cache in self.caches:
+        shape = (cond.rows, cfg.num_heads, self.num_tokens, cfg.head_dim)
+        self.caches = self.pool.caches(2 * cfg.layers_per_block, shape, torch.float32, dev)
+        state = self._state.get(cond.rows)
+        if state is None or state[2] != self.pool.generation:
+            state = self._state[cond.rows] = ([v.to(dev).clone() for v in values], {}, self.pool.generation)
+        self.cond, self.graphs, _ = state
+        for cache in self.caches:  # another block's keys/values may be there; the step graphs read all T
             cache.zero_()
         for buf, v in zip(self.cond, values):
             buf.copy_(v)
@@ -154,7 +160,8 @@ class EngineBlockRunner(GraphModuleRunner):
     """The device runner over engine callables: `call(variant)` gives a callable with the variant's
     graph contract (device tensors in and out). Used by TensorRT and ONNX Runtime's GPU providers."""
 
-    def __init__(self, call, exported, unroll: int, model: TarFlow, k: int, cuda_graphs: bool):
+    def __init__(self, call, exported, unroll: int, model: TarFlow, k: int, cuda_graphs: bool,
+                 pool: KVCachePool | None = None):
         from sejd.bundle import BundleError
 
         missing = {"step_kv", "window", "jacobi"} - set(exported)
@@ -163,7 +170,7 @@ class EngineBlockRunner(GraphModuleRunner):
         calls = {v: call(v) for v in ("step_kv", "window", "jacobi")}
         if "jacobi_k" in exported:
             calls["jacobi_k"] = (unroll, call("jacobi_k"))
-        super().__init__(model, k, cuda_graphs, calls=calls)
+        super().__init__(model, k, cuda_graphs, calls=calls, pool=pool)
         self.call, self.exported = call, set(exported)
 
     @torch.no_grad()

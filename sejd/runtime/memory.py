@@ -69,7 +69,9 @@ def available_bytes(device=None) -> int | None:
     MemAvailable; None where that is unknown (no /proc/meminfo)."""
     if _is_cuda(device):
         import torch
-        return int(torch.cuda.mem_get_info(device)[0])
+        # memory PyTorch's allocator holds but does not use is free for the next allocation too
+        return int(torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                   - torch.cuda.memory_allocated(device))
     try:
         with open(MEMINFO) as f:
             for line in f:

@@ -21,6 +21,7 @@ VARIANTS = {"sequential": ("host", "loop"), "jacobi": ("host", "chunk", "loop"),
 NAMED_PLANS = ("sequential", "ujd", "sjd", "gs-jacobi")
 SJD_TAU = 0.5  # the published SJD tolerance on data in [-1, 1]
 GS_SEGMENTS = 8
+TIMING_ONLY = "timing only (not converged by design)"  # how runs of fixed_iters plans are marked
 
 
 def is_int(value, minimum: int) -> bool:
@@ -43,6 +44,7 @@ class BlockPlan:
     chunk: int = 8  # Jacobi iterations per engine call for variant "chunk" (the bundle's jacobi_k unroll)
     freeze: bool = False  # Jacobi (host variant): keep the converged prefix in the KV cache, iterate the rest
     per_sample: bool = False  # Jacobi (host variant): each sample leaves the batch once its residual < tau
+    fixed_iters: int | None = None  # Jacobi: exactly this many iterations, no convergence test, no exact finish
 
     def validate(self, where: str) -> None:
         # JSON types are checked strictly: "per_sample": "no" is a truthy string, and true == 1 in Python
@@ -73,6 +75,12 @@ class BlockPlan:
             raise PlanError(f"{where}: chunk must be an int >= 1, got {self.chunk!r}")
         if self.max_iters is not None and not is_int(self.max_iters, 1):
             raise PlanError(f"{where}: max_iters must be an int >= 1 or null, got {self.max_iters!r}")
+        if self.fixed_iters is not None:  # for timing only: the result is whatever N iterations give
+            if isinstance(self.fixed_iters, bool) or not (isinstance(self.fixed_iters, int) and self.fixed_iters >= 1):
+                raise PlanError(f"{where}: fixed_iters must be an int >= 1 or null, got {self.fixed_iters!r}")
+            if self.decoder != "jacobi" or self.variant == "loop" or self.freeze or self.per_sample:
+                raise PlanError(f"{where}: fixed_iters needs decoder 'jacobi' with variant 'host' or 'chunk' and "
+                                f"neither freeze nor per_sample, got decoder {self.decoder!r} variant {self.variant!r}")
 
 
 @dataclasses.dataclass

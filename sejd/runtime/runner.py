@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
+import resource
+import sys
+import weakref
 
 import torch
 
 from sejd.errors import InputError
+from sejd.runtime.memory import check_fits
 
 
 @dataclasses.dataclass
@@ -138,3 +143,57 @@ class BlockRunner(abc.ABC):
         if tuple(z.shape) != expected:
             raise InputError(f"block input must have shape {expected} (batch, tokens, token width), "
                              f"got {tuple(z.shape)}")
+
+
+class KVCachePool:
+    """One set of KV-cache buffers shared by every block runner of a model.
+
+    Blocks are decoded one at a time, so a single set of caches sized for the largest batch x rows
+    seen serves all of them (as gpt-fast keeps one static cache); a runner takes views of it in
+    `begin`. The buffers are flat and reallocated only when a larger size (more rows or buffers, or
+    another dtype or device) is asked for; each reallocation bumps `generation`, so runners that
+    captured CUDA graphs over the old addresses know to capture again. Smaller shapes are views at
+    the same addresses. What a view holds on `begin` is whatever the previous block left: runners
+    either never read positions they have not written (their contract) or zero the views."""
+
+    def __init__(self):
+        self._flat: list[torch.Tensor] = []
+        self.generation = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.numel() * f.element_size() for f in self._flat)
+
+    def caches(self, count: int, shape: tuple, dtype=torch.float32, device="cpu") -> list[torch.Tensor]:
+        """`count` cache tensors of `shape`, views of the pool's storage (the same for every caller)."""
+        numel, device = math.prod(shape), torch.device(device)
+        have = self._flat[0] if self._flat else None
+        if have is None or len(self._flat) < count or have.numel() < numel or have.dtype != dtype \
+                or have.device != device:
+            keep = have is not None and have.dtype == dtype and have.device == device
+            numel = max(numel, have.numel() if keep else 0)
+            count = max(count, len(self._flat) if keep else 0)
+            self._flat = []  # free the old set before allocating the new one
+            check_fits(count * numel * torch.empty((), dtype=dtype).element_size(),
+                       f"the KV caches for this batch ({count} buffers of shape {tuple(shape)}: rows x heads x "
+                       f"tokens x head_dim)", device, advice="sample a smaller batch")
+            self._flat = [torch.zeros(numel, dtype=dtype, device=device) for _ in range(count)]
+            self.generation += 1
+        size = math.prod(shape)
+        return [f[:size].view(shape) for f in self._flat[:count]]
+
+
+_MODEL_POOLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def model_pool(model) -> KVCachePool:
+    """The KV-cache pool of `model`: every runner made over the same model object shares it."""
+    if model not in _MODEL_POOLS:
+        _MODEL_POOLS[model] = KVCachePool()
+    return _MODEL_POOLS[model]
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident memory of this process so far, in bytes (ru_maxrss is in KiB on Linux)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

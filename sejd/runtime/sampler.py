@@ -11,8 +11,8 @@ from sejd.errors import InputError
 from sejd.model.tarflow import TarFlow
 from sejd.runtime.decoders import decode_block
 from sejd.runtime.memory import check_fits, sampling_estimate
-from sejd.runtime.plan import Plan, resolve_plan
-from sejd.runtime.runner import BlockRunner, Conditioning
+from sejd.runtime.plan import TIMING_ONLY, Plan, resolve_plan
+from sejd.runtime.runner import BlockRunner, Conditioning, peak_rss_bytes
 from sejd.util import progress as progress_bar
 
 
@@ -35,6 +35,7 @@ class SampleStats:
     blocks: list[BlockStats]  # in sampling order
     seconds: float
     denoise_seconds: float = 0.0
+    peak_rss_bytes: int = 0  # the process's peak resident memory when sampling ended (ru_maxrss)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -43,8 +44,10 @@ class SampleStats:
         rows = [f"{'order':>5} {'block':>5} {'decoder':<11} {'iters':>6} {'seconds':>9} {'share':>6} {'residual':>9}"]
         for b in self.blocks:
             share = b.seconds / self.seconds if self.seconds else 0.0
+            note = "" if b.converged else "  (fixed iterations)" if TIMING_ONLY in self.plan else \
+                "  (capped, finished exactly)"
             rows.append(f"{b.order:>5} {b.block:>5} {b.decoder:<11} {b.iterations:>6} {b.seconds:>9.4f} "
-                        f"{share:>6.1%} {b.residual:>9.2e}{'' if b.converged else '  (capped, finished exactly)'}")
+                        f"{share:>6.1%} {b.residual:>9.2e}{note}")
         rows.append(f"plan {self.plan}: {self.seconds:.4f} s total" +
                     (f" (+{self.denoise_seconds:.4f} s denoise)" if self.denoise_seconds else ""))
         return "\n".join(rows)
@@ -138,6 +141,7 @@ def sample(model: TarFlow, noise: torch.Tensor, labels=None, plan: "str | Plan" 
         result.images = self_denoise(model, result.images, labels)
         result.stats.denoise_seconds = time.perf_counter() - t0
     result.images = result.images.cpu()
+    result.stats.peak_rss_bytes = peak_rss_bytes()
     return result
 
 
@@ -166,7 +170,8 @@ def _sample_with_plan(model, noise, cond, plan, runners, keep_sequence, progress
                                 decoded.converged, decoded.residuals, decoded.sample_iterations))
         if keep_sequence:
             sequence.append(model.unpatchify(x))
-    return SampleResult(model.unpatchify(x), SampleStats(plan.name, stats, time.perf_counter() - started), sequence)
+    name = plan.name + (f" [{TIMING_ONLY}]" if any(b.fixed_iters for b in plan.blocks) else "")
+    return SampleResult(model.unpatchify(x), SampleStats(name, stats, time.perf_counter() - started), sequence)
 
 
 def self_denoise(model: TarFlow, images: torch.Tensor, labels=None, noise_std: float | None = None) -> torch.Tensor:

@@ -1,16 +1,18 @@
-"""The PyTorch block runner: the reference model's block with a static, preallocated KV cache."""
+"""The PyTorch block runner: the reference model's block with a static, preallocated KV cache
+(views of the model's one KV-cache pool, shared by all its blocks)."""
 
 from __future__ import annotations
 
 import torch
 
 from sejd.model.tarflow import MetaBlock, TarFlow
-from sejd.runtime.runner import BlockRunner, Conditioning
+from sejd.runtime.runner import BlockRunner, Conditioning, KVCachePool, model_pool
 
 
 class TorchBlockRunner(BlockRunner):
-    def __init__(self, block: MetaBlock, num_tokens: int, token_dim: int):
+    def __init__(self, block: MetaBlock, num_tokens: int, token_dim: int, pool: KVCachePool | None = None):
         self.block, self.num_tokens, self.token_dim = block, num_tokens, token_dim
+        self.pool = pool or KVCachePool()
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.batch = self.rows = 0
 
@@ -23,9 +25,9 @@ class TorchBlockRunner(BlockRunner):
         self.guidance = None if cond.guidance is None else cond.guidance.to(p.device, p.dtype)
         attn = self.block.attn_blocks[0].attention
         shape = (self.rows, attn.num_heads, self.num_tokens, p.shape[1] // attn.num_heads)
-        if not self.cache or tuple(self.cache[0][0].shape) != shape:  # reallocate only when the shape changes
-            self.cache = [(torch.zeros(shape, dtype=p.dtype, device=p.device),
-                           torch.zeros(shape, dtype=p.dtype, device=p.device)) for _ in self.block.attn_blocks]
+        # positions are read only after this batch wrote them, so what another block left is harmless
+        views = self.pool.caches(2 * len(self.block.attn_blocks), shape, p.dtype, p.device)
+        self.cache = list(zip(views[0::2], views[1::2]))
 
     @torch.no_grad()
     def project(self, x, start):
@@ -43,4 +45,4 @@ class TorchBlockRunner(BlockRunner):
 
 def torch_runners(model: TarFlow) -> list[TorchBlockRunner]:
     cfg = model.config
-    return [TorchBlockRunner(b, cfg.num_tokens, cfg.token_dim) for b in model.blocks]
+    return [TorchBlockRunner(b, cfg.num_tokens, cfg.token_dim, model_pool(model)) for b in model.blocks]

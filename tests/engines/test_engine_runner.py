@@ -54,3 +54,21 @@ def test_ort_gpu_providers_pass_check_with_device_io(tmp_path, backend):
     assert check_bundle(bundle, backend, show_progress=False)
     runners = runners_for(bundle, backend)
     assert runners[0].device.type == "cuda"  # caches and iterates live on the GPU
+
+
+def test_runners_of_one_model_share_one_kv_cache_pool(tiny_bundle):
+    """ONNX Runtime's CPU runner (both ping-pong sets) and the device runner: every block's caches are
+    views of the same buffers, and a block decodes the same after another block used them."""
+    from sejd.engines.ort import ort_runners
+    from sejd.runtime.runner import Conditioning
+    from tests.runtime.test_cache_pool import assert_block_unaffected_by_others
+
+    cond = Conditioning.build(2, 16, guidance=1.0)
+    for runners, caches in ((ort_runners(tiny_bundle), lambda r: r._caches[0] + r._caches[1]),
+                            (ort_tensor_runners(tiny_bundle, "ort-cpu", "cpu"), lambda r: r.caches)):
+        pointers = []
+        for r in runners:
+            r.begin(2, cond)
+            pointers.append([a.ctypes.data if hasattr(a, "ctypes") else a.data_ptr() for a in caches(r)])
+        assert all(p == pointers[0] for p in pointers) and len(set(pointers[0])) == len(pointers[0])
+        assert_block_unaffected_by_others(runners)

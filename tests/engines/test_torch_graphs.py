@@ -85,3 +85,25 @@ def test_reduced_precision_runner_stays_within_its_parity_floor(precision):
     got = sample(dev_model, noise, runners=runners, **kw)
     assert psnr_db(got.images, ref.images) >= PARITY_DB_BY_PRECISION[precision]
     assert got.images.dtype == torch.float32
+
+
+def test_graph_runners_share_one_pool_and_recapture_only_when_it_grows():
+    """Captured graphs hold the caches' addresses: they stay while the pool keeps its buffers (any block,
+    any smaller batch) and are dropped when a larger batch reallocates it."""
+    from sejd.runtime.runner import Conditioning
+    from tests.runtime.test_cache_pool import assert_block_unaffected_by_others
+
+    model = make_model().to(DEVICE)
+    runners = graph_runners(model)
+    T = model.config.num_tokens
+    runners[0].begin(2, Conditioning.build(2, T))
+    runners[0].graphs["captured"] = "over the pool's addresses"
+    for r in runners:
+        r.begin(1, Conditioning.build(1, T))  # fewer rows: views at the same addresses
+        assert r.caches[0].data_ptr() == runners[0].caches[0].data_ptr()
+    runners[0].begin(2, Conditioning.build(2, T))
+    assert "captured" in runners[0].graphs
+    runners[1].begin(3, Conditioning.build(3, T, guidance=1.0))  # 6 rows: the pool grows
+    runners[0].begin(2, Conditioning.build(2, T))
+    assert "captured" not in runners[0].graphs
+    assert_block_unaffected_by_others(runners)

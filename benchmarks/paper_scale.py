@@ -1,0 +1,317 @@
+"""Published-size TarFlow checkpoints end to end: export, build, graph latency and sampling time.
+
+    python benchmarks/paper_scale.py afhq256 [--slim] [--json out.json] [--workdir DIR] [--keep]
+
+CONFIG is one of ml-tarflow's published shapes (`afhq256`, `imagenet64`, `imagenet128`); `--slim`
+keeps its geometry (image size, patch, T = 1024 tokens, 8 blocks, classes) with 128 channels and one
+layer per block, for a quick run. Each stage runs as a child process, so its wall time, CPU time and
+peak resident memory are the kernel's figures for that stage alone:
+
+1. make: a random-weight checkpoint of that exact shape in ml-tarflow's layout (a plain state dict
+   saved with torch.save under ml-tarflow's file-name convention) in a temporary folder. ml-tarflow
+   starts `proj_out` at zero (every block an identity map): it gets small random weights so that
+   decoding does real work and stays finite;
+2. export: `sejd export CKPT -o BUNDLE` (bundle size against the checkpoint's);
+3. build: `sejd build BUNDLE --backend ort-cpu` (size of the engines);
+4. measure: latency of one call of `step`, `step_kv` and one `jacobi` pass at each --batch (warm-up,
+   then the median of --runs), and for each --sample-batch the sampling time of each plan with fixed
+   iteration counts (timing only: not converged by design; `sequential` is exact) and of ml-tarflow's
+   own loop (`plan="reference"`) on the first sampling block.
+
+JSON on stdout and in --json; a table on stderr. `--backend torch` or `torch-cuda[:bf16]` skips the
+build and measures stage 4 on the checkpoint itself (`step` then includes the cache write);
+benchmarks/gpu_scale.sh runs the stages one by one (`--stage make|measure --path P`) on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the other benchmark scripts beside this one
+SHAPES = {  # ml-tarflow's published models (its README and training commands)
+    "afhq256": dict(dataset="afhq", noise_std=0.07, in_channels=3, img_size=256, patch_size=8, channels=768,
+                    num_blocks=8, layers_per_block=8, head_dim=64, num_classes=3),
+    "imagenet64": dict(dataset="imagenet", noise_std=0.05, in_channels=3, img_size=64, patch_size=2, channels=768,
+                       num_blocks=8, layers_per_block=8, head_dim=64, num_classes=1000),
+    "imagenet128": dict(dataset="imagenet", noise_std=0.15, in_channels=3, img_size=128, patch_size=4,
+                        channels=1024, num_blocks=8, layers_per_block=8, head_dim=64, num_classes=1000),
+}
+SLIM = dict(channels=128, layers_per_block=1)
+# The SJD paper's mean Jacobi iterations on AFHQ-256 at tau = 0.5, in sampling order after the sequential
+# first block: 6.6, 6.0, 5.2, 5.0, 5.9, 4.5, 4.0, rounded up. Used for every config (the paper reports no
+# counts for the ImageNet models).
+SJD_AFHQ_ITERATIONS = (7, 6, 6, 5, 6, 5, 4)
+PROJ_OUT_SCALE = 0.1  # proj_out outputs ~ N(0, 0.1^2) for unit inputs: decoding moves, stays finite
+LATENCY_VARIANTS = ("step", "step_kv", "jacobi")
+
+
+def shape_of(name: str, slim: bool) -> dict:
+    return {**SHAPES[name], **(SLIM if slim else {})}
+
+
+def checkpoint_name(shape: dict) -> str:
+    """ml-tarflow's convention: {dataset}_model_{patch}_{channels}_{blocks}_{layers}_{noise:.2f}.pth"""
+    return (f"{shape['dataset']}_model_{shape['patch_size']}_{shape['channels']}_{shape['num_blocks']}_"
+            f"{shape['layers_per_block']}_{shape['noise_std']:.2f}.pth")
+
+
+def make_checkpoint(shape: dict, path: Path, seed: int = 0) -> None:
+    import torch
+
+    from sejd.model.tarflow import TarFlow, TarFlowConfig
+
+    torch.manual_seed(seed)
+    fields = {k: v for k, v in shape.items() if k not in ("dataset", "noise_std")}
+    model = TarFlow(TarFlowConfig(**fields))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.proj_out.weight.normal_(0, PROJ_OUT_SCALE / math.sqrt(shape["channels"]))
+    torch.save(model.state_dict(), path)
+
+
+def fixed_plan(num_blocks: int, counts=SJD_AFHQ_ITERATIONS):
+    """SJD with fixed Jacobi iteration counts (sampling order) after the sequential first block."""
+    from sejd.runtime.plan import named_plan
+
+    plan = named_plan("sjd", num_blocks)
+    jacobi_blocks = list(reversed(range(num_blocks - 1)))  # sampling order after blocks[-1]
+    for k, n in zip(jacobi_blocks, counts):
+        plan.blocks[k].fixed_iters = n
+    plan.name = f"sjd-fixed[{','.join(map(str, counts[:len(jacobi_blocks)]))}]"
+    return plan
+
+
+def runner_latency(runners, model, batches, runs: int, warmup: int) -> list:
+    """`step` (one token, cache write included) and one `jacobi` pass through a block runner: for
+    backends without separate graph files (torch-cuda: the captured graph modules)."""
+    import torch
+    from cuda_latency import timed
+
+    from sejd.runtime.runner import Conditioning
+
+    cfg = model.config
+    k = cfg.num_blocks - 2  # a Jacobi block of the SJD plan
+    rows = []
+    for batch in batches:
+        z = torch.randn(batch, cfg.num_tokens, cfg.token_dim, generator=torch.Generator().manual_seed(batch))
+        z = z.to(model.var.device)
+        x = torch.zeros_like(z)
+        runners[k].begin(batch, Conditioning.build(batch, cfg.num_tokens))
+        for op, fn in (("step", lambda: runners[k].step(z[:, 0], 3)), ("jacobi", lambda: runners[k].jacobi_iter(z, x))):
+            median, times = timed(fn, model.var.device, runs, warmup)
+            rows.append({"variant": op, "batch": batch, "ms_median": 1e3 * median, "ms_all": [1e3 * t for t in times]})
+            print(f"{op:<16} batch {batch:>3}: {rows[-1]['ms_median']:9.3f} ms", file=sys.stderr)
+    return rows
+
+
+def measure(source: str, backend: str, batches, sample_batches, runs: int, sample_runs: int,
+            warmup: int, guidance: float = 0.0, reference_precisions=("fp32",)) -> dict:
+    """Stage 4 on a bundle (engine backends) or a checkpoint (torch, torch-cuda): graph latency, sampling
+    time per plan, ml-tarflow's loop on the first sampling block."""
+    import torch
+    from cuda_latency import timed
+
+    from sejd.runtime.reference import reference_block_reverse
+    from sejd.runtime.runner import Conditioning, peak_rss_bytes
+    from sejd.runtime.sampler import sample
+    from sejd.runtime.torch_runner import torch_runners
+    from sejd.source import open_source
+
+    src = open_source(source, backend)
+    model, cfg = src.model, src.model.config
+    runners = src.runners or torch_runners(model)
+    device = model.var.device
+    if backend.startswith("ort-"):
+        from variant_latency import graph_latency
+
+        from sejd.engines.ort import OrtSessions
+
+        sessions = OrtSessions(src.bundle, backend)
+        latency = [row for v in LATENCY_VARIANTS for row in
+                   graph_latency(sessions, v, cfg.num_blocks - 2, batches, runs, warmup)]
+        del sessions  # its sessions hold their own copies of the block's weights
+    else:
+        latency = runner_latency(runners, model, batches, runs, warmup)
+    plans = ["sequential", fixed_plan(cfg.num_blocks)]
+    sampling, reference = [], []
+    for batch in sample_batches:
+        g = torch.Generator().manual_seed(batch)
+        noise = torch.randn(batch, cfg.num_tokens, cfg.token_dim, generator=g)
+        labels = torch.arange(batch) % cfg.num_classes if cfg.num_classes else None
+        cond = Conditioning.build(batch, cfg.num_tokens, labels, guidance=guidance)
+        z = noise.to(device)
+        for r in runners:  # warm-up: every session or captured graph the plans use, without a whole sample
+            r.begin(batch, cond)
+            r.step(z[:, 0], 0)
+            r.jacobi_iter(z, torch.zeros_like(z))
+        for plan in plans:
+            results = []
+            median, times = timed(lambda: results.append(sample(model, noise, labels=labels, plan=plan,
+                                                                 guidance=guidance, runners=runners,
+                                                                 progress=False)), device, sample_runs, 0)
+            stats = results[-1].stats
+            sampling.append({"plan": stats.plan, "batch": batch, "seconds_median": median, "seconds_all": times,
+                             "timing_only": "timing only" in stats.plan,
+                             "iterations_per_block": [b.iterations for b in stats.blocks],
+                             "seconds_per_block": [b.seconds for b in stats.blocks]})
+            print(f"sample {stats.plan:<40} batch {batch:>3}: {median:9.3f} s", file=sys.stderr)
+        x = (noise.to(device) * model.var.sqrt())
+        y = None if labels is None else labels.to(device)
+        for precision in reference_precisions:  # bf16: autocast, as ml-tarflow's sampling notebook runs it
+            def first_block():
+                with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+                    reference_block_reverse(model.blocks[-1], x, y, guidance)
+            median, times = timed(first_block, device, sample_runs, 0)
+            ours = next(s for s in sampling if s["plan"] == "sequential" and s["batch"] == batch)
+            reference.append({"precision": precision, "batch": batch, "seconds_median": median, "seconds_all": times,
+                              "sequential_first_block_seconds": ours["seconds_per_block"][0]})
+            print(f"ml-tarflow loop, first block ({precision}) batch {batch:>3}: {median:9.3f} s", file=sys.stderr)
+    return {"backend": backend, "latency": latency, "sampling": sampling, "reference_first_block": reference,
+            "guidance": guidance, "runs": runs, "sample_runs": sample_runs, "warmup": warmup,
+            "peak_rss_bytes": peak_rss_bytes()}
+
+
+def run_stage(name: str, argv: list, timeout: float) -> dict:
+    """Run one stage as a child process: wall seconds, CPU seconds and peak RSS from wait4."""
+    t0 = time.perf_counter()
+    child = subprocess.Popen(argv, stdout=sys.stderr)
+    while True:
+        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() - t0 > timeout:
+            child.kill()
+            pid, status, usage = os.wait4(child.pid, 0)
+            raise SystemExit(f"paper_scale: stage {name} ran past {timeout:.0f} s and was stopped")
+        time.sleep(0.2)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"paper_scale: stage {name} failed with exit status {code}: {' '.join(map(str, argv))}")
+    peak = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "peak_rss_bytes": int(peak)}
+
+
+def tree_bytes(path: Path, skip: str | None = None) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and skip not in f.relative_to(path).parts)
+
+
+def table(result: dict) -> str:
+    gib = 2**30
+    ck = result["checkpoint"]["bytes"]
+    rows = [f"{result['config']}{' (slim)' if result['slim'] else ''}: checkpoint {ck / gib:.3f} GiB "
+            f"({result['checkpoint']['file']})"]
+    for stage in ("make", "export", "build", "measure"):
+        s = result.get(stage)
+        if s:
+            rows.append(f"  {stage:<8} {s['seconds']:8.1f} s wall {s['cpu_seconds']:8.1f} s CPU  peak "
+                        f"{s['peak_rss_bytes'] / gib:6.2f} GiB")
+    rows.append(f"  bundle {result['bundle_bytes'] / gib:.3f} GiB = {result['bundle_bytes'] / ck:.2f}x the checkpoint")
+    if "engines_bytes" in result:
+        rows.append(f"  engines {result['engines_bytes'] / gib:.3f} GiB = {result['engines_bytes'] / ck:.2f}x")
+    m = result["measured"]
+    for r in m["latency"]:
+        rows.append(f"  {r['variant']:<8} batch {r['batch']:>3} {r['ms_median']:10.3f} ms")
+    for r in m["sampling"]:
+        rows.append(f"  sample batch {r['batch']:>3} {r['seconds_median']:9.3f} s  {r['plan']}  "
+                    f"iterations {r['iterations_per_block']}")
+    for r in m["reference_first_block"]:
+        rows.append(f"  ml-tarflow loop ({r['precision']}), first sampling block, batch {r['batch']:>3}: "
+                    f"{r['seconds_median']:.3f} s (sequential on {m['backend']}: {r['sequential_first_block_seconds']:.3f} s)")
+    return "\n".join(rows)
+
+
+def _numbers(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("config", nargs="?", choices=sorted(SHAPES))
+    p.add_argument("--slim", action="store_true", help="128 channels, 1 layer per block (same geometry)")
+    p.add_argument("--backend", default="ort-cpu", help="an engine backend (built from the bundle), or torch / "
+                   "torch-cuda[:bf16] (run on the checkpoint)")
+    p.add_argument("--batch", default="1,16", help="batch sizes of the graph latency")
+    p.add_argument("--sample-batch", default="1", help="batch sizes of the sampling runs")
+    p.add_argument("--runs", type=int, default=5, help="timed calls per graph latency (after --warmup)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--sample-runs", type=int, default=None, help="timed samples per plan (default 3 slim, 1 full)")
+    p.add_argument("--guidance", type=float, default=0.0)
+    p.add_argument("--reference-precisions", default="fp32",
+                   help="ml-tarflow's loop: fp32 and/or bf16 (autocast, as its sampling notebook), or none")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="PyTorch intra-op threads in the measure stage (default: PyTorch's; 1 is steadier on a "
+                   "loaded machine, where a thread pool waits for descheduled threads at every op)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per stage")
+    p.add_argument("--workdir", default=None, help="where the temporary folder goes (default: the system's)")
+    p.add_argument("--keep", action="store_true", help="keep the checkpoint and bundle")
+    p.add_argument("--json", default=None)
+    p.add_argument("--stage", choices=("make", "measure"), default=None,
+                   help="one stage only: make (CONFIG's checkpoint at --path) or measure (the bundle or checkpoint "
+                   "at --path, into --json); what the full run does in child processes")
+    p.add_argument("--path", default=None, help="with --stage: the checkpoint to write, or the source to measure")
+    a = p.parse_args()
+    from sejd.util import write_json
+
+    sample_runs = a.sample_runs or (3 if a.slim else 1)
+    if a.stage == "make":
+        return make_checkpoint(shape_of(a.config, a.slim), Path(a.path))
+    if a.stage == "measure":
+        if a.torch_threads:
+            import torch
+            torch.set_num_threads(a.torch_threads)
+        result = measure(a.path, a.backend, _numbers(a.batch), _numbers(a.sample_batch), a.runs, sample_runs,
+                         a.warmup, a.guidance, [r for r in a.reference_precisions.split(",") if r != "none"])
+        return write_json(a.json, result)
+    if a.config is None:
+        p.error("CONFIG is required")
+    shape = shape_of(a.config, a.slim)
+    work = Path(tempfile.mkdtemp(prefix="paper_scale-", dir=a.workdir))
+    me = [sys.executable, str(Path(__file__).resolve())]
+    sejd_cli = [sys.executable, "-m", "sejd.cli"]
+    try:
+        ckpt, bundle = work / checkpoint_name(shape), work / "bundle"
+        result = {"config": a.config, "slim": a.slim, "shape": shape, "backend": a.backend,
+                  "torch_threads": a.torch_threads}
+        result["make"] = run_stage("make", me + [a.config, "--stage", "make", "--path", str(ckpt)]
+                                   + (["--slim"] if a.slim else []), a.timeout)
+        result["checkpoint"] = {"file": ckpt.name, "bytes": ckpt.stat().st_size}
+        result["export"] = run_stage("export", sejd_cli + ["export", str(ckpt), "-o", str(bundle)], a.timeout)
+        result["bundle_bytes"] = tree_bytes(bundle, skip="engines")
+        if not a.backend.startswith("torch"):  # torch and torch-cuda run the checkpoint: no engines to build
+            result["build"] = run_stage("build", sejd_cli + ["build", str(bundle), "--backend", a.backend], a.timeout)
+            result["engines_bytes"] = tree_bytes(bundle / "engines")
+        measured = work / "measured.json"
+        result["measure"] = run_stage("measure", me + [
+            "--stage", "measure", "--path", str(ckpt if a.backend.startswith("torch") else bundle), "--backend", a.backend, "--batch", a.batch,
+            "--sample-batch", a.sample_batch, "--runs", str(a.runs), "--warmup", str(a.warmup),
+            "--sample-runs", str(sample_runs), "--guidance", str(a.guidance),
+            "--reference-precisions", a.reference_precisions, "--json", str(measured)]
+            + (["--torch-threads", str(a.torch_threads)] if a.torch_threads else []), a.timeout)
+        result["measured"] = json.loads(measured.read_text())
+        result["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                             "python": platform.python_version()}
+    finally:
+        if a.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print(table(result), file=sys.stderr)
+    print(json.dumps(result, indent=1))
+    if a.json:
+        write_json(a.json, result)
+
+
+if __name__ == "__main__":
+    main()
