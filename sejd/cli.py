@@ -182,6 +182,7 @@ def _sample(a):
                     denoise=a.denoise, runners=src.runners, progress=_show_progress(a))
     print(f"backend {src.backend} ({src.precision})")
     print(result.stats.table())
+    print(f"peak resident memory {result.stats.peak_rss_bytes / 2**30:.2f} GiB")
     if a.out:
         save_grid(result.images, a.out, scale=max(1, 128 // cfg.img_size))
         print(f"wrote {a.out}")
