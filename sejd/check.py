@@ -225,13 +225,13 @@ def ort_engine_runner(bundle: Bundle, backend: str):
     import onnxruntime as ort
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    from sejd.engines import engine_dir
+    from sejd.engines import engine_file
     from sejd.engines.ort import load_engine_manifest, providers, session_options
 
-    load_engine_manifest(bundle, backend)
+    manifest = load_engine_manifest(bundle, backend)
 
     def runner(g, c):
-        path = str(engine_dir(bundle, backend) / g["file"])
+        path = str(engine_file(bundle, backend, g["file"], manifest))
         return OnnxrtRunner(lambda: ort.InferenceSession(path, session_options(level="none"),
                                                          providers=providers(bundle, backend, g)))
     return runner
