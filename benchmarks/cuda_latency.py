@@ -22,7 +22,7 @@ import torch
 from sejd.engines.torch_graphs import graph_runners
 from sejd.model.checkpoint import load_checkpoint
 from sejd.runtime.runner import Conditioning
-from sejd.util import write_json
+from sejd.files import write_json
 
 
 def timed(fn, device, runs, warmup) -> tuple[float, list[float]]:

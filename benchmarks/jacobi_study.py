@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from sejd.util import write_json
+from sejd.files import write_json
 from sejd import load_checkpoint, sample
 from sejd.check import psnr_db
 

@@ -262,7 +262,7 @@ def main():
                    "at --path, into --json); what the full run does in child processes")
     p.add_argument("--path", default=None, help="with --stage: the checkpoint to write, or the source to measure")
     a = p.parse_args()
-    from sejd.util import write_json
+    from sejd.files import write_json
 
     sample_runs = a.sample_runs or (3 if a.slim else 1)
     if a.stage == "make":

@@ -16,7 +16,7 @@ import sys
 import time
 
 from sejd.bundle import load_bundle
-from sejd.util import write_json
+from sejd.files import write_json
 from sejd.engines.ort import OrtSessions
 from sejd.export.contracts import contract, dummy_inputs
 

@@ -133,7 +133,7 @@ def plot(result: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sejd.util import atomic_write
+    from sejd.files import atomic_write
 
     batch = max(r["batch"] for r in result["runs"])
     runs = [r for r in result["runs"] if r["batch"] == batch]

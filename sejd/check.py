@@ -260,7 +260,7 @@ def save_failure(folder: Path, g: dict, feeds: list[dict], results, target: list
     from polygraphy.comparator import RunResults
     from polygraphy.json import save_json
 
-    from sejd.util import atomic_write
+    from sejd.files import atomic_write
 
     where = folder / graph_name(g).replace(" ", "-")
     reference = RunResults()

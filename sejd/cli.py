@@ -90,8 +90,8 @@ def _seed(value: int, what: str = "--seed") -> int:
 
 
 def _output_files(a, *options: str) -> None:
-    """Refuse output paths that could only fail once the work is done (`sejd.util.output_file`)."""
-    from sejd.util import output_file
+    """Refuse output paths that could only fail once the work is done (`sejd.files.output_file`)."""
+    from sejd.files import output_file
 
     for option in options:
         path = getattr(a, option.lstrip("-").replace("-", "_"))
@@ -160,7 +160,8 @@ def _sample(a):
 
     from sejd.request import per_sample_plan, seeded_labels, seeded_noise
     from sejd.runtime.sampler import sample
-    from sejd.util import atomic_write, save_grid, write_json
+    from sejd.files import atomic_write, write_json
+    from sejd.util import save_grid
 
     _seed(a.seed)
     _positive(a.n, "-n")
@@ -263,7 +264,7 @@ def _serve(a):
 
 def _bench(a):
     from sejd.bench import DECODERS, bench, plot, table
-    from sejd.util import write_json
+    from sejd.files import write_json
 
     unknown = sorted(set(a.decoders.split(",")) - set(DECODERS))
     if unknown:
@@ -311,7 +312,7 @@ def _check(a):
 
     from sejd.check import CheckOptions, check_bundle, check_source
     from sejd.source import is_bundle
-    from sejd.util import write_json
+    from sejd.files import write_json
 
     options = CheckOptions(atol=None if a.atol is None else _finite(a.atol, "--atol", 0.0),
                            rtol=None if a.rtol is None else _finite(a.rtol, "--rtol", 0.0), seed=_seed(a.seed),

@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     from sejd.runtime.sampler import sample
     from sejd.source import open_source
     from sejd.tune import tune
-    from sejd.util import save_grid, write_json
+    from sejd.files import write_json
+    from sejd.util import save_grid
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ import torch
 from sejd.data import load_dataset
 from sejd.model.checkpoint import save_checkpoint
 from sejd.model.tarflow import TarFlow, TarFlowConfig
-from sejd.util import atomic_write, progress
+from sejd.files import atomic_write
+from sejd.util import progress
 
 log = logging.getLogger(__name__)  # "sejd.train": shown by the CLI on stderr (-q hides it)
 

@@ -31,7 +31,7 @@ from sejd.errors import PlanError
 from sejd.runtime.plan import BlockPlan, Plan
 from sejd.runtime.sampler import sample
 from sejd.source import Source
-from sejd.util import output_file, write_json
+from sejd.files import output_file, write_json
 
 TAU_GRID = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
 HOLDOUT_SEEDS = (1000, 1001)  # never used for calibration (calibration seeds count up from 0)

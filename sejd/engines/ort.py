@@ -19,7 +19,8 @@ from sejd.engines import engine_dir, read_engine_manifest
 from sejd.errors import SejdError
 from sejd.export.contracts import contract
 from sejd.runtime.runner import BlockRunner, Conditioning, KVCachePool
-from sejd.util import atomic_dir, folder_with, progress, scratch_dir
+from sejd.files import atomic_dir, folder_with, scratch_dir
+from sejd.util import progress
 
 PROVIDERS = {
     "ort-cpu": ["CPUExecutionProvider"],

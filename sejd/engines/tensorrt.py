@@ -30,7 +30,8 @@ from sejd.engines import engine_dir, read_engine_manifest
 from sejd.engines.torch_graphs import EngineBlockRunner, cuda_graphs_default
 from sejd.errors import SejdError
 from sejd.export.contracts import contract
-from sejd.util import atomic_dir, atomic_write, folder_with, progress, scratch_dir, write_json
+from sejd.files import atomic_dir, atomic_write, folder_with, scratch_dir, write_json
+from sejd.util import progress
 
 BACKEND = "tensorrt"
 MIN_VERSION = 10  # the name-based I/O API (set_tensor_address, execute_async_v3)

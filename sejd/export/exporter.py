@@ -16,7 +16,8 @@ from sejd.export.contracts import (BLOCK_VARIANTS, DEFAULT_OPSET, DEFAULT_UNROLL
                                    contract)
 from sejd.export.onnx_export import export_block_variant, export_forward
 from sejd.model.checkpoint import load_checkpoint, save_checkpoint
-from sejd.util import atomic_dir, folder_with, progress
+from sejd.files import atomic_dir, folder_with
+from sejd.util import progress
 
 
 def check_onnx(model: onnx.ModelProto, what: str) -> None:

@@ -22,7 +22,7 @@ from sejd.errors import CheckpointError, ConfigError
 from sejd.model.layout import check_against_tensors, choose_geometry, read_layout, warn_guessed
 from sejd.model.tarflow import TarFlow, TarFlowConfig
 from sejd.runtime.memory import check_fits
-from sejd.util import atomic_write
+from sejd.files import atomic_write
 
 FILENAME_RE = re.compile(
     r"^(?P<dataset>.+?)_model_(?P<patch>\d+)_(?P<channels>\d+)_(?P<blocks>\d+)_(?P<layers>\d+)_(?P<noise>[0-9.eE+-]+)$")

@@ -1,6 +1,6 @@
 """Hostile file-system conditions around exports and builds (issue 12, defects 2, 7, 8, 9; progress bars).
 
-Races are made deterministic by wrapping the final move (`sejd.util._swap`), kills hit a subprocess that a test
+Races are made deterministic by wrapping the final move (`sejd.files._swap`), kills hit a subprocess that a test
 hook holds in a slow step, full and read-only disks are simulated by failing the OS call.
 """
 
@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-import sejd.util
+import sejd.files
 from sejd import save_checkpoint
 from sejd.errors import SejdError
 from sejd.export.exporter import export_bundle
-from sejd.util import SCRATCH_MARKER, SCRATCH_PREFIX, atomic_dir, progress, rename_noreplace, write_json
+from sejd.files import SCRATCH_MARKER, SCRATCH_PREFIX, atomic_dir, rename_noreplace, write_json
+from sejd.util import progress
 from tests.conftest import make_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,7 +48,7 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 
 def before_swap(monkeypatch, action):
     """Run `action(path)` just before atomic_dir's final move (once), as another process would."""
-    real, done = sejd.util._swap, []
+    real, done = sejd.files._swap, []
 
     def swap(new, path, *a):
         if not done:
@@ -55,7 +56,7 @@ def before_swap(monkeypatch, action):
             action(path)
         return real(new, path, *a)
 
-    monkeypatch.setattr(sejd.util, "_swap", swap)
+    monkeypatch.setattr(sejd.files, "_swap", swap)
 
 
 
@@ -123,7 +124,7 @@ def test_two_exports_to_one_target_exactly_one_wins(ckpt, tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("present", [False, True])
 def test_rename_without_renameat2_still_refuses_an_existing_target(tmp_path, monkeypatch, present):
-    monkeypatch.setattr(sejd.util, "_renameat2_noreplace", lambda src, dst: False)
+    monkeypatch.setattr(sejd.files, "_renameat2_noreplace", lambda src, dst: False)
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     (src / "new.txt").write_text("new")
@@ -218,9 +219,9 @@ def test_next_run_removes_scratch_of_a_killed_export_and_says_so(ckpt, tmp_path,
     assert len(killed) == 1 and (killed[0] / SCRATCH_MARKER).is_file()
     unmarked = tmp_path / f"{SCRATCH_PREFIX}b-unmarked"  # looks like ours, but no marker: never removed
     unmarked.mkdir()
-    planted = {"live": (os.getppid(), None, sejd.util._this_host()),  # its process still runs: kept
+    planted = {"live": (os.getppid(), None, sejd.files._this_host()),  # its process still runs: kept
                "elsewhere": (dead_pid(), None, "another-host"),  # a pid on another host: unknowable, kept
-               "reused": (os.getppid(), "1", sejd.util._this_host())}  # that pid is another process now
+               "reused": (os.getppid(), "1", sejd.files._this_host())}  # that pid is another process now
     for name, (pid, started, host) in planted.items():
         (tmp_path / f"{SCRATCH_PREFIX}b-{name}").mkdir()
         (tmp_path / f"{SCRATCH_PREFIX}b-{name}" / SCRATCH_MARKER).write_text(json.dumps(
