@@ -128,8 +128,9 @@ def table(result: dict) -> str:
 
 def plot(result: dict, path) -> None:
     """Residual against iteration per block, and time per block, for each decoder (largest batch)."""
-    import matplotlib
+    from sejd.extras import require
 
+    matplotlib = require("matplotlib", "the benchmark plot (--plot)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

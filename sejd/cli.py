@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from sejd.errors import SejdError
+from sejd.extras import require as require_extra
 
 EXIT_OK, EXIT_CHECKS_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 EPILOG = """exit status:
@@ -124,24 +125,13 @@ def _show_progress(a) -> bool:
     return not (a.no_progress or a.quiet)
 
 
-def _require_extra(module: str, extra: str, command: str) -> None:
-    """A one-line error naming the extra to install when an optional package is missing."""
-    import importlib
-
-    try:
-        importlib.import_module(module)
-    except ImportError as e:
-        raise SejdError(f"`sejd {command}` needs the optional package {module.split('.')[0]} ({e}); "
-                        f"install it with: pip install 'sejd[{extra}]'") from None
-
-
 # -------------------------------------------------------------------------------------------- commands
 
 
 def _train(a):
     from sejd.data import DATASET_PACKAGES
 
-    _require_extra(DATASET_PACKAGES[a.dataset], "train", f"train --dataset {a.dataset}")
+    require_extra(DATASET_PACKAGES[a.dataset], f"`sejd train --dataset {a.dataset}`")
     from sejd.model.tarflow import TarFlowConfig
     from sejd.train import train
 
@@ -239,7 +229,7 @@ def _tune(a):
 
 
 def _export_triton(a):
-    _require_extra("tritonclient", "triton", "export-triton")
+    require_extra("tritonclient", "`sejd export-triton`")
     from sejd.serve.triton import export_triton
 
     d = export_triton(a.bundle, a.out, name=a.name, backend=a.backend, plan=a.plan,

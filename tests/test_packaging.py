@@ -61,3 +61,24 @@ def test_wheel_in_a_fresh_venv_samples_a_builtin_model(wheel, tmp_path):
     _run([str(venv / "bin" / "sejd"), "sample", "builtin:digits", "-n", "2", "--plan", "sjd", "--out", str(out)],
          cwd=tmp_path, env=env)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("module, extra", [("matplotlib", "report"), ("ray.serve", "serve"), ("onnxruntime", "cpu")])
+def test_a_missing_extra_is_one_error_naming_it(monkeypatch, module, extra):
+    from sejd.errors import SejdError
+    from sejd.extras import require
+
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    with pytest.raises(SejdError, match=rf"needs {module.split('.')[0]}, which is not installed .*"
+                                        rf"pip install 'sejd\[{extra}\]'"):
+        require(module, "this command")
+
+
+def test_bench_plot_without_matplotlib_names_the_report_extra(monkeypatch, tmp_path):
+    from sejd.bench import plot
+    from sejd.extras import MissingExtra
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(MissingExtra, match=r"sejd\[report\]"):
+        plot({"runs": []}, tmp_path / "p.png")
+    assert not (tmp_path / "p.png").exists()

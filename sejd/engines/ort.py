@@ -78,7 +78,7 @@ def unavailable_reason(backend: str) -> str | None:
     try:
         import onnxruntime as ort
     except ImportError:
-        return "onnxruntime is not installed (pip install onnxruntime, or the gpu extra)"
+        return "onnxruntime is not installed (pip install 'sejd[cpu]', or 'sejd[gpu]' on a CUDA machine)"
     have = ort.get_available_providers()
     missing = [p for p in PROVIDERS[backend] if p not in have]
     if missing:

@@ -12,12 +12,9 @@ from sejd.errors import SejdError
 
 
 def require_ray() -> None:
-    try:
-        import ray  # noqa: F401
-        from ray import serve  # noqa: F401
-    except ImportError as e:
-        raise SejdError(f"sejd serve needs Ray Serve, which is not installed ({e}): "
-                        f"pip install 'sejd[serve]'") from None
+    from sejd.extras import require
+
+    require("ray.serve", "`sejd serve`")
 
 
 def host_address(host: str, port: int = 0) -> tuple:
