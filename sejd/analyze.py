@@ -110,13 +110,16 @@ def analyze(src: Source, source_name: str = "", batch: int = 1, quick: bool = Fa
     bar = progress_bar(total=cfg.num_blocks * (T - 1), desc="exact sampling", enabled=progress)
     reference = exact_trace(model, torch_runners(model), noise, labels, bar=bar)
     bar.close()
+    phases = {"exact_sampling": time.perf_counter() - started}
     images, image_labels, data_note = likelihood_images(model, NLL_IMAGES[quick], seed, progress)
     likelihood = Likelihood(model, images, image_labels)
+    phases["nll_data"] = time.perf_counter() - started - sum(phases.values())
 
     bar = progress_bar(total=cfg.num_blocks * len(windows), desc="redundancy (block x window)", enabled=progress)
     redundancy = [block_redundancy(model, likelihood, tb, reference.cond, windows, nll_tol, psnr, bar)
                   for tb in reference.blocks]
     bar.close()
+    phases["redundancy"] = time.perf_counter() - started - sum(phases.values())
 
     # the profile runs on the source's backend (engines where it has them) against its own exact decoding
     profiled = reference if src.runners is None else exact_trace(model, src.runners, noise, labels)
@@ -127,34 +130,44 @@ def analyze(src: Source, source_name: str = "", batch: int = 1, quick: bool = Fa
         profiles.append(jacobi_profile(runners[tb.block], tb, profiled.cond, tuple(taus), psnr, bar))
         bar.close()
 
-    tuned, tuned_from = compared_plan(src, batch, plan)
-    blocks = []
-    for i, (k, r, p) in enumerate(zip(order, redundancy, profiles)):
-        predicted = predict(T, r, p)
-        blocks.append({"block": k, "order": i, "redundancy": r, "jacobi": p, "predicted": predicted,
-                       "tuned": compare(predicted, None if tuned is None else tuned.blocks[k])})
-    agree = [b["tuned"]["agree"] for b in blocks if b["tuned"]]
+    phases["jacobi_profile"] = time.perf_counter() - started - sum(phases.values())
+    blocks = [{"block": k, "order": i, "redundancy": r, "jacobi": p, "predicted": predict(T, r, p), "tuned": None}
+              for i, (k, r, p) in enumerate(zip(order, redundancy, profiles))]
     result = {
         "schema": SCHEMA, "source": source_name, "backend": src.backend,
         "profile_backend": src.backend if src.runners is not None else "torch", "redundancy_backend": "torch",
         "batch": batch, "quick": quick, "seed": seed, "config": cfg.to_dict(), "num_tokens": T,
         "tolerances": {"nll_nats_per_dim": nll_tol, "psnr_db": psnr},
         "windows": windows, "taus": list(taus), "nll_data": data_note, "nll_exact_nats_per_dim": likelihood.exact,
-        "rule": RULE, "definitions": definitions(), "tuned_plan": tuned_from,
-        "blocks": blocks,
-        "summary": {
-            "blocks_in_sampling_order": order,
-            "window": [b["redundancy"]["window"] for b in blocks],
-            "iterations_to_target": [b["jacobi"]["iterations_to_target"] for b in blocks],
-            "tau_for_target": [b["jacobi"]["tau_for_target"] for b in blocks],
-            "predicted": [b["predicted"]["decoder"] for b in blocks],
-            "tuned": [b["tuned"]["decoder"] for b in blocks] if tuned is not None else None,
-            "agreement": f"{sum(agree)}/{len(agree)}" if agree else None,
-            "agreement_by_window": _count(blocks, "agree_by_window"),
-            "agreement_by_profile": _count(blocks, "agree_by_profile"),
-        },
+        "rule": RULE, "definitions": definitions(), "tuned_plan": None, "blocks": blocks,
     }
+    with_plan(result, *compared_plan(src, batch, plan))
     result["seconds"] = time.perf_counter() - started
+    result["seconds_by_phase"] = phases
+    return result
+
+
+def with_plan(result: dict, plan, where: str | None) -> dict:
+    """Set (or replace) the comparison of `result`'s predictions with `plan` (a Plan, or None) and the
+    summary; an analysis can so be compared with a plan tuned after it."""
+    blocks = result["blocks"]
+    for b in blocks:
+        b["tuned"] = compare(b["predicted"], None if plan is None else plan.blocks[b["block"]])
+    agree = [b["tuned"]["agree"] for b in blocks if b["tuned"]]
+    result["tuned_plan"] = where
+    result["summary"] = {
+        "blocks_in_sampling_order": [b["block"] for b in blocks],
+        "window": [b["redundancy"]["window"] for b in blocks],
+        "psnr_db_at_window_1": [b["redundancy"]["psnr_db"][0] for b in blocks],
+        "nll_increase_at_window_1": [b["redundancy"]["nll_increase"][0] for b in blocks],
+        "iterations_to_target": [b["jacobi"]["iterations_to_target"] for b in blocks],
+        "tau_for_target": [b["jacobi"]["tau_for_target"] for b in blocks],
+        "predicted": [b["predicted"]["decoder"] for b in blocks],
+        "tuned": [b["tuned"]["decoder"] for b in blocks] if plan is not None else None,
+        "agreement": f"{sum(agree)}/{len(agree)}" if agree else None,
+        "agreement_by_window": _count(blocks, "agree_by_window"),
+        "agreement_by_profile": _count(blocks, "agree_by_profile"),
+    }
     return result
 
 

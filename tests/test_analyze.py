@@ -250,3 +250,16 @@ def test_quick_run_writes_json_with_documented_keys_plots_and_compares_with_a_pl
 def test_run_refuses_a_bad_batch():
     with pytest.raises(SejdError, match="--batch must be >= 1, got 0"):
         run(_args("builtin:digits", "--batch", "0"))
+
+
+def test_with_plan_compares_an_existing_analysis_with_a_later_plan():
+    from sejd.analyze import with_plan
+    from sejd.runtime.plan import named_plan
+
+    result = analyze(Source(previous_token_model(), None, "torch"), batch=1, quick=True, progress=False)
+    assert result["summary"]["tuned"] is None and result["summary"]["agreement"] is None
+    with_plan(result, named_plan("sequential", 4), "all sequential")
+    assert result["tuned_plan"] == "all sequential"
+    assert result["summary"]["tuned"] == ["sequential"] * 4
+    predicted = result["summary"]["predicted"]
+    assert result["summary"]["agreement"] == f"{predicted.count('sequential')}/4"

@@ -95,6 +95,7 @@ def plot_summary(result: dict, path) -> Path:
     a1.bar(names, [b["redundancy"]["window"] for b in blocks], color="tab:blue")
     a1.axhline(T / 4, color="k", ls="--", lw=0.8, label="T/4: sequential above")
     a1.set_yscale("log", base=2)
+    a1.set_ylim(0.5, 2 * T)  # a window of 1 stays visible
     a1.set_ylabel("needed attention window (tokens)")
     a1.set_title("dependency redundancy (smaller = more redundant)")
     iters = [b["predicted"]["iterations"] or T - 1 for b in blocks]
