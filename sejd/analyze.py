@@ -2,8 +2,9 @@
 they predict the plan `sejd tune` chose by timing.
 
 Definitions (every block in its own, permuted token order; blocks listed in sampling order, blocks[-1]
-first; PSNR is on the data range [-1, 1] mapped to [0, 1], as everywhere in sejd, applied to the block's
-output tokens, which for the last sampling block are the image itself):
+first; PSNR compares a block's output tokens with its exact decoding, the peak being the exact output's
+range (max - min): scale-free across blocks whose latents span different ranges, and for the last
+sampling block, whose output is the image, within a fraction of a dB of sejd's image PSNR):
 
 - Attention window w: every attention layer of the block lets the output at position l (the affine
   parameters of token l+1) attend only to positions l-w+1 .. l. w = T is the exact model; w = 1 makes
@@ -183,8 +184,8 @@ def definitions() -> dict:
                   "(parameters of token l+1), in the block's own token order; w = T is the exact model",
         "nll_increase": "whole-model NLL (nats/dim) with only this block windowed minus the exact model's, "
                         "on nll_data",
-        "psnr_db": "PSNR (data range [-1, 1]) of the block's exact sequential decoding with window w against exact "
-                   "decoding, on the inputs exact sampling hands the block; null = identical (infinite)",
+        "psnr_db": "PSNR (peak: the exact output's range) of the block's exact sequential decoding with window w "
+                   "against exact decoding, on the inputs exact sampling hands the block; null = identical (infinite)",
         "window_nll": "smallest grid window from which on nll_increase < tolerance",
         "window_psnr": "smallest grid window from which on psnr_db > tolerance",
         "residual": "per Jacobi iteration from zeros: max |x^t - x^(t-1)| over unknown tokens and the batch",

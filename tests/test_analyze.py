@@ -120,7 +120,8 @@ def previous_token_model():
     C, D = model.config.channels, model.config.token_dim
     with torch.no_grad():
         for block in model.blocks:
-            block.proj_out.weight[D:].mul_(3)  # a strong (additive: xb) dependence on the current token
+            block.proj_out.weight[:D] = 0  # additive (xa = bias only): nothing can overflow
+            block.proj_out.weight[D:].mul_(10)  # a strong dependence on the current token
             for layer in block.attn_blocks:
                 layer.attention.qkv.weight[2 * C:] = 0
                 layer.attention.qkv.bias[2 * C:].normal_(0, 1)
@@ -134,7 +135,8 @@ def full_dependence_model():
     C, D = model.config.channels, model.config.token_dim
     with torch.no_grad():
         for block in model.blocks:
-            block.proj_out.weight[D:].mul_(3)  # xb: shifts, which cannot overflow
+            block.proj_out.weight[:D] = 0  # additive (xa = bias only): nothing can overflow
+            block.proj_out.weight[D:].mul_(10)
             for layer in block.attn_blocks:
                 layer.attention.qkv.weight[:2 * C] = 0
                 layer.attention.qkv.bias[:2 * C] = 0
@@ -159,9 +161,11 @@ def test_full_dependence_model_reports_the_whole_sequence():
     result = analyze(Source(model, None, "torch"), batch=2, quick=False, progress=False)
     for b in result["blocks"]:
         r = b["redundancy"]
-        assert r["window"] == T, r
-        assert r["windows"][-2] == T // 2 and r["psnr_db"][-2] < 40 and r["nll_increase"][-2] > 0.01, r
+        assert r["window"] == r["window_nll"] == T, r
+        assert r["windows"][-2] == T // 2 and r["nll_increase"][-2] > 0.01, r
         assert b["predicted"]["decoder"] == "sequential"
+    first = result["blocks"][0]["redundancy"]  # the first sampling block decodes from the prior noise
+    assert first["window_psnr"] == T and first["psnr_db"][-2] < 40, first
 
 
 def test_likelihood_is_the_models_nll_and_window_T_adds_nothing():

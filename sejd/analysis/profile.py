@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from sejd.check import psnr_db
+from sejd.analysis.trace import block_psnr
 
 EXACT_TOL = 1e-4  # a token counts as exact when within this of sequential decoding (float round-off)
 
@@ -32,7 +32,7 @@ def jacobi_profile(runner, trace_block, cond, taus, target_db: float, bar=None) 
         x_next, residual = runner.jacobi_iter(z, x)
         change = (x_next - x).abs().amax(dim=(0, 2))  # per token, over the batch and the token's width
         residuals.append(float(residual.max()))
-        psnrs.append(psnr_db(x_next, exact))
+        psnrs.append(block_psnr(x_next, exact))
         prefix.append(_first((x_next - exact).abs().amax(dim=(0, 2)) > EXACT_TOL))
         for tau in taus:
             fronts[tau].append(_first(change >= tau))

@@ -9,7 +9,7 @@ import math
 import torch
 
 from sejd.analysis.window import windowed
-from sejd.check import psnr_db
+from sejd.analysis.trace import block_psnr
 from sejd.errors import DecodeError
 from sejd.runtime.decoders import sequential
 from sejd.runtime.torch_runner import TorchBlockRunner
@@ -71,7 +71,7 @@ class Likelihood:
 
 
 def windowed_decode_psnr(model, trace_block, cond, window: int) -> float:
-    """PSNR (dB, data range [-1, 1]) of block k's exact sequential decoding with window `window` against
+    """PSNR (dB, `block_psnr`) of block k's exact sequential decoding with window `window` against
     exact decoding of the same input; -inf when the windowed decoding leaves the finite range."""
     cfg = model.config
     runner = TorchBlockRunner(model.blocks[trace_block.block], cfg.num_tokens, cfg.token_dim)
@@ -81,7 +81,7 @@ def windowed_decode_psnr(model, trace_block, cond, window: int) -> float:
             x = sequential(runner, trace_block.z).x
         except DecodeError:
             return -math.inf
-    return psnr_db(x.cpu(), trace_block.exact.cpu())
+    return block_psnr(x.cpu(), trace_block.exact.cpu())
 
 
 def smallest_window(windows: list[int], ok: list[bool]) -> int:

@@ -4,6 +4,7 @@ exact output, in the block's own token order, in sampling order."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -46,3 +47,12 @@ def exact_trace(model, runners, noise: torch.Tensor, labels=None, bar=None) -> T
         blocks.append(BlockTrace(k, z, exact))
         x = model.blocks[k].permute(exact)
     return Trace(blocks, model.unpatchify(x), labels, cond)
+
+
+def block_psnr(x: torch.Tensor, exact: torch.Tensor) -> float:
+    """PSNR (dB) of a block's output against its exact decoding, the peak being the exact output's range
+    (max - min over the batch): scale-free across blocks whose latents span different ranges, and for
+    the last sampling block, whose output is the image in [-1, 1], close to sejd's image PSNR."""
+    mse = float((x.float() - exact.float()).pow(2).mean())
+    peak = float(exact.max() - exact.min())
+    return math.inf if mse == 0 else (-math.inf if not math.isfinite(mse) else 10 * math.log10(peak**2 / mse))
