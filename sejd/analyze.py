@@ -29,8 +29,13 @@ sampling block, whose output is the image, within a fraction of a dB of sejd's i
   by >= tau; T when none). iterations_to_tau: iterations the Jacobi decoder with that tau runs;
   tau_for_target: the largest tau whose stopping point reaches the PSNR target. Iterations stop once the
   residual is below every tau and the target is met, at most T-1 (exact).
-- Predicted selectivity: `sejd.analysis.selectivity.RULE`, next to the plan `sejd tune` chose (the
-  bundle's plan for the batch nearest `batch`, or `--plan FILE`), block by block.
+- Cost of a Jacobi pass in sequential steps (pass_in_steps): the median time of one full Jacobi pass
+  over the median time of one KV-cached step, on the profile's backend and batch (or given).
+- Predicted selectivity: `sejd.analysis.selectivity.RULE`: Jacobi where iterations_to_tau(tau_for_target)
+  * pass_in_steps < T-1 steps, else sequential (the rule "more than T/8 iterations is sequential" is the
+  case of a pass costing 8 steps); beside it the redundancy-only prediction (window >= T/4: sequential),
+  and the plan `sejd tune` chose (the bundle's plan for the batch nearest `batch`, or `--plan FILE`),
+  block by block, with the agreement of each prediction.
 
 In the JSON, a PSNR of null means identical outputs (infinite PSNR), except for windows listed in a
 block's `diverged`, where the windowed decoding left the finite range.
@@ -43,9 +48,10 @@ import time
 
 import torch
 
+from sejd.analysis.cost import pass_cost
 from sejd.analysis.profile import jacobi_profile
 from sejd.analysis.redundancy import Likelihood, block_redundancy
-from sejd.analysis.selectivity import RULE, compare, predict
+from sejd.analysis.selectivity import RULE, agreement, predict
 from sejd.analysis.trace import exact_trace, sample_labels
 from sejd.analysis.window import window_grid
 from sejd.source import Source
@@ -98,7 +104,7 @@ def compared_plan(src: Source, batch: int, plan: str | None):
 
 def analyze(src: Source, source_name: str = "", batch: int = 1, quick: bool = False, psnr: float = PSNR_TARGET,
             nll_tol: float = NLL_TOL, taus=TAUS, plan: str | None = None, seed: int = 0,
-            progress: bool = True) -> dict:
+            pass_in_steps: float | None = None, progress: bool = True) -> dict:
     """Redundancy, Jacobi profile and predicted selectivity of every block of `src`'s model (see above)."""
     from sejd.runtime.torch_runner import torch_runners
 
@@ -131,8 +137,11 @@ def analyze(src: Source, source_name: str = "", batch: int = 1, quick: bool = Fa
         profiles.append(jacobi_profile(runners[tb.block], tb, profiled.cond, tuple(taus), psnr, bar))
         bar.close()
 
+    first = profiled.blocks[0]
+    cost = {"source": "given", "pass_in_steps": pass_in_steps} if pass_in_steps is not None else \
+        {"source": "measured on the first sampling block", **pass_cost(runners[first.block], first.z, profiled.cond)}
     phases["jacobi_profile"] = time.perf_counter() - started - sum(phases.values())
-    blocks = [{"block": k, "order": i, "redundancy": r, "jacobi": p, "predicted": predict(T, r, p), "tuned": None}
+    blocks = [{"block": k, "order": i, "redundancy": r, "jacobi": p}
               for i, (k, r, p) in enumerate(zip(order, redundancy, profiles))]
     result = {
         "schema": SCHEMA, "source": source_name, "backend": src.backend,
@@ -140,22 +149,45 @@ def analyze(src: Source, source_name: str = "", batch: int = 1, quick: bool = Fa
         "batch": batch, "quick": quick, "seed": seed, "config": cfg.to_dict(), "num_tokens": T,
         "tolerances": {"nll_nats_per_dim": nll_tol, "psnr_db": psnr},
         "windows": windows, "taus": list(taus), "nll_data": data_note, "nll_exact_nats_per_dim": likelihood.exact,
-        "rule": RULE, "definitions": definitions(), "tuned_plan": None, "blocks": blocks,
+        "rule": RULE, "definitions": definitions(), "blocks": blocks,
     }
+    apply_rule(result, cost)
     with_plan(result, *compared_plan(src, batch, plan))
     result["seconds"] = time.perf_counter() - started
     result["seconds_by_phase"] = phases
     return result
 
 
+def apply_rule(result: dict, cost: dict) -> dict:
+    """(Re)predict every block's decoder with a Jacobi pass costing cost["pass_in_steps"] steps: e.g. to
+    ask what the measurements predict on other hardware, whose pass/step ratio is known."""
+    result["cost"] = cost
+    for b in result["blocks"]:
+        b["predicted"] = predict(result["num_tokens"], b["redundancy"], b["jacobi"], cost["pass_in_steps"])
+    return _summarize(result)
+
+
 def with_plan(result: dict, plan, where: str | None) -> dict:
-    """Set (or replace) the comparison of `result`'s predictions with `plan` (a Plan, or None) and the
-    summary; an analysis can so be compared with a plan tuned after it."""
-    blocks = result["blocks"]
-    for b in blocks:
-        b["tuned"] = compare(b["predicted"], None if plan is None else plan.blocks[b["block"]])
-    agree = [b["tuned"]["agree"] for b in blocks if b["tuned"]]
+    """Set (or replace) the plan `result`'s predictions are compared with (a Plan, or None): an analysis
+    can so be compared with a plan tuned after it, or on other hardware."""
     result["tuned_plan"] = where
+    for b in result["blocks"]:
+        tuned = None if plan is None else plan.blocks[b["block"]]
+        b["tuned"] = None if tuned is None else {
+            "decoder": tuned.decoder, "tau": None if tuned.decoder == "sequential" else tuned.tau,
+            "variant": tuned.variant}
+    return _summarize(result)
+
+
+def _summarize(result: dict) -> dict:
+    blocks = result["blocks"]
+    compared = [b for b in blocks if b.get("tuned")]
+    for b in compared:
+        b["tuned"].update(agreement(b["predicted"], b["tuned"]["decoder"]))
+
+    def count(key):
+        return f"{sum(b['tuned'][key] for b in compared)}/{len(compared)}" if compared else None
+
     result["summary"] = {
         "blocks_in_sampling_order": [b["block"] for b in blocks],
         "window": [b["redundancy"]["window"] for b in blocks],
@@ -163,18 +195,13 @@ def with_plan(result: dict, plan, where: str | None) -> dict:
         "nll_increase_at_window_1": [b["redundancy"]["nll_increase"][0] for b in blocks],
         "iterations_to_target": [b["jacobi"]["iterations_to_target"] for b in blocks],
         "tau_for_target": [b["jacobi"]["tau_for_target"] for b in blocks],
+        "pass_in_steps": result["cost"]["pass_in_steps"],
         "predicted": [b["predicted"]["decoder"] for b in blocks],
-        "tuned": [b["tuned"]["decoder"] for b in blocks] if plan is not None else None,
-        "agreement": f"{sum(agree)}/{len(agree)}" if agree else None,
-        "agreement_by_window": _count(blocks, "agree_by_window"),
-        "agreement_by_profile": _count(blocks, "agree_by_profile"),
+        "predicted_by_window": [b["predicted"]["by_window"] for b in blocks],
+        "tuned": [b["tuned"]["decoder"] for b in compared] if compared else None,
+        "agreement": count("agree"), "agreement_by_window": count("agree_by_window"),
     }
     return result
-
-
-def _count(blocks, key):
-    hits = [b["tuned"][key] for b in blocks if b["tuned"]]
-    return f"{sum(hits)}/{len(hits)}" if hits else None
 
 
 def definitions() -> dict:
@@ -219,9 +246,10 @@ def table(result: dict) -> str:
                     f"{iters:>6} {tau:>6} {p['decoder']:>10} {t['decoder'] if t else '-':>10} "
                     f"{('yes' if t['agree'] else 'no') if t else '-':>5}")
     s = result["summary"]
-    rows.append(f"T = {T}; rule: sequential if window >= {T // 4} (T/4) or iterations > {T / 8:g} (T/8); "
-                f"agreement with the tuned plan: {s['agreement'] or 'n/a'} (window alone {s['agreement_by_window']}, "
-                f"profile alone {s['agreement_by_profile']}); {result['seconds']:.1f} s")
+    rows.append(f"T = {T}; a Jacobi pass costs {s['pass_in_steps']:.2f} steps: Jacobi pays below "
+                f"{(T - 1) / s['pass_in_steps']:.1f} iterations; redundancy alone: sequential if window >= {T // 4} "
+                f"(T/4); agreement with the tuned plan: {s['agreement'] or 'n/a'} (redundancy alone "
+                f"{s['agreement_by_window'] or 'n/a'}); {result['seconds']:.1f} s")
     return "\n".join(rows)
 
 
@@ -236,6 +264,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--psnr", type=float, default=PSNR_TARGET, help="PSNR tolerance / target in dB")
     parser.add_argument("--nll-tol", dest="nll_tol", type=float, default=NLL_TOL, help="NLL tolerance, nats/dim")
     parser.add_argument("--plan", default=None, help="plan file to compare with (default: the bundle's tuned plan)")
+    parser.add_argument("--pass-cost", dest="pass_cost", type=float, default=None, help="cost of a Jacobi pass "
+                        "in sequential steps (default: measured here; e.g. another machine's ratio)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write every measurement as JSON")
     parser.add_argument("--plot", default=None, help="summary PNG (and PLOT_redundancy.png, PLOT_profile.png)")
@@ -248,6 +278,8 @@ def run(args) -> dict:
 
     if args.batch < 1:
         raise SejdError(f"--batch must be >= 1, got {args.batch}")
+    if args.pass_cost is not None and not args.pass_cost > 0:
+        raise SejdError(f"--pass-cost must be > 0 (steps per Jacobi pass), got {args.pass_cost}")
     if not args.nll_tol > 0:
         raise SejdError(f"--nll-tol must be > 0 (nats per dimension), got {args.nll_tol}")
     config = None
@@ -256,7 +288,8 @@ def run(args) -> dict:
         config = _config_arg(args.config)
     src = open_source(args.source, args.backend, config=config)
     result = json_safe(analyze(src, str(args.source), batch=args.batch, quick=args.quick, psnr=args.psnr,
-                               nll_tol=args.nll_tol, plan=args.plan, seed=args.seed))
+                               nll_tol=args.nll_tol, plan=args.plan, seed=args.seed,
+                               pass_in_steps=args.pass_cost))
     print(table(result))
     if args.json:
         write_json(args.json, result)

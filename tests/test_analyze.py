@@ -152,7 +152,7 @@ def test_previous_token_model_reports_window_1():
         assert r["window"] == 1, r
         assert abs(r["nll_increase"][0]) < 1e-5 and r["psnr_db"][0] > 100, r
         assert b["predicted"]["by_window"] == "jacobi"
-    assert result["summary"]["window"] == [1] * 4
+    assert result["summary"]["window"] == [1] * 4 and result["summary"]["predicted_by_window"] == ["jacobi"] * 4
 
 
 def test_full_dependence_model_reports_the_whole_sequence():
@@ -163,7 +163,7 @@ def test_full_dependence_model_reports_the_whole_sequence():
         r = b["redundancy"]
         assert r["window"] == r["window_nll"] == T, r
         assert r["windows"][-2] == T // 2 and r["nll_increase"][-2] > 0.01, r
-        assert b["predicted"]["decoder"] == "sequential"
+        assert b["predicted"]["by_window"] == "sequential"
     first = result["blocks"][0]["redundancy"]  # the first sampling block decodes from the prior noise
     assert first["window_psnr"] == T and first["psnr_db"][-2] < 40, first
 
@@ -267,3 +267,18 @@ def test_with_plan_compares_an_existing_analysis_with_a_later_plan():
     assert result["summary"]["tuned"] == ["sequential"] * 4
     predicted = result["summary"]["predicted"]
     assert result["summary"]["agreement"] == f"{predicted.count('sequential')}/4"
+
+
+def test_rule_weighs_jacobi_iterations_by_the_cost_of_a_pass():
+    from sejd.analyze import apply_rule
+
+    result = analyze(Source(make_model(num_classes=0), None, "torch"), batch=1, quick=True, progress=False)
+    cost = result["cost"]
+    assert cost["pass_seconds"] > 0 and cost["step_seconds"] > 0 and cost["pass_in_steps"] > 0
+    T = result["num_tokens"]
+    iterations = [b["predicted"]["iterations"] for b in result["blocks"]]
+    apply_rule(result, {"source": "given", "pass_in_steps": 1.0})  # a pass as cheap as a step: Jacobi pays
+    assert result["summary"]["predicted"] == ["jacobi" if i < T - 1 else "sequential" for i in iterations]
+    apply_rule(result, {"source": "given", "pass_in_steps": float(T)})  # a pass dearer than all the steps
+    assert result["summary"]["predicted"] == ["sequential"] * 4
+    assert [b["predicted"]["jacobi_cost_in_steps"] for b in result["blocks"]] == [i * T for i in iterations]

@@ -93,14 +93,16 @@ def plot_summary(result: dict, path) -> Path:
         names.append(f"{_label(b)}\npredicted {b['predicted']['decoder']}\ntuned {tuned}")
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.8))
     a1.bar(names, [b["redundancy"]["window"] for b in blocks], color="tab:blue")
-    a1.axhline(T / 4, color="k", ls="--", lw=0.8, label="T/4: sequential above")
+    a1.axhline(T / 4, color="k", ls="--", lw=0.8, label="T/4: redundancy alone says sequential from here")
     a1.set_yscale("log", base=2)
     a1.set_ylim(0.5, 2 * T)  # a window of 1 stays visible
     a1.set_ylabel("needed attention window (tokens)")
     a1.set_title("dependency redundancy (smaller = more redundant)")
     iters = [b["predicted"]["iterations"] or T - 1 for b in blocks]
     a2.bar(names, iters, color="tab:orange")
-    a2.axhline(T / 8, color="k", ls="--", lw=0.8, label="T/8: sequential above")
+    steps = result["cost"]["pass_in_steps"]
+    a2.axhline((T - 1) / steps, color="k", ls="--", lw=0.8,
+               label=f"break-even: a pass costs {steps:.2f} steps; sequential above")
     a2.set_ylabel(f"Jacobi iterations to {result['tolerances']['psnr_db']:g} dB")
     a2.set_title("Jacobi convergence")
     for ax in (a1, a2):
