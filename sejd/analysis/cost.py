@@ -3,33 +3,29 @@ that decides whether a block's Jacobi iterations are cheaper than its T-1 steps.
 
 from __future__ import annotations
 
-import statistics
 import time
 
-STEPS_TIMED = 16  # consecutive steps per timing, from the middle of the sequence (a typical KV prefix)
+CALLS = 16  # calls timed one by one; the fastest is the cost without other processes in the way
 
 
-def _timed(fn, repeats: int) -> float:
-    fn()  # warm-up
+def _fastest_call(calls) -> float:
+    """Seconds of the fastest of `calls` (callables returning a tensor), each waited for."""
     times = []
-    for _ in range(repeats):
+    for call in calls:
         t0 = time.perf_counter()
-        out = fn()
+        out = call()
         float(out.flatten()[0])  # wait for the device, whatever runs the runner
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
-def pass_cost(runner, z, cond, repeats: int = 5) -> dict:
-    """Median seconds of one full Jacobi pass and of one KV-cached step on block input z (B, T, D)."""
+def pass_cost(runner, z, cond) -> dict:
+    """Seconds of one full Jacobi pass and of one KV-cached step on block input z (B, T, D), the fastest
+    over CALLS + 1 calls (the first one warms up); steps from the middle of the sequence (a typical KV
+    prefix)."""
     runner.begin(z.shape[0], cond)
     start = runner.num_tokens // 2
-
-    def steps():
-        for pos in range(start, min(start + STEPS_TIMED, runner.num_tokens - 1)):
-            xa, _ = runner.step(z[:, pos], pos)
-        return xa
-
-    step = _timed(steps, repeats) / max(1, min(STEPS_TIMED, runner.num_tokens - 1 - start))
-    jacobi_pass = _timed(lambda: runner.jacobi_iter(z, z)[1], repeats)
+    positions = [start + i % max(1, runner.num_tokens - 1 - start) for i in range(CALLS + 1)]
+    step = _fastest_call([lambda pos=pos: runner.step(z[:, pos], pos)[0] for pos in positions])
+    jacobi_pass = _fastest_call([lambda: runner.jacobi_iter(z, z)[1]] * (CALLS + 1))
     return {"pass_seconds": jacobi_pass, "step_seconds": step, "pass_in_steps": jacobi_pass / step}
