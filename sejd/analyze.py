@@ -46,16 +46,10 @@ from __future__ import annotations
 import math
 import time
 
-import torch
-
-from sejd.analysis.cost import pass_cost
-from sejd.analysis.profile import jacobi_profile
-from sejd.analysis.redundancy import Likelihood, block_redundancy
 from sejd.analysis.selectivity import RULE, agreement, predict
-from sejd.analysis.trace import exact_trace, sample_labels
-from sejd.analysis.window import window_grid
-from sejd.source import Source
 from sejd.util import progress as progress_bar
+
+# the measuring modules are imported where used: the CLI builds this command's parser at every start
 
 SCHEMA = "sejd-analyze/1"
 TAUS = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)  # `sejd tune`'s grid
@@ -67,6 +61,9 @@ PSNR_TARGET = 40.0  # dB, the quality bar of `sejd tune` and `sejd check`
 def likelihood_images(model, count: int, seed: int, progress: bool):
     """Held-out data for the NLL: the shipped dataset the model was trained on, else its own exact samples
     -> (images, labels, description)."""
+    import torch
+
+    from sejd.analysis.trace import exact_trace, sample_labels
     from sejd.data import DATASETS, load_dataset
 
     cfg = model.config
@@ -90,7 +87,7 @@ def likelihood_images(model, count: int, seed: int, progress: bool):
     return trace.images.cpu(), labels, f"the model's own exact samples: {count} images (noise seed {seed + 1})"
 
 
-def compared_plan(src: Source, batch: int, plan: str | None):
+def compared_plan(src, batch: int, plan: str | None):
     """(Plan, where it came from) to compare with: `plan` if given, else the bundle's tuned plan for the
     batch nearest `batch`, else (None, None)."""
     from sejd.runtime.plan import resolve_plan
@@ -102,10 +99,18 @@ def compared_plan(src: Source, batch: int, plan: str | None):
     return None, None
 
 
-def analyze(src: Source, source_name: str = "", batch: int = 1, quick: bool = False, psnr: float = PSNR_TARGET,
+def analyze(src, source_name: str = "", batch: int = 1, quick: bool = False, psnr: float = PSNR_TARGET,
             nll_tol: float = NLL_TOL, taus=TAUS, plan: str | None = None, seed: int = 0,
             pass_in_steps: float | None = None, progress: bool = True) -> dict:
-    """Redundancy, Jacobi profile and predicted selectivity of every block of `src`'s model (see above)."""
+    """Redundancy, Jacobi profile and predicted selectivity of every block of `src`'s model (a
+    `sejd.source.Source`; see above)."""
+    import torch
+
+    from sejd.analysis.cost import pass_cost
+    from sejd.analysis.profile import jacobi_profile
+    from sejd.analysis.redundancy import Likelihood, block_redundancy
+    from sejd.analysis.trace import exact_trace, sample_labels
+    from sejd.analysis.window import window_grid
     from sejd.runtime.torch_runner import torch_runners
 
     started = time.perf_counter()
