@@ -176,9 +176,16 @@ class AttentionBlock(nn.Module):
 
 
 class MetaBlock(nn.Module):
-    """One flow block. `flip` permutes the token axis (odd blocks); all maths runs in permuted order."""
+    """One flow block. `flip` permutes the token axis (odd blocks); all maths runs in permuted order.
+
+    `window` (None: the exact model) restricts every attention layer of the block to the last `window`
+    positions, the query's own included: the output at position l, which parameterises token l+1,
+    attends only to positions l-window+1 .. l (see `attention_mask`). It is read at every `project`
+    call, so the KV-cached runners and the decoders built on them run the windowed block unchanged.
+    """
 
     attn_mask: torch.Tensor
+    window: int | None = None
 
     def __init__(self, cfg: TarFlowConfig, flip: bool):
         super().__init__()
@@ -223,10 +230,19 @@ class MetaBlock(nn.Module):
         h = self.proj_in(x) + self.permute(self.pos_embed, dim=0)[start:start + n]
         if class_term is not None:
             h = h + class_term
-        mask = None if n == 1 else self.attn_mask[start:start + n, :start + n].bool()
+        mask = self.attention_mask(start, n)
         for layer, layer_cache in zip(self.attn_blocks, cache or [None] * len(self.attn_blocks)):
             h = layer(h, mask, temp, layer_cache, start)
         return self.split(self.proj_out(h))
+
+    def attention_mask(self, start: int, n: int):
+        """Which keys [0, start+n) the queries at positions [start, start+n) may attend to (bool, True =
+        attend), or None when every key is allowed (one causal query over its own cached prefix)."""
+        if self.window is None:
+            return None if n == 1 else self.attn_mask[start:start + n, :start + n].bool()
+        query = torch.arange(start, start + n, device=self.attn_mask.device)[:, None]
+        key = torch.arange(start + n, device=self.attn_mask.device)[None]
+        return (key <= query) & (key > query - self.window)
 
     def forward(self, x, y=None):
         """x (B, T, D) in image token order -> (z in image token order, logdet (B,))."""
