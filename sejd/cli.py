@@ -275,6 +275,29 @@ def _bench(a):
         print(f"wrote {a.plot}")
 
 
+def _analyze(a):
+    from sejd.analyze import analyze, json_safe, table
+    from sejd.files import write_json
+
+    _positive(a.batch, "--batch")
+    _seed(a.seed)
+    _finite(a.psnr, "--psnr", 0.0, low_ok=False)
+    _finite(a.nll_tol, "--nll-tol", 0.0, low_ok=False)
+    if a.pass_cost is not None:
+        _finite(a.pass_cost, "--pass-cost", 0.0, low_ok=False)
+    _output_files(a, "--json", "--plot")
+    src = _open(a.source, a.backend, a.config)
+    result = json_safe(analyze(src, str(a.source), batch=a.batch, quick=a.quick, psnr=a.psnr, nll_tol=a.nll_tol,
+                               plan=a.plan, seed=a.seed, pass_in_steps=a.pass_cost))
+    print(table(result))
+    if a.json:
+        write_json(a.json, result)
+        print(f"wrote {a.json}")
+    if a.plot:
+        from sejd.analysis.plots import plot_all
+        print("wrote " + ", ".join(str(p) for p in plot_all(result, a.plot)))
+
+
 def _export(a):
     from sejd.export.exporter import export_bundle
 
@@ -460,6 +483,28 @@ def _add_bench(sub):
     be.add_argument("--plot", default=None, help="write a PNG: residual per iteration per block, time per block")
 
 
+def _add_analyze(sub):
+    from sejd.analyze import NLL_TOL, PSNR_TARGET
+
+    an = _command(sub, "analyze", "per block: dependency redundancy (attention window), Jacobi convergence "
+                  "profile, and the decoder they predict next to the tuned plan", _analyze)
+    an.add_argument("source", help="ml-tarflow .pth, sejd checkpoint folder, builtin:NAME, or a bundle folder")
+    an.add_argument("--backend", default="auto", help="backend of the Jacobi profile (redundancy runs on PyTorch: "
+                    "engines have no attention-window input)")
+    an.add_argument("--config", default=None, help=CONFIG_HELP)
+    an.add_argument("--batch", type=int, default=1, help="images decoded per measurement; the tuned plan for the "
+                    "nearest batch is compared")
+    an.add_argument("--quick", action="store_true", help="window grid 1, 4, 16, ..., T and 16 NLL images")
+    an.add_argument("--psnr", type=float, default=PSNR_TARGET, help="PSNR tolerance / target in dB")
+    an.add_argument("--nll-tol", dest="nll_tol", type=float, default=NLL_TOL, help="NLL tolerance, nats/dim")
+    an.add_argument("--plan", default=None, help="plan file to compare with (None: the bundle's tuned plan)")
+    an.add_argument("--pass-cost", dest="pass_cost", type=float, default=None, help="cost of a Jacobi pass in "
+                    "sequential steps (None: measured here; e.g. another machine's ratio)")
+    an.add_argument("--seed", type=int, default=0, help="noise and data seed")
+    an.add_argument("--json", default=None, help="write every measurement as JSON")
+    an.add_argument("--plot", default=None, help="summary PNG (and PLOT_redundancy.png, PLOT_profile.png)")
+
+
 def _add_export(sub):
     from sejd.export.contracts import VARIANTS
 
@@ -547,8 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"sejd {sejd.__version__}", help="print the version")
     _global_options(p, at_top=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
-    for add in (_add_sample, _add_tune, _add_export_triton, _add_serve, _add_bench, _add_export, _add_build,
-                _add_check, _add_train):
+    for add in (_add_sample, _add_tune, _add_export_triton, _add_serve, _add_bench, _add_analyze, _add_export,
+                _add_build, _add_check, _add_train):
         add(sub)
     return p
 

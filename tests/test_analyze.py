@@ -1,20 +1,19 @@
 """`sejd analyze`: the attention window, redundancy on models whose dependence is known by construction,
 the Jacobi profile's invariants, and the command's JSON."""
 
-import argparse
 import json
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sejd.analysis.profile import jacobi_profile
 from sejd.analysis.redundancy import Likelihood, smallest_window
 from sejd.analysis.trace import exact_trace
 from sejd.analysis.window import window_grid, windowed
-from sejd.analyze import add_arguments, analyze, likelihood_images, run
-from sejd.errors import InputError, SejdError
+from sejd.analyze import analyze, likelihood_images
+from sejd.cli import main
+from sejd.errors import InputError
 from sejd.runtime.decoders import jacobi, sequential
 from sejd.runtime.runner import Conditioning
 from sejd.runtime.torch_runner import TorchBlockRunner, torch_runners
@@ -217,12 +216,6 @@ def test_builtin_models_measure_nll_on_their_held_out_data():
     assert images.shape == (3, 3, 8, 8) and labels is None and "exact samples" in note
 
 
-def _args(*argv):
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    return p.parse_args(argv)
-
-
 def test_quick_run_writes_json_with_documented_keys_plots_and_compares_with_a_plan(tmp_path, capsys):
     from sejd import save_checkpoint
     from sejd.runtime.plan import named_plan
@@ -231,8 +224,8 @@ def test_quick_run_writes_json_with_documented_keys_plots_and_compares_with_a_pl
     plan = named_plan("sjd", 4)
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(json.dumps(plan.to_dict()))
-    run(_args(str(tmp_path / "ckpt"), "--quick", "--batch", "2", "--plan", str(plan_file),
-              "--json", str(tmp_path / "a.json"), "--plot", str(tmp_path / "a.png")))
+    assert main(["analyze", str(tmp_path / "ckpt"), "--quick", "--batch", "2", "--plan", str(plan_file),
+                 "--json", str(tmp_path / "a.json"), "--plot", str(tmp_path / "a.png")]) == 0
     assert "agreement with the tuned plan" in capsys.readouterr().out
     result = json.loads((tmp_path / "a.json").read_text())
     for key in ("schema", "source", "backend", "batch", "quick", "num_tokens", "tolerances", "windows", "taus",
@@ -251,9 +244,9 @@ def test_quick_run_writes_json_with_documented_keys_plots_and_compares_with_a_pl
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_run_refuses_a_bad_batch():
-    with pytest.raises(SejdError, match="--batch must be >= 1, got 0"):
-        run(_args("builtin:digits", "--batch", "0"))
+def test_analyze_refuses_a_bad_batch(capsys):
+    assert main(["analyze", "builtin:digits", "--batch", "0"]) == 2
+    assert "--batch must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_with_plan_compares_an_existing_analysis_with_a_later_plan():
