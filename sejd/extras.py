@@ -26,10 +26,11 @@ class MissingExtra(SejdError):
 def require(module: str, what: str):
     """Import `module` (e.g. "matplotlib.pyplot") for `what` (e.g. "sejd bench --plot"), or raise
     MissingExtra naming the extra to install."""
+    top = module.split(".")[0]
     try:
+        importlib.import_module(top)  # first: a cached submodule must not hide a missing package
         return importlib.import_module(module)
     except ImportError as e:
-        top = module.split(".")[0]
         extra = EXTRAS.get(top)
         hint = f"pip install 'sejd[{extra}]'" if extra else f"pip install {top}"
         if top == "onnxruntime":
