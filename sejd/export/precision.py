@@ -22,8 +22,8 @@ KEPT_FP32 = ("LayerNormalization", "Softmax", "Exp")
 
 def precision_graphs(bundle, precision: str, out_dir: Path, show_progress: bool = True) -> dict[str, Path]:
     """The ONNX file to build each of the bundle's graphs from (by its bundle-relative name)."""
-    from sejd.export.exporter import check_onnx
-    from sejd.export.onnx_export import export_block_variant
+    from sejd.export.exporter import export_graph_file
+    from sejd.export.weights import WeightStore
 
     graphs = bundle.manifest["graphs"]
     if precision == "fp32":
@@ -31,16 +31,14 @@ def precision_graphs(bundle, precision: str, out_dir: Path, show_progress: bool 
     dtype = precision_dtype(precision)
     model = bundle.load_model()
     paths = {}
-    for g in progress(graphs, desc=f"export {precision} graphs", enabled=show_progress):
-        rel = g["file"]
-        if g["block"] is None:  # forward: likelihood, not sampling; kept in fp32
-            paths[rel] = bundle.path / rel
-            continue
-        m = export_block_variant(model, g["block"], g["variant"], bundle.unroll, bundle.manifest["opset"], dtype)
-        check_onnx(m, f"{precision} {g['variant']} of block {g['block']}")
-        paths[rel] = Path(out_dir) / rel
-        paths[rel].parent.mkdir(parents=True, exist_ok=True)
-        onnx.save_model(m, paths[rel])
+    with WeightStore(out_dir) as store:  # each block's graphs share one weight file here too
+        for g in progress(graphs, desc=f"export {precision} graphs", enabled=show_progress):
+            rel = g["file"]
+            if g["block"] is None:  # forward: likelihood, not sampling; kept in fp32
+                paths[rel] = bundle.path / rel
+                continue
+            paths[rel] = export_graph_file(model, g["block"], g["variant"], bundle.unroll, bundle.manifest["opset"],
+                                           store, rel, dtype)
     return paths
 
 
