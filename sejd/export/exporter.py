@@ -19,7 +19,7 @@ from sejd.errors import SejdError
 from sejd.export.contracts import (BLOCK_VARIANTS, DEFAULT_OPSET, DEFAULT_UNROLL, MODEL_VARIANTS, VARIANTS,
                                    contract)
 from sejd.export.onnx_export import export_block_variant, export_forward
-from sejd.export.weights import INLINE_MAX_BYTES, WEIGHTS_FILE, WeightStore, save_external
+from sejd.export.weights import INLINE_MAX_BYTES, WEIGHTS_FILE, Retarget, WeightStore, save_external
 from sejd.model.checkpoint import load_checkpoint, save_checkpoint
 from sejd.util import atomic_dir, progress
 
@@ -94,19 +94,18 @@ def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = D
 
 
 def _export_graphs(model, root: Path, variants, unroll: int, opset: int, show_progress: bool):
-    """Every graph, streamed block by block into `root`: each is traced, its weights moved into the
-    block's shared weight file (the forward graph's into the blocks' files where equal, else its own),
-    its topology saved and checked, before the next one is made, so memory holds one graph at a time.
-    Returns the manifest's graph entries and what was written."""
+    """Every graph, streamed block by block into `root` (see GraphWriter): memory holds the model and one
+    graph at a time. Returns the manifest's graph entries and what was written."""
     cfg = model.config
     jobs = [(k, v) for k in range(cfg.num_blocks) for v in variants if v in BLOCK_VARIANTS]
     jobs += [(None, v) for v in variants if v in MODEL_VARIANTS]
     graphs = []
     bar = progress(jobs, desc="export", enabled=show_progress)
     with WeightStore(root) as store:
+        writer = GraphWriter(model, unroll, opset, store)
         for k, v in bar:
             rel = "forward.onnx" if k is None else f"blocks/{k}/{v}.onnx"
-            export_graph_file(model, k, v, unroll, opset, store, rel)
+            writer.write(k, v, rel)
             c = contract(cfg, v, unroll)
             graphs.append({"block": k, "variant": v, "file": rel, "sha256": sha256_file(root / rel),
                            "inputs": [s.to_dict() for s in c.inputs], "outputs": [s.to_dict() for s in c.outputs],
@@ -115,33 +114,73 @@ def _export_graphs(model, root: Path, variants, unroll: int, opset: int, show_pr
                 bar.set_postfix_str(f"{_mb(store.bytes_written)} weights written")
     written = {"weight_files": store.files(), "weight_bytes": store.bytes_written,
                "deduplicated_bytes": store.bytes_deduplicated, "inline_max_bytes": INLINE_MAX_BYTES,
-               "graph_bytes": sum((root / g["file"]).stat().st_size for g in graphs)}
+               "graph_bytes": sum((root / g["file"]).stat().st_size for g in graphs),
+               "graphs_traced": writer.traced, "graphs_retargeted": writer.retargeted}
     if show_progress:
-        print(f"export: {len(graphs)} graphs, {_mb(written['graph_bytes'])} of topology, {_mb(store.bytes_written)} "
+        print(f"export: {len(graphs)} graphs ({writer.traced} traced, {writer.retargeted} re-targeted from block 0's), "
+              f"{_mb(written['graph_bytes'])} of topology, {_mb(store.bytes_written)} "
               f"of weights in {len(written['weight_files'])} shared files ({_mb(store.bytes_deduplicated)} "
               f"of equal tensors stored once)", file=sys.stderr)
     return graphs, written
 
 
-def export_graph_file(model, k: int | None, variant: str, unroll: int, opset: int, store: WeightStore, rel: str,
-                      dtype=None) -> Path:
-    """Trace one graph (block k's variant, or the forward graph for k None) through a scratch folder beside
-    it, move its weights into the store (block k's weight file, else forward.weights.bin), save its
-    topology at store.root/rel and run the full checker on it. `dtype`: reduced-precision block graphs."""
-    import torch
+class GraphWriter:
+    """Writes a model's graphs into a WeightStore, block by block: each graph's weights go to its block's
+    weight file (the forward graph's to the blocks' files where equal, else forward.weights.bin), its
+    topology is saved and the full checker run on the file. A variant is traced for blocks 0 and 1 only;
+    when block 0's graph re-targeted to block 1's tensors equals block 1's traced graph byte for byte
+    (see weights.Retarget), the other blocks' graphs are re-targeted, else traced too.
+    `dtype`: reduced-precision block graphs (the forward graph is always fp32)."""
 
-    store.target("forward.weights.bin" if k is None else f"blocks/{k}/{WEIGHTS_FILE}")
-    scratch = store.root / ".scratch"
-    scratch.mkdir(parents=True)
-    try:
-        onnx_model = export_forward(model, opset, scratch) if k is None else \
-            export_block_variant(model, k, variant, unroll, opset, dtype or torch.float32, scratch)
-        path = save_external(onnx_model, rel, store, base_dir=scratch)
-    finally:
-        shutil.rmtree(scratch)
-    what = "the forward graph" if k is None else f"{variant} of block {k}"
-    check_onnx(path, what if dtype is None else f"{dtype} {what}")
-    return path
+    def __init__(self, model, unroll: int, opset: int, store: WeightStore, dtype=None):
+        self.model, self.unroll, self.opset, self.store, self.dtype = model, unroll, opset, store, dtype
+        self.templates: dict[str, Retarget | None] = {}
+        self.traced = self.retargeted = 0
+        self._named: tuple = (None, None)
+
+    def write(self, k: int | None, variant: str, rel: str) -> Path:
+        self.store.target("forward.weights.bin" if k is None else f"blocks/{k}/{WEIGHTS_FILE}")
+        template = self.templates.get(variant) if k is not None and k >= 2 else None
+        model = template.graph(self.named(k)) if template else None
+        if model is not None:
+            path = save_external(model, rel, self.store)
+            self.retargeted += 1
+        else:
+            path = self._trace(k, variant, rel)
+            self.traced += 1
+        what = "the forward graph" if k is None else f"{variant} of block {k}"
+        check_onnx(path, what if self.dtype is None else f"{self.dtype} {what}")
+        return path
+
+    def named(self, k: int) -> dict:
+        """The exported module's tensors for block k (one block held at a time: export streams blocks)."""
+        if self._named[0] != k:
+            import torch
+
+            from sejd.export.graphs import BlockGraph
+
+            module = BlockGraph(self.model.blocks[k], self.model.config.num_tokens, self.dtype or torch.float32)
+            self._named = (k, dict(module.state_dict()))
+        return self._named[1]
+
+    def _trace(self, k, variant, rel) -> Path:
+        """Trace through a scratch folder beside the graphs (removed also on failure)."""
+        import torch
+
+        scratch = self.store.root / ".scratch"
+        scratch.mkdir(parents=True)
+        try:
+            model = export_forward(self.model, self.opset, scratch) if k is None else export_block_variant(
+                self.model, k, variant, self.unroll, self.opset, self.dtype or torch.float32, scratch)
+            if k == 1 and self.templates.get(variant):
+                if not self.templates[variant].confirm(model, scratch, self.named(1)):
+                    self.templates[variant] = None
+            path = save_external(model, rel, self.store, base_dir=scratch)
+        finally:
+            shutil.rmtree(scratch)
+        if k == 0:
+            self.templates[variant] = Retarget(model, path.parent, self.named(0))
+        return path
 
 
 def _mb(n: int) -> str:

@@ -22,7 +22,7 @@ KEPT_FP32 = ("LayerNormalization", "Softmax", "Exp")
 
 def precision_graphs(bundle, precision: str, out_dir: Path, show_progress: bool = True) -> dict[str, Path]:
     """The ONNX file to build each of the bundle's graphs from (by its bundle-relative name)."""
-    from sejd.export.exporter import export_graph_file
+    from sejd.export.exporter import GraphWriter
     from sejd.export.weights import WeightStore
 
     graphs = bundle.manifest["graphs"]
@@ -32,13 +32,13 @@ def precision_graphs(bundle, precision: str, out_dir: Path, show_progress: bool 
     model = bundle.load_model()
     paths = {}
     with WeightStore(out_dir) as store:  # each block's graphs share one weight file here too
+        writer = GraphWriter(model, bundle.unroll, bundle.manifest["opset"], store, dtype)
         for g in progress(graphs, desc=f"export {precision} graphs", enabled=show_progress):
             rel = g["file"]
             if g["block"] is None:  # forward: likelihood, not sampling; kept in fp32
                 paths[rel] = bundle.path / rel
                 continue
-            paths[rel] = export_graph_file(model, g["block"], g["variant"], bundle.unroll, bundle.manifest["opset"],
-                                           store, rel, dtype)
+            paths[rel] = writer.write(g["block"], g["variant"], rel)
     return paths
 
 

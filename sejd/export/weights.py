@@ -37,7 +37,7 @@ class WeightStore:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        self.index: dict[bytes, tuple[str, int, int]] = {}  # sha256 -> (file, offset, length)
+        self.index: dict[bytes, list[tuple[str, int, int]]] = {}  # sha256 -> [(file, offset, length)]
         self.bytes_written = 0
         self.bytes_deduplicated = 0
         self._rel: str | None = None
@@ -49,12 +49,16 @@ class WeightStore:
         self.close()
         self._rel = rel
 
-    def put(self, data) -> tuple[str, int, int]:
+    def put(self, data, graph_dir: Path | None = None) -> tuple[str, int, int]:
+        """Where `data` is stored: (file, offset, length). A copy already stored is reused when the graph
+        in `graph_dir` may reference it (ONNX and ONNX Runtime refuse external data outside the graph's
+        folder: a block's graphs can use only their own block's file, the forward graph every file)."""
         data = memoryview(data).cast("B")
         key = hashlib.sha256(data).digest()
-        if key in self.index:
-            self.bytes_deduplicated += len(data)
-            return self.index[key]
+        for where in self.index.get(key, ()):
+            if graph_dir is None or _inside(self.root / where[0], graph_dir):
+                self.bytes_deduplicated += len(data)
+                return where
         assert self._rel is not None, "WeightStore.target() must name a file before put()"
         if self._file is None:
             (self.root / self._rel).parent.mkdir(parents=True, exist_ok=True)
@@ -65,11 +69,11 @@ class WeightStore:
         self._file.write(data)
         self._file.flush()  # graphs saved next are checked and loaded by path, from other handles
         self.bytes_written += len(data)
-        self.index[key] = (self._rel, offset, len(data))
-        return self.index[key]
+        self.index.setdefault(key, []).append((self._rel, offset, len(data)))
+        return self.index[key][-1]
 
     def files(self) -> list[str]:
-        return sorted({rel for rel, _, _ in self.index.values()})
+        return sorted({rel for places in self.index.values() for rel, _, _ in places})
 
     def close(self) -> None:
         if self._file is not None:
@@ -122,12 +126,16 @@ def externalize(model: onnx.ModelProto, graph_rel: str, store: WeightStore, base
         if len(data) <= inline_max:
             t.raw_data = data
             continue
-        rel, offset, length = store.put(data)
+        rel, offset, length = store.put(data, graph_dir)
         t.data_location = onnx.TensorProto.EXTERNAL
         for key, value in (("location", os.path.relpath(store.root / rel, graph_dir)), ("offset", str(offset)),
                            ("length", str(length))):
             entry = t.external_data.add()
             entry.key, entry.value = key, value
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return not os.path.relpath(path, folder).startswith("..")
 
 
 def _clear_data(t: onnx.TensorProto) -> None:
@@ -145,3 +153,82 @@ def save_external(model: onnx.ModelProto, graph_rel: str, store: WeightStore, ba
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, path)
     return path
+
+
+def _raw(t) -> memoryview:
+    """A torch tensor's bytes, any dtype (bfloat16 included), row-major."""
+    import torch
+
+    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _sources(named: dict) -> dict[bytes, list[tuple[str, bool]]]:
+    """sha256 of each tensor's bytes, and of each matrix's transpose (the exporter folds Linear weights
+    into MatMul's right-hand side) -> the (name, transposed) pairs that produce them."""
+    index: dict[bytes, list[tuple[str, bool]]] = {}
+    for name, t in named.items():
+        for transposed in ((False, True) if t.dim() == 2 else (False,)):
+            index.setdefault(hashlib.sha256(_raw(t.T if transposed else t)).digest(), []).append((name, transposed))
+    return index
+
+
+class Retarget:
+    """One block's exported graph as the template of the same variant for the other blocks: the blocks'
+    graphs have one topology (the flip of odd blocks is in their position table, a buffer), so another
+    block's graph is the template with each initializer taken from that block's tensor it came from
+    (found by content: the same tensor or its transpose); initializers equal to no tensor are constants
+    of the topology and kept. Re-tracing costs a minute per block at the published size, this a second.
+
+    `named`: the tensors of the exported module (parameters and buffers by name) for a block."""
+
+    def __init__(self, template: onnx.ModelProto, base_dir: Path | None, named: dict):
+        self.template, self.base_dir = onnx.ModelProto(), base_dir
+        self.template.CopyFrom(template)
+        index = _sources(named)
+        self.sources = [index.get(hashlib.sha256(tensor_bytes(t, base_dir)).digest(), [])
+                        for t in all_tensors(self.template)]
+
+    def graph(self, named: dict) -> onnx.ModelProto | None:
+        """The template with `named`'s tensors, all inline; None where it cannot be told which tensor an
+        initializer comes from (two tensors that were equal in the template's block differ here)."""
+        model = onnx.ModelProto()
+        model.CopyFrom(self.template)
+        for t, sources in zip(all_tensors(model), self.sources):
+            if sources:
+                found = {bytes(_raw(named[n].T if tr else named[n])) for n, tr in sources}
+                if len(found) != 1:
+                    return None
+                data = found.pop()
+            else:
+                data = tensor_bytes(t, self.base_dir)
+            _clear_data(t)
+            t.raw_data = data
+        return model
+
+    def confirm(self, traced: onnx.ModelProto, base_dir: Path, named: dict) -> bool:
+        """Check the template against a second block's traced graph (`named`: that block's tensors) and
+        narrow each initializer's sources to those that give that graph's bytes (e.g. block 0's position
+        table equals both its `pos_embed` and the permuted `pos`; block 1's tells them apart). True when
+        the template, re-targeted to that block, reproduces its graph exactly: topology and every
+        initializer; the proof that re-targeting holds for this variant."""
+        ours, theirs = list(all_tensors(self.template)), list(all_tensors(traced))
+        if len(ours) != len(theirs):
+            return False
+        for i, (t, u) in enumerate(zip(ours, theirs)):
+            want = tensor_bytes(u, base_dir)
+            if not self.sources[i]:
+                if tensor_bytes(t, self.base_dir) != want:
+                    return False  # a tensor computed from the weights in a way not re-targeted here
+                continue
+            self.sources[i] = [(n, tr) for n, tr in self.sources[i] if _raw(named[n].T if tr else named[n]) == want]
+            if not self.sources[i]:
+                return False
+        return _topology(self.template) == _topology(traced)
+
+
+def _topology(model: onnx.ModelProto) -> bytes:
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    for t in all_tensors(bare):
+        _clear_data(t)
+    return bare.SerializeToString()
