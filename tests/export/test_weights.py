@@ -179,3 +179,16 @@ def test_a_tensor_equal_in_two_blocks_is_stored_in_each_blocks_file(tmp_path):
     # ONNX and ONNX Runtime refuse external data outside the graph's folder: no ../0/weights.bin
     assert external_locations(b.path / "blocks/2/step.onnx")[0] == {"weights.bin"}
     ort.InferenceSession(str(b.graph_path("step", 2)), providers=["CPUExecutionProvider"])
+
+
+def test_a_retargeted_graph_with_external_weights_loads_in_polygraphy_run_onnxrt(bundle):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    T, D = bundle.config.num_tokens, bundle.config.token_dim
+    shapes = [f"z:[2,{T},{D}]", f"x:[2,{T},{D}]", "labels:[2]", "temps:[2]", f"guidance:[2,{T}]"]
+    polygraphy = str(Path(sys.executable).parent / "polygraphy")
+    proc = subprocess.run([polygraphy, "run", str(bundle.graph_path("jacobi", 3)), "--onnxrt", "--input-shapes",
+                           *shapes], capture_output=True, text=True)
+    assert proc.returncode == 0 and "PASSED" in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
