@@ -90,7 +90,7 @@ def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = D
             manifest["geometry"] = model.meta["geometry"]
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         load_bundle(tmp)  # verify what was written before it becomes visible
-    return load_bundle(out)
+    return load_bundle(out, verify=False)  # just verified: hashing the weights again would re-read gigabytes
 
 
 def _export_graphs(model, root: Path, variants, unroll: int, opset: int, show_progress: bool):

@@ -2,8 +2,9 @@
 
 The bundle keeps its fp32 graphs. `sejd build --precision fp16|bf16` exports each block graph again
 with the weights and matrix products in that type and LayerNorm, softmax and `exp` in float32 (see
-`sejd.export.graphs`), so the precision is written into the graph itself: a strongly typed TensorRT
-network or ONNX Runtime runs exactly those types. Inputs and outputs stay float32, so the contracts,
+`sejd.export.graphs`; blocks after the first two re-targeted and weights shared per block, as in
+`sejd.export.exporter.GraphWriter`), so the precision is written into the graph itself: a strongly
+typed TensorRT network or ONNX Runtime runs exactly those types. Inputs and outputs stay float32, so the contracts,
 runners and checks are the same at every precision; `forward` stays fp32.
 """
 
