@@ -312,8 +312,9 @@ def _build(a):
     from sejd.bundle import load_bundle
     from sejd.engines import build_engines
 
-    if a.backend != "tensorrt" and a.workspace is not None:
-        raise SejdError(f"--workspace applies to --backend tensorrt only, not {a.backend}")
+    for option, given in (("--workspace", a.workspace is not None), ("--strip-weights", a.strip_weights)):
+        if given and a.backend != "tensorrt":
+            raise SejdError(f"{option} applies to --backend tensorrt only, not {a.backend}")
     if a.threads is not None:
         _positive(a.threads, "--threads")
     out = build_engines(load_bundle(a.bundle), a.backend, a)
@@ -527,6 +528,8 @@ def _add_build(sub):
     b.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="fp16/bf16: weights and matrix products in that type, LayerNorm/softmax/exp in fp32")
     b.add_argument("--workspace", type=int, default=None, help="TensorRT workspace in MiB (None: TensorRT's default)")
+    b.add_argument("--strip-weights", dest="strip_weights", action="store_true",
+                   help="TensorRT: weight-stripped plans, refitted from the bundle's weights when loaded")
 
 
 def _add_check(sub):

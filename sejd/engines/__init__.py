@@ -88,7 +88,8 @@ def runners_for(bundle, backend: str, threads: int | None = None):
 
 
 def build_engines(bundle, backend: str, options):
-    """`sejd build`: engines for an engine backend; options: precision, threads, workspace (MiB)."""
+    """`sejd build`: engines for an engine backend; options: precision, threads, workspace (MiB),
+    strip_weights (TensorRT)."""
     name, _ = split_backend(backend)
     if name not in ENGINE_BACKENDS:
         raise SejdError(f"backend {backend!r} needs no build step (it runs the bundle's PyTorch model directly)")
@@ -96,7 +97,8 @@ def build_engines(bundle, backend: str, options):
     precision = getattr(options, "precision", None) or "fp32"
     if name == "tensorrt":
         from sejd.engines.tensorrt import build_trt
-        return build_trt(bundle, precision=precision, workspace_mib=getattr(options, "workspace", None))
+        return build_trt(bundle, precision=precision, workspace_mib=getattr(options, "workspace", None),
+                         strip_weights=getattr(options, "strip_weights", False))
     from sejd.engines.ort import build_ort
     return build_ort(bundle, name, threads=getattr(options, "threads", None), precision=precision)
 

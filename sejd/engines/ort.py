@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from sejd.bundle import Bundle, BundleError, sha256_file
-from sejd.engines import engine_dir, read_engine_manifest
+from sejd.engines import engine_dir, engine_file, read_engine_manifest
 from sejd.errors import SejdError
 from sejd.export.contracts import contract
 from sejd.runtime.runner import BlockRunner, Conditioning, KVCachePool
@@ -88,7 +88,12 @@ def unavailable_reason(backend: str) -> str | None:
 
 
 def session_options(threads: int | None = None, optimized_path: Path | None = None, level: str = "all"):
+    """`optimized_path`: save the optimised graph there, its initializers over INLINE_MAX_BYTES in
+    `<name>.data` beside it (ONNX Runtime's optimised-model external initializers), so no optimised graph
+    is ever one protobuf over 2 GB and `build_ort` can share the weights between graphs."""
     import onnxruntime as ort
+
+    from sejd.export.weights import INLINE_MAX_BYTES
 
     so = ort.SessionOptions()
     so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -100,17 +105,39 @@ def session_options(threads: int | None = None, optimized_path: Path | None = No
     so.log_severity_level = 3
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                    Path(optimized_path).name + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                    str(INLINE_MAX_BYTES + 1))
     return so
+
+
+def _share_weights(graph: Path, rel: str, store) -> None:
+    """Move the weights of the ONNX file `graph` (inline or external beside it) into the engine folder's
+    content-addressed store (one weight file per block, shared by its variants where tensors are equal)
+    and save its topology at store.root/rel; ONNX Runtime's own per-graph `.data` file is removed."""
+    import onnx
+
+    from sejd.export.weights import WEIGHTS_FILE, save_external
+
+    model = onnx.load(str(graph), load_external_data=False)
+    store.target(str(Path(rel).parent / WEIGHTS_FILE) if "/" in rel else "forward.weights.bin")
+    save_external(model, rel, store, base_dir=Path(graph).parent)
+    ort_data = Path(graph).with_name(Path(graph).name + ".data")
+    if ort_data.exists():
+        ort_data.unlink()
 
 
 def build_ort(bundle: Bundle, backend: str, threads: int | None = None, show_progress: bool = True,
               precision: str = "fp32") -> Path:
     """Optimise every graph for `backend` and save the optimised models plus an engine manifest.
     `precision` fp16/bf16: built from reduced-precision exports of the bundle's model (export/precision.py).
-    Built in a scratch folder that replaces engines/BACKEND only when every graph has been built."""
+    Built in a scratch folder that replaces engines/BACKEND only when every graph has been built.
+    Weights are stored once per block in the engine folder too (see `_share_weights`)."""
     import onnxruntime as ort
 
     from sejd.export.precision import precision_graphs
+    from sejd.export.weights import WeightStore
 
     reason = unavailable_reason(backend)
     if reason:
@@ -124,24 +151,30 @@ def build_ort(bundle: Bundle, backend: str, threads: int | None = None, show_pro
     with atomic_dir(engine_dir(bundle, backend), replace=folder_with("manifest.json")) as out, \
             scratch_dir(engine_dir(bundle, backend).parent, f"{backend}-onnx") as scratch:
         sources = precision_graphs(bundle, precision, scratch, show_progress)
-        for g in progress(bundle.manifest["graphs"], desc=f"build {backend} {precision}", enabled=show_progress):
-            target = out / g["file"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            opts = providers(bundle, backend, g, root=out)
-            try:
-                if backend == "ort-trt":  # nodes compiled by TensorRT cannot be saved: keep the ONNX and fill
-                    target.write_bytes(Path(sources[g["file"]]).read_bytes())  # the graph's engine cache,
-                    Path(opts[0][1]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)  # as runs do
-                    ort.InferenceSession(str(target), session_options(threads, level="none"), providers=opts)
-                else:
-                    ort.InferenceSession(str(sources[g["file"]]), session_options(threads, target), providers=opts)
-            except Exception as e:
-                raise SejdError(f"onnxruntime {ort.__version__} cannot build the {precision} {g['variant']} "
-                                f"graph for {backend}: {str(e).splitlines()[0]}") from None
-            files[g["file"]] = sha256_file(target)
+        with WeightStore(out) as store:
+            for g in progress(bundle.manifest["graphs"], desc=f"build {backend} {precision}", enabled=show_progress):
+                target = out / g["file"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                opts = providers(bundle, backend, g, root=out)
+                try:
+                    if backend == "ort-trt":  # nodes compiled by TensorRT cannot be saved: keep the ONNX and fill
+                        _share_weights(Path(sources[g["file"]]), g["file"], store)  # the graph's engine cache,
+                        Path(opts[0][1]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)  # as runs do
+                        ort.InferenceSession(str(target), session_options(threads, level="none"), providers=opts)
+                    else:
+                        ort.InferenceSession(str(sources[g["file"]]), session_options(threads, target), providers=opts)
+                        _share_weights(target, g["file"], store)
+                except (SejdError, OSError):  # a full disk is not the graph's fault
+                    raise
+                except Exception as e:
+                    raise SejdError(f"onnxruntime {ort.__version__} cannot build the {precision} {g['variant']} "
+                                    f"graph for {backend}: {str(e).splitlines()[0]}") from None
+                files[g["file"]] = sha256_file(target)
+        files.update({rel: sha256_file(out / rel) for rel in store.files()})
         manifest = {"backend": backend, "bundle_manifest_sha256": bundle.manifest_sha256, "precision": precision,
                     "onnxruntime": ort.__version__, "providers": [p if isinstance(p, str) else p[0] for p in
                                                                   providers(bundle, backend)], "files": files,
+                    "weights": {"weight_bytes": store.bytes_written, "deduplicated_bytes": store.bytes_deduplicated},
                     "settings": {"graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "sequential",
                                  "intra_op_num_threads": threads or "default", "inter_op_num_threads": 1}}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -179,7 +212,7 @@ class OrtSessions:
         key = (variant, block, threads)
         if key not in self._sessions:
             rel = self.bundle.graph(variant, block)["file"]
-            path = engine_dir(self.bundle, self.backend) / rel
+            path = engine_file(self.bundle, self.backend, rel, self.manifest)  # listed, inside the bundle
             # already optimised at build time: do not optimise again
             self._sessions[key] = ort.InferenceSession(
                 str(path), session_options(threads, level="none"),

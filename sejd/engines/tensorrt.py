@@ -15,6 +15,18 @@ KV caches and iterates on the device and captures `step` (engine + in-place cach
 and `jacobi_k` as CUDA graphs; the loop engines (`jacobi_loop`, `sequential_loop`: ONNX Loop, which
 CUDA graphs cannot capture) run as single calls.
 
+Weight-stripped engines (`build_trt(strip_weights=True)`): each plan is built with
+`BuilderFlag.STRIP_PLAN` (the refittable weights are left out of the serialised plan, which then
+holds only kernels and tactics: the engines add little beside the bundle's weights) and
+`BuilderFlag.REFIT_IDENTICAL` (the builder may still optimise for those exact weights, as the refit
+supplies the same ones). When an engine is loaded, `refit_engine` fills it from the ONNX graph it was
+built from: `trt.Refitter` over the engine, `trt.OnnxParserRefitter.refit_from_file` reading the graph
+and its external data (the bundle's shared weight files, relative to the graph), then
+`Refitter.refit_cuda_engine()`. fp32 engines refit from the bundle's own graphs; fp16/bf16 engines from
+their reduced-precision graphs, which a stripped build keeps in engines/tensorrt/onnx/ (one shared
+weight file per block, half the fp32 size). The manifest's `refit_sources` names each plan's graph.
+This needs TensorRT >= 10 and a GPU, and was not run where this was written (no GPU there).
+
 No TensorRT object is created unless PyTorch sees a CUDA device (`sejd.engines.unavailable`).
 """
 
@@ -26,7 +38,7 @@ from pathlib import Path
 import torch
 
 from sejd.bundle import Bundle, BundleError, sha256_file
-from sejd.engines import engine_dir, read_engine_manifest
+from sejd.engines import engine_dir, engine_file, read_engine_manifest
 from sejd.engines.torch_graphs import EngineBlockRunner, cuda_graphs_default
 from sejd.errors import SejdError
 from sejd.export.contracts import contract
@@ -36,6 +48,7 @@ from sejd.util import progress
 BACKEND = "tensorrt"
 MIN_VERSION = 10  # the name-based I/O API (set_tensor_address, execute_async_v3)
 TIMING_CACHE = "tensorrt-timing.cache"
+REFIT_ONNX = "onnx"  # engines/tensorrt/onnx/: the reduced-precision graphs a stripped build refits from
 _LOGGER = None
 
 
@@ -108,7 +121,8 @@ def _network_flags(trt) -> int:
     return 0 if flag is None else 1 << int(flag)
 
 
-def _build_one(builder, onnx_path: Path, c, batch_max: int, num_tokens: int, workspace_mib, timing: bytes):
+def _build_one(builder, onnx_path: Path, c, batch_max: int, num_tokens: int, workspace_mib, timing: bytes,
+               strip_weights: bool = False):
     import tensorrt as trt
 
     network = builder.create_network(_network_flags(trt))
@@ -119,6 +133,9 @@ def _build_one(builder, onnx_path: Path, c, batch_max: int, num_tokens: int, wor
     config = builder.create_builder_config()
     if workspace_mib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
+    if strip_weights:  # see the module docstring: refitted from the ONNX graph when loaded
+        config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+        config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
     cache = config.create_timing_cache(timing)
     if not config.set_timing_cache(cache, ignore_mismatch=False):  # a cache from elsewhere: start afresh
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
@@ -143,7 +160,7 @@ def _build_one(builder, onnx_path: Path, c, batch_max: int, num_tokens: int, wor
 
 
 def build_trt(bundle: Bundle, precision: str = "fp32", workspace_mib: int | None = None,
-              show_progress: bool = True) -> Path:
+              show_progress: bool = True, strip_weights: bool = False) -> Path:
     import tensorrt as trt
 
     from sejd.export.precision import precision_graphs
@@ -155,28 +172,48 @@ def build_trt(bundle: Bundle, precision: str = "fp32", workspace_mib: int | None
     reuse = cache.exists() and cache_meta.exists() and json.loads(cache_meta.read_text()) == platform
     timing = cache.read_bytes() if reuse else b""
     builder = trt.Builder(_logger())
-    files = {}
+    files, refit_sources = {}, {}
     # reduced-precision graphs go to a marked scratch folder beside the engines: removed on SIGTERM, and by
     # the next build if this one is killed
     with atomic_dir(engine_dir(bundle, BACKEND), replace=folder_with("manifest.json")) as out, \
             scratch_dir(engine_dir(bundle, BACKEND).parent, f"{BACKEND}-onnx") as scratch:
-        sources = precision_graphs(bundle, precision, scratch, show_progress)
+        kept = out / REFIT_ONNX if strip_weights else scratch  # a stripped engine's weights come from here
+        sources = precision_graphs(bundle, precision, kept, show_progress)
         for g in progress(bundle.manifest["graphs"], desc=f"build tensorrt {precision}", enabled=show_progress):
             c = contract(bundle.config, g["variant"], bundle.unroll)
-            engine, timing = _build_one(builder, sources[g["file"]], c, batch_max, T, workspace_mib, timing)
+            engine, timing = _build_one(builder, sources[g["file"]], c, batch_max, T, workspace_mib, timing,
+                                        strip_weights)
             rel = plan_file(g["file"])
+            if strip_weights:  # bundle-relative; a kept graph by where the engine folder will be
+                src = Path(sources[g["file"]])
+                refit_sources[rel] = (f"engines/{BACKEND}/{src.relative_to(out).as_posix()}" if src.is_relative_to(out)
+                                      else src.relative_to(bundle.path).as_posix())
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             (out / rel).write_bytes(engine)
             files[rel] = sha256_file(out / rel)
             with atomic_write(cache, binary=True) as tmp:
                 Path(tmp).write_bytes(timing)
             write_json(cache_meta, platform)
+        if strip_weights:  # the kept reduced-precision graphs and weights are verified like the plans
+            files.update({f.relative_to(out).as_posix(): sha256_file(f) for f in sorted(kept.rglob("*"))
+                          if f.is_file()})
         manifest = {"backend": BACKEND, "bundle_manifest_sha256": bundle.manifest_sha256, "precision": precision,
                     **platform, "profile_batches": profile_batches(batch_max), "batch_max": batch_max,
                     "workspace_mib": workspace_mib, "timing_cache": str(cache.relative_to(bundle.path)),
-                    "files": files}
+                    "files": files, "refit_sources": refit_sources}
         write_json(out / "manifest.json", manifest)
     return engine_dir(bundle, BACKEND)
+
+
+def refit_engine(engine, onnx_path: Path, what: str) -> None:
+    """Fill a weight-stripped engine's weights from the ONNX graph it was built from."""
+    import tensorrt as trt
+
+    refitter = trt.Refitter(engine, _logger())
+    parser = trt.OnnxParserRefitter(refitter, _logger())
+    if not parser.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
+        raise BundleError(f"TensorRT could not refit the weight-stripped engine {what} from {onnx_path}; "
+                          f"rebuild the engines")
 
 
 def timing_cache_files(bundle: Bundle) -> tuple[Path, Path]:
@@ -282,9 +319,16 @@ class TrtEngines:
         key = (variant, block)
         if key not in self._calls:
             rel = plan_file(self.bundle.graph(variant, block)["file"])
-            engine = self.runtime.deserialize_cuda_engine((engine_dir(self.bundle, BACKEND) / rel).read_bytes())
+            path = engine_file(self.bundle, BACKEND, rel, self.manifest)  # listed, inside the bundle
+            engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise BundleError(f"TensorRT could not load engines/tensorrt/{rel}; rebuild the engines")
+            source = self.manifest.get("refit_sources", {}).get(rel)
+            if source:  # a weight-stripped plan: its weights come from the graph it was built from
+                from sejd.bundle import confined_file
+                where = engine_dir(self.bundle, BACKEND) / "manifest.json"
+                refit_engine(engine, confined_file(self.bundle.path, source, "refit_sources", where),
+                             f"engines/tensorrt/{rel}")
             c = contract(self.bundle.config, variant, self.bundle.unroll)
             self._calls[key] = TrtCall(engine, c, self.manifest["profile_batches"])
         return self._calls[key]
@@ -305,6 +349,6 @@ def trt_engine_runner(bundle: Bundle):
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    load_trt_manifest(bundle)
-    folder = engine_dir(bundle, BACKEND)
-    return lambda g, c: TrtRunner(EngineFromBytes(BytesFromPath(str(folder / plan_file(g["file"])))))
+    manifest = load_trt_manifest(bundle)
+    return lambda g, c: TrtRunner(EngineFromBytes(BytesFromPath(
+        str(engine_file(bundle, BACKEND, plan_file(g["file"]), manifest)))))

@@ -3,65 +3,83 @@
 from __future__ import annotations
 
 import datetime
+import errno
+import functools
 import json
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import onnx
 
 import sejd
-from sejd.bundle import MANIFEST, SCHEMA_VERSION, BundleError, load_bundle, sha256_file
+from sejd.bundle import BATCH_MAX_LIMIT, OPSETS, UNROLL_MAX, MANIFEST, SCHEMA_VERSION, BundleError, load_bundle, sha256_file
 from sejd.errors import SejdError
 from sejd.export.contracts import (BLOCK_VARIANTS, DEFAULT_OPSET, DEFAULT_UNROLL, MODEL_VARIANTS, VARIANTS,
                                    contract)
 from sejd.export.onnx_export import export_block_variant, export_forward
+from sejd.export.weights import INLINE_MAX_BYTES, WEIGHTS_FILE, Retarget, WeightStore, save_external
 from sejd.model.checkpoint import load_checkpoint, save_checkpoint
 from sejd.files import atomic_dir, folder_with
 from sejd.util import progress
 
 
-def check_onnx(model: onnx.ModelProto, what: str) -> None:
+def check_onnx(model, what: str) -> None:
+    """The full ONNX checker on a ModelProto or, for graphs with external data, on the graph's path
+    (the checker then verifies the external references without loading the weights)."""
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(str(model) if isinstance(model, (str, os.PathLike)) else model, full_check=True)
     except Exception as e:  # onnx raises ValidationError / InferenceError
         raise SejdError(f"exported {what} failed onnx.checker (full_check): {e}") from None
 
 
+def _disk_full_is_an_error(export):
+    """A disk that fills during export is one line naming the target; atomic_dir has already removed the
+    half-written temporary folder (scratch included), so nothing is left at the target."""
+    @functools.wraps(export)
+    def wrapper(source, out, *args, **kwargs):
+        try:
+            return export(source, out, *args, **kwargs)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise SejdError(f"no space left on the device while exporting to {out} ({e.strerror}); nothing was "
+                            f"written there: free space (the bundle needs about 1.1x the checkpoint) and export "
+                            f"again") from None
+    return wrapper
+
+
+@_disk_full_is_an_error
 def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = DEFAULT_UNROLL,
-                  opset: int = DEFAULT_OPSET, batch_max: int = 64, force: bool = False, show_progress: bool = True):
+                  opset: int = DEFAULT_OPSET, batch_max: int = 64, force: bool = False, show_progress: bool = True,
+                  config=None):
+    """`config`: the model's config (TarFlowConfig or dict) for a checkpoint whose file name does not
+    carry it, as `load_checkpoint(config=...)`."""
     variants = list(variants or VARIANTS)
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise SejdError(f"unknown variants {unknown}; expected a subset of {list(VARIANTS)}")
-    if unroll < 1 or batch_max < 1 or not (17 <= opset <= 21):
-        raise SejdError(f"need unroll >= 1, batch_max >= 1 and 17 <= opset <= 21; got unroll={unroll}, "
-                        f"batch_max={batch_max}, opset={opset}")
+    # the bounds a bundle's manifest is held to at load (sejd.bundle), refused here before any work
+    for name, value, lo, hi in (("unroll", unroll, 1, UNROLL_MAX), ("batch_max", batch_max, 1, BATCH_MAX_LIMIT),
+                                ("opset", opset, OPSETS.start, OPSETS.stop - 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise SejdError(f"{name} must be an int from {lo} to {hi}, got {value!r}")
     out = Path(out)
     if out.exists() and not force:
         raise SejdError(f"{out} exists; pass --force to replace it")
     if out.exists() and not folder_with(MANIFEST)(out):
         raise SejdError(f"{out} exists and is not a sejd bundle (no {MANIFEST}); refusing to replace it")
-    model = load_checkpoint(source)
+    model = load_checkpoint(source, config=config)
     cfg = model.config
+    if unroll > cfg.num_tokens - 1:  # T-1 Jacobi iterations are always exact: never unroll more
+        raise SejdError(f"unroll must be at most T-1 = {cfg.num_tokens - 1} for this model, got {unroll}")
     source_path = Path(str(source)) if not str(source).startswith("builtin:") else None
     # the old bundle (if any) is replaced only by a verified new one, and only with --force: a target that
     # appears meanwhile makes the final move fail (atomic_dir re-checks at the moment of the move)
     with atomic_dir(out, replace=folder_with(MANIFEST) if force else None) as tmp:
         save_checkpoint(model, tmp / "model", **model.meta)
-        jobs = [(k, v) for k in range(cfg.num_blocks) for v in variants if v in BLOCK_VARIANTS]
-        jobs += [(None, v) for v in variants if v in MODEL_VARIANTS]
-        graphs = []
-        for k, v in progress(jobs, desc="export", enabled=show_progress):
-            onnx_model = export_forward(model, opset) if v == "forward" else \
-                export_block_variant(model, k, v, unroll, opset)
-            check_onnx(onnx_model, f"{v} of block {k}")
-            rel = "forward.onnx" if k is None else f"blocks/{k}/{v}.onnx"
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            onnx.save_model(onnx_model, tmp / rel)
-            c = contract(cfg, v, unroll)
-            graphs.append({"block": k, "variant": v, "file": rel, "sha256": sha256_file(tmp / rel),
-                           "inputs": [s.to_dict() for s in c.inputs], "outputs": [s.to_dict() for s in c.outputs],
-                           "atol": c.atol})
+        graphs, written = _export_graphs(model, tmp, variants, unroll, opset, show_progress)
         files = {f.relative_to(tmp).as_posix(): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
         manifest = {
             "schema": SCHEMA_VERSION,
@@ -73,19 +91,119 @@ def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = D
                        "sha256": (sha256_file(source_path) if source_path and source_path.is_file()
                                   else files["model/model.safetensors"])},
             "opset": opset, "unroll": unroll, "batch_max": batch_max,
-            "graphs": graphs, "files": files,
+            "graphs": graphs, "files": files, "weights": written,
         }
+        if "geometry" in model.meta:  # where patch size and channels came from (file name, --config, shapes)
+            manifest["geometry"] = model.meta["geometry"]
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         load_bundle(tmp)  # verify what was written before it becomes visible
-    return load_bundle(out)
+    return load_bundle(out, verify=False)  # just verified: hashing the weights again would re-read gigabytes
+
+
+def _export_graphs(model, root: Path, variants, unroll: int, opset: int, show_progress: bool):
+    """Every graph, streamed block by block into `root` (see GraphWriter): memory holds the model and one
+    graph at a time. Returns the manifest's graph entries and what was written."""
+    cfg = model.config
+    jobs = [(k, v) for k in range(cfg.num_blocks) for v in variants if v in BLOCK_VARIANTS]
+    jobs += [(None, v) for v in variants if v in MODEL_VARIANTS]
+    graphs = []
+    bar = progress(jobs, desc="export", enabled=show_progress)
+    with WeightStore(root) as store:
+        writer = GraphWriter(model, unroll, opset, store)
+        for k, v in bar:
+            rel = "forward.onnx" if k is None else f"blocks/{k}/{v}.onnx"
+            writer.write(k, v, rel)
+            c = contract(cfg, v, unroll)
+            graphs.append({"block": k, "variant": v, "file": rel, "sha256": sha256_file(root / rel),
+                           "inputs": [s.to_dict() for s in c.inputs], "outputs": [s.to_dict() for s in c.outputs],
+                           "atol": c.atol})
+            if show_progress:
+                bar.set_postfix_str(f"{_mb(store.bytes_written)} weights written")
+    written = {"weight_files": store.files(), "weight_bytes": store.bytes_written,
+               "deduplicated_bytes": store.bytes_deduplicated, "inline_max_bytes": INLINE_MAX_BYTES,
+               "graph_bytes": sum((root / g["file"]).stat().st_size for g in graphs),
+               "graphs_traced": writer.traced, "graphs_retargeted": writer.retargeted}
+    if show_progress:
+        print(f"export: {len(graphs)} graphs ({writer.traced} traced, {writer.retargeted} re-targeted from block 0's), "
+              f"{_mb(written['graph_bytes'])} of topology, {_mb(store.bytes_written)} "
+              f"of weights in {len(written['weight_files'])} shared files ({_mb(store.bytes_deduplicated)} "
+              f"of equal tensors stored once)", file=sys.stderr)
+    return graphs, written
+
+
+class GraphWriter:
+    """Writes a model's graphs into a WeightStore, block by block: each graph's weights go to its block's
+    weight file (the forward graph's to the blocks' files where equal, else forward.weights.bin), its
+    topology is saved and the full checker run on the file. A variant is traced for blocks 0 and 1 only;
+    when block 0's graph re-targeted to block 1's tensors equals block 1's traced graph byte for byte
+    (see weights.Retarget), the other blocks' graphs are re-targeted, else traced too.
+    `dtype`: reduced-precision block graphs (the forward graph is always fp32)."""
+
+    def __init__(self, model, unroll: int, opset: int, store: WeightStore, dtype=None):
+        self.model, self.unroll, self.opset, self.store, self.dtype = model, unroll, opset, store, dtype
+        self.templates: dict[str, Retarget | None] = {}
+        self.traced = self.retargeted = 0
+        self._named: tuple = (None, None)
+
+    def write(self, k: int | None, variant: str, rel: str) -> Path:
+        self.store.target("forward.weights.bin" if k is None else f"blocks/{k}/{WEIGHTS_FILE}")
+        template = self.templates.get(variant) if k is not None and k >= 2 else None
+        model = template.graph(self.named(k)) if template else None
+        if model is not None:
+            path = save_external(model, rel, self.store)
+            self.retargeted += 1
+        else:
+            path = self._trace(k, variant, rel)
+            self.traced += 1
+        what = "the forward graph" if k is None else f"{variant} of block {k}"
+        check_onnx(path, what if self.dtype is None else f"{self.dtype} {what}")
+        return path
+
+    def named(self, k: int) -> dict:
+        """The exported module's tensors for block k (one block held at a time: export streams blocks)."""
+        if self._named[0] != k:
+            import torch
+
+            from sejd.export.graphs import BlockGraph
+
+            module = BlockGraph(self.model.blocks[k], self.model.config.num_tokens, self.dtype or torch.float32)
+            self._named = (k, dict(module.state_dict()))
+        return self._named[1]
+
+    def _trace(self, k, variant, rel) -> Path:
+        """Trace through a scratch folder beside the graphs (removed also on failure)."""
+        import torch
+
+        scratch = self.store.root / ".scratch"
+        scratch.mkdir(parents=True)
+        try:
+            model = export_forward(self.model, self.opset, scratch) if k is None else export_block_variant(
+                self.model, k, variant, self.unroll, self.opset, self.dtype or torch.float32, scratch)
+            if k == 1 and self.templates.get(variant):
+                if not self.templates[variant].confirm(model, scratch, self.named(1)):
+                    self.templates[variant] = None
+            path = save_external(model, rel, self.store, base_dir=scratch)
+        finally:
+            shutil.rmtree(scratch)
+        if k == 0:
+            self.templates[variant] = Retarget(model, path.parent, self.named(0))
+        return path
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
 
 
 def _versions() -> dict:
-    import onnxruntime
     import torch
 
+    try:  # export itself needs no ONNX Runtime (the `cpu` or `gpu` extra)
+        import onnxruntime
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
     return {"sejd": sejd.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__}
+            "onnxruntime": ort_version}
 
 
 __all__ = ["export_bundle", "BundleError"]

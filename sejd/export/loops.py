@@ -31,6 +31,14 @@ def _rename_body(graph: onnx.GraphProto, prefix: str, keep=OUTER) -> None:
         node.name = new(node.name) if node.name else node.name
 
 
+def _hoist_initializers(body: onnx.GraphProto) -> list:
+    """Move the body's weights to the outer graph (read from the outer scope): every tool then finds them
+    where it looks for a graph's weights, external data and ONNX Runtime's optimised-model saving included."""
+    weights = list(body.initializer)
+    del body.initializer[:]
+    return weights
+
+
 def _take_inputs(graph: onnx.GraphProto, names: list[str]) -> dict:
     """Remove inputs `names` from the graph's input list (they become outer-scope references)."""
     kept, taken = [], {}
@@ -73,6 +81,7 @@ def jacobi_loop(body: onnx.ModelProto, c: GraphContract, num_tokens: int, opset:
     g.CopyFrom(body.graph)
     taken = _take_inputs(g, [n for n in OUTER if n != "tau"])
     _rename_body(g, "jb/")
+    weights = _hoist_initializers(g)  # before the Loop node copies the body
     # body inputs: (iteration, cond, x, residual, count); body's own x input is carried
     (x_in,) = [v for v in g.input if v.name == "jb/x"]
     x_next, res_next = g.output[0].name, g.output[1].name
@@ -107,7 +116,8 @@ def jacobi_loop(body: onnx.ModelProto, c: GraphContract, num_tokens: int, opset:
     ]
     outer = helper.make_graph(nodes, "jacobi_loop", _outer_inputs(g, c, {**taken}),
                               [helper.make_tensor_value_info(s.name, TensorProto.FLOAT if s.dtype == "float32"
-                                                             else TensorProto.INT64, list(s.shape)) for s in c.outputs])
+                                                             else TensorProto.INT64, list(s.shape)) for s in c.outputs],
+                              initializer=weights)
     return _finish(outer, body, opset)
 
 
@@ -116,6 +126,7 @@ def sequential_loop(body: onnx.ModelProto, c: GraphContract, cfg, cache_names: l
     g.CopyFrom(body.graph)
     taken = _take_inputs(g, [n for n in OUTER if n != "tau"])
     _rename_body(g, "sb/")
+    weights = _hoist_initializers(g)  # before the Loop node copies the body
     g.node.append(helper.make_node("Identity", ["sb/cond_in"], ["sb/cond_out"]))
     carried = [v for v in g.input if v.name != "sb/i"]
     iter_in = [v for v in g.input if v.name == "sb/i"][0]
@@ -140,5 +151,6 @@ def sequential_loop(body: onnx.ModelProto, c: GraphContract, cfg, cache_names: l
                          ["x", *[f"final.{n}" for n in cache_names]], body=g),
     ]
     outer = helper.make_graph(nodes, "sequential_loop", _outer_inputs(g, c, taken),
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(c.outputs[0].shape))])
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(c.outputs[0].shape))],
+                              initializer=weights)
     return _finish(outer, body, opset)

@@ -3,12 +3,18 @@
 The TorchScript-based exporter (`dynamo=False`) is used: it turns the symbolic batch/rows arithmetic
 of the CFG row selection into shape ops, and gives stable input/output names, which the hand-built
 ONNX `Loop` graphs in `loops.py` rely on.
+
+With a `scratch` folder, torch writes the graph there: a graph over protobuf's 2 GB then gets its
+tensors in torch's own external files, and the returned ModelProto (loaded with
+`load_external_data=False`) references them relative to `scratch`, so it is never held whole in
+memory. `sejd.export.weights` moves them into the bundle's shared weight files.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 
 import onnx
 import torch
@@ -18,14 +24,19 @@ from sejd.export.contracts import GraphContract, contract, dummy_inputs
 from sejd.model.tarflow import TarFlow
 
 
-def _to_onnx(module: torch.nn.Module, args: tuple, input_names, output_names, dynamic_axes, opset: int) -> onnx.ModelProto:
-    buf = io.BytesIO()
+def _to_onnx(module: torch.nn.Module, args: tuple, input_names, output_names, dynamic_axes, opset: int,
+             scratch: Path | None = None) -> onnx.ModelProto:
+    target = io.BytesIO() if scratch is None else str(Path(scratch) / "graph.onnx")  # a path: >2 GB allowed
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic are expected here
-        torch.onnx.export(module.eval(), args, buf, dynamo=False, input_names=list(input_names),
+        torch.onnx.export(module.eval(), args, target, dynamo=False, input_names=list(input_names),
                           output_names=list(output_names), dynamic_axes=dynamic_axes, opset_version=opset,
                           do_constant_folding=True)
-    return onnx.load_from_string(buf.getvalue())
+    if scratch is None:
+        return onnx.load_from_string(target.getvalue())
+    model = onnx.load(target, load_external_data=False)
+    Path(target).unlink()  # the tensors torch wrote beside it (if any) stay, referenced by `model`
+    return model
 
 
 def _args(c: GraphContract, feeds: dict) -> tuple:
@@ -33,20 +44,20 @@ def _args(c: GraphContract, feeds: dict) -> tuple:
 
 
 def export_block_variant(model: TarFlow, k: int, variant: str, unroll: int, opset: int,
-                         dtype: torch.dtype = torch.float32) -> onnx.ModelProto:
+                         dtype: torch.dtype = torch.float32, scratch: Path | None = None) -> onnx.ModelProto:
     """One block's graph. `dtype` < float32: weights and matrix products in that type, LayerNorm,
-    softmax and exp in float32, inputs and outputs float32 (see graphs.py)."""
+    softmax and exp in float32, inputs and outputs float32 (see graphs.py). `scratch`: see above."""
     cfg = model.config
     block, T, has_classes = model.blocks[k], cfg.num_tokens, bool(cfg.num_classes)
     c = contract(cfg, variant, unroll)
     feeds = dummy_inputs(c, cfg, batch=2)
     if variant in ("step", "window", "step_kv", "jacobi", "jacobi_k"):
         m = graphs.graph_module(model, k, variant, unroll, dtype)
-        return _to_onnx(m, _args(c, feeds), c.input_names, c.output_names, c.dynamic_axes(), opset)
+        return _to_onnx(m, _args(c, feeds), c.input_names, c.output_names, c.dynamic_axes(), opset, scratch)
     if variant == "jacobi_loop":
         body_c = contract(cfg, "jacobi")
         body = _to_onnx(graphs.JacobiGraph(block, T, has_classes, dtype=dtype), _args(body_c, dummy_inputs(body_c, cfg)),
-                        body_c.input_names, body_c.output_names, body_c.dynamic_axes(), opset)
+                        body_c.input_names, body_c.output_names, body_c.dynamic_axes(), opset, scratch)
         return loops.jacobi_loop(body, c, T, opset)
     if variant == "sequential_loop":
         step_c = contract(cfg, "step")
@@ -60,13 +71,14 @@ def export_block_variant(model: TarFlow, k: int, variant: str, unroll: int, opse
         axes = {"z": {0: "batch"}, "x": {0: "batch"}, "x_next": {0: "batch"},
                 **{n: {0: "rows"} for n in cache_names + outs[1:]},
                 **({"labels": {0: "rows"}} if has_classes else {}), "temps": {0: "rows"}}
-        body = _to_onnx(graphs.SequentialBody(block, T, has_classes, dtype=dtype), args, names, outs, axes, opset)
+        body = _to_onnx(graphs.SequentialBody(block, T, has_classes, dtype=dtype), args, names, outs, axes, opset,
+                        scratch)
         return loops.sequential_loop(body, c, cfg, cache_names, opset)
     raise ValueError(variant)
 
 
-def export_forward(model: TarFlow, opset: int) -> onnx.ModelProto:
+def export_forward(model: TarFlow, opset: int, scratch: Path | None = None) -> onnx.ModelProto:
     c = contract(model.config, "forward")
     feeds = dummy_inputs(c, model.config, batch=2)
     return _to_onnx(graphs.ForwardGraph(model), _args(c, feeds), c.input_names, c.output_names, c.dynamic_axes(),
-                    opset)
+                    opset, scratch)

@@ -2,8 +2,9 @@
 
 The bundle keeps its fp32 graphs. `sejd build --precision fp16|bf16` exports each block graph again
 with the weights and matrix products in that type and LayerNorm, softmax and `exp` in float32 (see
-`sejd.export.graphs`), so the precision is written into the graph itself: a strongly typed TensorRT
-network or ONNX Runtime runs exactly those types. Inputs and outputs stay float32, so the contracts,
+`sejd.export.graphs`; blocks after the first two re-targeted and weights shared per block, as in
+`sejd.export.exporter.GraphWriter`), so the precision is written into the graph itself: a strongly
+typed TensorRT network or ONNX Runtime runs exactly those types. Inputs and outputs stay float32, so the contracts,
 runners and checks are the same at every precision; `forward` stays fp32.
 """
 
@@ -22,25 +23,23 @@ KEPT_FP32 = ("LayerNormalization", "Softmax", "Exp")
 
 def precision_graphs(bundle, precision: str, out_dir: Path, show_progress: bool = True) -> dict[str, Path]:
     """The ONNX file to build each of the bundle's graphs from (by its bundle-relative name)."""
-    from sejd.export.exporter import check_onnx
-    from sejd.export.onnx_export import export_block_variant
+    from sejd.export.exporter import GraphWriter
+    from sejd.export.weights import WeightStore
 
     graphs = bundle.manifest["graphs"]
     if precision == "fp32":
-        return {g["file"]: bundle.path / g["file"] for g in graphs}
+        return {g["file"]: bundle.graph_path(g["variant"], g["block"]) for g in graphs}
     dtype = precision_dtype(precision)
     model = bundle.load_model()
     paths = {}
-    for g in progress(graphs, desc=f"export {precision} graphs", enabled=show_progress):
-        rel = g["file"]
-        if g["block"] is None:  # forward: likelihood, not sampling; kept in fp32
-            paths[rel] = bundle.path / rel
-            continue
-        m = export_block_variant(model, g["block"], g["variant"], bundle.unroll, bundle.manifest["opset"], dtype)
-        check_onnx(m, f"{precision} {g['variant']} of block {g['block']}")
-        paths[rel] = Path(out_dir) / rel
-        paths[rel].parent.mkdir(parents=True, exist_ok=True)
-        onnx.save_model(m, paths[rel])
+    with WeightStore(out_dir) as store:  # each block's graphs share one weight file here too
+        writer = GraphWriter(model, bundle.unroll, bundle.manifest["opset"], store, dtype)
+        for g in progress(graphs, desc=f"export {precision} graphs", enabled=show_progress):
+            rel = g["file"]
+            if g["block"] is None:  # forward: likelihood, not sampling; kept in fp32
+                paths[rel] = bundle.path / rel
+                continue
+            paths[rel] = writer.write(g["block"], g["variant"], rel)
     return paths
 
 

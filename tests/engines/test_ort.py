@@ -168,3 +168,31 @@ def test_batch_above_the_bundles_batch_max_is_refused(built):
     limit = built.manifest["batch_max"]
     with pytest.raises(InputError, match=f"exceeds the bundle's batch_max {limit}"):
         runner.begin(limit + 1, Conditioning.build(limit + 1, 16))
+
+
+def test_built_engines_store_their_weights_once_per_block(built):
+    import onnx
+
+    from sejd.engines import engine_dir
+    from sejd.export.weights import all_tensors
+
+    folder = engine_dir(built, "ort-cpu")
+    m = json.loads((folder / "manifest.json").read_text())
+    assert not list(folder.rglob("*.data"))  # ONNX Runtime's per-graph initializer files were merged
+    for k in range(built.config.num_blocks):
+        assert f"blocks/{k}/weights.bin" in m["files"]
+        for g in [g for g in built.manifest["graphs"] if g["block"] == k]:
+            model = onnx.load(folder / g["file"], load_external_data=False)
+            locations = {e.value for t in all_tensors(model) for e in t.external_data if e.key == "location"}
+            assert locations == {"weights.bin"}, g["file"]
+    # the engines add at most 1.2x the bundle's weights (every variant's own copy: 7x)
+    assert m["weights"]["weight_bytes"] <= 1.2 * built.manifest["weights"]["weight_bytes"]
+
+
+def test_a_missing_engine_weight_file_is_refused_by_name(built, tmp_path):
+    import shutil
+    dst = tmp_path / "b"
+    shutil.copytree(built.path, dst)
+    (dst / "engines/ort-cpu/blocks/1/weights.bin").unlink()
+    with pytest.raises(BundleError, match="engines/ort-cpu/blocks/1/weights.bin is missing or changed"):
+        ort_runners(load_bundle(dst))
