@@ -10,6 +10,7 @@ tensor's shape after.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -232,6 +233,14 @@ def _build(cfg: TarFlowConfig, sd: dict, where: str) -> TarFlow:
     return model.eval().requires_grad_(False)
 
 
+def _noise_std(value, where) -> float:
+    """The training noise sigma (self-denoising uses it): a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise CheckpointError(f"{where}: noise_std must be a finite number >= 0 (the training noise sigma), "
+                              f"got {str(value)[:40]!r}")
+    return float(value)
+
+
 def load_checkpoint(path: str | os.PathLike, config: TarFlowConfig | dict | None = None) -> TarFlow:
     """Load a TarFlow from an ml-tarflow `.pth`, sejd's format, or `builtin:NAME`; returns an eval-mode model.
 
@@ -254,7 +263,7 @@ def load_checkpoint(path: str | os.PathLike, config: TarFlowConfig | dict | None
     model = _build(TarFlowConfig.from_dict({**inferred, **given}), sd, str(path))
     if geometry == "guessed":
         warn_guessed(layout, patch_size)
-    model.noise_std = float(meta.get("noise_std", 0.0))
+    model.noise_std = _noise_std(meta.get("noise_std", 0.0), path)
     # a sejd checkpoint exported from a guessed geometry keeps saying so
     model.meta = {"geometry": geometry, **{k: v for k, v in meta.items() if k != "config"}}
     return model
