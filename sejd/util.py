@@ -38,6 +38,9 @@ class _NullBar:
     def set_postfix(self, *a, **k):
         pass
 
+    def set_postfix_str(self, *a, **k):
+        pass
+
     def close(self):
         pass
 

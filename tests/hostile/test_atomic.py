@@ -408,3 +408,22 @@ def test_sejd_progress_0_turns_bars_off_on_a_terminal(monkeypatch, setting, show
     monkeypatch.setattr(sys, "stderr", Terminal())
     draw()
     assert ("\r" in sys.stderr.getvalue()) == shown
+
+
+def test_the_silent_bar_takes_every_call_the_code_makes_on_a_bar(monkeypatch):
+    """Without a terminal `progress` returns a stand-in: each bar method sejd calls must exist on it too
+    (a missing one once ended a published-size export run from a script as an internal error)."""
+    import re
+    from pathlib import Path
+
+    import sejd
+
+    monkeypatch.setenv("SEJD_PROGRESS", "0")
+    bar = progress(range(3), total=3)
+    assert list(bar) == [0, 1, 2]
+    called = set()
+    for f in Path(sejd.__file__).parent.rglob("*.py"):
+        called |= set(re.findall(r"\bbar\.(\w+)\(", f.read_text()))
+    assert called, "no bar method calls found: the scan is broken"
+    for name in called:
+        getattr(bar, name)  # AttributeError here is the bug
