@@ -122,7 +122,7 @@ def measure(source: str, backend: str, batches, sample_batches, runs: int, sampl
     import torch
     from cuda_latency import timed
 
-    from sejd.runtime.reference import reference_block_reverse
+    from sejd.runtime.mltarflow_loop import reference_block_reverse
     from sejd.runtime.runner import Conditioning, peak_rss_bytes
     from sejd.runtime.sampler import sample
     from sejd.runtime.torch_runner import torch_runners

@@ -27,7 +27,7 @@ import torch
 from sejd.bundle import Bundle
 from sejd.errors import SejdError
 from sejd.export.contracts import BLOCK_VARIANTS, DEFAULT_UNROLL, VARIANTS, contract, dummy_inputs, tolerance
-from sejd.export.reference import reference_outputs
+from sejd.export.oracle import reference_outputs
 from sejd.request import seeded_labels, seeded_noise
 from sejd.runtime.plan import NAMED_PLANS
 from sejd.util import progress

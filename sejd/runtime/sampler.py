@@ -127,7 +127,7 @@ def sample(model: TarFlow, noise: torch.Tensor, labels=None, plan: "str | Plan" 
     noise = noise.to(device)
     labels = None if labels is None else labels.to(device)
     if str(plan) == "reference":
-        from sejd.runtime.reference import reference_sample
+        from sejd.runtime.mltarflow_loop import reference_sample
         result = reference_sample(model, noise, labels, guidance, guide_what, attn_temp, annealed_guidance,
                                   progress=progress)
     else:

@@ -17,7 +17,7 @@ from sejd.bundle import BundleError, load_bundle
 from sejd.errors import InputError, SejdError
 from sejd.export.contracts import VARIANTS, contract, dummy_inputs
 from sejd.export.exporter import export_bundle
-from sejd.export.reference import reference_outputs
+from sejd.export.oracle import reference_outputs
 from sejd.runtime import decoders
 from sejd.runtime.runner import Conditioning
 from sejd.runtime.torch_runner import TorchBlockRunner

@@ -12,8 +12,8 @@ from sejd.errors import SejdError
 from sejd.export.contracts import FP32_ATOL, contract, dummy_inputs, tolerance
 from sejd.export.graphs import PRECISIONS, graph_module
 from sejd.export.onnx_export import export_block_variant
+from sejd.export.oracle import reference_outputs
 from sejd.export.precision import KEPT_FP32, op_input_types
-from sejd.export.reference import reference_outputs
 from tests.conftest import make_model
 
 SINGLE_CALL = ("step", "step_kv", "window", "jacobi", "jacobi_k")

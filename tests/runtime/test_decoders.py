@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from sejd.errors import DecodeError
+from sejd.errors import DecodeError, InputError
 from sejd.runtime import decoders
+from sejd.runtime.plan import BlockPlan
 from sejd.runtime.runner import Conditioning
 from sejd.runtime.torch_runner import torch_runners
 from tests.conftest import data_like, make_model
@@ -171,3 +172,111 @@ def test_frozen_prefix_reaching_the_end_is_converged_not_capped():
     z = torch.zeros(1, 8, 2)
     out = decoders.jacobi(LastTokenMovesRunner(), z, torch.zeros_like(z), tau=0.5, freeze=True)
     assert out.converged and out.sequential_steps == 0 and out.iterations == 2
+
+
+class Bar:
+    """Counts the steps a decoder reports to its progress bar."""
+
+    def __init__(self):
+        self.n = 0
+
+    def update(self, steps):
+        self.n += steps
+
+
+def start_iterate(z):
+    """A strategy's starting iterate, as `jacobi` hands it over: zeros with token 0 = z_0."""
+    x = torch.zeros_like(z)
+    x[:, 0] = z[:, 0]
+    return x
+
+
+def test_chunked_jacobi_checks_only_between_chunks_and_equals_host_iterations():
+    model, runner, z = setup(k=2)
+    T = model.config.num_tokens
+    exact_run = decoders.jacobi_chunked(runner, z, start_iterate(z), 0.0, T - 1, chunk=4)
+    assert exact_run.iterations == T - 1 and exact_run.converged  # chunks of 4, 4, 4 then the 3 left
+    torch.testing.assert_close(exact_run.x, exact(runner, z), atol=EXACT, rtol=0)
+    bar = Bar()
+    out = decoders.jacobi_chunked(runner, z, start_iterate(z), 1e-2, T - 1, chunk=4, bar=bar)
+    host = decoders.jacobi_host(runner, z, start_iterate(z), 1e-2, T - 1)
+    assert out.iterations % 4 == 0 and host.iterations <= out.iterations < host.iterations + 4
+    assert len(out.residuals) == out.iterations == bar.n and out.converged
+    same = decoders.jacobi_host(runner, z, start_iterate(z), float("-inf"), out.iterations)
+    torch.testing.assert_close(out.x, same.x, atol=EXACT, rtol=0)
+
+
+def test_one_call_jacobi_equals_host_jacobi_and_reports_only_the_last_residual():
+    model, runner, z = setup(k=1)
+    bar = Bar()
+    out = decoders.jacobi_one_call(runner, z, start_iterate(z), 1e-3, model.config.num_tokens - 1, bar)
+    host = decoders.jacobi_host(runner, z, start_iterate(z), 1e-3, model.config.num_tokens - 1)
+    assert out.iterations == host.iterations == bar.n and out.converged
+    assert out.residuals == [host.residual]
+    torch.testing.assert_close(out.x, host.x, atol=0, rtol=0)
+
+
+def test_host_jacobi_stopped_by_its_cap_is_not_converged():
+    _, runner, z = setup()
+    out = decoders.jacobi_host(runner, z, start_iterate(z), 0.0, 3)
+    assert out.iterations == 3 and not out.converged and out.sequential_steps == 0
+
+
+def per_sample_setup(batch=3, guidance=1.5):
+    model = make_model()
+    T, D = model.config.num_tokens, model.config.token_dim
+    runner = torch_runners(model)[1]
+    z = torch.randn(batch, T, D, generator=torch.Generator().manual_seed(9)) * 4  # wide: samples stop apart
+    cond = Conditioning.build(batch, T, torch.arange(batch), guidance=guidance)
+    runner.begin(batch, cond)
+    return runner, z, cond
+
+
+def test_per_sample_jacobi_runs_each_sample_as_if_alone_and_ends_on_the_whole_batch():
+    runner, z, cond = per_sample_setup()
+    T = runner.num_tokens
+    out = decoders.jacobi_per_sample(runner, z, start_iterate(z), 0.01, T - 1, cond)
+    assert runner.batch == 3 and out.converged
+    assert len(set(out.sample_iterations)) > 1 and out.iterations == max(out.sample_iterations)
+    for i in range(3):
+        runner.begin(1, cond.subset(torch.tensor([i]), 3))
+        alone = decoders.jacobi_host(runner, z[i:i + 1], start_iterate(z[i:i + 1]), 0.01, T - 1)
+        assert out.sample_iterations[i] == alone.iterations
+        torch.testing.assert_close(out.x[i:i + 1], alone.x, atol=1e-5, rtol=0)
+
+
+def test_finish_capped_finishes_only_the_given_samples_exactly():
+    runner, z, cond = per_sample_setup()
+    T = runner.num_tokens
+    capped = decoders.jacobi_host(runner, z, start_iterate(z), 0.0, 4)
+    before = capped.x.clone()
+    done = decoders.finish_capped(runner, z, capped, torch.tensor([1]), cond)
+    assert runner.batch == 3 and not done.converged and done.sequential_steps == T - 1 - 4
+    torch.testing.assert_close(capped.x, before, atol=0, rtol=0)  # the capped run's result is not changed
+    torch.testing.assert_close(done.x[[0, 2]], before[[0, 2]], atol=0, rtol=0)
+    runner.begin(3, cond)
+    torch.testing.assert_close(done.x[1], exact(runner, z)[1], atol=EXACT, rtol=1e-5)  # values up to ~24
+    with pytest.raises(InputError, match="needs the batch's Conditioning"):
+        decoders.finish_capped(runner, z, capped, torch.tensor([1]), None)
+
+
+def test_per_sample_stopping_is_the_flag_not_the_conditioning():
+    runner, z, cond = per_sample_setup()
+    plain = decoders.jacobi(runner, z, torch.zeros_like(z), 0.01, cond=cond)
+    assert plain.sample_iterations is None  # cond alone does not switch per-sample stopping on
+    own = decoders.jacobi(runner, z, torch.zeros_like(z), 0.01, per_sample=True, cond=cond)
+    assert len(own.sample_iterations) == 3
+    by_plan = decoders.decode_block(runner, z, BlockPlan("jacobi", tau=0.01, per_sample=True), z, cond=cond)
+    assert by_plan.sample_iterations == own.sample_iterations
+    with pytest.raises(InputError, match="needs the batch's Conditioning"):
+        decoders.jacobi(runner, z, torch.zeros_like(z), 0.01, per_sample=True)
+    with pytest.raises(InputError, match="needs variant 'host' without freeze, got variant 'chunk'"):
+        decoders.jacobi(runner, z, torch.zeros_like(z), 0.01, variant="chunk", per_sample=True, cond=cond)
+
+
+def test_sequential_in_one_call_equals_stepping():
+    model, runner, z = setup(k=3)
+    bar = Bar()
+    out = decoders.sequential_one_call(runner, z, bar)
+    assert out.iterations == out.sequential_steps == bar.n == model.config.num_tokens - 1
+    torch.testing.assert_close(out.x, exact(runner, z), atol=0, rtol=0)

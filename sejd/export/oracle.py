@@ -1,4 +1,5 @@
-"""What every graph variant must compute, evaluated with the PyTorch reference (runner + decoders).
+"""The contract oracle: what every graph variant must compute, evaluated with the PyTorch reference
+(runner + decoders).
 
 Parity checks (`sejd check`, the tests) feed the same inputs to an engine and to `reference_outputs`.
 """
