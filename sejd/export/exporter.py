@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import errno
-import functools
 import json
 import os
 import shutil
@@ -34,23 +32,6 @@ def check_onnx(model, what: str) -> None:
         raise SejdError(f"exported {what} failed onnx.checker (full_check): {e}") from None
 
 
-def _disk_full_is_an_error(export):
-    """A disk that fills during export is one line naming the target; atomic_dir has already removed the
-    half-written temporary folder (scratch included), so nothing is left at the target."""
-    @functools.wraps(export)
-    def wrapper(source, out, *args, **kwargs):
-        try:
-            return export(source, out, *args, **kwargs)
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            raise SejdError(f"no space left on the device while exporting to {out} ({e.strerror}); nothing was "
-                            f"written there: free space (the bundle needs about 1.1x the checkpoint) and export "
-                            f"again") from None
-    return wrapper
-
-
-@_disk_full_is_an_error
 def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = DEFAULT_UNROLL,
                   opset: int = DEFAULT_OPSET, batch_max: int = 64, force: bool = False, show_progress: bool = True,
                   config=None):
