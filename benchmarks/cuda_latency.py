@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from sejd.engines.torch_graphs import graph_runners
+from sejd.engines.torch_cuda import graph_runners
 from sejd.model.checkpoint import load_checkpoint
 from sejd.runtime.runner import Conditioning
 from sejd.files import write_json

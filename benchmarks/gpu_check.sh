@@ -49,11 +49,11 @@ say "backends: ${backends[*]}"
 
 if [[ " ${backends[*]} " == *" torch-cuda "* ]]; then
   # the capture path first: if CUDA graphs break, the rest still measures eager CUDA (and says so)
-  if ! stage "pytest GPU" 150 $PYTEST -x tests/engines/test_torch_graphs.py tests/engines/test_tensorrt.py \
+  if ! stage "pytest GPU" 150 $PYTEST -x tests/engines/test_torch_cuda.py tests/engines/test_tensorrt.py \
       tests/engines/test_engine_runner.py; then
     export SEJD_CUDA_GRAPHS=0
     say "!! GPU tests failed: the stages below run with SEJD_CUDA_GRAPHS=0 (eager CUDA)"
-    stage "pytest GPU eager" 120 $PYTEST tests/engines/test_torch_graphs.py
+    stage "pytest GPU eager" 120 $PYTEST tests/engines/test_torch_cuda.py
   fi
   stage "cuda latency" 120 $PY benchmarks/cuda_latency.py builtin:textures --batch "$BATCHES" \
     --precision fp32,bf16,fp16 --json "$OUT/cuda_latency.json"

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from sejd.check import psnr_db
+from sejd.metrics import psnr_db
 from sejd.runtime.plan import TIMING_ONLY, Plan, named_plan
 from sejd.runtime.runner import peak_rss_bytes
 from sejd.runtime.sampler import sample

@@ -21,13 +21,14 @@ import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
 
 from sejd.bundle import Bundle
+from sejd.engines import backends
+from sejd.engines.polygraphy_runners import callable_runner
 from sejd.errors import SejdError
 from sejd.export.contracts import BLOCK_VARIANTS, DEFAULT_UNROLL, VARIANTS, contract, dummy_inputs, tolerance
 from sejd.export.oracle import reference_outputs
+from sejd.metrics import psnr_db
 from sejd.request import seeded_labels, seeded_noise
 from sejd.runtime.plan import NAMED_PLANS
 from sejd.util import progress
@@ -125,43 +126,6 @@ def _by_variant(names) -> str:
     return _names([f"{v} (blocks {', '.join(b)})" if b else v for v, b in blocks.items()])
 
 
-def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR of images in [-1, 1] mapped to [0, 1]."""
-    mse = float((((a - b) / 2) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
-def callable_runner(name: str, c, fn):
-    """A Polygraphy runner over `fn(feed_dict) -> {output name: array}` for a graph contract `c`."""
-    from polygraphy.backend.base import BaseRunner
-
-    class _Runner(BaseRunner):
-        def __init__(self):
-            super().__init__(name=name)
-
-        def activate_impl(self):
-            pass
-
-        def deactivate_impl(self):
-            pass
-
-        def get_input_metadata_impl(self):
-            from polygraphy.common import TensorMetadata
-            meta = TensorMetadata()
-            for s in c.inputs:
-                meta.add(s.name, np.dtype(s.dtype), [d if isinstance(d, int) else -1 for d in s.shape])
-            return meta
-
-        def infer_impl(self, feed_dict):
-            import time
-            t0 = time.perf_counter()
-            out = fn(feed_dict)
-            self.inference_time = time.perf_counter() - t0  # Polygraphy reads it after every call
-            return out
-
-    return _Runner()
-
-
 def reference_runner(model, block, c):
     """The PyTorch reference (runner + decoders) evaluating a graph's contract."""
     return callable_runner(f"pytorch[{c.variant}]", c, lambda feeds: reference_outputs(model, block, c, feeds))
@@ -220,36 +184,11 @@ def _selector(item: str, num_blocks: int) -> tuple[int | None, str | None]:
     raise SejdError(f"--graphs: cannot read {item!r}; {expected}")
 
 
-def ort_engine_runner(bundle: Bundle, backend: str):
-    """Polygraphy's ONNX Runtime runner over each built engine, with the backend's providers and options."""
-    import onnxruntime as ort
-    from polygraphy.backend.onnxrt import OnnxrtRunner
-
-    from sejd.engines import engine_file
-    from sejd.engines.ort import load_engine_manifest, providers, session_options
-
-    manifest = load_engine_manifest(bundle, backend)
-
-    def runner(g, c):
-        path = str(engine_file(bundle, backend, g["file"], manifest))
-        return OnnxrtRunner(lambda: ort.InferenceSession(path, session_options(level="none"),
-                                                         providers=providers(bundle, backend, g)))
-    return runner
-
-
 def polygraphy_target(bundle: Bundle | None, backend: str, g: dict) -> list[str] | None:
     """The graph file and runner flags with which `polygraphy run` reruns graph `g` outside sejd: the
     built engine for ONNX Runtime backends, else the bundle's ONNX graph (on TensorRT for `tensorrt`,
     on ONNX Runtime for torch-cuda's modules). None without a bundle (nothing on disk to run)."""
-    if bundle is None:
-        return None
-    from sejd.engines import engine_dir
-
-    flags = {"ort-cpu": ["--onnxrt"], "ort-cuda": ["--onnxrt", "--providers", "cuda"],
-             "ort-trt": ["--onnxrt", "--providers", "tensorrt", "cuda"], "tensorrt": ["--trt"]}
-    if backend.startswith("ort-"):
-        return [str(engine_dir(bundle, backend) / g["file"])] + flags[backend]
-    return [str(bundle.path / g["file"])] + flags.get(backend, ["--onnxrt"])
+    return None if bundle is None else backends.backend(backend)[0].polygraphy_args(bundle, g)
 
 
 def save_failure(folder: Path, g: dict, feeds: list[dict], results, target: list[str] | None,
@@ -279,7 +218,7 @@ def check_graphs(bundle: Bundle | None, backend: str, model, show_progress=True,
                  engine_runner=None, graphs=None, options: CheckOptions | None = None) -> list[Check]:
     """Polygraphy's Comparator: each graph on the engine vs the PyTorch reference, with the contract's
     tolerance at `precision` (or `options.atol`/`rtol`). `engine_runner(graph entry, contract)` makes the
-    engine's Polygraphy runner (default: the backend's ONNX Runtime engines); `graphs`: a subset of the
+    engine's Polygraphy runner (default: the backend's, over its built engines); `graphs`: a subset of the
     manifest's (entries with `block`, `variant`, and `file` when there is a bundle)."""
     from polygraphy.comparator import Comparator
     try:  # Polygraphy >= 0.50 names it SimpleCompareFunc; CompareFunc.simple is deprecated
@@ -292,7 +231,7 @@ def check_graphs(bundle: Bundle | None, backend: str, model, show_progress=True,
     options = options or CheckOptions(show_progress=show_progress)
     # sejd prints its own report; -v shows Polygraphy's log too
     G_LOGGER.module_severity = G_LOGGER.INFO if options.polygraphy_log else G_LOGGER.CRITICAL
-    engine_runner = engine_runner or ort_engine_runner(bundle, backend)
+    engine_runner = engine_runner or backends.backend(backend)[0].polygraphy_runner(bundle)
     cfg = model.config
     unroll = bundle.unroll if bundle is not None else DEFAULT_UNROLL
     specs = feed_specs(options.seed, options.quick)
@@ -388,29 +327,17 @@ def choose_plans(options: CheckOptions, tuned: bool) -> tuple[list[str], list[st
 def graph_checks(src, model, options: CheckOptions, precision: str) -> tuple[list[Check], list[dict], list[dict]]:
     """The per-graph checks this backend supports, on the graphs `options.graphs` selects:
     (checks, compared graphs, skipped graphs)."""
-    from sejd.engines import split_backend
-
-    name = split_backend(src.backend)[0]
+    found = backends.backend(src.backend)[0]
     bundle, cfg = src.bundle, model.config
-    if name == "torch-cuda":  # the graph modules themselves, on the GPU, at the backend's precision
-        from sejd.engines.torch_graphs import MODULE_VARIANTS, module_runner
-        every = bundle.manifest["graphs"] if bundle is not None else \
-            [{"block": k, "variant": v} for k in range(cfg.num_blocks) for v in BLOCK_VARIANTS]
-        runnable = [g for g in every if g["variant"] in MODULE_VARIANTS]
-        make_runner = lambda g, c: module_runner(src.runners[0].model, g["block"], c, precision)  # noqa: E731
-    elif name == "torch":  # the reference itself: no graphs to compare
+    if found.reference:  # no graphs to compare with itself
         return [], [], []
-    else:
-        every = runnable = bundle.manifest["graphs"]
-        if name == "tensorrt":
-            from sejd.engines.tensorrt import trt_engine_runner
-            make_runner = trt_engine_runner(bundle)
-        else:
-            make_runner = ort_engine_runner(bundle, name)
+    every, runnable = found.checked_graphs(bundle, cfg)
+    # torch-cuda compares the graph modules themselves, with the runners' model on the GPU, at its precision
+    make_runner = found.polygraphy_runner(bundle, getattr(src.runners[0], "model", None), precision)
     spec = options.graphs if options.graphs is not None else (",".join(QUICK_GRAPHS) if options.quick else None)
     chosen, skipped = select_graphs(runnable, spec, cfg.num_blocks)
     skipped += [g for g in every if g not in runnable]
-    checks = check_graphs(bundle, name, model, options.show_progress, precision, make_runner, chosen, options)
+    checks = check_graphs(bundle, found.name, model, options.show_progress, precision, make_runner, chosen, options)
     return checks, chosen, skipped
 
 
@@ -438,7 +365,6 @@ def check_source(src, model, options: CheckOptions | None = None, engine_model=N
 def check_bundle(bundle: Bundle, backend: str, plans=None, show_progress=True,
                  options: CheckOptions | None = None) -> CheckReport:
     """`sejd check` on a loaded bundle; `plans` (if given) overrides `options.plans`."""
-    from sejd.engines import runners_for
     from sejd.source import Source, tuned_plans
 
     options = options or CheckOptions(show_progress=show_progress)
@@ -446,6 +372,7 @@ def check_bundle(bundle: Bundle, backend: str, plans=None, show_progress=True,
         tuned = ("auto",) if tuned_plans(bundle) else ()
         options = dataclasses.replace(options, plans=tuple(p for p in plans if p != "auto") + tuned)
     model = bundle.load_model()
-    runners = runners_for(bundle, backend)
+    found, precision = backends.backend(backend)
+    runners = found.runners(bundle, precision)
     engine_model = getattr(runners[0], "model", None)  # torch-cuda runners carry their own (device) model
     return check_source(Source(model, runners, backend, bundle), model, options, engine_model)

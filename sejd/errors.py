@@ -27,3 +27,7 @@ class PlanError(SejdError):
 
 class DecodeError(SejdError):
     """Decoding failed part-way, e.g. non-finite values appeared."""
+
+
+class BackendUnavailable(SejdError):
+    """The requested backend is not installed or has no device here."""

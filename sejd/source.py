@@ -92,28 +92,30 @@ def is_bundle(source) -> bool:
 def open_source(source: str | os.PathLike, backend: str = "auto", threads: int | None = None,
                 config=None) -> Source:
     """backend "auto": ort-cpu for a bundle, torch for a checkpoint."""
+    from sejd.engines.backends import backend as find_backend
+
     if is_bundle(source):
         from sejd.bundle import load_bundle
-        from sejd.engines import runners_for
 
         bundle = load_bundle(source)
         backend = "ort-cpu" if backend == "auto" else backend
-        runners = runners_for(bundle, backend, threads)
+        found, precision = find_backend(backend)
+        if found.reference:  # the bundle's model itself: no runners
+            return Source(bundle.load_model(), None, backend, bundle)
+        runners = found.runners(bundle, precision, threads)
         model = getattr(runners[0], "model", None)  # GPU runners carry their model, on the device
-        model = bundle.load_model() if model is None else model
-        return Source(model, None if backend == "torch" else runners, backend, bundle)
-    from sejd.engines import split_backend
+        return Source(bundle.load_model() if model is None else model, runners, backend, bundle)
     from sejd.model.checkpoint import load_checkpoint
 
-    name, precision = ("auto", "fp32") if backend == "auto" else split_backend(backend)
-    if name == "torch-cuda":
-        from sejd.engines import require
-        from sejd.engines.torch_graphs import graph_runners
-        require(backend)
-        model = load_checkpoint(source, config=config).to("cuda")
-        return Source(model, graph_runners(model, precision=precision), backend)
-    if backend not in ("auto", "torch"):
+    backend = "torch" if backend == "auto" else backend
+    found, precision = find_backend(backend)
+    if found.needs_build:
         raise SejdError(f"backend {backend!r} runs exported engines: export the checkpoint first "
                         f"(`sejd export {source} -o BUNDLE && sejd build BUNDLE --backend {backend}`), "
                         f"or use --backend torch")
-    return Source(load_checkpoint(source, config=config), None, "torch")
+    found.require()  # before the checkpoint is read
+    model = load_checkpoint(source, config=config)
+    if found.reference:
+        return Source(model, None, "torch")
+    runners = found.runners(model, precision)  # torch-cuda: the model moves to the GPU
+    return Source(runners[0].model, runners, backend)

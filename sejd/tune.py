@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from sejd.check import psnr_db
+from sejd.metrics import psnr_db
 from sejd.errors import PlanError
 from sejd.runtime.plan import BlockPlan, Plan
 from sejd.runtime.sampler import sample

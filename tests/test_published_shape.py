@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from sejd.bundle import load_bundle
-from sejd.check import check_graphs, psnr_db
+from sejd.check import check_graphs
 from sejd.cli import main
 from sejd.engines import runners_for
 from sejd.engines.ort import build_ort
 from sejd.export.exporter import export_bundle
+from sejd.metrics import psnr_db
 from sejd.model.checkpoint import load_checkpoint
 from sejd.runtime.runner import Conditioning
 from sejd.runtime.sampler import sample

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sejd import PlanError, sample
-from sejd.check import psnr_db
+from sejd.metrics import psnr_db
 from sejd.cli import main
 from sejd.source import open_source
 from sejd.tune import tune

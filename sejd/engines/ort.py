@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from sejd.bundle import Bundle, BundleError, sha256_file
-from sejd.engines import engine_dir, engine_file, read_engine_manifest
+from sejd.engines.backends import backend as find_backend
+from sejd.engines.manifest import engine_dir, engine_file
 from sejd.errors import SejdError
-from sejd.export.contracts import contract
+from sejd.export.contracts import contract, profile_shapes
 from sejd.runtime.runner import BlockRunner, Conditioning, KVCachePool
 from sejd.files import atomic_dir, folder_with, scratch_dir
 from sejd.util import progress
@@ -50,8 +51,6 @@ def providers(bundle: Bundle, backend: str, graph: dict | None = None, root: Pat
     cuda = ("CUDAExecutionProvider", {"device_id": device})
     if backend == "ort-cuda":
         return [cuda]
-    from sejd.engines.tensorrt import profile_shapes
-
     trt = {"device_id": device, "trt_engine_cache_enable": "True", "trt_timing_cache_enable": "True"}
     if graph is not None:
         cache = str(Path(root or engine_dir(bundle, backend)) / "trt_cache" / graph["file"][:-len(".onnx")])
@@ -67,10 +66,6 @@ def providers(bundle: Bundle, backend: str, graph: dict | None = None, root: Pat
 
 SINGLE_TOKEN_VARIANTS = ("step", "step_kv", "sequential_loop")
 SMALL_PASS_TOKENS = 2048  # rows x tokens up to which a parallel pass runs faster on one CPU thread
-
-
-class BackendUnavailable(SejdError):
-    """The requested backend is not installed or has no device here."""
 
 
 def unavailable_reason(backend: str) -> str | None:
@@ -139,9 +134,7 @@ def build_ort(bundle: Bundle, backend: str, threads: int | None = None, show_pro
     from sejd.export.precision import precision_graphs
     from sejd.export.weights import WeightStore
 
-    reason = unavailable_reason(backend)
-    if reason:
-        raise BackendUnavailable(f"backend {backend} not available: {reason}")
+    find_backend(backend)[0].require()
     if backend == "ort-cpu" and precision == "bf16":
         raise SejdError("ONNX Runtime's CPU provider has no bf16 matrix product: build ort-cpu with --precision "
                         "fp16 or fp32, or bf16 on ort-cuda, ort-trt or tensorrt")
@@ -182,21 +175,15 @@ def build_ort(bundle: Bundle, backend: str, threads: int | None = None, show_pro
 
 
 def load_engine_manifest(bundle: Bundle, backend: str) -> dict:
-    import onnxruntime as ort
-
-    def mismatch(m):
-        built = m.get("onnxruntime")
-        return None if built == ort.__version__ else f"engines were built with onnxruntime {built}, this is {ort.__version__}"
-    return read_engine_manifest(bundle, backend, mismatch)
+    """engines/BACKEND/manifest.json, verified (built from this bundle with this onnxruntime, files unchanged)."""
+    return find_backend(backend)[0].engine_manifest(bundle)
 
 
 class OrtSessions:
     """Lazily created sessions over a bundle's built engines (one per graph actually used)."""
 
     def __init__(self, bundle: Bundle, backend: str = "ort-cpu", threads: int | None = None):
-        reason = unavailable_reason(backend)
-        if reason:
-            raise BackendUnavailable(f"backend {backend} not available: {reason}")
+        find_backend(backend)[0].require()
         self.bundle, self.backend, self.threads = bundle, backend, threads
         self.manifest = load_engine_manifest(bundle, backend)
         self._sessions: dict = {}
@@ -392,7 +379,7 @@ def ort_tensor_runners(bundle: Bundle, backend: str, device: str, threads: int |
     around ONNX Runtime calls: ORT launches its work on its own stream."""
     import functools
 
-    from sejd.engines.torch_graphs import EngineBlockRunner
+    from sejd.engines.torch_cuda import EngineBlockRunner
 
     sessions = OrtSessions(bundle, backend, threads)
     model = bundle.load_model().to(device)

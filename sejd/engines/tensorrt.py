@@ -27,7 +27,8 @@ their reduced-precision graphs, which a stripped build keeps in engines/tensorrt
 weight file per block, half the fp32 size). The manifest's `refit_sources` names each plan's graph.
 This needs TensorRT >= 10 and a GPU, and was not run where this was written (no GPU there).
 
-No TensorRT object is created unless PyTorch sees a CUDA device (`sejd.engines.unavailable`).
+No TensorRT object is created unless PyTorch sees a CUDA device (`TensorRTBackend.available` in
+`sejd.engines.backends` checks it first).
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ from pathlib import Path
 import torch
 
 from sejd.bundle import Bundle, BundleError, sha256_file
-from sejd.engines import engine_dir, engine_file, read_engine_manifest
-from sejd.engines.torch_graphs import EngineBlockRunner, cuda_graphs_default
+from sejd.engines.backends import REGISTRY
+from sejd.engines.manifest import engine_dir, engine_file
+from sejd.engines.torch_cuda import EngineBlockRunner, cuda_graphs_default
 from sejd.errors import SejdError
-from sejd.export.contracts import contract
+from sejd.export.contracts import contract, profile_shapes
 from sejd.files import atomic_dir, atomic_write, folder_with, scratch_dir, write_json
 from sejd.util import progress
 
@@ -88,18 +90,6 @@ def platform_mismatch(built: dict, here: dict) -> str | None:
     diffs = [f"{k} {built.get(k)!r} (here: {here[k]!r})" for k in ("tensorrt", "gpu", "compute_capability")
              if built.get(k) != here[k]]
     return None if not diffs else "engines were built for " + ", ".join(diffs)
-
-
-def profile_shapes(c, batch_max: int, opt_batch: int, num_tokens: int) -> dict[str, tuple]:
-    """(min, opt, max) shapes of every input of contract `c` with a symbolic axis."""
-    ranges = {"batch": (1, opt_batch, batch_max), "rows": (1, opt_batch, 2 * batch_max),
-              "window": (1, min(8, num_tokens), num_tokens)}
-    shapes = {}
-    for spec in c.inputs:
-        if any(isinstance(d, str) for d in spec.shape):
-            shapes[spec.name] = tuple(tuple(ranges[d][i] if isinstance(d, str) else d for d in spec.shape)
-                                      for i in range(3))
-    return shapes
 
 
 def shape_input_values(num_tokens: int) -> dict[str, tuple]:
@@ -223,7 +213,8 @@ def timing_cache_files(bundle: Bundle) -> tuple[Path, Path]:
 
 
 def load_trt_manifest(bundle: Bundle) -> dict:
-    return read_engine_manifest(bundle, BACKEND, lambda m: platform_mismatch(m, this_platform()))
+    """engines/tensorrt/manifest.json, verified (built from this bundle on this platform, files unchanged)."""
+    return REGISTRY[BACKEND].engine_manifest(bundle)
 
 
 def _torch_dtype(trt_dtype):
@@ -342,13 +333,3 @@ def trt_runners(bundle: Bundle, cuda_graphs: bool | None = None) -> list[EngineB
     return [EngineBlockRunner(lambda v, k=k: engines.call(v, k), bundle.variants(), bundle.unroll, model, k, graphs)
             for k in range(bundle.config.num_blocks)]
 
-
-def trt_engine_runner(bundle: Bundle):
-    """For `sejd check`: Polygraphy's own TensorRT runner over each built engine (profile 0 covers
-    every batch size)."""
-    from polygraphy.backend.common import BytesFromPath
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
-    manifest = load_trt_manifest(bundle)
-    return lambda g, c: TrtRunner(EngineFromBytes(BytesFromPath(
-        str(engine_file(bundle, BACKEND, plan_file(g["file"]), manifest)))))

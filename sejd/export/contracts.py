@@ -182,6 +182,20 @@ def tolerance(c: GraphContract, precision: str = "fp32") -> float:
     return chained if c.variant in CHAINED_VARIANTS else one_pass
 
 
+def profile_shapes(c: GraphContract, batch_max: int, opt_batch: int, num_tokens: int) -> dict[str, tuple]:
+    """(min, opt, max) shapes of every input of contract `c` with a symbolic axis: the optimisation
+    profile TensorRT (and ONNX Runtime's TensorRT provider) builds for, covering batch 1..batch_max
+    (2*batch_max guidance rows) and windows 1..T, tuned for `opt_batch`."""
+    ranges = {"batch": (1, opt_batch, batch_max), "rows": (1, opt_batch, 2 * batch_max),
+              "window": (1, min(8, num_tokens), num_tokens)}
+    shapes = {}
+    for spec in c.inputs:
+        if any(isinstance(d, str) for d in spec.shape):
+            shapes[spec.name] = tuple(tuple(ranges[d][i] if isinstance(d, str) else d for d in spec.shape)
+                                      for i in range(3))
+    return shapes
+
+
 def dummy_inputs(c: GraphContract, cfg: TarFlowConfig, batch: int = 2, cfg_rows: bool = False, window: int = 3,
                  seed: int = 0, tau: float = 0.0) -> dict[str, np.ndarray]:
     """Seeded inputs that satisfy the contract and exercise it (labels incl. -1, non-trivial caches)."""

@@ -9,7 +9,8 @@ from sejd import InputError, sample
 from sejd.bundle import BundleError, load_bundle
 from sejd.check import check_bundle
 from sejd.cli import main
-from sejd.engines.ort import BackendUnavailable, build_ort, ort_runners, unavailable_reason
+from sejd.engines.ort import build_ort, ort_runners, unavailable_reason
+from sejd.errors import BackendUnavailable
 from sejd.runtime.plan import named_plan
 
 

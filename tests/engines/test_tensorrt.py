@@ -7,8 +7,8 @@ import torch
 from sejd import sample
 from sejd.cli import main
 from sejd.engines import unavailable
-from sejd.engines.tensorrt import platform_mismatch, plan_file, profile_batches, profile_shapes
-from sejd.export.contracts import contract
+from sejd.engines.tensorrt import platform_mismatch, plan_file, profile_batches
+from sejd.export.contracts import contract, profile_shapes
 from tests.conftest import make_model
 
 TRT_REASON = unavailable("tensorrt")

@@ -193,27 +193,6 @@ def cuda_graphs_default() -> bool:
     return os.environ.get("SEJD_CUDA_GRAPHS", "1") != "0"
 
 
-MODULE_VARIANTS = ("step", "step_kv", "window", "jacobi", "jacobi_k")  # what `sejd check` compares per graph
-
-
-def module_runner(model: TarFlow, k: int, c, precision: str = "fp32"):
-    """A Polygraphy runner evaluating contract `c` with the graph module on the model's device."""
-    import numpy as np
-
-    from sejd.check import callable_runner
-    from sejd.export.graphs import graph_module
-
-    module = graph_module(model, k, c.variant, c.unroll, precision_dtype(precision))
-    device = model.var.device
-
-    @torch.no_grad()
-    def run(feeds):
-        out = module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device) for n in c.input_names])
-        return {name: o.cpu().numpy() for name, o in zip(c.output_names, out)}
-
-    return callable_runner(f"torch[{c.variant}, {precision}]", c, run)
-
-
 def graph_runners(model: TarFlow, cuda_graphs: bool | None = None, precision: str = "fp32") -> list[GraphModuleRunner]:
     """One runner per block. CUDA graphs are on unless `cuda_graphs=False` or SEJD_CUDA_GRAPHS=0
     (eager CUDA: what the graphs save is measured against it). `precision`: fp32, fp16 or bf16."""
