@@ -21,7 +21,6 @@ import shlex
 import sys
 from pathlib import Path
 
-
 from sejd.bundle import Bundle
 from sejd.engines import backends
 from sejd.engines.polygraphy_runners import callable_runner

@@ -116,6 +116,7 @@ class TorchCudaBackend(Backend):
         """`model`: the model on the device (the runners'), else the bundle's, moved there."""
         from sejd.engines.polygraphy_runners import module_runner
 
+        self.require()
         model = bundle.load_model().to("cuda") if model is None else model
         return lambda g, c: module_runner(model, g["block"], c, precision)
 
@@ -182,6 +183,7 @@ class OrtBackend(EngineBackend):
     def polygraphy_runner(self, bundle, model=None, precision="fp32"):
         from sejd.engines.polygraphy_runners import ort_engine_runner
 
+        self.require()
         return ort_engine_runner(bundle, self.name)
 
     def polygraphy_args(self, bundle, g):  # the built engine itself
@@ -221,11 +223,13 @@ class TensorRTBackend(EngineBackend):
     def check_manifest(self, manifest):
         from sejd.engines.tensorrt import platform_mismatch, this_platform
 
+        self.require()  # this_platform() asks TensorRT and the GPU
         return platform_mismatch(manifest, this_platform())
 
     def polygraphy_runner(self, bundle, model=None, precision="fp32"):
         from sejd.engines.polygraphy_runners import trt_engine_runner
 
+        self.require()
         return trt_engine_runner(bundle)
 
 

@@ -127,3 +127,14 @@ def test_engines_never_import_check_and_ort_never_imports_tensorrt():
     for path in ENGINES.glob("*.py"):
         assert "sejd.check" not in imported_modules(path), path.name
     assert "sejd.engines.tensorrt" not in imported_modules(ENGINES / "ort.py")
+
+
+@pytest.mark.skipif(NO_CUDA is None, reason="a CUDA device is visible here")
+def test_checking_tensorrt_engines_without_a_gpu_is_refused_before_tensorrt_is_asked(tiny_bundle):
+    from sejd.check import check_graphs
+
+    found = REGISTRY["tensorrt"]
+    for call in (lambda: found.check_manifest({}), lambda: found.polygraphy_runner(tiny_bundle),
+                 lambda: check_graphs(tiny_bundle, "tensorrt", tiny_bundle.load_model(), show_progress=False)):
+        with pytest.raises(BackendUnavailable, match="backend tensorrt not available: no CUDA device"):
+            call()
