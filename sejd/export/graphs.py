@@ -255,14 +255,10 @@ class BlockForwardGraph(BlockGraph):
     the permutation lives in the position table, so every block's body has one topology and blocks
     2.. are re-targeted from block 0's, like the other variants. Always float32 (forward is)."""
 
-    def __init__(self, block, num_tokens, has_classes):
-        super().__init__(block, num_tokens)
-        self.has_classes = has_classes
-
     def forward(self, x, labels=None):
         block = self.block
         h = block.proj_in(x) + self.pos
-        ct = self.class_term(labels if self.has_classes else None)
+        ct = self.class_term(labels)  # labels are given exactly when the model has classes
         h = h if ct is None else h + ct
         mask = block.attention_mask(0, self.T)
         for layer in block.attn_blocks:  # the reference layers, temperature 1: the model's own maths

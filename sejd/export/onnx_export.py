@@ -89,5 +89,5 @@ def export_forward_body(model: TarFlow, k: int, opset: int, scratch: Path | None
     feeds = dummy_inputs(c, cfg, batch=2)
     names = ["x", "labels"] if has_classes else ["x"]
     args = (torch.randn(2, cfg.num_tokens, cfg.token_dim), *([torch.from_numpy(feeds["labels"])] if has_classes else []))
-    return _to_onnx(graphs.BlockForwardGraph(model.blocks[k], cfg.num_tokens, has_classes), args, names,
+    return _to_onnx(graphs.BlockForwardGraph(model.blocks[k], cfg.num_tokens), args, names,
                     ["z", "logdet"], {n: {0: "batch"} for n in (*names, "z", "logdet")}, opset, scratch)
