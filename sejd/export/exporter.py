@@ -16,8 +16,10 @@ from sejd.bundle import BATCH_MAX_LIMIT, OPSETS, UNROLL_MAX, MANIFEST, SCHEMA_VE
 from sejd.errors import SejdError
 from sejd.export.contracts import (BLOCK_VARIANTS, DEFAULT_OPSET, DEFAULT_UNROLL, MODEL_VARIANTS, VARIANTS,
                                    contract)
-from sejd.export.onnx_export import export_block_variant, export_forward
-from sejd.export.weights import INLINE_MAX_BYTES, WEIGHTS_FILE, Retarget, WeightStore, save_external
+from sejd.export.loops import forward_chain
+from sejd.export.onnx_export import FORWARD_BODY, export_block_variant
+from sejd.export.weights import (INLINE_MAX_BYTES, WEIGHTS_FILE, Retarget, WeightStore, externalize,
+                                 save_topology)
 from sejd.model.checkpoint import load_checkpoint, save_checkpoint
 from sejd.files import atomic_dir, folder_with
 from sejd.util import progress
@@ -114,10 +116,12 @@ def _export_graphs(model, root: Path, variants, unroll: int, opset: int, show_pr
 
 class GraphWriter:
     """Writes a model's graphs into a WeightStore, block by block: each graph's weights go to its block's
-    weight file (the forward graph's to the blocks' files where equal, else forward.weights.bin), its
-    topology is saved and the full checker run on the file. A variant is traced for blocks 0 and 1 only;
-    when block 0's graph re-targeted to block 1's tensors equals block 1's traced graph byte for byte
-    (see weights.Retarget), the other blocks' graphs are re-targeted, else traced too.
+    weight file, its topology is saved and the full checker run on the file. A variant is traced for
+    blocks 0 and 1 only; when block 0's graph re-targeted to block 1's tensors equals block 1's traced
+    graph byte for byte (see weights.Retarget), the other blocks' graphs are re-targeted, else traced too.
+    The whole-model `forward` graph is never traced at once: each block's forward body is made the same
+    way (its tensors in that block's file) and the bodies are chained (loops.forward_chain), so memory
+    holds the model and one block's graph at a time at any model size.
     `dtype`: reduced-precision block graphs (the forward graph is always fp32)."""
 
     def __init__(self, model, unroll: int, opset: int, store: WeightStore, dtype=None):
@@ -127,18 +131,32 @@ class GraphWriter:
         self._named: tuple = (None, None)
 
     def write(self, k: int | None, variant: str, rel: str) -> Path:
-        self.store.target("forward.weights.bin" if k is None else f"blocks/{k}/{WEIGHTS_FILE}")
-        template = self.templates.get(variant) if k is not None and k >= 2 else None
-        model = template.graph(self.named(k)) if template else None
-        if model is not None:
-            path = save_external(model, rel, self.store)
-            self.retargeted += 1
+        if k is None:
+            model = self._forward(rel)
         else:
-            path = self._trace(k, variant, rel)
-            self.traced += 1
+            model = self._block_graph(k, variant, rel)
+        path = save_topology(model, self.store.root / rel)
         what = "the forward graph" if k is None else f"{variant} of block {k}"
         check_onnx(path, what if self.dtype is None else f"{self.dtype} {what}")
         return path
+
+    def _forward(self, rel: str):
+        cfg = self.model.config
+        bodies = ((self._block_graph(k, FORWARD_BODY, rel), block.flip) for k, block in enumerate(self.model.blocks))
+        return forward_chain(bodies, contract(cfg, "forward"), cfg, self.opset)
+
+    def _block_graph(self, k: int, variant: str, rel: str):
+        """Block k's graph of `variant`, re-targeted or traced, its tensors moved into block k's weight
+        file (referenced relative to where `rel` will be saved)."""
+        self.store.target(f"blocks/{k}/{WEIGHTS_FILE}")
+        template = self.templates.get(variant) if k >= 2 else None
+        model = template.graph(self.named(k)) if template else None
+        if model is None:
+            self.traced += 1
+            return self._trace(k, variant, rel)
+        self.retargeted += 1
+        externalize(model, rel, self.store)
+        return model
 
     def named(self, k: int) -> dict:
         """The exported module's tensors for block k (one block held at a time: export streams blocks)."""
@@ -147,28 +165,29 @@ class GraphWriter:
 
             from sejd.export.graphs import BlockGraph
 
+            self._named = (None, None)  # the previous block's tensors go before the next are made
             module = BlockGraph(self.model.blocks[k], self.model.config.num_tokens, self.dtype or torch.float32)
             self._named = (k, dict(module.state_dict()))
         return self._named[1]
 
-    def _trace(self, k, variant, rel) -> Path:
+    def _trace(self, k, variant, rel):
         """Trace through a scratch folder beside the graphs (removed also on failure)."""
         import torch
 
         scratch = self.store.root / ".scratch"
         scratch.mkdir(parents=True)
         try:
-            model = export_forward(self.model, self.opset, scratch) if k is None else export_block_variant(
-                self.model, k, variant, self.unroll, self.opset, self.dtype or torch.float32, scratch)
+            model = export_block_variant(self.model, k, variant, self.unroll, self.opset, self.dtype or torch.float32,
+                                         scratch)
             if k == 1 and self.templates.get(variant):
                 if not self.templates[variant].confirm(model, scratch, self.named(1)):
                     self.templates[variant] = None
-            path = save_external(model, rel, self.store, base_dir=scratch)
+            externalize(model, rel, self.store, base_dir=scratch)
         finally:
             shutil.rmtree(scratch)
         if k == 0:
-            self.templates[variant] = Retarget(model, path.parent, self.named(0))
-        return path
+            self.templates[variant] = Retarget(model, (self.store.root / rel).parent, self.named(0))
+        return model
 
 
 def _mb(n: int) -> str:

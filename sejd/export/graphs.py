@@ -249,21 +249,22 @@ def graph_module(model: TarFlow, k: int, variant: str, unroll: int = 1, dtype=to
     raise ValueError(f"{variant} is not a single-call block variant")
 
 
-class ForwardGraph(nn.Module):
-    """The whole model's forward pass: image (B, C, H, W) (+ labels (B,)) -> z (B, T, D), logdet (B,)."""
+class BlockForwardGraph(BlockGraph):
+    """One block's forward (likelihood) pass in its own token order: x (B, T, D) (+ labels (B,)) ->
+    z (B, T, D), logdet (B,). The whole-model `forward` graph is composed from these (see loops.py):
+    the permutation lives in the position table, so every block's body has one topology and blocks
+    2.. are re-targeted from block 0's, like the other variants. Always float32 (forward is)."""
 
-    def __init__(self, model: TarFlow):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image, labels=None):
-        cfg = self.model.config
-        p, s = cfg.patch_size, cfg.img_size // cfg.patch_size
-        B = image.shape[0]
-        # patchify as unfold does: (B, C, s, p, s, p) -> (B, s, s, C, p, p) -> (B, T, C*p*p)
-        x = image.reshape(B, cfg.in_channels, s, p, s, p).permute(0, 2, 4, 1, 3, 5).reshape(B, s * s, -1)
-        logdet = torch.zeros(B)
-        for block in self.model.blocks:
-            x, ld = block(x, labels)
-            logdet = logdet + ld
-        return x, logdet
+    def forward(self, x, labels=None):
+        block = self.block
+        h = block.proj_in(x) + self.pos
+        ct = self.class_term(labels)  # labels are given exactly when the model has classes
+        h = h if ct is None else h + ct
+        mask = block.attention_mask(0, self.T)
+        for layer in block.attn_blocks:  # the reference layers, temperature 1: the model's own maths
+            h = layer(h, mask)
+        xa, xb = block.split(block.proj_out(h))
+        # shift right by one token: token l is parameterised by tokens < l, token 0 by nothing
+        xa = torch.cat([torch.zeros_like(xa[:, :1]), xa[:, :-1]], dim=1)
+        xb = torch.cat([torch.zeros_like(xb[:, :1]), xb[:, :-1]], dim=1)
+        return (x - xb) * (-xa).exp(), -xa.mean(dim=[1, 2])

@@ -1,4 +1,5 @@
-"""Wrap exported bodies in ONNX `Loop` nodes: `jacobi_loop` and `sequential_loop`.
+"""Graphs assembled around exported bodies: the ONNX `Loop`s `jacobi_loop` and `sequential_loop`, and
+the whole-model `forward` chain of per-block forward bodies.
 
 The bodies come from torch (one Jacobi iteration; one KV-cached sequential step). Values that do
 not change across iterations (z, labels, temps, guidance, tau) are read from the outer scope; every
@@ -154,3 +155,56 @@ def sequential_loop(body: onnx.ModelProto, c: GraphContract, cfg, cache_names: l
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(c.outputs[0].shape))],
                               initializer=weights)
     return _finish(outer, body, opset)
+
+
+INT64_MIN = -(2**63)
+
+
+def _flip_tokens(src: str, dst: str) -> onnx.NodeProto:
+    """x[:, ::-1] (a block's token permutation is its own inverse); the constants are made once in
+    `forward_chain`."""
+    return helper.make_node("Slice", [src, "flip.starts", "flip.ends", "flip.axes", "flip.steps"], [dst])
+
+
+def forward_chain(bodies, c: GraphContract, cfg, opset: int) -> onnx.ModelProto:
+    """The whole model's `forward` graph from per-block forward bodies, without tracing the model at once.
+
+    `bodies`: (body, flip) per block in order, body the exported `BlockForwardGraph` (x [, labels] ->
+    z, logdet in the block's own token order, its tensors already in external files: only topology is
+    held here), flip whether the block reverses the token order. Consumed one at a time. The chain is
+    what TarFlow.forward computes: patchify (as F.unfold: channel-major inside a token, tokens in raster
+    order), then each block between its permutation and back, logdets summed in block order."""
+    s, p = cfg.img_size // cfg.patch_size, cfg.patch_size
+    nodes = [
+        _const("patch.shape", TensorProto.INT64, [-1, cfg.in_channels, s, p, s, p], dims=[6]),
+        helper.make_node("Reshape", ["image", "patch.shape"], ["patch.grid"]),  # (B, C, s, p, s, p)
+        helper.make_node("Transpose", ["patch.grid"], ["patch.tokens"], perm=[0, 2, 4, 1, 3, 5]),  # (B, s, s, C, p, p)
+        _const("token.shape", TensorProto.INT64, [-1, cfg.num_tokens, cfg.token_dim], dims=[3]),
+        helper.make_node("Reshape", ["patch.tokens", "token.shape"], ["x.0"]),
+        *[_const(f"flip.{n}", TensorProto.INT64, [v], dims=[1])
+          for n, v in (("starts", -1), ("ends", INT64_MIN), ("axes", 1), ("steps", -1))],
+    ]
+    x, logdet, weights, taken, first = "x.0", None, [], {}, None
+    for k, (body, flip) in enumerate(bodies):
+        g = onnx.GraphProto()
+        g.CopyFrom(body.graph)
+        labels = _take_inputs(g, ["labels"])  # every body reads the outer graph's labels
+        taken = taken or labels
+        _rename_body(g, f"b{k}/", keep=("labels",))
+        weights += _hoist_initializers(g)
+        (x_in,) = [v.name for v in g.input]
+        nodes.append(_flip_tokens(x, x_in) if flip else helper.make_node("Identity", [x], [x_in]))
+        nodes.extend(g.node)
+        z, ld = (o.name for o in g.output)
+        if flip:
+            nodes.append(_flip_tokens(z, f"b{k}/z.image_order"))
+            z = f"b{k}/z.image_order"
+        if logdet is not None:
+            nodes.append(helper.make_node("Add", [logdet, ld], [f"logdet.{k}"]))
+            ld = f"logdet.{k}"
+        x, logdet, first = z, ld, first or body
+    nodes += [helper.make_node("Identity", [x], ["z"]), helper.make_node("Identity", [logdet], ["logdet"])]
+    outer = helper.make_graph(nodes, "forward", _outer_inputs(None, c, taken),
+                              [helper.make_tensor_value_info(s.name, TensorProto.FLOAT, list(s.shape))
+                               for s in c.outputs], initializer=weights)
+    return _finish(outer, first, opset)

@@ -23,6 +23,8 @@ from sejd.export import graphs, loops
 from sejd.export.contracts import GraphContract, contract, dummy_inputs
 from sejd.model.tarflow import TarFlow
 
+FORWARD_BODY = "forward_body"  # one block's forward pass, composed into `forward` (see loops.forward_chain)
+
 
 def _to_onnx(module: torch.nn.Module, args: tuple, input_names, output_names, dynamic_axes, opset: int,
              scratch: Path | None = None) -> onnx.ModelProto:
@@ -47,6 +49,8 @@ def export_block_variant(model: TarFlow, k: int, variant: str, unroll: int, opse
                          dtype: torch.dtype = torch.float32, scratch: Path | None = None) -> onnx.ModelProto:
     """One block's graph. `dtype` < float32: weights and matrix products in that type, LayerNorm,
     softmax and exp in float32, inputs and outputs float32 (see graphs.py). `scratch`: see above."""
+    if variant == FORWARD_BODY:  # always float32, like the forward graph it is composed into
+        return export_forward_body(model, k, opset, scratch)
     cfg = model.config
     block, T, has_classes = model.blocks[k], cfg.num_tokens, bool(cfg.num_classes)
     c = contract(cfg, variant, unroll)
@@ -77,8 +81,13 @@ def export_block_variant(model: TarFlow, k: int, variant: str, unroll: int, opse
     raise ValueError(variant)
 
 
-def export_forward(model: TarFlow, opset: int, scratch: Path | None = None) -> onnx.ModelProto:
-    c = contract(model.config, "forward")
-    feeds = dummy_inputs(c, model.config, batch=2)
-    return _to_onnx(graphs.ForwardGraph(model), _args(c, feeds), c.input_names, c.output_names, c.dynamic_axes(),
-                    opset, scratch)
+def export_forward_body(model: TarFlow, k: int, opset: int, scratch: Path | None = None) -> onnx.ModelProto:
+    """Block k's forward pass in its own token order: x (batch, T, D) [, labels (batch,)] -> z, logdet."""
+    cfg = model.config
+    c = contract(cfg, "forward")
+    has_classes = bool(cfg.num_classes)
+    feeds = dummy_inputs(c, cfg, batch=2)
+    names = ["x", "labels"] if has_classes else ["x"]
+    args = (torch.randn(2, cfg.num_tokens, cfg.token_dim), *([torch.from_numpy(feeds["labels"])] if has_classes else []))
+    return _to_onnx(graphs.BlockForwardGraph(model.blocks[k], cfg.num_tokens), args, names,
+                    ["z", "logdet"], {n: {0: "batch"} for n in (*names, "z", "logdet")}, opset, scratch)

@@ -149,7 +149,11 @@ def save_external(model: onnx.ModelProto, graph_rel: str, store: WeightStore, ba
                   inline_max: int = INLINE_MAX_BYTES) -> Path:
     """Externalise `model` into the store and save its topology at root/graph_rel."""
     externalize(model, graph_rel, store, base_dir, inline_max)
-    path = store.root / graph_rel
+    return save_topology(model, store.root / graph_rel)
+
+
+def save_topology(model: onnx.ModelProto, path: Path) -> Path:
+    """Save a model whose tensors are already external (or small and inline) at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, path)
     return path
