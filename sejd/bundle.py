@@ -5,8 +5,8 @@
     model/config.json
     blocks/<k>/<variant>.onnx      per-block graphs (topology; tensors <= 1 KiB inline)
     blocks/<k>/weights.bin         the block's weights, stored once, shared by its graphs (ONNX external data)
-    forward.onnx                   the whole model's forward pass (reuses the block weight files)
-    forward.weights.bin            what only the forward graph needs (odd blocks' permuted position tables)
+    forward.onnx                   the whole model's forward pass, chained from per-block forward graphs
+                                   (its tensors in the block weight files)
     engines/<backend>/...          built by `sejd build` (their own manifest pins the bundle's)
     plan.json                      written by `sejd tune` (pins the bundle's manifest hash): the latest
     plans/batch-<N>.json           every tuned plan by the batch size it was tuned for
