@@ -20,7 +20,7 @@ from sejd.model.tarflow import TarFlowConfig
 
 DEFAULT_OPSET = 18
 DEFAULT_UNROLL = 8
-FP32_ATOL = 1e-4  # DESIGN.md §7: engine vs PyTorch, per output of one pass
+FP32_ATOL = 1e-4  # engine vs PyTorch, per output of one pass (docs/contracts.md)
 FP32_CHAINED_ATOL = 1e-3  # outputs of up to T-1 dependent passes (loops): round-off compounds through exp
 # Reduced precision (weights and matrix products in fp16/bf16; LayerNorm, softmax, exp in fp32), against
 # the fp32 PyTorch reference: (one pass, chained passes: jacobi_k and the loops). Set at about twice the
