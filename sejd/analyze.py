@@ -47,6 +47,7 @@ import math
 import time
 
 from sejd.analysis.selectivity import RULE, agreement, predict
+from sejd.request import seeded_labels, seeded_noise
 from sejd.util import progress as progress_bar
 
 # the measuring modules are imported where used: the CLI builds this command's parser at every start
@@ -63,7 +64,7 @@ def likelihood_images(model, count: int, seed: int, progress: bool):
     -> (images, labels, description)."""
     import torch
 
-    from sejd.analysis.trace import exact_trace, sample_labels
+    from sejd.analysis.trace import exact_trace
     from sejd.data import DATASETS, load_dataset
 
     cfg = model.config
@@ -78,8 +79,8 @@ def likelihood_images(model, count: int, seed: int, progress: bool):
             return x, y, f"held-out {name}: {len(x)} images + training noise sigma {sigma} (seed 0)"
     from sejd.runtime.torch_runner import torch_runners
 
-    noise = torch.randn(count, cfg.num_tokens, cfg.token_dim, generator=torch.Generator().manual_seed(seed + 1))
-    labels = sample_labels(model, count)
+    noise = seeded_noise(count, seed + 1, cfg.num_tokens, cfg.token_dim)
+    labels = seeded_labels(count, None, cfg.num_classes)
     bar = progress_bar(total=cfg.num_blocks * (cfg.num_tokens - 1), desc="exact samples for the NLL",
                        enabled=progress)
     trace = exact_trace(model, torch_runners(model), noise, labels, bar=bar)
@@ -104,12 +105,10 @@ def analyze(src, source_name: str = "", batch: int = 1, quick: bool = False, psn
             pass_in_steps: float | None = None, progress: bool = True) -> dict:
     """Redundancy, Jacobi profile and predicted selectivity of every block of `src`'s model (a
     `sejd.source.Source`; see above)."""
-    import torch
-
     from sejd.analysis.cost import pass_cost
     from sejd.analysis.profile import jacobi_profile
     from sejd.analysis.redundancy import Likelihood, block_redundancy
-    from sejd.analysis.trace import exact_trace, sample_labels
+    from sejd.analysis.trace import exact_trace
     from sejd.analysis.window import window_grid
     from sejd.runtime.torch_runner import torch_runners
 
@@ -117,8 +116,8 @@ def analyze(src, source_name: str = "", batch: int = 1, quick: bool = False, psn
     model, cfg = src.model, src.model.config
     T, order = cfg.num_tokens, list(reversed(range(cfg.num_blocks)))
     windows = window_grid(T, quick)
-    noise = torch.randn(batch, T, cfg.token_dim, generator=torch.Generator().manual_seed(seed))
-    labels = sample_labels(model, batch)
+    noise = seeded_noise(batch, seed, T, cfg.token_dim)
+    labels = seeded_labels(batch, None, cfg.num_classes)
     bar = progress_bar(total=cfg.num_blocks * (T - 1), desc="exact sampling", enabled=progress)
     reference = exact_trace(model, torch_runners(model), noise, labels, bar=bar)
     bar.close()

@@ -16,6 +16,7 @@ import time
 import torch
 
 from sejd.metrics import psnr_db
+from sejd.request import seeded_labels, seeded_noise
 from sejd.runtime.plan import TIMING_ONLY, Plan, named_plan
 from sejd.runtime.runner import peak_rss_bytes
 from sejd.runtime.sampler import sample
@@ -50,8 +51,8 @@ def bench(src: Source, batches=(1, 16), decoders=DECODERS, runs: int = 5, warmup
     nblocks = cfg.num_blocks
     out_runs = []
     for batch in batches:
-        noise = torch.randn(batch, cfg.num_tokens, cfg.token_dim, generator=torch.Generator().manual_seed(seed))
-        labels = torch.arange(batch) % cfg.num_classes if cfg.num_classes else None
+        noise = seeded_noise(batch, seed, cfg.num_tokens, cfg.token_dim)
+        labels = seeded_labels(batch, None, cfg.num_classes)
 
         def run(plan, runners=src.runners):
             return sample(model, noise, labels=labels, plan=plan, guidance=guidance, runners=runners, progress=False)

@@ -66,6 +66,11 @@ class Bundle:
         return TarFlowConfig.from_dict(self.manifest["config"])
 
     @property
+    def batch_max(self) -> int:
+        """The largest batch the bundle's engines serve (checked to be an int in range at load)."""
+        return self.manifest["batch_max"]
+
+    @property
     def manifest_sha256(self) -> str:
         return sha256_file(self.path / MANIFEST)
 

@@ -103,20 +103,10 @@ def _output_files(a, *options: str) -> None:
                 raise SejdError(f"{option}: {e}") from None
 
 
-def _checkpoint_config(source, config_text) -> dict | None:
-    """--config, which only a checkpoint takes (a bundle carries its config)."""
-    from sejd.source import is_bundle
-
-    config = _config_arg(config_text)
-    if config is not None and is_bundle(source):
-        raise SejdError(f"--config applies to checkpoints; {source} is a bundle, whose config is in its manifest.json")
-    return config
-
-
 def _open(source, backend: str, config_text):
     from sejd.source import open_source
 
-    config = _checkpoint_config(source, config_text)
+    config = _config_arg(config_text)
     log.debug("opening %s on backend %s", source, backend)
     return open_source(source, backend, config=config)
 
@@ -196,8 +186,8 @@ def _refuse_above_batch_max(source, backend: str, n: int) -> None:
 
     if not is_bundle(source) or (backend != "auto" and split_backend(backend)[0] not in ENGINE_BACKENDS):
         return
-    batch_max = load_bundle(source, verify=False).manifest.get("batch_max", 64)
-    if isinstance(batch_max, int) and n > batch_max:
+    batch_max = load_bundle(source, verify=False).batch_max
+    if n > batch_max:
         raise SejdError(f"-n {n} is above the bundle's batch_max {batch_max} (the largest batch its engines "
                         f"serve); sample at most {batch_max} at a time, or re-export with a larger --batch-max")
 
@@ -241,8 +231,8 @@ def _export_triton(a):
 def _serve(a):
     _positive(a.replicas, "--replicas")
     _positive(a.max_batch, "--max-batch")
-    if not 1 <= a.port <= 65535:
-        raise SejdError(f"--port must be in 1..65535, got {a.port}")
+    if not 1 <= a.port <= 65535:  # argument checking, before Ray is imported (preflight also binds it)
+        raise SejdError(f"--port must be a TCP port 1..65535, got {a.port}")
     _finite(a.batch_wait_ms, "--batch-wait-ms", 0.0)
     _finite(a.deadline_s, "--deadline-s", 0.0, low_ok=False)
     config = _config_kwargs(a.config)  # for the replicas' open_source
@@ -339,7 +329,9 @@ def _check(a):
     if is_bundle(a.source):
         from sejd.bundle import load_bundle
 
-        _checkpoint_config(a.source, a.config)  # refuses --config for a bundle, naming why
+        from sejd.source import refuse_config_for_bundle
+
+        refuse_config_for_bundle(a.source, _config_arg(a.config))
         report = check_bundle(load_bundle(a.source), "ort-cpu" if a.backend == "auto" else a.backend,
                               options=options)
     else:  # a checkpoint: the PyTorch reference or torch-cuda's graph modules

@@ -89,11 +89,18 @@ def is_bundle(source) -> bool:
     return not str(source).startswith("builtin:") and (Path(source) / "manifest.json").exists()
 
 
+def refuse_config_for_bundle(source, config) -> None:
+    """A model config (`--config`) is for checkpoints: a bundle carries its own, in its manifest."""
+    if config is not None and is_bundle(source):
+        raise SejdError(f"--config applies to checkpoints; {source} is a bundle, whose config is in its manifest.json")
+
+
 def open_source(source: str | os.PathLike, backend: str = "auto", threads: int | None = None,
                 config=None) -> Source:
     """backend "auto": ort-cpu for a bundle, torch for a checkpoint."""
     from sejd.engines.backends import backend as find_backend
 
+    refuse_config_for_bundle(source, config)
     if is_bundle(source):
         from sejd.bundle import load_bundle
 

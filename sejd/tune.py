@@ -24,10 +24,9 @@ import dataclasses
 import datetime
 from pathlib import Path
 
-import torch
-
 from sejd.metrics import psnr_db
 from sejd.errors import PlanError
+from sejd.request import seeded_labels, seeded_noise
 from sejd.runtime.plan import BlockPlan, Plan
 from sejd.runtime.sampler import sample
 from sejd.source import Source
@@ -65,8 +64,8 @@ class Tuner:
 
     def _noise(self, seed):
         cfg = self.model.config
-        noise = torch.randn(self.batch, cfg.num_tokens, cfg.token_dim, generator=torch.Generator().manual_seed(seed))
-        labels = torch.arange(self.batch) % cfg.num_classes if cfg.num_classes else None
+        noise = seeded_noise(self.batch, seed, cfg.num_tokens, cfg.token_dim)
+        labels = seeded_labels(self.batch, None, cfg.num_classes)
         exact = sample(self.model, noise, labels=labels, plan="sequential", guidance=self.guidance,
                        runners=self.src.runners, progress=False).images
         return noise, labels, exact

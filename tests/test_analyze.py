@@ -72,8 +72,11 @@ def test_windowed_model_differs_from_exact_and_window_T_is_exact():
     exact = block.project(x, 0)[1]
     with windowed(block, 2, T):
         assert not torch.allclose(block.project(x, 0)[1], exact, atol=1e-4)
-    with windowed(block, T, T):
-        torch.testing.assert_close(block.project(x, 0)[1], exact, atol=0, rtol=0)
+    block.window = T  # set directly: `windowed` turns w >= T into no window, which would test nothing
+    try:
+        torch.testing.assert_close(block.project(x, 0)[1], exact, atol=1e-6, rtol=0)
+    finally:
+        block.window = None
 
 
 def test_window_must_be_a_positive_int():

@@ -27,12 +27,6 @@ class Trace:
     cond: Conditioning
 
 
-def sample_labels(model, batch: int) -> torch.Tensor | None:
-    """The labels `sejd tune` calibrates with: classes in turn for a conditional model."""
-    n = model.config.num_classes
-    return torch.arange(batch) % n if n else None
-
-
 def exact_trace(model, runners, noise: torch.Tensor, labels=None, bar=None) -> Trace:
     """Decode `noise` (B, T, D) exactly, block by block, with `runners` (one per model block)."""
     cfg = model.config

@@ -56,7 +56,7 @@ def providers(bundle: Bundle, backend: str, graph: dict | None = None, root: Pat
         cache = str(Path(root or engine_dir(bundle, backend)) / "trt_cache" / graph["file"][:-len(".onnx")])
         trt.update({"trt_engine_cache_path": cache, "trt_timing_cache_path": cache})
         c = contract(bundle.config, graph["variant"], bundle.unroll)
-        shapes = profile_shapes(c, int(bundle.manifest.get("batch_max", 64)), 1, bundle.config.num_tokens)
+        shapes = profile_shapes(c, bundle.batch_max, 1, bundle.config.num_tokens)
         if shapes:
             trt.update({"trt_profile_min_shapes": _shape_string(shapes, 0),
                         "trt_profile_opt_shapes": _shape_string(shapes, 1),
@@ -226,7 +226,7 @@ class OrtBlockRunner(BlockRunner):
         return self._contracts[variant]
 
     def begin(self, batch: int, cond: Conditioning) -> None:
-        batch_max = int(self.sessions.bundle.manifest.get("batch_max", batch))
+        batch_max = self.sessions.bundle.batch_max
         if batch > batch_max:
             from sejd.errors import InputError
             raise InputError(f"batch {batch} exceeds the bundle's batch_max {batch_max} (re-export with "
@@ -388,7 +388,9 @@ def ort_tensor_runners(bundle: Bundle, backend: str, device: str, threads: int |
     def call(variant, k):
         return OrtTensorCall(sessions.get(variant, k), contract(bundle.config, variant, bundle.unroll))
 
-    return [EngineBlockRunner(lambda v, k=k: call(v, k), bundle.variants(), bundle.unroll, model, k, cuda_graphs=False)
+    pool = KVCachePool()  # one per set of runners: freed with them, shared by their blocks
+    return [EngineBlockRunner(lambda v, k=k: call(v, k), bundle.variants(), bundle.unroll, model, k, cuda_graphs=False,
+                              pool=pool)
             for k in range(bundle.config.num_blocks)]
 
 

@@ -42,6 +42,7 @@ from sejd.bundle import Bundle, BundleError, sha256_file
 from sejd.engines.backends import REGISTRY
 from sejd.engines.manifest import engine_dir, engine_file
 from sejd.engines.torch_cuda import EngineBlockRunner, cuda_graphs_default
+from sejd.runtime.runner import KVCachePool
 from sejd.errors import SejdError
 from sejd.export.contracts import contract, profile_shapes
 from sejd.files import atomic_dir, atomic_write, folder_with, scratch_dir, write_json
@@ -155,7 +156,7 @@ def build_trt(bundle: Bundle, precision: str = "fp32", workspace_mib: int | None
 
     from sejd.export.precision import precision_graphs
 
-    batch_max = int(bundle.manifest.get("batch_max", 64))
+    batch_max = bundle.batch_max
     T = bundle.config.num_tokens
     platform = this_platform()
     cache, cache_meta = timing_cache_files(bundle)  # beside the engines: kept when a build fails
@@ -330,6 +331,8 @@ def trt_runners(bundle: Bundle, cuda_graphs: bool | None = None) -> list[EngineB
     engines = TrtEngines(bundle)
     model = bundle.load_model().to("cuda")  # host-side glue (prior, permutations) on the device
     graphs = cuda_graphs_default() if cuda_graphs is None else cuda_graphs
-    return [EngineBlockRunner(lambda v, k=k: engines.call(v, k), bundle.variants(), bundle.unroll, model, k, graphs)
+    pool = KVCachePool()  # one per set of runners: freed with them, shared by their blocks
+    return [EngineBlockRunner(lambda v, k=k: engines.call(v, k), bundle.variants(), bundle.unroll, model, k, graphs,
+                              pool=pool)
             for k in range(bundle.config.num_blocks)]
 

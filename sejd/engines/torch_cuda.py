@@ -23,7 +23,7 @@ import torch
 
 from sejd.export.graphs import JacobiGraph, StepGraph, StepKVGraph, precision_dtype, reduced_block
 from sejd.model.tarflow import TarFlow
-from sejd.runtime.runner import BlockRunner, Conditioning, KVCachePool, affine, model_pool
+from sejd.runtime.runner import BlockRunner, Conditioning, KVCachePool, affine
 
 
 class GraphModuleRunner(BlockRunner):
@@ -35,7 +35,7 @@ class GraphModuleRunner(BlockRunner):
                  calls: dict | None = None, pool: KVCachePool | None = None):
         cfg = model.config
         self.model = model
-        self.pool = pool or model_pool(model)  # one set of KV caches for all blocks of the model
+        self.pool = pool or KVCachePool()  # the factories pass one pool to all blocks of a model
         block, T, classes = model.blocks[k], cfg.num_tokens, bool(cfg.num_classes)
         self.num_tokens, self.token_dim, self.cfg = T, cfg.token_dim, cfg
         self.device = block.pos_embed.device
@@ -198,4 +198,5 @@ def graph_runners(model: TarFlow, cuda_graphs: bool | None = None, precision: st
     (eager CUDA: what the graphs save is measured against it). `precision`: fp32, fp16 or bf16."""
     cuda_graphs = cuda_graphs_default() if cuda_graphs is None else cuda_graphs
     dtype = precision_dtype(precision)
-    return [GraphModuleRunner(model, k, cuda_graphs, dtype) for k in range(model.config.num_blocks)]
+    pool = KVCachePool()  # one per set of runners: freed with them, shared by their blocks
+    return [GraphModuleRunner(model, k, cuda_graphs, dtype, pool=pool) for k in range(model.config.num_blocks)]

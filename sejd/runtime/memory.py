@@ -57,6 +57,8 @@ def sampling_estimate(cfg, batch: int, guided: bool = False) -> Estimate:
         "images and iterates": 4 * per_image,
         "KV caches of one block": rows * cfg.layers_per_block * 2 * cfg.num_heads * T * cfg.head_dim * FLOAT_BYTES,
         "one parallel pass": rows * T * C * cfg.expansion * FLOAT_BYTES,  # the MLP's hidden layer
+        # attention scores of one layer (rows x heads x T x T), built by the math attention paths
+        "attention scores": rows * cfg.num_heads * T * T * FLOAT_BYTES,
     })
 
 

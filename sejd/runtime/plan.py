@@ -76,7 +76,7 @@ class BlockPlan:
         if self.max_iters is not None and not is_int(self.max_iters, 1):
             raise PlanError(f"{where}: max_iters must be an int >= 1 or null, got {self.max_iters!r}")
         if self.fixed_iters is not None:  # for timing only: the result is whatever N iterations give
-            if isinstance(self.fixed_iters, bool) or not (isinstance(self.fixed_iters, int) and self.fixed_iters >= 1):
+            if not is_int(self.fixed_iters, 1):
                 raise PlanError(f"{where}: fixed_iters must be an int >= 1 or null, got {self.fixed_iters!r}")
             if self.decoder != "jacobi" or self.variant == "loop" or self.freeze or self.per_sample:
                 raise PlanError(f"{where}: fixed_iters needs decoder 'jacobi' with variant 'host' or 'chunk' and "

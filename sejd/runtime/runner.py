@@ -21,7 +21,6 @@ import dataclasses
 import math
 import resource
 import sys
-import weakref
 
 import torch
 
@@ -181,16 +180,6 @@ class KVCachePool:
             self.generation += 1
         size = math.prod(shape)
         return [f[:size].view(shape) for f in self._flat[:count]]
-
-
-_MODEL_POOLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def model_pool(model) -> KVCachePool:
-    """The KV-cache pool of `model`: every runner made over the same model object shares it."""
-    if model not in _MODEL_POOLS:
-        _MODEL_POOLS[model] = KVCachePool()
-    return _MODEL_POOLS[model]
 
 
 def peak_rss_bytes() -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from sejd.model.tarflow import MetaBlock, TarFlow
-from sejd.runtime.runner import BlockRunner, Conditioning, KVCachePool, model_pool
+from sejd.runtime.runner import BlockRunner, Conditioning, KVCachePool
 
 
 class TorchBlockRunner(BlockRunner):
@@ -45,4 +45,5 @@ class TorchBlockRunner(BlockRunner):
 
 def torch_runners(model: TarFlow) -> list[TorchBlockRunner]:
     cfg = model.config
-    return [TorchBlockRunner(b, cfg.num_tokens, cfg.token_dim, model_pool(model)) for b in model.blocks]
+    pool = KVCachePool()  # one per set of runners: freed with them, shared by their blocks
+    return [TorchBlockRunner(b, cfg.num_tokens, cfg.token_dim, pool) for b in model.blocks]

@@ -44,8 +44,9 @@ def check_source(source: str, backend: str, config: dict | None = None) -> None:
     own device): a bundle's verified files, the backend's engines and every plan it serves; a checkpoint."""
     from sejd.engines import ENGINE_BACKENDS, engine_dir, require, split_backend
     from sejd.serve.service import served_plans
-    from sejd.source import Source, is_bundle, open_source
+    from sejd.source import Source, is_bundle, open_source, refuse_config_for_bundle
 
+    refuse_config_for_bundle(source, config)
     if not is_bundle(source):
         served_plans(open_source(source, backend, config=config))
         return

@@ -67,7 +67,7 @@ class SampleService:
 
     def __init__(self, src: Source, max_n: int = MAX_N, on_batch=None):
         # one engine call never exceeds the bundle's batch_max: groups are split into chunks of it
-        self.batch_max = int(src.bundle.manifest.get("batch_max", max_n)) if src.bundle is not None else max_n
+        self.batch_max = src.bundle.batch_max if src.bundle is not None else max_n
         self.src, self.max_n, self.on_batch = src, min(max_n, self.batch_max), on_batch
         self.cfg = src.model.config
         self.plans = served_plans(src)

@@ -88,8 +88,8 @@ def export_triton(bundle_path, out, name: str | None = None, backend: str = "ort
     if plan not in NAMED_PLANS and not (plan == "auto" and tuned):
         raise SejdError(f"--plan must be one of {list(NAMED_PLANS)}" + (" or auto" if tuned else "") +
                         f" (the plans the service serves), got {plan!r}")
-    if max_batch < 1 or max_batch > int(bundle.manifest.get("batch_max", max_batch)):
-        raise SejdError(f"max_batch must be 1..{bundle.manifest.get('batch_max')} (the bundle's batch_max), "
+    if max_batch < 1 or max_batch > bundle.batch_max:
+        raise SejdError(f"max_batch must be 1..{bundle.batch_max} (the bundle's batch_max), "
                         f"got {max_batch}")
     out = Path(out)
     model_dir = out / name

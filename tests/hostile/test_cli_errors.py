@@ -85,7 +85,7 @@ def test_serve_port_out_of_range_fails_before_ray_starts(ckpt, capsys, monkeypat
     import sejd.serve.app
     monkeypatch.setattr(sejd.serve.app, "serve_forever", lambda *a, **k: pytest.fail("Ray must not start"))
     rc = main(["serve", str(ckpt), "--port", port])
-    assert_one_line_error(rc, capsys.readouterr().err, "--port must be in 1..65535")
+    assert_one_line_error(rc, capsys.readouterr().err, "--port must be a TCP port 1..65535")
 
 
 @pytest.mark.parametrize("argv,needles", [
