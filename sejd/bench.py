@@ -162,7 +162,7 @@ def plot(result: dict, path) -> None:
     ax2.tick_params(axis="x", rotation=30)
     ax2.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_write(path, binary=True) as tmp:
+    with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 

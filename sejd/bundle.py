@@ -212,9 +212,14 @@ def check_file_table(manifest: dict, where, field: str = "files") -> dict:
     return files
 
 
+def int_in(value, lo: int, hi: int) -> bool:
+    """An int (not a bool) from lo to hi: the rule for the manifest's unroll, batch_max and opset."""
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
 def _int_in(manifest: dict, key: str, lo: int, hi: int, where) -> None:
     value = manifest.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+    if not int_in(value, lo, hi):
         raise BundleError(f"{where}: {key} must be an int from {lo} to {hi}, got {value!r}")
 
 

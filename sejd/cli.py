@@ -168,7 +168,7 @@ def _sample(a):
         save_grid(result.images, a.out, scale=max(1, 128 // cfg.img_size))
         print(f"wrote {a.out}")
     if a.npy:
-        with atomic_write(a.npy, binary=True) as tmp:
+        with atomic_write(a.npy) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, result.images.numpy())
         print(f"wrote {a.npy}")

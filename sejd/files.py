@@ -253,7 +253,7 @@ def _exclusive_file(folder: Path, prefix: str, suffix: str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, binary: bool = False):
+def atomic_write(path: str | os.PathLike):
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
 
     Nothing half-written is ever visible under the final name; on failure (also SIGTERM) the temporary

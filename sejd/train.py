@@ -91,7 +91,7 @@ def train(dataset: str, config: TarFlowConfig, out: str | Path, steps: int, batc
         bpd = (loss.item() + 0.5 * math.log(2 * math.pi) + math.log(128)) / math.log(2)
         bar.set_postfix(loss=f"{loss.item():.4f}", bpd=f"{bpd:.3f}")
         if (step + 1) % ckpt_every == 0 or step + 1 == steps:
-            with atomic_write(state_file, binary=True) as tmp:
+            with atomic_write(state_file) as tmp:
                 torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                             "gen": gen.get_state(), "step": step + 1}, tmp)
             log.info("step %d/%d loss %.4f bpd~%.3f (%.0fs)", step + 1, steps, loss.item(), bpd,

@@ -84,6 +84,6 @@ def grid_png_bytes(images, nrow: int | None = None, scale: int = 1) -> bytes:
 def save_grid(images, path: str | os.PathLike, nrow: int | None = None, scale: int = 1) -> Path:
     """images (N, C, H, W) in [-1, 1] -> one PNG grid, written atomically."""
     path = Path(path)
-    with atomic_write(path, binary=True) as tmp:
+    with atomic_write(path) as tmp:
         grid_image(images, nrow, scale).save(tmp, format="PNG")
     return path

@@ -19,7 +19,7 @@ def _pyplot():
 
 
 def _save(fig, path) -> Path:
-    with atomic_write(path, binary=True) as tmp:
+    with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     _pyplot().close(fig)
     return Path(path)

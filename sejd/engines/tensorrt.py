@@ -182,7 +182,7 @@ def build_trt(bundle: Bundle, precision: str = "fp32", workspace_mib: int | None
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             (out / rel).write_bytes(engine)
             files[rel] = sha256_file(out / rel)
-            with atomic_write(cache, binary=True) as tmp:
+            with atomic_write(cache) as tmp:
                 Path(tmp).write_bytes(timing)
             write_json(cache_meta, platform)
         if strip_weights:  # the kept reduced-precision graphs and weights are verified like the plans

@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 
 import sejd
-from sejd.bundle import BATCH_MAX_LIMIT, OPSETS, UNROLL_MAX, MANIFEST, SCHEMA_VERSION, BundleError, load_bundle, sha256_file
+from sejd.bundle import BATCH_MAX_LIMIT, OPSETS, UNROLL_MAX, int_in, MANIFEST, SCHEMA_VERSION, BundleError, load_bundle, sha256_file
 from sejd.errors import SejdError
 from sejd.export.contracts import (BLOCK_VARIANTS, DEFAULT_OPSET, DEFAULT_UNROLL, MODEL_VARIANTS, VARIANTS,
                                    contract)
@@ -46,7 +46,7 @@ def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = D
     # the bounds a bundle's manifest is held to at load (sejd.bundle), refused here before any work
     for name, value, lo, hi in (("unroll", unroll, 1, UNROLL_MAX), ("batch_max", batch_max, 1, BATCH_MAX_LIMIT),
                                 ("opset", opset, OPSETS.start, OPSETS.stop - 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        if not int_in(value, lo, hi):
             raise SejdError(f"{name} must be an int from {lo} to {hi}, got {value!r}")
     out = Path(out)
     if out.exists() and not force:

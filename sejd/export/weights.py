@@ -56,7 +56,7 @@ class WeightStore:
         data = memoryview(data).cast("B")
         key = hashlib.sha256(data).digest()
         for where in self.index.get(key, ()):
-            if graph_dir is None or _inside(self.root / where[0], graph_dir):
+            if graph_dir is None or _lexically_under(self.root / where[0], graph_dir):
                 self.bytes_deduplicated += len(data)
                 return where
         assert self._rel is not None, "WeightStore.target() must name a file before put()"
@@ -134,7 +134,7 @@ def externalize(model: onnx.ModelProto, graph_rel: str, store: WeightStore, base
             entry.key, entry.value = key, value
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def _lexically_under(path: Path, folder: Path) -> bool:
     return not os.path.relpath(path, folder).startswith("..")
 
 

@@ -280,7 +280,7 @@ def save_checkpoint(model: TarFlow, path: str | os.PathLike, **meta) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"config": model.config.to_dict(), "noise_std": getattr(model, "noise_std", 0.0), **meta}
-    with atomic_write(path / "model.safetensors", binary=True) as tmp:
+    with atomic_write(path / "model.safetensors") as tmp:
         save_file(sd, tmp, metadata={RECORDED_CONFIG: json.dumps(model.config.to_dict())})
     with atomic_write(path / "config.json") as tmp:
         Path(tmp).write_text(json.dumps(meta, indent=2) + "\n")
