@@ -9,6 +9,7 @@ are views of one KV-cache pool per model (`OrtSessions.pool`), shared by every b
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ PROVIDERS = {
 
 
 GPU_BACKENDS = ("ort-cuda", "ort-trt")
+log = logging.getLogger("sejd.ort")
 
 
 def _shape_string(shapes: dict, which: int) -> str:
@@ -274,20 +276,24 @@ class OrtBlockRunner(BlockRunner):
             self._bindings[key] = (binding, outputs)
         return self._bindings[key]
 
+    def _validate(self, variant: str, feeds: dict, with_caches: bool) -> None:
+        """Check the per-call inputs against the variant's contract, once per shape, before the backend."""
+        signature = (variant, tuple(v.shape for v in feeds.values()), tuple(v.dtype for v in feeds.values()))
+        if signature not in self._validated:
+            c = self._contract(variant)
+            full = {**feeds, **{k: v for k, v in self.cond_feeds.items() if k in c.input_names}}
+            if with_caches:
+                full.update({f"past.{n}": a for n, a in zip(self.cache_names, self._caches[self._current])})
+            c.validate(full)
+            self._validated.add(signature)
+
     def _run(self, variant: str, feeds: dict, cache_io: bool | str = False) -> dict[str, np.ndarray]:
         """Run one graph; `feeds` holds only the per-call inputs (conditioning and caches are bound).
 
         cache_io: True = read the current caches and write the other pair (then they swap);
         "read" = read the current caches only (the caller updates them in place)."""
         feeds = {k: v if v.flags.c_contiguous else np.ascontiguousarray(v) for k, v in feeds.items()}
-        signature = (variant, tuple(v.shape for v in feeds.values()), tuple(v.dtype for v in feeds.values()))
-        if signature not in self._validated:  # the contract is checked once per shape, before the backend
-            c = self._contract(variant)
-            full = {**feeds, **{k: v for k, v in self.cond_feeds.items() if k in c.input_names}}
-            if cache_io:
-                full.update({f"past.{n}": a for n, a in zip(self.cache_names, self._caches[self._current])})
-            c.validate(full)
-            self._validated.add(signature)
+        self._validate(variant, feeds, bool(cache_io))
         binding, outputs = self._binding(variant, self._current if cache_io else None, cache_io == "read")
         for name, arr in feeds.items():
             binding.bind_cpu_input(name, arr)
@@ -398,4 +404,28 @@ def ort_runners(bundle: Bundle, backend: str = "ort-cpu", threads: int | None = 
     if backend in GPU_BACKENDS:
         return ort_tensor_runners(bundle, backend, "cuda", threads)
     sessions = OrtSessions(bundle, backend, threads)
-    return [OrtBlockRunner(sessions, k) for k in range(bundle.config.num_blocks)]
+    reason = native_step_reason(sessions)
+    if reason:
+        log.info("ort-cpu: single-token steps run the ONNX step graphs (native step: %s)", reason)
+        return [OrtBlockRunner(sessions, k) for k in range(bundle.config.num_blocks)]
+    from sejd.engines import native
+
+    model = bundle.load_model()
+    native.set_threads(threads)
+    runner = native.native_runner_class()
+    runners = [runner(sessions, k, native.NativeBlock(block, bundle.config.num_tokens))
+               for k, block in enumerate(model.blocks)]
+    for r in runners:
+        r.model = model  # the Source reuses it rather than loading the checkpoint again
+    return runners
+
+
+def native_step_reason(sessions: OrtSessions) -> str | None:
+    """None when ort-cpu runners take the native step (sejd/engines/native.py), else why not."""
+    from sejd.engines import native
+
+    if sessions.backend != "ort-cpu":
+        return f"backend {sessions.backend}"
+    if sessions.manifest.get("precision", "fp32") != "fp32":
+        return f"engines built at {sessions.manifest.get('precision')} (the native step computes in fp32)"
+    return native.available()

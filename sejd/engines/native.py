@@ -1,0 +1,253 @@
+"""The native CPU step: one flow block's single-token step and its whole sequential inversion in C
+(`native/step.c`), called through ctypes by the ort-cpu block runners.
+
+Why: on a CPU a single-token step is ~1 MFLOP. An ONNX graph of it pays a dispatch per node
+(~0.3 us, 40-150 nodes) and streams the block's weights from L3 on one thread; `step.c` splits every
+weight matrix across the cores (each share stays in its core's L2) and runs a whole block's sequential
+inversion as one call. Parallel (Jacobi) passes stay on ONNX Runtime, which is near the matrix-multiply
+rate there.
+
+The library is compiled from the package's own source with the machine's C compiler on first use and
+cached per user (`$XDG_CACHE_HOME/sejd/native`, keyed by the source, compiler, flags and processor): no
+code is ever loaded from a bundle. Without a C compiler the runners keep the ONNX `step_kv` graph and
+say so once; `SEJD_NATIVE_STEP=0` turns the native step off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from sejd.errors import BackendUnavailable
+
+SOURCE = Path(__file__).with_name("native") / "step.c"
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-shared", "-pthread", "-fno-math-errno")
+MAX_HEAD_DIM = 512  # the attention's per-head accumulator in step.c is a stack array of this size
+
+log = logging.getLogger("sejd.native")
+
+_F32P = ctypes.POINTER(ctypes.c_float)
+
+
+def compiler() -> str | None:
+    """The C compiler to build the step with: $CC, else cc / gcc / clang on PATH."""
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def disabled_reason() -> str | None:
+    """None when the native step may be used here, else why not (one sentence)."""
+    if os.environ.get("SEJD_NATIVE_STEP", "1") == "0":
+        return "SEJD_NATIVE_STEP=0"
+    if compiler() is None:
+        return "no C compiler on PATH (cc, gcc or clang; or set CC)"
+    return None
+
+
+def _cpu_signature() -> str:
+    """What -march=native compiles for: the processor's model and flags (a shared home directory may be
+    mounted on other machines)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        import platform
+
+        return platform.processor() + platform.machine()
+    return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+
+
+def _cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = base / "sejd" / "native"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL:
+    """The compiled step library (compiled once per source, compiler, flags and processor)."""
+    reason = disabled_reason()
+    if reason:
+        raise BackendUnavailable(f"native CPU step not available: {reason}")
+    cc = compiler()
+    source = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    folder = _cache_dir()
+    target = folder / f"step-{key}.so"
+    if not target.exists():
+        log.info("compiling the native CPU step (%s)", cc)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".sejd-tmp-native-") as tmp:
+            built = Path(tmp) / "step.so"
+            done = subprocess.run([cc, *FLAGS, "-o", str(built), str(SOURCE), "-lm"], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise BackendUnavailable(f"native CPU step: {cc} failed: {done.stderr.strip()[-500:]}")
+            os.replace(built, target)  # atomic: a concurrent compile of the same key writes the same file
+    lib = ctypes.CDLL(str(target))
+    lib.sejd_set_threads.argtypes = [ctypes.c_int]
+    lib.sejd_block_new.restype = ctypes.c_void_p
+    lib.sejd_block_new.argtypes = [ctypes.POINTER(ctypes.c_int), _F32P, _F32P, _F32P, ctypes.POINTER(_F32P), _F32P,
+                                   _F32P, _F32P, ctypes.c_float]
+    lib.sejd_block_free.argtypes = [ctypes.c_void_p]
+    lib.sejd_block_step.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                    ctypes.c_void_p]
+    lib.sejd_block_sequential.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                          ctypes.c_void_p]
+    return lib
+
+
+def available() -> str | None:
+    """None when the native step compiles and loads here, else why not."""
+    try:
+        library()
+    except BackendUnavailable as e:
+        return str(e)
+    return None
+
+
+def default_threads() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def set_threads(n: int | None) -> int:
+    """Threads every native call uses from now on (None: the cores this process may run on)."""
+    return library().sejd_set_threads(int(n or default_threads()))
+
+
+def _f32(t) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().cpu().numpy() if hasattr(t, "detach") else t, dtype=np.float32)
+
+
+def _ptr(a: np.ndarray | None):
+    return None if a is None else a.ctypes.data
+
+
+class NativeBlock:
+    """One MetaBlock's weights packed for step.c (the C side keeps its own copy)."""
+
+    def __init__(self, block, num_tokens: int):
+        import torch
+
+        lib = library()
+        attn = block.attn_blocks[0].attention
+        C, H = block.pos_embed.shape[1], attn.num_heads
+        if C // H > MAX_HEAD_DIM:
+            raise BackendUnavailable(f"native CPU step: head_dim {C // H} > {MAX_HEAD_DIM}")
+        mlp_width = block.attn_blocks[0].mlp.main[0].out_features
+        classes = 0 if block.class_embed is None else block.class_embed.shape[0]
+        dims = [block.proj_in.in_features, C, H, num_tokens, len(block.attn_blocks), mlp_width,
+                block.proj_out.out_features, int(block.nvp), classes]
+        with torch.no_grad():
+            keep = {"pos": _f32(block.permute(block.pos_embed, dim=0) + block.proj_in.bias),  # (T, C)
+                    "w_in": _f32(block.proj_in.weight), "w_out": _f32(block.proj_out.weight),
+                    "b_out": _f32(block.proj_out.bias)}
+            if classes:  # the class rows, then their mean for label -1 (unconditional)
+                table = block.class_embed[:, 0]
+                keep["classes"] = _f32(torch.cat([table, table.mean(0, keepdim=True)]))
+            layers, eps = [], []
+            for layer in block.attn_blocks:
+                a, m = layer.attention, layer.mlp
+                layers += [_f32(p) for p in (a.norm.weight, a.norm.bias, a.qkv.weight, a.qkv.bias, a.proj.weight,
+                                             a.proj.bias, m.norm.weight, m.norm.bias, m.main[0].weight,
+                                             m.main[0].bias, m.main[2].weight, m.main[2].bias)]
+                eps += [a.norm.eps, m.norm.eps]
+        as_f = lambda a: None if a is None else a.ctypes.data_as(_F32P)  # noqa: E731
+        params = (_F32P * len(layers))(*[as_f(p) for p in layers])
+        handle = lib.sejd_block_new((ctypes.c_int * len(dims))(*dims), as_f(keep["w_in"]), as_f(keep["pos"]),
+                                    as_f(keep.get("classes")), params, as_f(np.array(eps, np.float32)),
+                                    as_f(keep["w_out"]), as_f(keep["b_out"]), float(attn.scale))
+        if not handle:
+            raise MemoryError("native CPU step: could not allocate the packed weights")
+        self._lib, self.handle = lib, handle
+        self.D, self.T = dims[0], num_tokens
+
+    def __del__(self):
+        if getattr(self, "handle", None):
+            self._lib.sejd_block_free(self.handle)
+            self.handle = None
+
+    @staticmethod
+    def _cache_pointers(caches) -> ctypes.Array:
+        for c in caches:
+            assert c.dtype == np.float32 and c.flags.c_contiguous, "caches must be contiguous float32"
+        return (ctypes.c_void_p * len(caches))(*[c.ctypes.data for c in caches])
+
+    def step(self, x: np.ndarray, pos: int, caches, labels, temps, guidance) -> tuple[np.ndarray, np.ndarray]:
+        """x (B, D) token at `pos` -> guided (xa, xb) (B, D) for token pos+1; caches (R, H, T, hd) get
+        the token's keys/values at `pos`."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        B, R = x.shape[0], temps.shape[0]
+        out = np.empty((2, B, self.D), np.float32)
+        rc = self._lib.sejd_block_step(self.handle, B, R, int(pos), _ptr(x), _ptr(out), self._cache_pointers(caches),
+                                       _ptr(labels), _ptr(temps), _ptr(guidance))
+        if rc:
+            raise MemoryError("native CPU step failed to allocate its scratch buffers")
+        return out[0], out[1]
+
+    def sequential(self, z: np.ndarray, caches, labels, temps, guidance) -> np.ndarray:
+        """The block's exact sequential inversion: z (B, T, D) -> x (B, T, D)."""
+        z = np.ascontiguousarray(z, dtype=np.float32)
+        out = np.empty_like(z)
+        rc = self._lib.sejd_block_sequential(self.handle, z.shape[0], temps.shape[0], _ptr(z), _ptr(out),
+                                             self._cache_pointers(caches), _ptr(labels), _ptr(temps), _ptr(guidance))
+        if rc:
+            raise MemoryError("native CPU step failed to allocate its scratch buffers")
+        return out
+
+
+def native_runner_class():
+    """The ort-cpu block runner with native single-token steps and sequential blocks (defined lazily: the
+    ONNX Runtime runner it extends imports onnxruntime's helpers)."""
+    import torch
+
+    from sejd.engines.ort import OrtBlockRunner
+
+    class NativeStepRunner(OrtBlockRunner):
+        """ort-cpu for parallel passes (Jacobi, windows, loops); step.c for single tokens and for whole
+        sequential blocks, reading and writing the same KV caches in place."""
+
+        def __init__(self, sessions, block: int, native: NativeBlock):
+            super().__init__(sessions, block)
+            self.native = native
+
+        def _cond(self):
+            f = self.cond_feeds
+            guidance = f["guidance"] if self.rows == 2 * self.batch else None
+            return f.get("labels"), f["temps"], guidance
+
+        def project(self, x, start):
+            if x.shape[1] != 1:
+                return super().project(x, start)
+            xa, xb = self.step(x[:, 0], start)
+            return xa[:, None], xb[:, None]
+
+        def step(self, x_tok, pos):
+            x = x_tok.numpy()
+            # the inputs the step_kv graph would take, checked against its contract before the native call
+            self._validate("step_kv", {"x": x[:, None], "pos": np.array(pos, np.int64)}, with_caches=True)
+            if not 0 <= pos < self.num_tokens:
+                from sejd.errors import InputError
+                raise InputError(f"step: position must be in [0, {self.num_tokens}), got {pos}")
+            xa, xb = self.native.step(x, pos, self._caches[self._current], *self._cond())
+            return torch.from_numpy(xa), torch.from_numpy(xb)
+
+        def sequential_loop(self, z):
+            self._validate("sequential_loop", {"z": z.numpy()}, with_caches=False)
+            return torch.from_numpy(self.native.sequential(z.numpy(), self._caches[self._current], *self._cond()))
+
+    return NativeStepRunner
