@@ -25,7 +25,8 @@ from sejd.bundle import Bundle
 from sejd.engines import backends
 from sejd.engines.polygraphy_runners import callable_runner
 from sejd.errors import SejdError
-from sejd.export.contracts import BLOCK_VARIANTS, DEFAULT_UNROLL, VARIANTS, contract, dummy_inputs, tolerance
+from sejd.export.contracts import (BLOCK_VARIANTS, DEFAULT_UNROLL, VARIANTS, contract, dummy_inputs, renamed_hint,
+                                   tolerance)
 from sejd.export.oracle import reference_outputs
 from sejd.metrics import psnr_db
 from sejd.request import seeded_labels, seeded_noise
@@ -43,7 +44,7 @@ PLAN_CHOICES = NAMED_PLANS + ("auto",)
 LOOSE_TAU = 0.3  # jacobi_loop inputs that stop early; tau 0 runs it to the exact result (T-1 passes)
 # quick mode: one pass per graph call, so a published-size model (T = 1024) checks in minutes on 2 cores;
 # the chained graphs (jacobi_k, the loops) cost up to T-1 passes per input
-QUICK_GRAPHS = ("step", "step_kv", "window", "jacobi", "forward")
+QUICK_GRAPHS = ("step_present", "step_rows", "window", "jacobi", "forward")
 QUICK_PLANS = ("sjd",)
 
 
@@ -156,7 +157,7 @@ def graph_name(g: dict) -> str:
 
 def select_graphs(graphs: list[dict], spec: str | None, num_blocks: int) -> tuple[list[dict], list[dict]]:
     """(selected, skipped) graphs for `--graphs`: `all`, `none`, or a comma list of selectors, any of
-    which selects a graph: `VARIANT` (e.g. `step`), `block:K` (every variant of block K) or
+    which selects a graph: `VARIANT` (e.g. `step_present`), `block:K` (every variant of block K) or
     `block:K:VARIANT`."""
     if spec is None or spec == "all":
         return list(graphs), []
@@ -178,9 +179,9 @@ def _selector(item: str, num_blocks: int) -> tuple[int | None, str | None]:
         if not parts[1].isdigit() or int(parts[1]) >= num_blocks:
             raise SejdError(f"--graphs: {item!r} names block {parts[1]!r}; {expected}")
         if len(parts) == 3 and parts[2] not in BLOCK_VARIANTS:
-            raise SejdError(f"--graphs: {item!r} names variant {parts[2]!r}; {expected}")
+            raise SejdError(f"--graphs: {item!r} names variant {parts[2]!r}{renamed_hint(parts[2:])}; {expected}")
         return int(parts[1]), parts[2] if len(parts) == 3 else None
-    raise SejdError(f"--graphs: cannot read {item!r}; {expected}")
+    raise SejdError(f"--graphs: cannot read {item!r}{renamed_hint(parts[-1:])}; {expected}")
 
 
 def polygraphy_target(bundle: Bundle | None, backend: str, g: dict) -> list[str] | None:

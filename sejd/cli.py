@@ -541,7 +541,7 @@ def _add_check(sub):
                    "none for graphs only (None: sequential, ujd, sjd, gs-jacobi, and auto when tuned; with --quick: "
                    f"{', '.join(QUICK_PLANS)} and auto)")
     c.add_argument("--graphs", default=None, help="all, none (plans only), or a comma list of selectors: VARIANT "
-                   "(step,jacobi), block:K, block:K:VARIANT (None: all; with --quick: "
+                   "(step_rows,jacobi), block:K, block:K:VARIANT (None: all; with --quick: "
                    f"{', '.join(QUICK_GRAPHS)})")
     c.add_argument("--quick", action="store_true", help="for published-size models: graphs on batch 1 with and "
                    "without guidance rows, one seed, single-pass graphs only; plans at batch 1")

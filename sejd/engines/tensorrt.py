@@ -11,9 +11,9 @@ refused elsewhere. The engines replace engines/tensorrt only once every graph ha
 Run: `TrtCall` turns one engine into a callable over device tensors (tensor addresses set with
 `set_tensor_address`, `execute_async_v3` on PyTorch's current stream, output buffers allocated once
 per input shape). `EngineBlockRunner` plugs those callables into the torch-cuda runner, which keeps the
-KV caches and iterates on the device and captures `step` (engine + in-place cache write), `jacobi`
-and `jacobi_k` as CUDA graphs; the loop engines (`jacobi_loop`, `sequential_loop`: ONNX Loop, which
-CUDA graphs cannot capture) run as single calls.
+KV caches and iterates on the device and captures the single-token step (the `step_rows` engine +
+in-place cache write), `jacobi` and `jacobi_k` as CUDA graphs; the loop engines (`jacobi_loop`,
+`sequential_loop`: ONNX Loop, which CUDA graphs cannot capture) run as single calls.
 
 Weight-stripped engines (`build_trt(strip_weights=True)`): each plan is built with
 `BuilderFlag.STRIP_PLAN` (the refittable weights are left out of the serialised plan, which then

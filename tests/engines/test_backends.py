@@ -95,7 +95,7 @@ def test_check_hooks_say_which_graphs_and_how_polygraphy_reruns_them(tiny_bundle
     assert REGISTRY["torch-cuda"].polygraphy_args(tiny_bundle, g) == [str(tiny_bundle.path / g["file"]), "--onnxrt"]
     every, runnable = REGISTRY["torch-cuda"].checked_graphs(None, tiny_bundle.config)
     assert len(every) == tiny_bundle.config.num_blocks * len(BLOCK_VARIANTS)
-    assert {g["variant"] for g in runnable} == {"step", "step_kv", "window", "jacobi", "jacobi_k"}
+    assert {g["variant"] for g in runnable} == {"step_present", "step_rows", "window", "jacobi", "jacobi_k"}
     with pytest.raises(SejdError, match="PyTorch reference itself"):
         REGISTRY["torch"].polygraphy_runner(tiny_bundle)
 

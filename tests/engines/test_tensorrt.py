@@ -16,7 +16,7 @@ TRT_REASON = unavailable("tensorrt")
 
 def test_profiles_cover_every_batch_and_are_tuned_for_latency_and_throughput():
     cfg = make_model().config
-    shapes = profile_shapes(contract(cfg, "step_kv"), batch_max=64, opt_batch=1, num_tokens=cfg.num_tokens)
+    shapes = profile_shapes(contract(cfg, "step_rows"), batch_max=64, opt_batch=1, num_tokens=cfg.num_tokens)
     assert shapes["x"] == ((1, 1, 12), (1, 1, 12), (64, 1, 12))
     assert shapes["past.0.key"] == ((1, 2, 16, 32), (1, 2, 16, 32), (128, 2, 16, 32))  # rows: up to 2x (guidance)
     assert "pos" not in shapes and "guidance" not in shapes  # static inputs need no profile

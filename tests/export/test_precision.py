@@ -16,7 +16,7 @@ from sejd.export.oracle import reference_outputs
 from sejd.export.precision import KEPT_FP32, op_input_types
 from tests.conftest import make_model
 
-SINGLE_CALL = ("step", "step_kv", "window", "jacobi", "jacobi_k")
+SINGLE_CALL = ("step_present", "step_rows", "window", "jacobi", "jacobi_k")
 ONNX_TYPE = {"fp16": "FLOAT16", "bf16": "BFLOAT16"}
 
 
@@ -60,7 +60,7 @@ def test_fp16_engines_pass_check_at_fp16_tolerances(tmp_path):
 
     save_checkpoint(make_model(), tmp_path / "ckpt")
     bundle = export_bundle(tmp_path / "ckpt", tmp_path / "b", unroll=3, show_progress=False,
-                           variants=["step", "step_kv", "window", "jacobi", "jacobi_k", "sequential_loop", "forward"])
+                           variants=["step_present", "step_rows", "window", "jacobi", "jacobi_k", "sequential_loop", "forward"])
     build_ort(bundle, "ort-cpu", show_progress=False, precision="fp16")
     report = check_bundle(bundle, "ort-cpu", show_progress=False)
     assert report, report.summary()

@@ -10,7 +10,7 @@ import types
 import pytest
 
 import sejd.engines.ort as ort_engines
-from sejd.bundle import Bundle, BundleError, load_bundle
+from sejd.bundle import SCHEMA_VERSION, Bundle, BundleError, load_bundle
 from sejd.cli import main
 from sejd.engines import build_engines, engine_file, engine_precision, read_engine_manifest
 from sejd.source import open_source, tuned_plans
@@ -232,7 +232,7 @@ def _config(**changes):
 
 
 MALFORMED = [
-    (lambda m: m.clear() or m.update(schema=1), "no files table"),
+    (lambda m: m.clear() or m.update(schema=SCHEMA_VERSION), "no files table"),
     (_drop("files"), "no files table"),
     (_set("files", ["model/config.json"]), "files must be an object mapping each file to its sha256, got a list"),
     (lambda m: m["files"].update({JACOBI: "beef"}), r"files entry blocks/0/jacobi\.onnx: expected a sha256"),
@@ -245,7 +245,7 @@ MALFORMED = [
     (_graph("block", "0"), r"graphs\[\d+\]\.block .*got '0'"),
     (_graph("block", True), r"graphs\[\d+\]\.block .*got True"),
     (_graph("variant", 7), r"graphs\[\d+\]\.variant must be a string, got 7"),
-    (_graph("variant", "step"), r"graphs\[\d+\] repeats the 'step' graph of block 0"),
+    (_graph("variant", "step_present"), r"graphs\[\d+\] repeats the 'step_present' graph of block 0"),
     (lambda m: graph_entry(m).pop("file"), r"graphs\[\d+\]\.file None is null, not a path string"),
     (_graph("file", ["a"]), r"graphs\[\d+\]\.file \['a'\] is a list, not a path string"),
     (_drop("config"), "config must be an object, got null"),
