@@ -283,7 +283,7 @@ def check_end_to_end(src, model, plans=END_TO_END_PLANS, batch: int = 4, seed: i
                      quality_plans=(), engine_model=None, precision: str = "fp32") -> list[Check]:
     """Every plan: engine == PyTorch running the same plan (enforced), and quality against exact
     sequential decoding (enforced >= 40 dB only for `quality_plans`, e.g. the bundle's tuned plan).
-    `src`: the Source whose runners run the engines; `model`: the fp32 PyTorch reference."""
+    `src`: the Session whose runners run the engines; `model`: the fp32 PyTorch reference."""
     from sejd.runtime.sampler import sample
 
     cfg = model.config
@@ -342,7 +342,7 @@ def graph_checks(src, model, options: CheckOptions, precision: str) -> tuple[lis
 
 
 def check_source(src, model, options: CheckOptions | None = None, engine_model=None) -> CheckReport:
-    """Check `src` (a Source: a bundle's engines, or a checkpoint on torch / torch-cuda) against `model`,
+    """Check `src` (a Session: a bundle's engines, or a checkpoint on torch / torch-cuda) against `model`,
     the fp32 PyTorch reference on the CPU. `engine_model`: the model the engine runners run with, when it
     is not `model` (torch-cuda: a copy on the device)."""
     options = options or CheckOptions()
@@ -365,7 +365,7 @@ def check_source(src, model, options: CheckOptions | None = None, engine_model=N
 def check_bundle(bundle: Bundle, backend: str, plans=None, show_progress=True,
                  options: CheckOptions | None = None) -> CheckReport:
     """`sejd check` on a loaded bundle; `plans` (if given) overrides `options.plans`."""
-    from sejd.source import Source, tuned_plans
+    from sejd.source import Session, tuned_plans
 
     options = options or CheckOptions(show_progress=show_progress)
     if plans is not None:  # the tuned plan is the default one: checked whenever there is one
@@ -375,4 +375,4 @@ def check_bundle(bundle: Bundle, backend: str, plans=None, show_progress=True,
     found, precision = backends.backend(backend)
     runners = found.runners(bundle, precision)
     engine_model = getattr(runners[0], "model", None)  # torch-cuda runners carry their own (device) model
-    return check_source(Source(model, runners, backend, bundle), model, options, engine_model)
+    return check_source(Session(model, runners, backend, bundle), model, options, engine_model)

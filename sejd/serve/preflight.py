@@ -44,7 +44,7 @@ def check_source(source: str, backend: str, config: dict | None = None) -> None:
     own device): a bundle's verified files, the backend's engines and every plan it serves; a checkpoint."""
     from sejd.engines import ENGINE_BACKENDS, engine_dir, require, split_backend
     from sejd.serve.service import served_plans
-    from sejd.source import Source, is_bundle, open_source, refuse_config_for_bundle
+    from sejd.source import Session, is_bundle, open_source, refuse_config_for_bundle
 
     refuse_config_for_bundle(source, config)
     if not is_bundle(source):
@@ -60,4 +60,4 @@ def check_source(source: str, backend: str, config: dict | None = None) -> None:
         raise BundleError(f"{bundle.path}: no {name} engines; build them with `sejd build {bundle.path} "
                           f"--backend {name}`")
     # plans need only the model's config, not its weights
-    served_plans(Source(types.SimpleNamespace(config=bundle.config), None, backend, bundle))
+    served_plans(Session(types.SimpleNamespace(config=bundle.config), None, backend, bundle))
