@@ -69,6 +69,7 @@ class Check:
     figures: dict
     enforced: bool = True  # informational checks are reported but do not fail the report
     reproduce: str | None = None  # the command that reproduces a failing graph outside sejd
+    saved_in: str | None = None  # the folder holding a failing graph's inputs and outputs
 
     def line(self) -> str:
         fig = ", ".join(f"{k}={_fmt(v)}" for k, v in self.figures.items() if not isinstance(v, (dict, list)))
@@ -235,7 +236,7 @@ def check_graphs(bundle: Bundle | None, backend: str, model, show_progress=True,
     cfg = model.config
     unroll = bundle.unroll if bundle is not None else DEFAULT_UNROLL
     specs = feed_specs(options.seed, options.quick)
-    checks = []
+    checks, folder = [], None
     graphs = bundle.manifest["graphs"] if graphs is None else graphs
     for g in progress(graphs, desc=f"check graphs on {backend}", enabled=show_progress):
         c = contract(cfg, g["variant"], unroll)
@@ -253,8 +254,9 @@ def check_graphs(bundle: Bundle | None, backend: str, model, show_progress=True,
                    "per_output_max_abs": max_err, "per_output_mean_abs": mean_err, "inputs": len(feeds)}
         check = Check(graph_name(g), bool(accuracy), figures)
         if not check.passed:
-            check.reproduce = save_failure(failure_folder(options), g, feeds, results,
-                                           polygraphy_target(bundle, backend, g), atol, rtol)
+            folder = folder or failure_folder(options)  # one per run: every failing graph of it goes there
+            check.saved_in = str(folder)
+            check.reproduce = save_failure(folder, g, feeds, results, polygraphy_target(bundle, backend, g), atol, rtol)
         checks.append(check)
     return checks
 
@@ -271,12 +273,13 @@ def _errors(accuracy) -> tuple[dict, dict]:
 
 
 def failure_folder(options: CheckOptions) -> Path:
-    """Where failing graphs are saved: `options.save_failures`, else one fresh temporary folder per check
-    (named in the report)."""
-    if options.save_failures is None:
-        import tempfile
-        options.save_failures = tempfile.mkdtemp(prefix="sejd-check-failures-")
-    return Path(options.save_failures)
+    """Where a run's failing graphs are saved: `options.save_failures`, else a new temporary folder (named in
+    the report). `options` is left as it came: the caller's next run gets a folder of its own."""
+    if options.save_failures is not None:
+        return Path(options.save_failures)
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="sejd-check-failures-"))
 
 
 def check_end_to_end(src, model, plans=END_TO_END_PLANS, batch: int = 4, seed: int = 0, show_progress=True,
@@ -358,7 +361,7 @@ def check_source(src, model, options: CheckOptions | None = None, engine_model=N
              "feeds": feed_specs(options.seed, options.quick) if compared else [], "quick": options.quick,
              "tolerance": f"{tol}, rtol {options.rtol or 0.0}", "plans_compared": plans, "plans_skipped": plans_skipped,
              "plan_batch": batch, "seed": options.seed,
-             "failures_saved_in": str(options.save_failures) if any(c.reproduce for c in checks) else None}
+             "failures_saved_in": next((c.saved_in for c in checks if c.saved_in), None)}
     return CheckReport(src.backend, checks, scope)
 
 

@@ -74,6 +74,20 @@ def test_tolerance_override_is_used_and_reported(tiny_bundle, capsys):
     assert "atol 1e-12" in report.scope["tolerance"]
 
 
+def test_failures_go_to_a_new_folder_per_run_and_the_options_stay_as_given(tiny_bundle):
+    options = CheckOptions(atol=1e-12, plans=(), graphs="block:0:step_present,block:1:jacobi", show_progress=False)
+    first = check_bundle(tiny_bundle, "ort-cpu", options=options)
+    assert options.save_failures is None  # not rewritten to the first run's temporary folder
+    second = check_bundle(tiny_bundle, "ort-cpu", options=options)
+    folders = {r.scope["failures_saved_in"] for r in (first, second)}
+    assert len(folders) == 2 and None not in folders
+    for report in (first, second):
+        assert {c.saved_in for c in report.checks} == {report.scope["failures_saved_in"]}  # both graphs, one folder
+        saved = Path(report.scope["failures_saved_in"])
+        assert (saved / "block-0-step_present/inputs.json").is_file() and (saved / "block-1-jacobi/inputs.json").is_file()
+        shutil.rmtree(saved)
+
+
 def test_quick_mode_compares_fewer_feeds_and_says_what_it_skipped(tiny_bundle):
     report = check_bundle(tiny_bundle, "ort-cpu", options=CheckOptions(quick=True, show_progress=False))
     assert report
