@@ -44,9 +44,10 @@ class Session:
     @property
     def precision(self) -> str:
         """What the backend computes in: the engines' build precision, or torch-cuda's suffix."""
-        from sejd.engines import engine_precision
+        from sejd.engines.backends import backend as find_backend
 
-        return engine_precision(self.bundle, self.backend)
+        found, precision = find_backend(self.backend)
+        return found.precision(self.bundle, precision)
 
     def tuned_plan(self, batch: int | None = None) -> str:
         plans = self.tuned_plans()

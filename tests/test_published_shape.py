@@ -12,7 +12,7 @@ import torch
 from sejd.bundle import load_bundle
 from sejd.check import check_graphs
 from sejd.cli import main
-from sejd.engines import runners_for
+from sejd.engines import backend
 from sejd.engines.ort import build_ort
 from sejd.export.exporter import export_bundle
 from sejd.metrics import psnr_db
@@ -88,7 +88,7 @@ def test_sjd_sample_on_ort_cpu_matches_pytorch_and_exact_decoding_and_shares_one
     assert iterations[0] == cfg.num_tokens - 1 and all(1 <= i < 100 for i in iterations[1:]), iterations
     assert iterations == [b.iterations for b in same.stats.blocks]
     assert stats["peak_rss_bytes"] > 100 * 2**20
-    runners = runners_for(bundle, "ort-cpu")
+    runners = backend("ort-cpu")[0].runners(bundle)
     for r in runners:
         r.begin(BATCH, Conditioning.build(BATCH, cfg.num_tokens, kw["labels"]))
     pointers = {tuple(a.ctypes.data for a in r._caches[0] + r._caches[1]) for r in runners}

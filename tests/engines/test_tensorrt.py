@@ -94,18 +94,19 @@ def test_tensorrt_says_why_it_cannot_run(tiny_bundle, capsys):
 def test_tensorrt_engines_pass_check_and_match_the_reference(tmp_path, precision):
     from sejd import save_checkpoint
     from sejd.check import check_bundle
-    from sejd.engines import build_engines, runners_for
+    from sejd.engines import backend
     from sejd.export.exporter import export_bundle
     from sejd.runtime.plan import named_plan
 
     save_checkpoint(make_model(), tmp_path / "ckpt")
     bundle = export_bundle(tmp_path / "ckpt", tmp_path / "b", unroll=3, batch_max=8, show_progress=False)
-    build_engines(bundle, "tensorrt", type("O", (), {"precision": precision, "workspace": 1024})())
+    tensorrt = backend("tensorrt")[0]
+    tensorrt.build(bundle, precision=precision, workspace=1024)
     assert (bundle.path / "engines/tensorrt-timing.cache").stat().st_size > 0
     report = check_bundle(bundle, "tensorrt", show_progress=False)
     assert report, report.summary()
     if precision == "fp32":
-        runners = runners_for(bundle, "tensorrt")
+        runners = tensorrt.runners(bundle)
         noise = torch.randn(3, 16, 12, generator=torch.Generator().manual_seed(5))
         plan = named_plan("sjd", 4, tau=1e-3)
         for b in plan.blocks:

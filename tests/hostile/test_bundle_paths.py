@@ -5,18 +5,16 @@ import hashlib
 import json
 import os
 import shutil
-import types
 
 import pytest
 
 import sejd.engines.ort as ort_engines
 from sejd.bundle import SCHEMA_VERSION, Bundle, BundleError, load_bundle
 from sejd.cli import main
-from sejd.engines import build_engines, engine_file, engine_precision, read_engine_manifest
+from sejd.engines import backend, engine_file, read_engine_manifest
 from sejd.source import open_source, tuned_plans
 
 JACOBI = "blocks/0/jacobi.onnx"
-BUILD = types.SimpleNamespace(precision="fp32", threads=1, workspace=None)
 
 
 def sha256(path) -> str:
@@ -58,7 +56,7 @@ def builds(monkeypatch):
 
 def refused_before_build(bundle_dir, builds, match):
     with pytest.raises(BundleError, match=match):
-        build_engines(load_bundle(bundle_dir), "ort-cpu", BUILD)
+        backend("ort-cpu")[0].build(load_bundle(bundle_dir), threads=1)
     assert builds == [] and not (bundle_dir / "engines").exists()
 
 
@@ -332,7 +330,7 @@ def test_engine_precision_of_a_corrupt_engine_manifest_is_a_bundle_error(tiny_bu
     dst = copy_bundle(tiny_bundle, tmp_path / "bundle", engines=True)
     (dst / "engines/ort-cpu/manifest.json").write_text("nope")
     with pytest.raises(BundleError, match="ort-cpu engine manifest is not valid JSON"):
-        engine_precision(load_bundle(dst), "ort-cpu")
+        backend("ort-cpu")[0].precision(load_bundle(dst), "fp32")
 
 
 def test_engine_file_symlinked_outside_the_bundle_is_refused(tiny_bundle, tmp_path):
