@@ -60,7 +60,7 @@ for be in "${backends[@]}"; do
       if (( SECONDS > 360 )); then say "skip $be: under 4 minutes left"; continue; fi
       source=$WORK/bundle
       [ -d "$source" ] || stage "export" 240 $PY -m sejd.cli export "$CKPT" -o "$source" \
-        --variants step_kv window jacobi || continue
+        --variants step_rows window jacobi || continue
       stage "build $be" 240 $PY -m sejd.cli build "$source" --backend "$be" || continue ;;
   esac
   stage "measure $be" 200 $SCALE --stage measure --path "$source" --backend "$be" "${MEASURE[@]}" \

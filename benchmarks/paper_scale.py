@@ -13,13 +13,14 @@ peak resident memory are the kernel's figures for that stage alone:
    decoding does real work and stays finite;
 2. export: `sejd export CKPT -o BUNDLE` (bundle size against the checkpoint's);
 3. build: `sejd build BUNDLE --backend ort-cpu` (size of the engines);
-4. measure: latency of one call of `step`, `step_kv` and one `jacobi` pass at each --batch (warm-up,
+4. measure: latency of one call of `step_present`, `step_rows` and one `jacobi` pass at each --batch (warm-up,
    then the median of --runs), and for each --sample-batch the sampling time of each plan with fixed
    iteration counts (timing only: not converged by design; `sequential` is exact) and of ml-tarflow's
    own loop (`plan="reference"`) on the first sampling block.
 
 JSON on stdout and in --json; a table on stderr. `--backend torch` or `torch-cuda[:bf16]` skips the
-build and measures stage 4 on the checkpoint itself (`step` then includes the cache write);
+build and measures stage 4 on the checkpoint itself (the block runner's `step` in place of the two
+single-token graphs, cache write included);
 benchmarks/gpu_scale.sh runs the stages one by one (`--stage make|measure --path P`) on a GPU.
 """
 
@@ -53,7 +54,7 @@ SLIM = dict(channels=128, layers_per_block=1)
 # counts for the ImageNet models).
 SJD_AFHQ_ITERATIONS = (7, 6, 6, 5, 6, 5, 4)
 PROJ_OUT_SCALE = 0.1  # proj_out outputs ~ N(0, 0.1^2) for unit inputs: decoding moves, stays finite
-LATENCY_VARIANTS = ("step", "step_kv", "jacobi")
+LATENCY_VARIANTS = ("step_present", "step_rows", "jacobi")
 
 
 def shape_of(name: str, slim: bool) -> dict:

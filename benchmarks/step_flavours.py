@@ -1,4 +1,4 @@
-"""Latency of the single-token `step_kv` graph as exported (guidance rows, per-row temperature) against
+"""Latency of the single-token `step_rows` graph as exported (guidance rows, per-row temperature) against
 a guidance-free flavour (no row selection, no guidance mixing), one ONNX Runtime thread, median of 200.
 
     python benchmarks/step_flavours.py builtin:textures
@@ -21,8 +21,8 @@ from sejd.export.onnx_export import _to_onnx
 
 def session(model, plain: bool):
     cfg = model.config
-    c = contract(cfg, "step_kv")
-    g = graphs.StepKVGraph(model.blocks[-1], cfg.num_tokens, bool(cfg.num_classes))
+    c = contract(cfg, "step_rows")
+    g = graphs.StepRowsGraph(model.blocks[-1], cfg.num_tokens, bool(cfg.num_classes))
     if plain:
         g.rows = lambda x, temps: x
         g.guide = lambda xa, xb, w, batch: (xa, xb)

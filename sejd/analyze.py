@@ -104,7 +104,7 @@ def analyze(src, source_name: str = "", batch: int = 1, quick: bool = False, psn
             nll_tol: float = NLL_TOL, taus=TAUS, plan: str | None = None, seed: int = 0,
             pass_in_steps: float | None = None, progress: bool = True) -> dict:
     """Redundancy, Jacobi profile and predicted selectivity of every block of `src`'s model (a
-    `sejd.source.Source`; see above)."""
+    `sejd.source.Session`; see above)."""
     from sejd.analysis.cost import pass_cost
     from sejd.analysis.profile import jacobi_profile
     from sejd.analysis.redundancy import Likelihood, block_redundancy

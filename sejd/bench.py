@@ -20,7 +20,7 @@ from sejd.request import seeded_labels, seeded_noise
 from sejd.runtime.plan import TIMING_ONLY, Plan, named_plan
 from sejd.runtime.runner import peak_rss_bytes
 from sejd.runtime.sampler import sample
-from sejd.source import Source
+from sejd.source import Session
 
 DECODERS = ("reference", "sequential", "ujd", "sjd", "gs-jacobi", "auto")
 
@@ -44,7 +44,7 @@ def _sequential_loop_plan(n: int):
     return plan
 
 
-def bench(src: Source, batches=(1, 16), decoders=DECODERS, runs: int = 5, warmup: int = 1, seed: int = 0,
+def bench(src: Session, batches=(1, 16), decoders=DECODERS, runs: int = 5, warmup: int = 1, seed: int = 0,
           guidance: float = 0.0, log=print) -> dict:
     """`decoders`: names from DECODERS, or Plan objects (measured under their names)."""
     model, cfg = src.model, src.model.config

@@ -28,7 +28,9 @@ from pathlib import Path
 from sejd.errors import SejdError
 from sejd.model.tarflow import TarFlowConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# what each older schema lacks, said when one is refused (a bundle is re-exported, never converted)
+SCHEMA_CHANGES = {1: "the single-token graphs step and step_kv are now step_present and step_rows"}
 MANIFEST = "manifest.json"
 UNPINNED_TOP = ("engines", "plan.json", "plans", MANIFEST)  # written after export, verified by their own means
 MODEL_CONFIG = "model/config.json"
@@ -111,8 +113,10 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     manifest = read_json_object(mf, "the bundle manifest")
     schema = manifest.get("schema")
     if schema != SCHEMA_VERSION:
-        raise BundleError(f"{path}: bundle schema version {schema!r}, this sejd reads version {SCHEMA_VERSION}; "
-                          f"re-export it with this sejd (`sejd export`)")
+        change = SCHEMA_CHANGES.get(schema) if type(schema) is int else None  # not a list, not a bool
+        raise BundleError(f"{path}: bundle schema version {schema!r}, this sejd reads version {SCHEMA_VERSION}"
+                          f"{f' ({change})' if change else ''}; re-export it with this sejd "
+                          f"(`sejd export {path / 'model'} -o NEW_BUNDLE`: the bundle's model/ is a checkpoint)")
     validate_manifest(manifest, mf)
     bundle = Bundle(path, manifest)
     if verify:

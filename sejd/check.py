@@ -25,7 +25,8 @@ from sejd.bundle import Bundle
 from sejd.engines import backends
 from sejd.engines.polygraphy_runners import callable_runner
 from sejd.errors import SejdError
-from sejd.export.contracts import BLOCK_VARIANTS, DEFAULT_UNROLL, VARIANTS, contract, dummy_inputs, tolerance
+from sejd.export.contracts import (BLOCK_VARIANTS, DEFAULT_UNROLL, VARIANTS, contract, dummy_inputs, renamed_hint,
+                                   tolerance)
 from sejd.export.oracle import reference_outputs
 from sejd.metrics import psnr_db
 from sejd.request import seeded_labels, seeded_noise
@@ -43,7 +44,7 @@ PLAN_CHOICES = NAMED_PLANS + ("auto",)
 LOOSE_TAU = 0.3  # jacobi_loop inputs that stop early; tau 0 runs it to the exact result (T-1 passes)
 # quick mode: one pass per graph call, so a published-size model (T = 1024) checks in minutes on 2 cores;
 # the chained graphs (jacobi_k, the loops) cost up to T-1 passes per input
-QUICK_GRAPHS = ("step", "step_kv", "window", "jacobi", "forward")
+QUICK_GRAPHS = ("step_present", "step_rows", "window", "jacobi", "forward")
 QUICK_PLANS = ("sjd",)
 
 
@@ -68,6 +69,7 @@ class Check:
     figures: dict
     enforced: bool = True  # informational checks are reported but do not fail the report
     reproduce: str | None = None  # the command that reproduces a failing graph outside sejd
+    saved_in: str | None = None  # the folder holding a failing graph's inputs and outputs
 
     def line(self) -> str:
         fig = ", ".join(f"{k}={_fmt(v)}" for k, v in self.figures.items() if not isinstance(v, (dict, list)))
@@ -156,7 +158,7 @@ def graph_name(g: dict) -> str:
 
 def select_graphs(graphs: list[dict], spec: str | None, num_blocks: int) -> tuple[list[dict], list[dict]]:
     """(selected, skipped) graphs for `--graphs`: `all`, `none`, or a comma list of selectors, any of
-    which selects a graph: `VARIANT` (e.g. `step`), `block:K` (every variant of block K) or
+    which selects a graph: `VARIANT` (e.g. `step_present`), `block:K` (every variant of block K) or
     `block:K:VARIANT`."""
     if spec is None or spec == "all":
         return list(graphs), []
@@ -178,9 +180,9 @@ def _selector(item: str, num_blocks: int) -> tuple[int | None, str | None]:
         if not parts[1].isdigit() or int(parts[1]) >= num_blocks:
             raise SejdError(f"--graphs: {item!r} names block {parts[1]!r}; {expected}")
         if len(parts) == 3 and parts[2] not in BLOCK_VARIANTS:
-            raise SejdError(f"--graphs: {item!r} names variant {parts[2]!r}; {expected}")
+            raise SejdError(f"--graphs: {item!r} names variant {parts[2]!r}{renamed_hint(parts[2:])}; {expected}")
         return int(parts[1]), parts[2] if len(parts) == 3 else None
-    raise SejdError(f"--graphs: cannot read {item!r}; {expected}")
+    raise SejdError(f"--graphs: cannot read {item!r}{renamed_hint(parts[-1:])}; {expected}")
 
 
 def polygraphy_target(bundle: Bundle | None, backend: str, g: dict) -> list[str] | None:
@@ -234,7 +236,7 @@ def check_graphs(bundle: Bundle | None, backend: str, model, show_progress=True,
     cfg = model.config
     unroll = bundle.unroll if bundle is not None else DEFAULT_UNROLL
     specs = feed_specs(options.seed, options.quick)
-    checks = []
+    checks, folder = [], None
     graphs = bundle.manifest["graphs"] if graphs is None else graphs
     for g in progress(graphs, desc=f"check graphs on {backend}", enabled=show_progress):
         c = contract(cfg, g["variant"], unroll)
@@ -252,8 +254,9 @@ def check_graphs(bundle: Bundle | None, backend: str, model, show_progress=True,
                    "per_output_max_abs": max_err, "per_output_mean_abs": mean_err, "inputs": len(feeds)}
         check = Check(graph_name(g), bool(accuracy), figures)
         if not check.passed:
-            check.reproduce = save_failure(failure_folder(options), g, feeds, results,
-                                           polygraphy_target(bundle, backend, g), atol, rtol)
+            folder = folder or failure_folder(options)  # one per run: every failing graph of it goes there
+            check.saved_in = str(folder)
+            check.reproduce = save_failure(folder, g, feeds, results, polygraphy_target(bundle, backend, g), atol, rtol)
         checks.append(check)
     return checks
 
@@ -270,19 +273,20 @@ def _errors(accuracy) -> tuple[dict, dict]:
 
 
 def failure_folder(options: CheckOptions) -> Path:
-    """Where failing graphs are saved: `options.save_failures`, else one fresh temporary folder per check
-    (named in the report)."""
-    if options.save_failures is None:
-        import tempfile
-        options.save_failures = tempfile.mkdtemp(prefix="sejd-check-failures-")
-    return Path(options.save_failures)
+    """Where a run's failing graphs are saved: `options.save_failures`, else a new temporary folder (named in
+    the report). `options` is left as it came: the caller's next run gets a folder of its own."""
+    if options.save_failures is not None:
+        return Path(options.save_failures)
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="sejd-check-failures-"))
 
 
 def check_end_to_end(src, model, plans=END_TO_END_PLANS, batch: int = 4, seed: int = 0, show_progress=True,
                      quality_plans=(), engine_model=None, precision: str = "fp32") -> list[Check]:
     """Every plan: engine == PyTorch running the same plan (enforced), and quality against exact
     sequential decoding (enforced >= 40 dB only for `quality_plans`, e.g. the bundle's tuned plan).
-    `src`: the Source whose runners run the engines; `model`: the fp32 PyTorch reference."""
+    `src`: the Session whose runners run the engines; `model`: the fp32 PyTorch reference."""
     from sejd.runtime.sampler import sample
 
     cfg = model.config
@@ -341,7 +345,7 @@ def graph_checks(src, model, options: CheckOptions, precision: str) -> tuple[lis
 
 
 def check_source(src, model, options: CheckOptions | None = None, engine_model=None) -> CheckReport:
-    """Check `src` (a Source: a bundle's engines, or a checkpoint on torch / torch-cuda) against `model`,
+    """Check `src` (a Session: a bundle's engines, or a checkpoint on torch / torch-cuda) against `model`,
     the fp32 PyTorch reference on the CPU. `engine_model`: the model the engine runners run with, when it
     is not `model` (torch-cuda: a copy on the device)."""
     options = options or CheckOptions()
@@ -357,14 +361,14 @@ def check_source(src, model, options: CheckOptions | None = None, engine_model=N
              "feeds": feed_specs(options.seed, options.quick) if compared else [], "quick": options.quick,
              "tolerance": f"{tol}, rtol {options.rtol or 0.0}", "plans_compared": plans, "plans_skipped": plans_skipped,
              "plan_batch": batch, "seed": options.seed,
-             "failures_saved_in": str(options.save_failures) if any(c.reproduce for c in checks) else None}
+             "failures_saved_in": next((c.saved_in for c in checks if c.saved_in), None)}
     return CheckReport(src.backend, checks, scope)
 
 
 def check_bundle(bundle: Bundle, backend: str, plans=None, show_progress=True,
                  options: CheckOptions | None = None) -> CheckReport:
     """`sejd check` on a loaded bundle; `plans` (if given) overrides `options.plans`."""
-    from sejd.source import Source, tuned_plans
+    from sejd.source import Session, tuned_plans
 
     options = options or CheckOptions(show_progress=show_progress)
     if plans is not None:  # the tuned plan is the default one: checked whenever there is one
@@ -374,4 +378,4 @@ def check_bundle(bundle: Bundle, backend: str, plans=None, show_progress=True,
     found, precision = backends.backend(backend)
     runners = found.runners(bundle, precision)
     engine_model = getattr(runners[0], "model", None)  # torch-cuda runners carry their own (device) model
-    return check_source(Source(model, runners, backend, bundle), model, options, engine_model)
+    return check_source(Session(model, runners, backend, bundle), model, options, engine_model)

@@ -181,10 +181,10 @@ def _refuse_above_batch_max(source, backend: str, n: int) -> None:
     """A bundle's engines take at most its batch_max samples per call: more is refused before any engine is
     opened or any noise drawn (the manifest is read unverified here; opening the bundle verifies it)."""
     from sejd.bundle import load_bundle
-    from sejd.engines import ENGINE_BACKENDS, split_backend
+    from sejd.engines.backends import backend as find_backend
     from sejd.source import is_bundle
 
-    if not is_bundle(source) or (backend != "auto" and split_backend(backend)[0] not in ENGINE_BACKENDS):
+    if not is_bundle(source) or (backend != "auto" and not find_backend(backend)[0].needs_build):
         return
     batch_max = load_bundle(source, verify=False).batch_max
     if n > batch_max:
@@ -300,14 +300,15 @@ def _export(a):
 
 def _build(a):
     from sejd.bundle import load_bundle
-    from sejd.engines import build_engines
+    from sejd.engines.backends import backend as find_backend
 
     for option, given in (("--workspace", a.workspace is not None), ("--strip-weights", a.strip_weights)):
         if given and a.backend != "tensorrt":
             raise SejdError(f"{option} applies to --backend tensorrt only, not {a.backend}")
     if a.threads is not None:
         _positive(a.threads, "--threads")
-    out = build_engines(load_bundle(a.bundle), a.backend, a)
+    out = find_backend(a.backend)[0].build(load_bundle(a.bundle), precision=a.precision, threads=a.threads,
+                                           workspace=a.workspace, strip_weights=a.strip_weights)
     print(f"built {a.backend} engines in {out}")
 
 
@@ -541,7 +542,7 @@ def _add_check(sub):
                    "none for graphs only (None: sequential, ujd, sjd, gs-jacobi, and auto when tuned; with --quick: "
                    f"{', '.join(QUICK_PLANS)} and auto)")
     c.add_argument("--graphs", default=None, help="all, none (plans only), or a comma list of selectors: VARIANT "
-                   "(step,jacobi), block:K, block:K:VARIANT (None: all; with --quick: "
+                   "(step_rows,jacobi), block:K, block:K:VARIANT (None: all; with --quick: "
                    f"{', '.join(QUICK_GRAPHS)})")
     c.add_argument("--quick", action="store_true", help="for published-size models: graphs on batch 1 with and "
                    "without guidance rows, one seed, single-pass graphs only; plans at batch 1")

@@ -1,4 +1,5 @@
-"""Resolve what the user points at (checkpoint, builtin:NAME or bundle) into a model and block runners."""
+"""Open what the user points at (checkpoint, builtin:NAME or bundle) as a `Session`: the model and the
+block runners of one backend."""
 
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ from sejd.errors import SejdError
 
 
 @dataclasses.dataclass
-class Source:
+class Session:
+    """An opened model and the backend that runs it (`open_source`): the model, its block runners, the
+    backend's name and, for a bundle, the bundle. `Source`, its former name, is a deprecated alias kept
+    for one release (sejd 0.1.x); it warns when imported."""
+
     model: object  # TarFlow: host-side glue (prior variance, permutations, unpatchify, denoising)
     runners: list | None  # None: the PyTorch reference
     backend: str
     bundle: object | None = None  # sejd.bundle.Bundle when the source is a bundle
 
     def plan(self, name, batch: int | None = None):
-        """A Plan for this source: a named plan, `auto` (the plan tuned for the batch size nearest to
+        """A Plan for this session: a named plan, `auto` (the plan tuned for the batch size nearest to
         `batch`) or a plan file, which must have been made for this bundle when it says which."""
         from sejd.errors import PlanError
         from sejd.runtime.plan import resolve_plan
@@ -39,9 +44,10 @@ class Source:
     @property
     def precision(self) -> str:
         """What the backend computes in: the engines' build precision, or torch-cuda's suffix."""
-        from sejd.engines import engine_precision
+        from sejd.engines.backends import backend as find_backend
 
-        return engine_precision(self.bundle, self.backend)
+        found, precision = find_backend(self.backend)
+        return found.precision(self.bundle, precision)
 
     def tuned_plan(self, batch: int | None = None) -> str:
         plans = self.tuned_plans()
@@ -96,7 +102,7 @@ def refuse_config_for_bundle(source, config) -> None:
 
 
 def open_source(source: str | os.PathLike, backend: str = "auto", threads: int | None = None,
-                config=None) -> Source:
+                config=None) -> Session:
     """backend "auto": ort-cpu for a bundle, torch for a checkpoint."""
     from sejd.engines.backends import backend as find_backend
 
@@ -108,10 +114,10 @@ def open_source(source: str | os.PathLike, backend: str = "auto", threads: int |
         backend = "ort-cpu" if backend == "auto" else backend
         found, precision = find_backend(backend)
         if found.reference:  # the bundle's model itself: no runners
-            return Source(bundle.load_model(), None, backend, bundle)
+            return Session(bundle.load_model(), None, backend, bundle)
         runners = found.runners(bundle, precision, threads)
         model = getattr(runners[0], "model", None)  # GPU runners carry their model, on the device
-        return Source(bundle.load_model() if model is None else model, runners, backend, bundle)
+        return Session(bundle.load_model() if model is None else model, runners, backend, bundle)
     from sejd.model.checkpoint import load_checkpoint
 
     backend = "torch" if backend == "auto" else backend
@@ -123,6 +129,17 @@ def open_source(source: str | os.PathLike, backend: str = "auto", threads: int |
     found.require()  # before the checkpoint is read
     model = load_checkpoint(source, config=config)
     if found.reference:
-        return Source(model, None, "torch")
+        return Session(model, None, "torch")
     runners = found.runners(model, precision)  # torch-cuda: the model moves to the GPU
-    return Source(runners[0].model, runners, backend)
+    return Session(runners[0].model, runners, backend)
+
+
+def __getattr__(name: str):
+    """`Source`: the deprecated name of `Session` (one release), with a DeprecationWarning."""
+    if name == "Source":
+        import warnings
+
+        warnings.warn("sejd.source.Source is now sejd.source.Session; the old name goes in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return Session
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

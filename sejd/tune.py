@@ -29,7 +29,7 @@ from sejd.errors import PlanError
 from sejd.request import seeded_labels, seeded_noise
 from sejd.runtime.plan import BlockPlan, Plan
 from sejd.runtime.sampler import sample
-from sejd.source import Source
+from sejd.source import Session
 from sejd.files import output_file, write_json
 
 TAU_GRID = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
@@ -51,7 +51,7 @@ class Trial:
 
 
 class Tuner:
-    def __init__(self, src: Source, batch: int, target_db: float, taus=TAU_GRID, guidance: float = 0.0,
+    def __init__(self, src: Session, batch: int, target_db: float, taus=TAU_GRID, guidance: float = 0.0,
                  calib_seeds=(0,), holdout_seeds=HOLDOUT_SEEDS, repeats: int = 3, log=print):
         self.src, self.model, self.batch, self.target = src, src.model, batch, target_db
         self.taus, self.guidance, self.repeats, self.log = tuple(sorted(taus, reverse=True)), guidance, repeats, log
@@ -193,7 +193,7 @@ class Tuner:
         raise PlanError("no plan met the PSNR target on the hold-out noise; use --plan sequential")
 
 
-def tune(src: Source, batch: int = 1, target_db: float = 40.0, taus=TAU_GRID, guidance: float = 0.0,
+def tune(src: Session, batch: int = 1, target_db: float = 40.0, taus=TAU_GRID, guidance: float = 0.0,
          out: str | Path | None = None, log=print) -> Plan:
     if out is not None:
         output_file(out)  # a directory given as the plan file fails now, not after the search

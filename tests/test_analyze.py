@@ -17,7 +17,7 @@ from sejd.errors import InputError
 from sejd.runtime.decoders import jacobi, sequential
 from sejd.runtime.runner import Conditioning
 from sejd.runtime.torch_runner import TorchBlockRunner, torch_runners
-from sejd.source import Source
+from sejd.source import Session
 from tests.conftest import data_like, make_model
 
 
@@ -148,7 +148,7 @@ def full_dependence_model():
 
 def test_previous_token_model_reports_window_1():
     model = previous_token_model()
-    result = analyze(Source(model, None, "torch"), batch=2, quick=True, progress=False)
+    result = analyze(Session(model, None, "torch"), batch=2, quick=True, progress=False)
     for b in result["blocks"]:
         r = b["redundancy"]
         assert r["window"] == 1, r
@@ -160,7 +160,7 @@ def test_previous_token_model_reports_window_1():
 def test_full_dependence_model_reports_the_whole_sequence():
     model = full_dependence_model()
     T = model.config.num_tokens
-    result = analyze(Source(model, None, "torch"), batch=2, quick=False, progress=False)
+    result = analyze(Session(model, None, "torch"), batch=2, quick=False, progress=False)
     for b in result["blocks"]:
         r = b["redundancy"]
         assert r["window"] == r["window_nll"] == T, r
@@ -256,7 +256,7 @@ def test_with_plan_compares_an_existing_analysis_with_a_later_plan():
     from sejd.analyze import with_plan
     from sejd.runtime.plan import named_plan
 
-    result = analyze(Source(previous_token_model(), None, "torch"), batch=1, quick=True, progress=False)
+    result = analyze(Session(previous_token_model(), None, "torch"), batch=1, quick=True, progress=False)
     assert result["summary"]["tuned"] is None and result["summary"]["agreement"] is None
     with_plan(result, named_plan("sequential", 4), "all sequential")
     assert result["tuned_plan"] == "all sequential"
@@ -268,7 +268,7 @@ def test_with_plan_compares_an_existing_analysis_with_a_later_plan():
 def test_rule_weighs_jacobi_iterations_by_the_cost_of_a_pass():
     from sejd.analyze import apply_rule
 
-    result = analyze(Source(make_model(num_classes=0), None, "torch"), batch=1, quick=True, progress=False)
+    result = analyze(Session(make_model(num_classes=0), None, "torch"), batch=1, quick=True, progress=False)
     cost = result["cost"]
     assert cost["pass_seconds"] > 0 and cost["step_seconds"] > 0 and cost["pass_in_steps"] > 0
     T = result["num_tokens"]

@@ -66,12 +66,26 @@ def test_a_broken_graph_fails_and_the_printed_polygraphy_command_reproduces_it(t
 
 def test_tolerance_override_is_used_and_reported(tiny_bundle, capsys):
     report = check_bundle(tiny_bundle, "ort-cpu", show_progress=False,
-                          options=CheckOptions(atol=1e-12, rtol=0.0, plans=(), graphs="block:0:step",
+                          options=CheckOptions(atol=1e-12, rtol=0.0, plans=(), graphs="block:0:step_present",
                                                show_progress=False, save_failures=None))
     (check,) = report.checks
     assert check.figures["atol"] == 1e-12 and check.figures["tolerance_from"] == "--atol"
     assert not report and check.reproduce.startswith("polygraphy run")  # round-off exceeds 1e-12
     assert "atol 1e-12" in report.scope["tolerance"]
+
+
+def test_failures_go_to_a_new_folder_per_run_and_the_options_stay_as_given(tiny_bundle):
+    options = CheckOptions(atol=1e-12, plans=(), graphs="block:0:step_present,block:1:jacobi", show_progress=False)
+    first = check_bundle(tiny_bundle, "ort-cpu", options=options)
+    assert options.save_failures is None  # not rewritten to the first run's temporary folder
+    second = check_bundle(tiny_bundle, "ort-cpu", options=options)
+    folders = {r.scope["failures_saved_in"] for r in (first, second)}
+    assert len(folders) == 2 and None not in folders
+    for report in (first, second):
+        assert {c.saved_in for c in report.checks} == {report.scope["failures_saved_in"]}  # both graphs, one folder
+        saved = Path(report.scope["failures_saved_in"])
+        assert (saved / "block-0-step_present/inputs.json").is_file() and (saved / "block-1-jacobi/inputs.json").is_file()
+        shutil.rmtree(saved)
 
 
 def test_quick_mode_compares_fewer_feeds_and_says_what_it_skipped(tiny_bundle):
@@ -81,7 +95,7 @@ def test_quick_mode_compares_fewer_feeds_and_says_what_it_skipped(tiny_bundle):
     assert s["quick"] and s["plan_batch"] == 1 and s["plans_compared"] == ["sjd"]
     assert set(s["plans_skipped"]) == {"sequential", "ujd", "gs-jacobi"}
     assert [(f["batch"], f["guidance_rows"]) for f in s["feeds"]] == [(1, False), (1, True)]
-    assert "block 0 jacobi_loop" in s["graphs_skipped"] and "block 0 step" in s["graphs_compared"]
+    assert "block 0 jacobi_loop" in s["graphs_skipped"] and "block 0 step_present" in s["graphs_compared"]
     assert all(c.figures["inputs"] <= 2 for c in report.checks if c.name.startswith("block"))
     summary = report.summary()
     assert "skipped: 12" in summary and "plans compared at batch 1" in summary
@@ -98,10 +112,11 @@ def test_seed_changes_the_inputs(tiny_bundle):
 
 
 def test_graph_selectors():
-    graphs = [{"block": k, "variant": v} for k in range(3) for v in ("step", "jacobi")] + \
+    graphs = [{"block": k, "variant": v} for k in range(3) for v in ("step_present", "jacobi")] + \
              [{"block": None, "variant": "forward"}]
-    chosen, skipped = select_graphs(graphs, "step,block:2", 3)
-    assert [(g["block"], g["variant"]) for g in chosen] == [(0, "step"), (1, "step"), (2, "step"), (2, "jacobi")]
+    chosen, skipped = select_graphs(graphs, "step_present,block:2", 3)
+    assert [(g["block"], g["variant"]) for g in chosen] == [(0, "step_present"), (1, "step_present"),
+                                                            (2, "step_present"), (2, "jacobi")]
     assert len(skipped) == 3
     assert select_graphs(graphs, "none", 3) == ([], graphs)
     assert select_graphs(graphs, "block:1:jacobi", 3)[0] == [{"block": 1, "variant": "jacobi"}]
@@ -110,6 +125,8 @@ def test_graph_selectors():
 @pytest.mark.parametrize("args,message", [
     (["--graphs", "block:9"], "names block '9'"),
     (["--graphs", "stepp"], "cannot read 'stepp'"),
+    (["--graphs", "step_kv"], "cannot read 'step_kv' (step_kv is now step_rows)"),
+    (["--graphs", "block:0:step"], "names variant 'step' (step is now step_present)"),
     (["--graphs", "block:0:forward"], "names variant 'forward'"),
     (["--plans", "fast"], "unknown plans ['fast']"),
     (["--plans", "auto"], "there is none"),
@@ -136,8 +153,8 @@ def test_check_takes_a_checkpoint_with_its_config(tmp_path, capsys):
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_v_shows_polygraphys_log_on_stderr(tiny_bundle, capsys, verbose):
-    argv = ["check", str(tiny_bundle.path), "--graphs", "block:0:step", "--plans", "none", "--no-progress"]
+    argv = ["check", str(tiny_bundle.path), "--graphs", "block:0:step_present", "--plans", "none", "--no-progress"]
     assert main(argv + (["-v"] if verbose else [])) == 0
     out, err = capsys.readouterr()
-    assert "PASS  block 0 step" in out and "[I]" not in out
+    assert "PASS  block 0 step_present" in out and "[I]" not in out
     assert ("[I]" in err) == verbose  # Polygraphy's own log lines

@@ -12,7 +12,7 @@ import torch
 from sejd.bundle import load_bundle
 from sejd.check import check_graphs
 from sejd.cli import main
-from sejd.engines import runners_for
+from sejd.engines import backend
 from sejd.engines.ort import build_ort
 from sejd.export.exporter import export_bundle
 from sejd.metrics import psnr_db
@@ -24,7 +24,7 @@ from tests.conftest import make_model
 SHAPE = dict(in_channels=3, img_size=256, patch_size=8, num_blocks=8, num_classes=3)  # as published
 SLIM = dict(channels=128, layers_per_block=1, head_dim=64)  # published: 768 channels, 8 layers, head_dim 64
 # only what sequential and SJD decoding on ort-cpu use (the other variants cost export time, not coverage)
-VARIANTS = ("step_kv", "window", "jacobi")
+VARIANTS = ("step_rows", "window", "jacobi")
 # Weights are stored once: the bundle is the model/ copy of the checkpoint plus each block's weights once
 # (shared by all its graphs) plus topology; a copy per variant would add len(VARIANTS) - 1 more.
 STORED_ONCE_SLACK = 1.2
@@ -88,7 +88,7 @@ def test_sjd_sample_on_ort_cpu_matches_pytorch_and_exact_decoding_and_shares_one
     assert iterations[0] == cfg.num_tokens - 1 and all(1 <= i < 100 for i in iterations[1:]), iterations
     assert iterations == [b.iterations for b in same.stats.blocks]
     assert stats["peak_rss_bytes"] > 100 * 2**20
-    runners = runners_for(bundle, "ort-cpu")
+    runners = backend("ort-cpu")[0].runners(bundle)
     for r in runners:
         r.begin(BATCH, Conditioning.build(BATCH, cfg.num_tokens, kw["labels"]))
     pointers = {tuple(a.ctypes.data for a in r._caches[0] + r._caches[1]) for r in runners}

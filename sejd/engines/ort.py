@@ -66,7 +66,7 @@ def providers(bundle: Bundle, backend: str, graph: dict | None = None, root: Pat
     return [("TensorrtExecutionProvider", trt), cuda]
 
 
-SINGLE_TOKEN_VARIANTS = ("step", "step_kv", "sequential_loop")
+SINGLE_TOKEN_VARIANTS = ("step_present", "step_rows", "sequential_loop")
 SMALL_PASS_TOKENS = 2048  # rows x tokens up to which a parallel pass runs faster on one CPU thread
 
 
@@ -264,7 +264,7 @@ class OrtBlockRunner(BlockRunner):
             for name, arr in self.cond_feeds.items():
                 if name in c.input_names:
                     binding.bind_cpu_input(name, arr)
-            outputs = [n for n in c.output_names if not n.startswith("present.")]  # step_kv: new.* returned
+            outputs = [n for n in c.output_names if not n.startswith("present.")]  # step_rows: new.* returned
             for name in outputs:  # bound first: get_outputs() lists outputs in binding order
                 binding.bind_output(name, "cpu")
             if side is not None:
@@ -307,12 +307,12 @@ class OrtBlockRunner(BlockRunner):
 
     def project(self, x, start):
         n = x.shape[1]
-        if n == 1 and "step_kv" in self.exported:
-            out = self._run("step_kv", {"x": x.numpy(), "pos": np.array(start, np.int64)}, cache_io="read")
+        if n == 1 and "step_rows" in self.exported:
+            out = self._run("step_rows", {"x": x.numpy(), "pos": np.array(start, np.int64)}, cache_io="read")
             for i, cache in enumerate(self._caches[self._current]):  # write this token's keys/values in place
                 cache[:, :, start] = out[f"new.{self.cache_names[i]}"][:, :, 0]
             return torch.from_numpy(out["xa"]), torch.from_numpy(out["xb"])
-        variant = "step" if n == 1 else "window"
+        variant = "step_present" if n == 1 else "window"
         if variant not in self.exported:
             raise BundleError(f"bundle lacks the {variant!r} graph that this decoder needs")
         pos = "pos" if n == 1 else "start"

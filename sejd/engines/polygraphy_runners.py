@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-MODULE_VARIANTS = ("step", "step_kv", "window", "jacobi", "jacobi_k")  # torch-cuda's graphs `sejd check` compares
+MODULE_VARIANTS = ("step_present", "step_rows", "window", "jacobi", "jacobi_k")  # torch-cuda's graphs `sejd check` compares
 
 
 def callable_runner(name: str, c, fn):

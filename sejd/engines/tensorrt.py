@@ -1,19 +1,22 @@
 """The `tensorrt` backend: TensorRT engines built from the bundle's graphs, run behind BlockRunner.
 
-Build (`sejd build BUNDLE --backend tensorrt [--precision fp32|fp16|bf16] [--workspace MiB]`): every
-graph is parsed from ONNX into a strongly typed network (the precision is in the graph: see
-`sejd.export.precision`), with optimisation profiles that all cover batch 1..batch_max and are tuned
-for different batch sizes (`profile_batches`), a timing cache kept in the bundle
-(`engines/tensorrt-timing.cache`, reused by later builds on the same platform), and an engine
-manifest that records the TensorRT version and the GPU the engines were built for: engines are
-refused elsewhere. The engines replace engines/tensorrt only once every graph has been built.
+Build (`sejd build BUNDLE --backend tensorrt [--precision fp32|fp16|bf16] [--workspace MiB]`): each
+graph goes through Polygraphy's loaders: `NetworkFromOnnxPath` parses it into a strongly typed network
+(the precision is in the graph: see `sejd.export.precision`), `CreateConfig` adds optimisation profiles
+that all cover batch 1..batch_max and are tuned for different batch sizes (`trt_profiles`), the
+workspace limit and the timing cache kept in the bundle (`engines/tensorrt-timing.cache`, reused by
+later builds on the same platform), and `EngineBytesFromNetwork` builds the plan. What Polygraphy
+lacks stays here: value ranges for the inputs TensorRT makes shape tensors, the timing cache written
+atomically, the weight-stripped build and refit (below), and an engine manifest that records the
+TensorRT version and the GPU the engines were built for: engines are refused elsewhere. The engines
+replace engines/tensorrt only once every graph has been built.
 
 Run: `TrtCall` turns one engine into a callable over device tensors (tensor addresses set with
 `set_tensor_address`, `execute_async_v3` on PyTorch's current stream, output buffers allocated once
 per input shape). `EngineBlockRunner` plugs those callables into the torch-cuda runner, which keeps the
-KV caches and iterates on the device and captures `step` (engine + in-place cache write), `jacobi`
-and `jacobi_k` as CUDA graphs; the loop engines (`jacobi_loop`, `sequential_loop`: ONNX Loop, which
-CUDA graphs cannot capture) run as single calls.
+KV caches and iterates on the device and captures the single-token step (the `step_rows` engine +
+in-place cache write), `jacobi` and `jacobi_k` as CUDA graphs; the loop engines (`jacobi_loop`,
+`sequential_loop`: ONNX Loop, which CUDA graphs cannot capture) run as single calls.
 
 Weight-stripped engines (`build_trt(strip_weights=True)`): each plan is built with
 `BuilderFlag.STRIP_PLAN` (the refittable weights are left out of the serialised plan, which then
@@ -33,7 +36,10 @@ No TensorRT object is created unless PyTorch sees a CUDA device (`TensorRTBacken
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -105,49 +111,85 @@ def profile_batches(batch_max: int) -> list[int]:
     return sorted({1, batch_max})
 
 
-def _network_flags(trt) -> int:
-    # TensorRT 10 needs STRONGLY_TYPED to take every tensor type from the graph (no builder precision
-    # flags); TensorRT 11 is always strongly typed and ignores the flag.
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    return 0 if flag is None else 1 << int(flag)
+def trt_profiles(c, batch_max: int, num_tokens: int, shape_tensors=()) -> list:
+    """Polygraphy `Profile`s for graph contract `c`, one per `profile_batches` entry: the contract's (min,
+    opt, max) shape of every input with a symbolic axis, and the value range of each input that TensorRT
+    reads on the host as a shape tensor (`shape_tensors`: known only once the network is parsed)."""
+    from polygraphy.backend.trt import Profile
 
-
-def _build_one(builder, onnx_path: Path, c, batch_max: int, num_tokens: int, workspace_mib, timing: bytes,
-               strip_weights: bool = False):
-    import tensorrt as trt
-
-    network = builder.create_network(_network_flags(trt))
-    parser = trt.OnnxParser(network, _logger())
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
-        raise SejdError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors}")
-    config = builder.create_builder_config()
-    if workspace_mib:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
-    if strip_weights:  # see the module docstring: refitted from the ONNX graph when loaded
-        config.set_flag(trt.BuilderFlag.STRIP_PLAN)
-        config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
-    cache = config.create_timing_cache(timing)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):  # a cache from elsewhere: start afresh
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    values = shape_input_values(num_tokens)
+    unknown = sorted(set(shape_tensors) - set(values))
+    if unknown:
+        raise SejdError(f"TensorRT treats inputs {unknown} of the {c.variant} graph as shape tensors; sejd knows "
+                        f"value ranges only for {sorted(values)}")
+    profiles = []
     for opt in profile_batches(batch_max):
-        profile = builder.create_optimization_profile()
+        profile = Profile()
         for name, (lo, mid, hi) in profile_shapes(c, batch_max, opt, num_tokens).items():
-            profile.set_shape(name, lo, mid, hi)
-        for i in range(network.num_inputs):  # scalars that TensorRT reads on the host as shape tensors
-            inp = network.get_input(i)
-            if inp.is_shape_tensor:
-                values = shape_input_values(num_tokens)
-                if inp.name not in values:
-                    raise SejdError(f"TensorRT treats input {inp.name!r} of {onnx_path.name} as a shape tensor; "
-                                    f"sejd knows value ranges only for {sorted(values)}")
-                lo, mid, hi = values[inp.name]
-                profile.set_shape_input(inp.name, [lo], [mid], [hi])
-        config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise SejdError(f"TensorRT could not build an engine from {onnx_path.name} (see the log above)")
-    return bytes(serialized), bytes(memoryview(config.get_timing_cache().serialize()))
+            profile.add(name, lo, mid, hi)
+        for name in shape_tensors:  # 0-d inputs: their values, as one-element lists
+            lo, mid, hi = values[name]
+            profile.add(name, [lo], [mid], [hi])
+        profiles.append(profile)
+    return profiles
+
+
+def network_loader(trt, onnx_path: Path):
+    """Polygraphy's ONNX parser as a loader. Strongly typed: every tensor's type, so the precision, comes
+    from the graph (`sejd.export.precision`). TensorRT 10 needs the flag; TensorRT 11 is always strongly
+    typed and may no longer have it. `trt`: the tensorrt module (read for the flag only)."""
+    from polygraphy.backend.trt import NetworkFromOnnxPath
+
+    strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    return NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed)
+
+
+def config_loader(trt, profiles: list, workspace_mib: int | None, timing_cache, strip_weights: bool):
+    """Polygraphy's `CreateConfig` for one graph. `timing_cache`: an open file holding a timing cache from
+    this platform, or None to start an empty one (a file object, not a path: Polygraphy would leave a lock
+    file beside a path). No precision flags (the network is strongly typed); TF32 off, because fp32 engines
+    are held to 1e-4 against fp32 PyTorch. `strip_weights`: the plan leaves out the refittable weights
+    (STRIP_PLAN); the caller adds REFIT_IDENTICAL, which CreateConfig has no option for."""
+    from polygraphy.backend.trt import CreateConfig
+
+    limits = {trt.MemoryPoolType.WORKSPACE: int(workspace_mib) << 20} if workspace_mib else None
+    return CreateConfig(profiles=profiles, tf32=False, load_timing_cache=timing_cache, memory_pool_limits=limits,
+                        strip_plan=strip_weights)
+
+
+def _shape_tensors(network) -> list[str]:
+    return [network.get_input(i).name for i in range(network.num_inputs) if network.get_input(i).is_shape_tensor]
+
+
+def _build_one(trt, onnx_path: Path, c, batch_max: int, num_tokens: int, workspace_mib, timing_cache,
+               strip_weights: bool = False) -> tuple[bytes, bytes | None]:
+    """One engine through Polygraphy's loaders: the parsed network, its config, EngineBytesFromNetwork.
+    Returns the serialised plan and the updated timing cache (written by the caller, atomically)."""
+    from polygraphy.backend.trt import EngineBytesFromNetwork
+    from polygraphy.exception import PolygraphyException
+
+    try:
+        builder, network, parser = network_loader(trt, onnx_path)()
+        create = config_loader(trt, trt_profiles(c, batch_max, num_tokens, _shape_tensors(network)), workspace_mib,
+                               timing_cache, strip_weights)
+        config = create(builder, network)  # called here, not by the builder loader: its timing cache is read below
+        if strip_weights:  # see the module docstring: refitted from the ONNX graph when loaded
+            config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
+        engine = EngineBytesFromNetwork((builder, network, parser), config=config)()
+    except PolygraphyException as e:  # parser errors and build failures: Polygraphy logged the details
+        raise SejdError(f"TensorRT could not build an engine from {onnx_path.name}: {e} (see the log above)") from None
+    timing = config.get_timing_cache()
+    return bytes(engine), None if timing is None else bytes(memoryview(timing.serialize()))
+
+
+@contextlib.contextmanager
+def _polygraphy_log():
+    """Polygraphy's log on stderr (results stay alone on stdout): warnings and errors, everything with -v."""
+    from polygraphy.logger import G_LOGGER
+
+    debug = logging.getLogger("sejd").isEnabledFor(logging.DEBUG)
+    with contextlib.redirect_stdout(sys.stderr), G_LOGGER.verbosity(G_LOGGER.INFO if debug else G_LOGGER.WARNING):
+        yield
 
 
 def build_trt(bundle: Bundle, precision: str = "fp32", workspace_mib: int | None = None,
@@ -160,9 +202,6 @@ def build_trt(bundle: Bundle, precision: str = "fp32", workspace_mib: int | None
     T = bundle.config.num_tokens
     platform = this_platform()
     cache, cache_meta = timing_cache_files(bundle)  # beside the engines: kept when a build fails
-    reuse = cache.exists() and cache_meta.exists() and json.loads(cache_meta.read_text()) == platform
-    timing = cache.read_bytes() if reuse else b""
-    builder = trt.Builder(_logger())
     files, refit_sources = {}, {}
     # reduced-precision graphs go to a marked scratch folder beside the engines: removed on SIGTERM, and by
     # the next build if this one is killed
@@ -172,8 +211,10 @@ def build_trt(bundle: Bundle, precision: str = "fp32", workspace_mib: int | None
         sources = precision_graphs(bundle, precision, kept, show_progress)
         for g in progress(bundle.manifest["graphs"], desc=f"build tensorrt {precision}", enabled=show_progress):
             c = contract(bundle.config, g["variant"], bundle.unroll)
-            engine, timing = _build_one(builder, sources[g["file"]], c, batch_max, T, workspace_mib, timing,
-                                        strip_weights)
+            usable = _same_platform(cache_meta, platform) and cache.exists()
+            with (open(cache, "rb") if usable else contextlib.nullcontext()) as timing_in, _polygraphy_log():
+                engine, timing = _build_one(trt, Path(sources[g["file"]]), c, batch_max, T, workspace_mib,
+                                            timing_in, strip_weights)
             rel = plan_file(g["file"])
             if strip_weights:  # bundle-relative; a kept graph by where the engine folder will be
                 src = Path(sources[g["file"]])
@@ -182,9 +223,10 @@ def build_trt(bundle: Bundle, precision: str = "fp32", workspace_mib: int | None
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             (out / rel).write_bytes(engine)
             files[rel] = sha256_file(out / rel)
-            with atomic_write(cache) as tmp:
-                Path(tmp).write_bytes(timing)
-            write_json(cache_meta, platform)
+            if timing is not None:  # ours, atomic: Polygraphy's save_timing_cache rewrites the file in place
+                with atomic_write(cache) as tmp:
+                    Path(tmp).write_bytes(timing)
+                write_json(cache_meta, platform)
         if strip_weights:  # the kept reduced-precision graphs and weights are verified like the plans
             files.update({f.relative_to(out).as_posix(): sha256_file(f) for f in sorted(kept.rglob("*"))
                           if f.is_file()})
@@ -194,6 +236,14 @@ def build_trt(bundle: Bundle, precision: str = "fp32", workspace_mib: int | None
                     "files": files, "refit_sources": refit_sources}
         write_json(out / "manifest.json", manifest)
     return engine_dir(bundle, BACKEND)
+
+
+def _same_platform(cache_meta: Path, platform: dict) -> bool:
+    """Whether the kept timing cache was measured on this TensorRT and GPU (else the build starts afresh)."""
+    try:
+        return json.loads(cache_meta.read_text()) == platform
+    except (OSError, ValueError):  # none yet, or unreadable: not evidence of this platform
+        return False
 
 
 def refit_engine(engine, onnx_path: Path, what: str) -> None:

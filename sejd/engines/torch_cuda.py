@@ -3,7 +3,8 @@
 The modules in `sejd.export.graphs` index the KV cache with position *tensors* and keep every shape
 static, which is exactly what CUDA-graph capture needs. Captured once per batch shape and replayed
 with new inputs copied into their static buffers:
-- `step`: one token (`StepKVGraph` plus an in-place `index_copy_` into the static cache);
+- a single-token step: the `step_rows` graph (`StepRowsGraph`) plus an in-place `index_copy_` into
+  the static cache;
 - `jacobi`: one full parallel pass (`JacobiGraph`); `jacobi_chunk(k)`: k passes in one graph, so the
   host reads residuals once per chunk instead of once per iteration;
 - `sequential_loop`: the whole exact inversion of a block (T-1 steps) as one graph: one launch
@@ -21,13 +22,13 @@ import os
 
 import torch
 
-from sejd.export.graphs import JacobiGraph, StepGraph, StepKVGraph, precision_dtype, reduced_block
+from sejd.export.graphs import JacobiGraph, StepPresentGraph, StepRowsGraph, precision_dtype, reduced_block
 from sejd.model.tarflow import TarFlow
 from sejd.runtime.runner import BlockRunner, Conditioning, KVCachePool, affine
 
 
 class GraphModuleRunner(BlockRunner):
-    """One block: `step_kv`, `window` and `jacobi` are callables with their graph contract's signature
+    """One block: `step_rows`, `window` and `jacobi` are callables with their graph contract's signature
     (device tensors in, device tensors out): the graph modules here, TensorRT engines in
     `sejd.engines.tensorrt`, which reuses everything else (caches, capture, fused operations)."""
 
@@ -43,10 +44,10 @@ class GraphModuleRunner(BlockRunner):
         self.dtype = dtype  # of weights and matrix products; caches and tokens stay float32 (see graphs.py)
         if calls is None:
             block = reduced_block(block, dtype)  # one reduced copy shared by the three modules
-            calls = {"step_kv": StepKVGraph(block, T, classes, dtype=dtype).eval(),
-                     "window": StepGraph(block, T, classes, dtype=dtype).eval(),
+            calls = {"step_rows": StepRowsGraph(block, T, classes, dtype=dtype).eval(),
+                     "window": StepPresentGraph(block, T, classes, dtype=dtype).eval(),
                      "jacobi": JacobiGraph(block, T, classes, dtype=dtype).eval()}
-        self.step_kv, self.window, self.jacobi = calls["step_kv"], calls["window"], calls["jacobi"]
+        self.step_rows, self.window, self.jacobi = calls["step_rows"], calls["window"], calls["jacobi"]
         self.jacobi_k = calls.get("jacobi_k")  # (unroll, callable): k Jacobi passes in one call, if any
         self.has_classes = classes
         self.positions = torch.arange(T, device=self.device)  # positions[i]: a 0-d device view, no host copy
@@ -76,7 +77,7 @@ class GraphModuleRunner(BlockRunner):
 
     # eager bodies (also what gets captured)
     def _step(self, x_tok, pos):
-        xa, xb, *news = self.step_kv(x_tok, pos, *self.caches, *self.cond)
+        xa, xb, *news = self.step_rows(x_tok, pos, *self.caches, *self.cond)
         for cache, new in zip(self.caches, news):  # in place: static addresses for graph replay
             cache.index_copy_(2, pos.view(1), new)
         return xa, xb
@@ -105,7 +106,7 @@ class GraphModuleRunner(BlockRunner):
     def _engine_epoch(self) -> tuple:
         """Changes whenever an engine call used inside captured graphs reconfigures its execution context
         for other shapes (TensorRT: a graph is valid only with the context state it was captured with)."""
-        return tuple(getattr(c, "epoch", 0) for c in (self.step_kv, self.jacobi, (self.jacobi_k or (0, None))[1]))
+        return tuple(getattr(c, "epoch", 0) for c in (self.step_rows, self.jacobi, (self.jacobi_k or (0, None))[1]))
 
     def _replay(self, name, fn, inputs):
         """Run fn(*inputs), captured as a CUDA graph on first use for these input shapes."""
@@ -134,7 +135,7 @@ class GraphModuleRunner(BlockRunner):
     def project(self, x, start):
         x = x.to(self.device)
         if x.shape[1] == 1:
-            return self._replay("step", self._step, (x, self.positions[start]))
+            return self._replay("step_rows", self._step, (x, self.positions[start]))
         xa, xb, *presents = self.window(x, self.positions[start], *self.caches, *self.cond)
         for cache, present in zip(self.caches, presents):  # in place: captured graphs keep their addresses
             cache.copy_(present)
@@ -164,10 +165,10 @@ class EngineBlockRunner(GraphModuleRunner):
                  pool: KVCachePool | None = None):
         from sejd.bundle import BundleError
 
-        missing = {"step_kv", "window", "jacobi"} - set(exported)
+        missing = {"step_rows", "window", "jacobi"} - set(exported)
         if missing:
             raise BundleError(f"GPU engine runners need the {sorted(missing)} graphs; re-export the bundle")
-        calls = {v: call(v) for v in ("step_kv", "window", "jacobi")}
+        calls = {v: call(v) for v in ("step_rows", "window", "jacobi")}
         if "jacobi_k" in exported:
             calls["jacobi_k"] = (unroll, call("jacobi_k"))
         super().__init__(model, k, cuda_graphs, calls=calls, pool=pool)

@@ -29,9 +29,18 @@ FP32_CHAINED_ATOL = 1e-3  # outputs of up to T-1 dependent passes (loops): round
 # passes from an arbitrary iterate through the first-sampled block amplify round-off the most.
 PRECISION_ATOL = {"fp32": (FP32_ATOL, FP32_CHAINED_ATOL), "fp16": (1e-2, 0.1), "bf16": (0.1, 0.75)}
 CHAINED_VARIANTS = ("jacobi_k", "jacobi_loop", "sequential_loop")
-BLOCK_VARIANTS = ("step", "step_kv", "window", "jacobi", "jacobi_k", "jacobi_loop", "sequential_loop")
+BLOCK_VARIANTS = ("step_present", "step_rows", "window", "jacobi", "jacobi_k", "jacobi_loop", "sequential_loop")
 MODEL_VARIANTS = ("forward",)
 VARIANTS = BLOCK_VARIANTS + MODEL_VARIANTS
+# bundle schema 1 named the single-token graphs by what they had (a step; a KV cache), not by the cache
+# they return: the whole present cache, or only the token's own key/value rows
+RENAMED_VARIANTS = {"step": "step_present", "step_kv": "step_rows"}
+
+
+def renamed_hint(names) -> str:
+    """' (step is now step_present)' for old variant names among `names`, else ''."""
+    old = [f"{n} is now {RENAMED_VARIANTS[n]}" for n in names if n in RENAMED_VARIANTS]
+    return f" ({', '.join(old)})" if old else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,12 +134,12 @@ def block_contract(cfg: TarFlowConfig, variant: str, unroll: int = DEFAULT_UNROL
     T, D = cfg.num_tokens, cfg.token_dim
     cond = cond_specs(cfg)
     tok = ("batch", T, D)
-    if variant == "step":
+    if variant == "step_present":
         return GraphContract(variant, (_f("x", "batch", 1, D), _i("pos"), *cache_specs(cfg, "past"), *cond),
                              (_f("xa", "batch", 1, D), _f("xb", "batch", 1, D), *cache_specs(cfg, "present")),
                              "one token at position `pos` over a fixed-size KV cache -> its affine parameters "
                              "(for token pos+1) and the cache with this token written at `pos`")
-    if variant == "step_kv":
+    if variant == "step_rows":
         return GraphContract(variant, (_f("x", "batch", 1, D), _i("pos"), *cache_specs(cfg, "past"), *cond),
                              (_f("xa", "batch", 1, D), _f("xb", "batch", 1, D), *cache_specs(cfg, "new", tokens=1)),
                              "one token at position `pos` over a read-only cache of positions < pos -> its affine "
@@ -160,7 +169,7 @@ def block_contract(cfg: TarFlowConfig, variant: str, unroll: int = DEFAULT_UNROL
         return GraphContract(variant, (_f("z", *tok), *cond), (_f("x", *tok),),
                              "the whole exact sequential inversion of the block as one ONNX Loop over tokens",
                              atol=FP32_CHAINED_ATOL)
-    raise InputError(f"unknown block variant {variant!r}; expected one of {BLOCK_VARIANTS}")
+    raise InputError(f"unknown block variant {variant!r}{renamed_hint([variant])}; expected one of {BLOCK_VARIANTS}")
 
 
 def forward_contract(cfg: TarFlowConfig) -> GraphContract:

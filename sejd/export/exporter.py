@@ -15,7 +15,7 @@ import sejd
 from sejd.bundle import BATCH_MAX_LIMIT, OPSETS, UNROLL_MAX, int_in, MANIFEST, SCHEMA_VERSION, BundleError, load_bundle, sha256_file
 from sejd.errors import SejdError
 from sejd.export.contracts import (BLOCK_VARIANTS, DEFAULT_OPSET, DEFAULT_UNROLL, MODEL_VARIANTS, VARIANTS,
-                                   contract)
+                                   contract, renamed_hint)
 from sejd.export.loops import forward_chain
 from sejd.export.onnx_export import FORWARD_BODY, export_block_variant
 from sejd.export.weights import (INLINE_MAX_BYTES, WEIGHTS_FILE, Retarget, WeightStore, externalize,
@@ -42,7 +42,7 @@ def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = D
     variants = list(variants or VARIANTS)
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
-        raise SejdError(f"unknown variants {unknown}; expected a subset of {list(VARIANTS)}")
+        raise SejdError(f"unknown variants {unknown}{renamed_hint(unknown)}; expected a subset of {list(VARIANTS)}")
     # the bounds a bundle's manifest is held to at load (sejd.bundle), refused here before any work
     for name, value, lo, hi in (("unroll", unroll, 1, UNROLL_MAX), ("batch_max", batch_max, 1, BATCH_MAX_LIMIT),
                                 ("opset", opset, OPSETS.start, OPSETS.stop - 1)):

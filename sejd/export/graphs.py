@@ -142,10 +142,10 @@ class BlockGraph(nn.Module):
         return (*self.guide(xa, xb, w, B), *presents)
 
 
-class StepKVGraph(BlockGraph):
+class StepRowsGraph(BlockGraph):
     """One token over a read-only fixed-size cache: returns only this token's keys/values, which the
-    host writes into its cache in place. No O(T) cache copy per step (what `step` must do when the
-    runtime cannot update an input buffer in place, e.g. ONNX Runtime on the CPU)."""
+    host writes into its cache in place. No O(T) cache copy per step (what `step_present` must do when
+    the runtime cannot update an input buffer in place, e.g. ONNX Runtime on the CPU)."""
 
     def __init__(self, block, num_tokens, has_classes, dtype=torch.float32):
         super().__init__(block, num_tokens, dtype)
@@ -181,7 +181,7 @@ def _split_cond(has_classes, args):
     return (args[0], args[1], args[2]) if has_classes else (None, args[0], args[1])
 
 
-class StepGraph(BlockGraph):
+class StepPresentGraph(BlockGraph):
     """x (B, 1, D), pos () int64, past caches -> xa, xb (B, 1, D), present caches."""
 
     def __init__(self, block, num_tokens, has_classes, dtype=torch.float32):
@@ -192,7 +192,7 @@ class StepGraph(BlockGraph):
         return self.cached(x, pos, *self.unpack(rest))
 
 
-WindowGraph = StepGraph  # same computation; the window variant is exported with a dynamic token count
+WindowGraph = StepPresentGraph  # same computation; the window variant is exported with a dynamic token count
 
 
 class JacobiGraph(BlockGraph):
@@ -238,12 +238,12 @@ class SequentialBody(BlockGraph):
 
 
 def graph_module(model: TarFlow, k: int, variant: str, unroll: int = 1, dtype=torch.float32) -> BlockGraph:
-    """The module computing one single-call block variant (step, step_kv, window, jacobi, jacobi_k)."""
+    """The module computing one single-call block variant (step_present, step_rows, window, jacobi, jacobi_k)."""
     block, T, classes = model.blocks[k], model.config.num_tokens, bool(model.config.num_classes)
-    if variant in ("step", "window"):
-        return StepGraph(block, T, classes, dtype=dtype).eval()
-    if variant == "step_kv":
-        return StepKVGraph(block, T, classes, dtype=dtype).eval()
+    if variant in ("step_present", "window"):
+        return StepPresentGraph(block, T, classes, dtype=dtype).eval()
+    if variant == "step_rows":
+        return StepRowsGraph(block, T, classes, dtype=dtype).eval()
     if variant in ("jacobi", "jacobi_k"):
         return JacobiGraph(block, T, classes, iterations=unroll if variant == "jacobi_k" else 1, dtype=dtype).eval()
     raise ValueError(f"{variant} is not a single-call block variant")

@@ -55,7 +55,7 @@ def export_block_variant(model: TarFlow, k: int, variant: str, unroll: int, opse
     block, T, has_classes = model.blocks[k], cfg.num_tokens, bool(cfg.num_classes)
     c = contract(cfg, variant, unroll)
     feeds = dummy_inputs(c, cfg, batch=2)
-    if variant in ("step", "window", "step_kv", "jacobi", "jacobi_k"):
+    if variant in ("step_present", "window", "step_rows", "jacobi", "jacobi_k"):
         m = graphs.graph_module(model, k, variant, unroll, dtype)
         return _to_onnx(m, _args(c, feeds), c.input_names, c.output_names, c.dynamic_axes(), opset, scratch)
     if variant == "jacobi_loop":
@@ -64,7 +64,7 @@ def export_block_variant(model: TarFlow, k: int, variant: str, unroll: int, opse
                         body_c.input_names, body_c.output_names, body_c.dynamic_axes(), opset, scratch)
         return loops.jacobi_loop(body, c, T, opset)
     if variant == "sequential_loop":
-        step_c = contract(cfg, "step")
+        step_c = contract(cfg, "step_present")
         sf = dummy_inputs(step_c, cfg)
         cache_names = [s.name for s in step_c.inputs if s.name.startswith("past.")]
         cond_names = [s.name for s in step_c.inputs if s.name in ("labels", "temps", "guidance")]

@@ -42,7 +42,7 @@ def _reference_outputs(model: TarFlow, block: int | None, c: GraphContract, feed
     runner = TorchBlockRunner(model.blocks[block], cfg.num_tokens, cfg.token_dim)
     cond = conditioning_from_feeds(feeds, batch)
     runner.begin(batch, cond)
-    if c.variant == "step_kv":
+    if c.variant == "step_rows":
         runner.cache = [(_t(feeds[f"past.{l}.key"]).clone(), _t(feeds[f"past.{l}.value"]).clone())
                         for l in range(cfg.layers_per_block)]
         pos = int(feeds["pos"])
@@ -51,10 +51,10 @@ def _reference_outputs(model: TarFlow, block: int | None, c: GraphContract, feed
         for l, (k, v) in enumerate(runner.cache):
             out[f"new.{l}.key"], out[f"new.{l}.value"] = k[:, :, pos:pos + 1].numpy(), v[:, :, pos:pos + 1].numpy()
         return out
-    if c.variant in ("step", "window"):
+    if c.variant in ("step_present", "window"):
         runner.cache = [(_t(feeds[f"past.{l}.key"]).clone(), _t(feeds[f"past.{l}.value"]).clone())
                         for l in range(cfg.layers_per_block)]
-        start = int(feeds["pos" if c.variant == "step" else "start"])
+        start = int(feeds["pos" if c.variant == "step_present" else "start"])
         xa, xb = runner.project(first, start)
         out = {"xa": xa.numpy(), "xb": xb.numpy()}
         for l, (k, v) in enumerate(runner.cache):

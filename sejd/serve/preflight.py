@@ -42,9 +42,10 @@ def check_port(host: str, port: int) -> None:
 def check_source(source: str, backend: str, config: dict | None = None) -> None:
     """Opens what every replica will open, short of building engines (which a replica does once, on its
     own device): a bundle's verified files, the backend's engines and every plan it serves; a checkpoint."""
-    from sejd.engines import ENGINE_BACKENDS, engine_dir, require, split_backend
+    from sejd.engines.backends import backend as find_backend
+    from sejd.engines.manifest import engine_dir
     from sejd.serve.service import served_plans
-    from sejd.source import Source, is_bundle, open_source, refuse_config_for_bundle
+    from sejd.source import Session, is_bundle, open_source, refuse_config_for_bundle
 
     refuse_config_for_bundle(source, config)
     if not is_bundle(source):
@@ -54,10 +55,11 @@ def check_source(source: str, backend: str, config: dict | None = None) -> None:
 
     bundle = load_bundle(source)
     backend = "ort-cpu" if backend == "auto" else backend
-    name, _ = split_backend(backend)
-    require(backend)
-    if name in ENGINE_BACKENDS and not (engine_dir(bundle, name) / "manifest.json").exists():
+    found, _ = find_backend(backend)
+    found.require()
+    name = found.name
+    if found.needs_build and not (engine_dir(bundle, name) / "manifest.json").exists():
         raise BundleError(f"{bundle.path}: no {name} engines; build them with `sejd build {bundle.path} "
                           f"--backend {name}`")
     # plans need only the model's config, not its weights
-    served_plans(Source(types.SimpleNamespace(config=bundle.config), None, backend, bundle))
+    served_plans(Session(types.SimpleNamespace(config=bundle.config), None, backend, bundle))

@@ -24,7 +24,7 @@ from sejd.request import per_sample_plan, seeded_labels, seeded_noise
 from sejd.runtime.plan import NAMED_PLANS, Plan
 from sejd.runtime.sampler import sample
 from sejd.serve.schema import RequestError, SampleRequest, first_error, request_model
-from sejd.source import Source
+from sejd.source import Session
 
 MAX_N = 64
 
@@ -43,7 +43,7 @@ class SamplingFailed(Exception):
     """The engine batch a request rode in failed (a server fault, HTTP 500)."""
 
 
-def served_plans(src: Source) -> dict[tuple, Plan]:
+def served_plans(src: Session) -> dict[tuple, Plan]:
     """Every plan `src` may serve, resolved, validated and made per-sample, keyed by (name, tuned batch):
     the named plans and each tuned plan file. Done at start-up, so a broken tuned plan stops the service
     from starting (naming the file) instead of failing every request that uses it."""
@@ -62,10 +62,10 @@ def served_plans(src: Source) -> dict[tuple, Plan]:
 
 
 class SampleService:
-    """Samples batches of requests on one Source (built once, e.g. per Ray Serve replica or Triton
+    """Samples batches of requests on one Session (built once, e.g. per Ray Serve replica or Triton
     instance). `on_batch(size, blocks)` is called after every engine batch (the HTTP layer's metrics)."""
 
-    def __init__(self, src: Source, max_n: int = MAX_N, on_batch=None):
+    def __init__(self, src: Session, max_n: int = MAX_N, on_batch=None):
         # one engine call never exceeds the bundle's batch_max: groups are split into chunks of it
         self.batch_max = src.bundle.batch_max if src.bundle is not None else max_n
         self.src, self.max_n, self.on_batch = src, min(max_n, self.batch_max), on_batch

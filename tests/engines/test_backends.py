@@ -35,10 +35,29 @@ def test_a_spec_names_its_backend_object_and_precision(spec, name, precision):
 
 
 @pytest.mark.parametrize("spec, message", [("metal", "unknown backend 'metal'"), ("ort-cpu:fp16", "only torch-cuda"),
-                                           ("torch:bf16", "runs in fp32"), ("torch-cuda:", "empty precision")])
+                                           ("tensorrt:fp16", "only torch-cuda"), ("torch:bf16", "runs in fp32"),
+                                           ("torch-cuda:", "empty precision"), ("torch-cuda:fp8", "unknown precision 'fp8'")])
 def test_bad_specs_are_refused_naming_what_is_expected(spec, message):
     with pytest.raises(SejdError, match=message):
         backend(spec)
+
+
+def test_callers_hold_backend_objects_not_wrappers_over_spec_strings():
+    import sejd.engines
+
+    gone = {"split_backend", "require", "runners_for", "build_engines", "engine_precision", "BACKENDS",
+            "ENGINE_BACKENDS"}
+    assert not gone & set(vars(sejd.engines))
+
+
+def test_sejd_build_hands_its_options_to_the_backend_object(tiny_bundle, monkeypatch, capsys):
+    from sejd.cli import main
+
+    calls = []
+    monkeypatch.setattr(REGISTRY["ort-cpu"], "build", lambda bundle, **kw: calls.append(kw) or bundle.path / "e")
+    assert main(["build", str(tiny_bundle.path), "--backend", "ort-cpu", "--precision", "fp16", "--threads", "2"]) == 0
+    assert calls == [{"precision": "fp16", "threads": 2, "workspace": None, "strip_weights": False}]
+    assert f"built ort-cpu engines in {tiny_bundle.path / 'e'}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", ["torch", "torch-cuda"])
@@ -95,7 +114,7 @@ def test_check_hooks_say_which_graphs_and_how_polygraphy_reruns_them(tiny_bundle
     assert REGISTRY["torch-cuda"].polygraphy_args(tiny_bundle, g) == [str(tiny_bundle.path / g["file"]), "--onnxrt"]
     every, runnable = REGISTRY["torch-cuda"].checked_graphs(None, tiny_bundle.config)
     assert len(every) == tiny_bundle.config.num_blocks * len(BLOCK_VARIANTS)
-    assert {g["variant"] for g in runnable} == {"step", "step_kv", "window", "jacobi", "jacobi_k"}
+    assert {g["variant"] for g in runnable} == {"step_present", "step_rows", "window", "jacobi", "jacobi_k"}
     with pytest.raises(SejdError, match="PyTorch reference itself"):
         REGISTRY["torch"].polygraphy_runner(tiny_bundle)
 

@@ -43,7 +43,7 @@ def test_ort_gpu_providers_pass_check_with_device_io(tmp_path, backend):
         pytest.skip(unavailable(backend))
     from sejd import save_checkpoint
     from sejd.check import check_bundle
-    from sejd.engines import runners_for
+    from sejd.engines import backend as find_backend
     from sejd.engines.ort import build_ort
     from sejd.export.exporter import export_bundle
     from tests.conftest import make_model
@@ -52,7 +52,7 @@ def test_ort_gpu_providers_pass_check_with_device_io(tmp_path, backend):
     bundle = export_bundle(tmp_path / "ckpt", tmp_path / "b", unroll=3, batch_max=8, show_progress=False)
     build_ort(bundle, backend, show_progress=False)
     assert check_bundle(bundle, backend, show_progress=False)
-    runners = runners_for(bundle, backend)
+    runners = find_backend(backend)[0].runners(bundle)
     assert runners[0].device.type == "cuda"  # caches and iterates live on the GPU
 
 

@@ -143,7 +143,7 @@ def bundle64(tmp_path_factory):
     from tests.conftest import make_model
     root = tmp_path_factory.mktemp("b64")
     save_checkpoint(make_model(img_size=16, num_classes=0), root / "ckpt")
-    b = export_bundle(root / "ckpt", root / "bundle", variants=["step_kv", "window", "jacobi"], show_progress=False)
+    b = export_bundle(root / "ckpt", root / "bundle", variants=["step_rows", "window", "jacobi"], show_progress=False)
     build_ort(b, "ort-cpu", show_progress=False)
     return b
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sejd import save_checkpoint
-from sejd.bundle import BundleError, load_bundle
+from sejd.bundle import SCHEMA_VERSION, BundleError, load_bundle
 from sejd.errors import InputError, SejdError
 from sejd.export.contracts import VARIANTS, contract, dummy_inputs
 from sejd.export.exporter import export_bundle
@@ -23,7 +23,7 @@ from sejd.runtime.runner import Conditioning
 from sejd.runtime.torch_runner import TorchBlockRunner
 from tests.conftest import data_like, make_model
 
-PARITY_TESTED = ["step", "step_kv", "window", "jacobi", "jacobi_k", "jacobi_loop", "sequential_loop", "forward"]
+PARITY_TESTED = ["step_present", "step_rows", "window", "jacobi", "jacobi_k", "jacobi_loop", "sequential_loop", "forward"]
 UNROLL = 4
 
 
@@ -119,7 +119,7 @@ def test_graph_loads_in_polygraphy_run_onnxrt(bundle):
 
 def test_manifest_pins_versions_hashes_and_config(bundle):
     m = bundle.manifest
-    assert m["schema"] == 1 and m["config"] == bundle.config.to_dict() and m["opset"] == 18
+    assert m["schema"] == SCHEMA_VERSION == 2 and m["config"] == bundle.config.to_dict() and m["opset"] == 18
     assert {"sejd", "torch", "onnx", "onnxruntime"} <= set(m["versions"])
     assert len(m["graphs"]) == 7 * bundle.config.num_blocks + 1
     assert all(len(d) == 64 for d in m["files"].values()) and "model/model.safetensors" in m["files"]
@@ -133,14 +133,14 @@ def copy_bundle(bundle, tmp_path):
 
 def test_changed_missing_and_foreign_files_are_refused(bundle, tmp_path):
     dst = copy_bundle(bundle, tmp_path)
-    f = dst / "blocks/1/step.onnx"
+    f = dst / "blocks/1/step_present.onnx"
     f.write_bytes(f.read_bytes()[:-10])  # truncated
-    with pytest.raises(BundleError, match="blocks/1/step.onnx has changed"):
+    with pytest.raises(BundleError, match="blocks/1/step_present.onnx has changed"):
         load_bundle(dst)
     f.unlink()
-    with pytest.raises(BundleError, match="blocks/1/step.onnx listed in the manifest is missing"):
+    with pytest.raises(BundleError, match="blocks/1/step_present.onnx listed in the manifest is missing"):
         load_bundle(dst)
-    shutil.copy(bundle.path / "blocks/1/step.onnx", f)
+    shutil.copy(bundle.path / "blocks/1/step_present.onnx", f)
     (dst / "blocks/1/evil.onnx").write_bytes(b"x")
     with pytest.raises(BundleError, match="foreign file blocks/1/evil.onnx"):
         load_bundle(dst)
@@ -151,10 +151,43 @@ def test_other_schema_version_is_refused(bundle, tmp_path):
     m = json.loads((dst / "manifest.json").read_text())
     m["schema"] = 99
     (dst / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(BundleError, match="schema version 99, this sejd reads version 1"):
+    with pytest.raises(BundleError, match="schema version 99, this sejd reads version 2; re-export"):
         load_bundle(dst)
     with pytest.raises(BundleError, match="manifest.json is missing"):
         load_bundle(tmp_path)
+
+
+def test_schema_1_bundle_is_refused_in_one_line_saying_how_to_re_export(bundle, tmp_path):
+    """A bundle written before the single-token graphs were renamed (step -> step_present, step_kv ->
+    step_rows) is refused, naming both schemas and the rename; the command it gives re-exports it."""
+    dst = copy_bundle(bundle, tmp_path)
+    m = json.loads((dst / "manifest.json").read_text())
+    old_names = {"step_present": "step", "step_rows": "step_kv"}
+    for g in m["graphs"]:
+        if g["variant"] in old_names:
+            old = g["file"].replace(g["variant"], old_names[g["variant"]])
+            (dst / g["file"]).rename(dst / old)
+            m["files"][old] = m["files"].pop(g["file"])
+            g["variant"], g["file"] = old_names[g["variant"]], old
+    m["schema"] = 1
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError) as e:
+        load_bundle(dst)
+    message = str(e.value)
+    assert "\n" not in message and "schema version 1, this sejd reads version 2" in message
+    assert "step and step_kv are now step_present and step_rows" in message
+    command = message.split("`")[1].replace("NEW_BUNDLE", str(tmp_path / "again"))
+    assert command == f"sejd export {dst / 'model'} -o {tmp_path / 'again'}"
+    again = export_bundle(dst / "model", tmp_path / "again", variants=["step_rows"], show_progress=False)
+    assert again.manifest["schema"] == 2 and again.variants() == ["step_rows"]
+
+
+@pytest.mark.parametrize("old, new", [("step", "step_present"), ("step_kv", "step_rows")])
+def test_old_variant_names_are_refused_with_their_new_names(bundle, tmp_path, old, new):
+    with pytest.raises(SejdError, match=rf"unknown variants \['{old}'\] \({old} is now {new}\)"):
+        export_bundle(bundle.path / "model", tmp_path / "b", variants=[old], show_progress=False)
+    with pytest.raises(InputError, match=f"{old} is now {new}"):
+        contract(bundle.config, old)
 
 
 def test_export_refuses_to_overwrite_and_leaves_nothing_half_written(bundle, tmp_path, monkeypatch):

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from sejd.check import check_bundle
-from sejd.engines import split_backend
 from sejd.engines.ort import build_ort
 from sejd.errors import SejdError
 from sejd.export.contracts import FP32_ATOL, contract, dummy_inputs, tolerance
@@ -16,7 +15,7 @@ from sejd.export.oracle import reference_outputs
 from sejd.export.precision import KEPT_FP32, op_input_types
 from tests.conftest import make_model
 
-SINGLE_CALL = ("step", "step_kv", "window", "jacobi", "jacobi_k")
+SINGLE_CALL = ("step_present", "step_rows", "window", "jacobi", "jacobi_k")
 ONNX_TYPE = {"fp16": "FLOAT16", "bf16": "BFLOAT16"}
 
 
@@ -60,7 +59,7 @@ def test_fp16_engines_pass_check_at_fp16_tolerances(tmp_path):
 
     save_checkpoint(make_model(), tmp_path / "ckpt")
     bundle = export_bundle(tmp_path / "ckpt", tmp_path / "b", unroll=3, show_progress=False,
-                           variants=["step", "step_kv", "window", "jacobi", "jacobi_k", "sequential_loop", "forward"])
+                           variants=["step_present", "step_rows", "window", "jacobi", "jacobi_k", "sequential_loop", "forward"])
     build_ort(bundle, "ort-cpu", show_progress=False, precision="fp16")
     report = check_bundle(bundle, "ort-cpu", show_progress=False)
     assert report, report.summary()
@@ -73,19 +72,6 @@ def test_fp16_engines_pass_check_at_fp16_tolerances(tmp_path):
     assert forward.figures["precision"] == "fp32" and forward.figures["atol"] == FP32_ATOL  # always built fp32
     plans = [c for c in report.checks if "same plan" in c.name]
     assert plans and all(c.figures["psnr_floor_db"] == 45.0 for c in plans)
-
-
-def test_backend_precision_suffix():
-    assert split_backend("torch-cuda:bf16") == ("torch-cuda", "bf16")
-    assert split_backend("ort-cuda") == ("ort-cuda", "fp32")
-    with pytest.raises(SejdError, match="only torch-cuda takes a precision suffix"):
-        split_backend("tensorrt:fp16")
-    with pytest.raises(SejdError, match="unknown precision 'fp8'"):
-        split_backend("torch-cuda:fp8")
-    with pytest.raises(SejdError, match="the PyTorch reference runs in fp32"):
-        split_backend("torch:fp16")
-    with pytest.raises(SejdError, match="unknown backend 'cuda'"):
-        split_backend("cuda")
 
 
 def test_reduced_precision_cli_errors_and_reports(tiny_bundle, tmp_path, capsys):

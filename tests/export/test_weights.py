@@ -115,7 +115,7 @@ def test_disk_full_during_export_leaves_nothing_and_says_so(bundle, tmp_path, mo
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(WeightStore, "put", full)
     with pytest.raises(SejdError, match=r"^cannot write .*/b: No space left on device") as e:
-        export_bundle(bundle.path / "model", tmp_path / "b", variants=["step"], show_progress=False)
+        export_bundle(bundle.path / "model", tmp_path / "b", variants=["step_present"], show_progress=False)
     assert "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == []  # no bundle, no temporary folder, no scratch
 
@@ -123,7 +123,7 @@ def test_disk_full_during_export_leaves_nothing_and_says_so(bundle, tmp_path, mo
 def test_config_is_passed_to_the_checkpoint_loader(tmp_path):
     model = make_model(head_dim=16, num_blocks=2)  # head_dim cannot be read from the tensors (guessed 64)
     torch.save(model.state_dict(), tmp_path / "plain.pth")
-    b = export_bundle(tmp_path / "plain.pth", tmp_path / "b", variants=["step"], show_progress=False,
+    b = export_bundle(tmp_path / "plain.pth", tmp_path / "b", variants=["step_present"], show_progress=False,
                       config=model.config.to_dict())
     assert b.config.head_dim == 16
 
@@ -133,7 +133,7 @@ def test_geometry_source_is_recorded_in_the_manifest(tmp_path, monkeypatch):
     model.noise_std = 0.0
     model.meta = {"geometry": {"source": "shapes", "patch_size": 2, "in_channels": 3}}
     monkeypatch.setattr(exporter, "load_checkpoint", lambda source, config=None: model)
-    b = export_bundle("whatever.pth", tmp_path / "b", variants=["step"], show_progress=False)
+    b = export_bundle("whatever.pth", tmp_path / "b", variants=["step_present"], show_progress=False)
     assert b.manifest["geometry"] == model.meta["geometry"]
     assert json.loads((tmp_path / "b/model/config.json").read_text())["geometry"]["source"] == "shapes"
 
@@ -146,7 +146,7 @@ def test_blocks_after_the_first_two_are_retargeted_and_match_pytorch(bundle):
     # block 3's graphs were re-targeted from block 0's (odd block: flipped position table)
     model = bundle.load_model()
     from sejd.export.oracle import reference_outputs
-    for variant in ("step", "jacobi_loop"):
+    for variant in ("step_present", "jacobi_loop"):
         c = contract(bundle.config, variant, 2)
         feeds = dummy_inputs(c, bundle.config, batch=2, seed=5)
         got = ort.InferenceSession(str(bundle.graph_path(variant, 3)), providers=["CPUExecutionProvider"]).run(None, feeds)
@@ -175,10 +175,10 @@ def test_a_tensor_equal_in_two_blocks_is_stored_in_each_blocks_file(tmp_path):
     model = make_model(num_blocks=3)
     model.blocks[2].proj_in.weight.copy_(model.blocks[0].proj_in.weight)  # 3 KB: stored externally
     save_checkpoint(model, tmp_path / "ckpt")
-    b = export_bundle(tmp_path / "ckpt", tmp_path / "b", variants=["step"], show_progress=False)
+    b = export_bundle(tmp_path / "ckpt", tmp_path / "b", variants=["step_present"], show_progress=False)
     # ONNX and ONNX Runtime refuse external data outside the graph's folder: no ../0/weights.bin
-    assert external_locations(b.path / "blocks/2/step.onnx")[0] == {"weights.bin"}
-    ort.InferenceSession(str(b.graph_path("step", 2)), providers=["CPUExecutionProvider"])
+    assert external_locations(b.path / "blocks/2/step_present.onnx")[0] == {"weights.bin"}
+    ort.InferenceSession(str(b.graph_path("step_present", 2)), providers=["CPUExecutionProvider"])
 
 
 def test_a_retargeted_graph_with_external_weights_loads_in_polygraphy_run_onnxrt(bundle):

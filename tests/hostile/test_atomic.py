@@ -33,7 +33,7 @@ def ckpt(tmp_path):
 
 
 def export(ckpt, out, **kw):
-    return export_bundle(ckpt, out, variants=["step"], show_progress=False, **kw)
+    return export_bundle(ckpt, out, variants=["step_present"], show_progress=False, **kw)
 
 
 def scratch_left(folder: Path) -> list[str]:
@@ -197,7 +197,7 @@ def run_until_slow_step(tmp_path, patch, *args, sig=signal.SIGTERM):
 
 
 def test_sigterm_during_export_leaves_nothing(ckpt, tmp_path):
-    rc = run_until_slow_step(tmp_path, SLOW_SAVE, "export", ckpt, "-o", tmp_path / "out" / "b", "--variants", "step")
+    rc = run_until_slow_step(tmp_path, SLOW_SAVE, "export", ckpt, "-o", tmp_path / "out" / "b", "--variants", "step_present")
     assert rc == 128 + signal.SIGTERM
     assert not (tmp_path / "out").exists()  # also the parent folder the export created
 
@@ -212,7 +212,7 @@ def test_sigterm_during_build_leaves_nothing(ckpt, tmp_path):
 
 def test_next_run_removes_scratch_of_a_killed_export_and_says_so(ckpt, tmp_path, capsys):
     out = tmp_path / "b"
-    rc = run_until_slow_step(tmp_path, SLOW_SAVE, "export", ckpt, "-o", out, "--variants", "step",
+    rc = run_until_slow_step(tmp_path, SLOW_SAVE, "export", ckpt, "-o", out, "--variants", "step_present",
                              sig=signal.SIGKILL)
     assert rc == -signal.SIGKILL
     killed = [p for p in tmp_path.iterdir() if p.name.startswith(SCRATCH_PREFIX)]

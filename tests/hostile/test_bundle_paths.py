@@ -5,18 +5,16 @@ import hashlib
 import json
 import os
 import shutil
-import types
 
 import pytest
 
 import sejd.engines.ort as ort_engines
-from sejd.bundle import Bundle, BundleError, load_bundle
+from sejd.bundle import SCHEMA_VERSION, Bundle, BundleError, load_bundle
 from sejd.cli import main
-from sejd.engines import build_engines, engine_file, engine_precision, read_engine_manifest
+from sejd.engines import backend, engine_file, read_engine_manifest
 from sejd.source import open_source, tuned_plans
 
 JACOBI = "blocks/0/jacobi.onnx"
-BUILD = types.SimpleNamespace(precision="fp32", threads=1, workspace=None)
 
 
 def sha256(path) -> str:
@@ -58,7 +56,7 @@ def builds(monkeypatch):
 
 def refused_before_build(bundle_dir, builds, match):
     with pytest.raises(BundleError, match=match):
-        build_engines(load_bundle(bundle_dir), "ort-cpu", BUILD)
+        backend("ort-cpu")[0].build(load_bundle(bundle_dir), threads=1)
     assert builds == [] and not (bundle_dir / "engines").exists()
 
 
@@ -232,7 +230,7 @@ def _config(**changes):
 
 
 MALFORMED = [
-    (lambda m: m.clear() or m.update(schema=1), "no files table"),
+    (lambda m: m.clear() or m.update(schema=SCHEMA_VERSION), "no files table"),
     (_drop("files"), "no files table"),
     (_set("files", ["model/config.json"]), "files must be an object mapping each file to its sha256, got a list"),
     (lambda m: m["files"].update({JACOBI: "beef"}), r"files entry blocks/0/jacobi\.onnx: expected a sha256"),
@@ -245,7 +243,7 @@ MALFORMED = [
     (_graph("block", "0"), r"graphs\[\d+\]\.block .*got '0'"),
     (_graph("block", True), r"graphs\[\d+\]\.block .*got True"),
     (_graph("variant", 7), r"graphs\[\d+\]\.variant must be a string, got 7"),
-    (_graph("variant", "step"), r"graphs\[\d+\] repeats the 'step' graph of block 0"),
+    (_graph("variant", "step_present"), r"graphs\[\d+\] repeats the 'step_present' graph of block 0"),
     (lambda m: graph_entry(m).pop("file"), r"graphs\[\d+\]\.file None is null, not a path string"),
     (_graph("file", ["a"]), r"graphs\[\d+\]\.file \['a'\] is a list, not a path string"),
     (_drop("config"), "config must be an object, got null"),
@@ -332,7 +330,7 @@ def test_engine_precision_of_a_corrupt_engine_manifest_is_a_bundle_error(tiny_bu
     dst = copy_bundle(tiny_bundle, tmp_path / "bundle", engines=True)
     (dst / "engines/ort-cpu/manifest.json").write_text("nope")
     with pytest.raises(BundleError, match="ort-cpu engine manifest is not valid JSON"):
-        engine_precision(load_bundle(dst), "ort-cpu")
+        backend("ort-cpu")[0].precision(load_bundle(dst), "fp32")
 
 
 def test_engine_file_symlinked_outside_the_bundle_is_refused(tiny_bundle, tmp_path):

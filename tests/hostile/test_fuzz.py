@@ -114,12 +114,12 @@ def test_a_hundred_corrupt_manifests_end_in_a_bundle_error(bundle_copy):
 
 def test_forty_corrupt_engine_manifests_end_in_a_bundle_error(bundle_copy):
     from sejd.bundle import load_bundle
-    from sejd.engines import engine_precision
+    from sejd.engines import backend
     from sejd.source import open_source
 
     def use():
         bundle = load_bundle(bundle_copy)
-        engine_precision(bundle, "ort-cpu")
+        backend("ort-cpu")[0].precision(bundle, "fp32")
         open_source(bundle.path, "ort-cpu")
 
     before = listing(bundle_copy.parent.parent)

@@ -165,7 +165,7 @@ def test_a_billion_blocks_in_a_bundle_manifest_is_refused(tmp_path):
     from sejd.export.exporter import export_bundle
 
     save_checkpoint(make_model(), tmp_path / "ckpt")
-    bundle = export_bundle(tmp_path / "ckpt", tmp_path / "b", variants=["step_kv"], show_progress=False)
+    bundle = export_bundle(tmp_path / "ckpt", tmp_path / "b", variants=["step_rows"], show_progress=False)
     manifest = json.loads((bundle.path / MANIFEST).read_text())
     manifest["config"]["num_blocks"] = 10**9
     (bundle.path / MANIFEST).write_text(json.dumps(manifest))

@@ -9,7 +9,7 @@ import torch
 from sejd import PlanError, sample
 from sejd.bench import bench, table
 from sejd.runtime.plan import TIMING_ONLY, BlockPlan, Plan, named_plan
-from sejd.source import Source
+from sejd.source import Session
 from tests.conftest import make_model
 
 
@@ -75,7 +75,7 @@ def test_samples_report_the_peak_resident_memory_in_bytes():
 
 def test_bench_measures_plan_objects_and_marks_fixed_ones_timing_only():
     model = make_model()
-    result = bench(Source(model, None, "torch"), batches=(1,), decoders=["sjd", fixed_plan([2, 2, 2])], runs=1,
+    result = bench(Session(model, None, "torch"), batches=(1,), decoders=["sjd", fixed_plan([2, 2, 2])], runs=1,
                    warmup=0, log=lambda *_: None)
     marks = {r["decoder"]: r["timing_only"] for r in result["runs"]}
     assert marks == {"sjd": False, "sjd-fixed": True}
