@@ -9,7 +9,7 @@ rate there.
 
 The library is compiled from the package's own source with the machine's C compiler on first use and
 cached per user (`$XDG_CACHE_HOME/sejd/native`, keyed by the source, compiler, flags and processor): no
-code is ever loaded from a bundle. Without a C compiler the runners keep the ONNX `step_kv` graph and
+code is ever loaded from a bundle. Without a C compiler the runners keep the ONNX `step_rows` graph and
 say so once; `SEJD_NATIVE_STEP=0` turns the native step off.
 """
 
@@ -112,6 +112,9 @@ def library() -> ctypes.CDLL:
 
 def available() -> str | None:
     """None when the native step compiles and loads here, else why not."""
+    reason = disabled_reason()  # read every time: the library itself is cached
+    if reason:
+        return f"native CPU step not available: {reason}"
     try:
         library()
     except BackendUnavailable as e:
@@ -238,8 +241,8 @@ def native_runner_class():
 
         def step(self, x_tok, pos):
             x = x_tok.numpy()
-            # the inputs the step_kv graph would take, checked against its contract before the native call
-            self._validate("step_kv", {"x": x[:, None], "pos": np.array(pos, np.int64)}, with_caches=True)
+            # the inputs the step_rows graph would take, checked against its contract before the native call
+            self._validate("step_rows", {"x": x[:, None], "pos": np.array(pos, np.int64)}, with_caches=True)
             if not 0 <= pos < self.num_tokens:
                 from sejd.errors import InputError
                 raise InputError(f"step: position must be in [0, {self.num_tokens}), got {pos}")

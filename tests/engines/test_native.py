@@ -1,6 +1,6 @@
 """The native CPU step (sejd/engines/native.py, native/step.c) against the PyTorch reference.
 
-Tolerance: 1e-4 absolute, the `step_kv` graph's contract (the C code sums in another order and uses its
+Tolerance: 1e-4 absolute, the `step_rows` graph's contract (the C code sums in another order and uses its
 own exp/erf, each within a few float32 ulps)."""
 
 import numpy as np
@@ -11,7 +11,7 @@ from sejd import sample
 from sejd.engines import native
 from sejd.engines.ort import OrtBlockRunner, ort_runners
 from sejd.errors import BackendUnavailable, InputError
-from sejd.export.graphs import StepKVGraph
+from sejd.export.graphs import StepRowsGraph
 from sejd.runtime.decoders import sequential
 from sejd.runtime.runner import Conditioning
 from sejd.runtime.torch_runner import torch_runners
@@ -56,7 +56,7 @@ MODELS = {
 
 @pytest.mark.parametrize("kind", MODELS)
 @pytest.mark.parametrize("batch,guidance", [(1, 0.0), (5, 0.0), (3, 1.5)])
-def test_step_matches_the_step_kv_graph_module(kind, batch, guidance, threads):
+def test_step_matches_the_step_rows_graph_module(kind, batch, guidance, threads):
     model = make_model(**MODELS[kind])
     cfg = model.config
     cond = conditioning(model, batch, guidance)
@@ -64,7 +64,7 @@ def test_step_matches_the_step_kv_graph_module(kind, batch, guidance, threads):
     for k in (0, cfg.num_blocks - 1):
         block = model.blocks[k]
         nb = native.NativeBlock(block, cfg.num_tokens)
-        ref = StepKVGraph(block, cfg.num_tokens, bool(cfg.num_classes))
+        ref = StepRowsGraph(block, cfg.num_tokens, bool(cfg.num_classes))
         for pos in (0, cfg.num_tokens // 2, cfg.num_tokens - 1):
             caches = random_caches(model, R, pos, seed=pos)
             x = torch.randn(batch, 1, cfg.token_dim, generator=torch.Generator().manual_seed(pos))

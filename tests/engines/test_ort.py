@@ -9,6 +9,7 @@ from sejd import InputError, sample
 from sejd.bundle import BundleError, load_bundle
 from sejd.check import check_bundle
 from sejd.cli import main
+from sejd.engines.native import available as native_available
 from sejd.engines.ort import build_ort, ort_runners, unavailable_reason
 from sejd.errors import BackendUnavailable
 from sejd.runtime.plan import named_plan
@@ -29,14 +30,19 @@ def plan_with(name, variant):
 
 @pytest.mark.parametrize("plan", ["sequential", "ujd", "sjd", "gs-jacobi", ("sjd", "chunk"), ("sjd", "loop"),
                                   ("ujd", "loop")])
-def test_every_decoder_runs_unchanged_on_ort(built, plan):
+@pytest.mark.parametrize("native_step", [True, False], ids=["native-step", "onnx-step"])
+def test_every_decoder_runs_unchanged_on_ort(built, plan, native_step, monkeypatch):
+    if not native_step:  # the ONNX step graphs, as on a machine without a C compiler
+        monkeypatch.setenv("SEJD_NATIVE_STEP", "0")
     plan = plan_with(*plan) if isinstance(plan, tuple) else plan
     model = built.load_model()
+    runners = ort_runners(built)
+    assert hasattr(runners[0], "native") == (native_step and native_available() is None)
     noise = torch.randn(3, 16, 12, generator=torch.Generator().manual_seed(3))
     labels = torch.tensor([0, 2, 4])
     kw = dict(labels=labels, plan=plan, guidance=1.0, progress=False)
     ref = sample(model, noise, **kw)
-    got = sample(model, noise, runners=ort_runners(built), **kw)
+    got = sample(model, noise, runners=runners, **kw)
     torch.testing.assert_close(got.images, ref.images, atol=1e-4, rtol=0)
     assert [b.iterations for b in got.stats.blocks] == [b.iterations for b in ref.stats.blocks]
 

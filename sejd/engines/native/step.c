@@ -14,7 +14,7 @@
  * be reset between phases and a thread that fell behind catches up by finding every range taken.
  *
  * Semantics: those of the block's KV-cached projection in the reference model (sejd/model/tarflow.py)
- * and of the exported `step_kv` graph: rows r = 0..R-1 take sample r mod B (classifier-free guidance
+ * and of the exported `step_rows` graph: rows r = 0..R-1 take sample r mod B (classifier-free guidance
  * runs cond rows then uncond rows), per-row attention temperature and class label (-1: the class mean),
  * caches (R, H, T, hd) per layer written at the token's position, guided parameters
  * c + w * (c - u) with w = guidance[{a,b}][pos].
