@@ -4,6 +4,10 @@ Decoders: `reference` (ml-tarflow's own loop, PyTorch), `sequential` (our fastes
 backend: host-driven steps or the one-call `sequential_loop`, whichever is faster), `ujd`, `sjd`,
 `gs-jacobi`, and `auto` (the bundle's tuned plan.json, when there is one). Quality is measured
 against exact sequential decoding from the same noise.
+
+`forward` is not a decoder: one density evaluation of the batch (image -> z, the model's forward pass on
+the same backend), i.e. the arithmetic of exact decoding done in parallel. Every decoder's time is also
+reported as a multiple of it: how far decoding is from that floor.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from sejd.runtime.runner import peak_rss_bytes
 from sejd.runtime.sampler import sample
 from sejd.source import Session
 
-DECODERS = ("reference", "sequential", "ujd", "sjd", "gs-jacobi", "auto")
+DECODERS = ("forward", "reference", "sequential", "ujd", "sjd", "gs-jacobi", "auto")
 
 
 def _time(fn, runs: int, warmup: int):
@@ -44,6 +48,32 @@ def _sequential_loop_plan(n: int):
     return plan
 
 
+def forward_call(src: Session, images: torch.Tensor, labels):
+    """One density evaluation of `images` on the source's backend, as a callable: the bundle's `forward`
+    graph on ONNX Runtime, else the model's forward pass where its runners keep it (PyTorch, torch-cuda)."""
+    sessions = getattr(src.runners[0], "sessions", None) if src.runners else None
+    if sessions is not None and src.bundle is not None and "forward" in src.bundle.variants():
+        import numpy as np
+
+        session = sessions.get("forward")
+        feeds = {"image": images.numpy()}
+        if src.model.config.num_classes:
+            feeds["labels"] = (labels if labels is not None else torch.full((len(images),), -1)).numpy().astype(np.int64)
+        return lambda: session.run(None, feeds)
+    model = getattr(src.runners[0], "model", src.model) if src.runners else src.model
+    device = next(model.parameters()).device
+    images, labels = images.to(device), None if labels is None else labels.to(device)
+
+    def run():
+        with torch.no_grad():
+            out = model(images, labels)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return run
+
+
 def bench(src: Session, batches=(1, 16), decoders=DECODERS, runs: int = 5, warmup: int = 1, seed: int = 0,
           guidance: float = 0.0, log=print) -> dict:
     """`decoders`: names from DECODERS, or Plan objects (measured under their names)."""
@@ -58,7 +88,18 @@ def bench(src: Session, batches=(1, 16), decoders=DECODERS, runs: int = 5, warmu
             return sample(model, noise, labels=labels, plan=plan, guidance=guidance, runners=runners, progress=False)
 
         measured = {}
+        forward_s = None
         for name in decoders:
+            if name == "forward":
+                # any images do: the cost of a density evaluation does not depend on the values
+                images = src.model.unpatchify(noise)
+                times, _ = _time(forward_call(src, images, labels), runs, warmup)
+                forward_s = statistics.median(times)
+                log(f"  batch {batch:>3} {'forward':<18} {forward_s * 1e3:10.2f} ms")
+                out_runs.append({"decoder": "forward", "variant": "density evaluation",
+                                 "backend": src.backend, "precision": src.precision, "batch": batch,
+                                 "seconds_median": forward_s, "seconds_all": times})
+                continue
             if name == "auto":
                 if not src.tuned_plans():
                     log("  auto: skipped (no tuned plan in the bundle; run `sejd tune`)")
@@ -92,6 +133,7 @@ def bench(src: Session, batches=(1, 16), decoders=DECODERS, runs: int = 5, warmu
                 "batch": batch, "seconds_median": median, "seconds_all": times,
                 "speedup_vs_reference": ref_s / median if ref_s else None,
                 "speedup_vs_sequential": seq_s / median if seq_s else None,
+                "multiple_of_forward": median / forward_s if forward_s else None,
                 "psnr_db_vs_sequential": psnr_db(result.images, exact),
                 "max_abs_vs_sequential": float((result.images - exact).abs().max()),
                 "iterations_per_block": [b.iterations for b in stats.blocks],
@@ -101,6 +143,11 @@ def bench(src: Session, batches=(1, 16), decoders=DECODERS, runs: int = 5, warmu
                 "timing_only": TIMING_ONLY in stats.plan,  # fixed iteration counts: not converged by design
                 "peak_rss_bytes": stats.peak_rss_bytes,  # of the process, when this decoder's runs ended
             })
+        for r in out_runs:
+            if r["decoder"] == "forward" and r["batch"] == batch:
+                r["speedup_vs_reference"] = ref_s / forward_s if ref_s else None
+                r["speedup_vs_sequential"] = seq_s / forward_s if seq_s else None
+                r["multiple_of_forward"] = 1.0
     return {"runs": out_runs, "runs_per_measurement": runs, "warmup": warmup, "seed": seed, "guidance": guidance,
             "config": cfg.to_dict(), "machine": machine_info(), "peak_rss_bytes": peak_rss_bytes()}
 
@@ -115,13 +162,15 @@ def machine_info() -> dict:
 
 def table(result: dict) -> str:
     rows = [f"{'batch':>5} {'decoder':<10} {'variant':<18} {'median ms':>10} {'vs ref':>7} {'vs seq':>7} "
-            f"{'PSNR dB':>8}  iterations per block (sampling order)"]
+            f"{'x fwd':>6} {'PSNR dB':>8}  iterations per block (sampling order)"]
     for r in result["runs"]:
         f = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
-        p = r["psnr_db_vs_sequential"]
+        p = r.get("psnr_db_vs_sequential")
+        quality = "-" if p is None else "exact" if p == float("inf") or p > 100 else f"{p:.1f}"
+        fwd = r.get("multiple_of_forward")
         rows.append(f"{r['batch']:>5} {r['decoder']:<10} {r['variant']:<18} {r['seconds_median'] * 1e3:>10.1f} "
-                    f"{f(r['speedup_vs_reference']):>7} {f(r['speedup_vs_sequential']):>7} "
-                    f"{'exact' if p == float('inf') or p > 100 else f'{p:.1f}':>8}  {r['iterations_per_block']}"
+                    f"{f(r.get('speedup_vs_reference')):>7} {f(r.get('speedup_vs_sequential')):>7} "
+                    f"{f'{fwd:.1f}' if fwd else '-':>6} {quality:>8}  {r.get('iterations_per_block', '')}"
                     + (f"  {TIMING_ONLY}" if r.get("timing_only") else ""))
     rows.append(f"peak resident memory: {result['peak_rss_bytes'] / 2**30:.2f} GiB" if "peak_rss_bytes" in result else "")
     return "\n".join(rows).rstrip()
@@ -138,7 +187,7 @@ def plot(result: dict, path) -> None:
     from sejd.files import atomic_write
 
     batch = max(r["batch"] for r in result["runs"])
-    runs = [r for r in result["runs"] if r["batch"] == batch]
+    runs = [r for r in result["runs"] if r["batch"] == batch and "seconds_per_block" in r]  # decoders, not forward
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in runs:
         if r["decoder"] not in ("ujd", "auto", "sjd"):

@@ -17,4 +17,4 @@ def test_demo_runs_the_whole_job_and_writes_its_outputs(tmp_path):
     check = json.loads((out / "check.json").read_text())
     assert check["passed"] and any(c["name"].startswith("plan auto") for c in check["checks"])
     bench = json.loads((out / "bench.json").read_text())
-    assert {r["decoder"] for r in bench["runs"]} == {"reference", "sequential", "ujd", "sjd", "gs-jacobi", "auto"}
+    assert {r["decoder"] for r in bench["runs"]} == {"forward", "reference", "sequential", "ujd", "sjd", "gs-jacobi", "auto"}

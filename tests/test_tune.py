@@ -75,8 +75,13 @@ def test_cli_rejects_bad_tau_and_unknown_plan_entries(tiny_bundle, tmp_path, cap
 def test_bench_json_has_every_field(tiny_bundle, tmp_path):
     js, png = tmp_path / "b.json", tmp_path / "b.png"
     assert main(["bench", str(tiny_bundle.path), "--batch", "1,2", "--runs", "2", "--warmup", "0",
-                 "--decoders", "reference,sequential,sjd", "--json", str(js), "--plot", str(png)]) == 0
+                 "--decoders", "forward,reference,sequential,sjd", "--json", str(js), "--plot", str(png)]) == 0
     data = json.loads(js.read_text())
+    forward = {r["batch"]: r for r in data["runs"] if r["decoder"] == "forward"}
+    assert sorted(forward) == [1, 2] and all(r["multiple_of_forward"] == 1.0 for r in forward.values())
+    data["runs"] = [r for r in data["runs"] if r["decoder"] != "forward"]
+    for r in data["runs"]:  # every decoder as a multiple of the density evaluation of its batch
+        assert r["multiple_of_forward"] == pytest.approx(r["seconds_median"] / forward[r["batch"]]["seconds_median"])
     fields = {"decoder", "backend", "batch", "seconds_median", "seconds_all", "speedup_vs_reference",
               "speedup_vs_sequential", "psnr_db_vs_sequential", "max_abs_vs_sequential", "iterations_per_block",
               "seconds_per_block", "timing_only", "peak_rss_bytes"}
@@ -88,3 +93,16 @@ def test_bench_json_has_every_field(tiny_bundle, tmp_path):
     assert all(r["psnr_db_vs_sequential"] > 100 and r["speedup_vs_sequential"] == 1.0 for r in seq)
     assert png.stat().st_size > 1000 and "torch" in data["machine"] and "onnxruntime" in data["machine"]
     assert data["peak_rss_bytes"] > 10 * 2**20 and not any(r["timing_only"] for r in data["runs"])
+
+
+def test_the_bench_forward_row_evaluates_the_density_on_the_backend(tiny_bundle):
+    from sejd.bench import forward_call
+
+    src = open_source(tiny_bundle.path, "ort-cpu")
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    labels = torch.tensor([1, -1])
+    z, logdet = forward_call(src, images, labels)()  # the bundle's forward graph
+    with torch.no_grad():
+        want_z, _, want_logdet = src.model(images, labels)
+    torch.testing.assert_close(torch.from_numpy(z), want_z, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(logdet), want_logdet, atol=1e-4, rtol=0)
