@@ -30,7 +30,8 @@ import numpy as np
 from sejd.errors import BackendUnavailable
 
 SOURCE = Path(__file__).with_name("native") / "step.c"
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-shared", "-pthread", "-fno-math-errno")
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-shared", "-pthread", "-fno-math-errno",
+         "-fno-trapping-math")  # no FP exceptions are used: lets float selects (clamps, signs) vectorize
 MAX_HEAD_DIM = 512  # the attention's per-head accumulator in step.c is a stack array of this size
 
 log = logging.getLogger("sejd.native")

@@ -237,7 +237,8 @@ static inline float gelu(float x) {
 }
 
 /* acc = in[RB rows, :] . W for PB consecutive panels: RB x PB independent accumulator chains, enough
- * to hide the fused multiply-add latency whether the batch has many rows (4 x 1) or one (1 x 4). */
+ * to hide the fused multiply-add latency whether the batch has many rows (8 or 4 x 1) or one (1 x 4);
+ * more rows per loaded weight vector also halve the weight traffic. */
 #define PANEL_KERNEL(RB, PB)                                                                              \
     static void kernel_##RB##x##PB(const float *in, int ldin, const float *wp, int K, float *acc) {     \
         float a_[RB][PB * PANEL];                                                                        \
@@ -255,12 +256,13 @@ static inline float gelu(float x) {
         for (int r = 0; r < RB; r++)                                                                     \
             for (int j = 0; j < PB * PANEL; j++) acc[r * 4 * PANEL + j] = a_[r][j];                      \
     }
+PANEL_KERNEL(8, 1)
 PANEL_KERNEL(4, 1)
 PANEL_KERNEL(1, 4)
 PANEL_KERNEL(1, 1)
 
 /* out[r, c0 .. c0+cols) op= acc + bias: store, accumulate into (residual), or GELU. */
-static void epilogue(const float *restrict acc, const float *restrict bias, float *restrict o, int cols, int op) {
+__attribute__((noinline)) static void epilogue(const float *restrict acc, const float *restrict bias, float *restrict o, int cols, int op) {
     if (op == ADD) {
         for (int j = 0; j < cols; j++) o[j] += acc[j] + bias[j];
     } else if (op == GELU) {
@@ -282,14 +284,15 @@ static int linear_tasks(const Linear *l, int rows) {
 /* out (ld = l->N) op= in . W + bias over the columns of task `task`, for all `rows`. */
 static void linear_task(const Linear *l, const float *in, int rows, float *out, int op, int task) {
     int g = linear_group(rows), p0 = task * g, p1 = p0 + g < l->panels ? p0 + g : l->panels;
-    float acc[4 * 4 * PANEL];  /* [row][4 panels x PANEL] */
+    float acc[8 * 4 * PANEL];  /* [row][4 panels x PANEL] */
     for (int r0 = 0; r0 < rows;) {
-        int rb = rows - r0 >= 4 ? 4 : 1;
+        int rb = rows - r0 >= 8 ? 8 : rows - r0 >= 4 ? 4 : 1;
         const float *x = in + (size_t)r0 * l->K;
         for (int p = p0; p < p1;) {
             int pb = rb == 1 && p1 - p >= 4 ? 4 : 1;
             const float *wp = l->w + (size_t)p * l->K * PANEL;
-            if (rb == 4) kernel_4x1(x, l->K, wp, l->K, acc);
+            if (rb == 8) kernel_8x1(x, l->K, wp, l->K, acc);
+            else if (rb == 4) kernel_4x1(x, l->K, wp, l->K, acc);
             else if (pb == 4) kernel_1x4(x, l->K, wp, l->K, acc);
             else kernel_1x1(x, l->K, wp, l->K, acc);
             int c0 = p * PANEL, cols = l->N - c0 < pb * PANEL ? l->N - c0 : pb * PANEL;
