@@ -186,18 +186,20 @@ class NativeBlock:
             self.handle = None
 
     @staticmethod
-    def _cache_pointers(caches) -> ctypes.Array:
+    def cache_pointers(caches) -> ctypes.Array:
+        """The caches' addresses as step.c takes them (a runner keeps this while its caches stay put)."""
         for c in caches:
             assert c.dtype == np.float32 and c.flags.c_contiguous, "caches must be contiguous float32"
         return (ctypes.c_void_p * len(caches))(*[c.ctypes.data for c in caches])
 
-    def step(self, x: np.ndarray, pos: int, caches, labels, temps, guidance) -> tuple[np.ndarray, np.ndarray]:
-        """x (B, D) token at `pos` -> guided (xa, xb) (B, D) for token pos+1; caches (R, H, T, hd) get
-        the token's keys/values at `pos`."""
+    def step(self, x: np.ndarray, pos: int, caches, labels, temps, guidance, out: np.ndarray | None = None):
+        """x (B, D) token at `pos` -> guided (xa, xb) (B, D) for token pos+1; caches (R, H, T, hd), or
+        their `cache_pointers`, get the token's keys/values at `pos`. `out` (2, B, D): reused output."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         B, R = x.shape[0], temps.shape[0]
-        out = np.empty((2, B, self.D), np.float32)
-        rc = self._lib.sejd_block_step(self.handle, B, R, int(pos), _ptr(x), _ptr(out), self._cache_pointers(caches),
+        out = np.empty((2, B, self.D), np.float32) if out is None else out
+        ptrs = caches if isinstance(caches, ctypes.Array) else self.cache_pointers(caches)
+        rc = self._lib.sejd_block_step(self.handle, B, R, int(pos), x.ctypes.data, out.ctypes.data, ptrs,
                                        _ptr(labels), _ptr(temps), _ptr(guidance))
         if rc:
             raise MemoryError("native CPU step failed to allocate its scratch buffers")
@@ -208,7 +210,7 @@ class NativeBlock:
         z = np.ascontiguousarray(z, dtype=np.float32)
         out = np.empty_like(z)
         rc = self._lib.sejd_block_sequential(self.handle, z.shape[0], temps.shape[0], _ptr(z), _ptr(out),
-                                             self._cache_pointers(caches), _ptr(labels), _ptr(temps), _ptr(guidance))
+                                             self.cache_pointers(caches), _ptr(labels), _ptr(temps), _ptr(guidance))
         if rc:
             raise MemoryError("native CPU step failed to allocate its scratch buffers")
         return out
@@ -229,10 +231,17 @@ def native_runner_class():
             super().__init__(sessions, block)
             self.native = native
 
-        def _cond(self):
+        def begin(self, batch, cond):
+            super().begin(batch, cond)
             f = self.cond_feeds
-            guidance = f["guidance"] if self.rows == 2 * self.batch else None
-            return f.get("labels"), f["temps"], guidance
+            self._native_cond = (f.get("labels"), f["temps"], f["guidance"] if self.rows == 2 * batch else None)
+            self._pointers = {}  # per cache side: the caches' addresses, fixed until the next begin
+            self._out = np.empty((2, batch, self.token_dim), np.float32)
+
+        def _caches_now(self):
+            if self._current not in self._pointers:
+                self._pointers[self._current] = NativeBlock.cache_pointers(self._caches[self._current])
+            return self._pointers[self._current]
 
         def project(self, x, start):
             if x.shape[1] != 1:
@@ -247,11 +256,12 @@ def native_runner_class():
             if not 0 <= pos < self.num_tokens:
                 from sejd.errors import InputError
                 raise InputError(f"step: position must be in [0, {self.num_tokens}), got {pos}")
-            xa, xb = self.native.step(x, pos, self._caches[self._current], *self._cond())
-            return torch.from_numpy(xa), torch.from_numpy(xb)
+            out = self._out if x.shape[0] == self._out.shape[1] else None
+            xa, xb = self.native.step(x, pos, self._caches_now(), *self._native_cond, out=out)
+            return torch.from_numpy(xa.copy()), torch.from_numpy(xb.copy())  # _out is reused by the next step
 
         def sequential_loop(self, z):
             self._validate("sequential_loop", {"z": z.numpy()}, with_caches=False)
-            return torch.from_numpy(self.native.sequential(z.numpy(), self._caches[self._current], *self._cond()))
+            return torch.from_numpy(self.native.sequential(z.numpy(), self._caches[self._current], *self._native_cond))
 
     return NativeStepRunner
