@@ -32,10 +32,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define PANEL 32      /* output columns per packed weight panel (two 512-bit vectors) */
 #define MAX_THREADS 64
-#define SPINS 200000  /* idle workers spin this many polls before sleeping on the condition variable */
+#define IDLE_SPIN_NS 200000  /* idle workers spin 0.2 ms (well over the gap between two steps called from
+                              * Python) before sleeping, so they do not take a core from other work for long */
 
 /* ---------------------------------------------------------------- thread pool ------------------- */
 
@@ -59,6 +61,12 @@ static struct {
     Slot completed;               /* tasks finished, over all phases ever */
     long long phases;             /* phases run so far (the next job's phases are numbered after them) */
 } pool = {.nthreads = 1, .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+
+static long long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -114,17 +122,17 @@ static void *worker_main(void *p) {
     int tid = (int)(intptr_t)p;
     int seen = atomic_load(&pool.generation);
     for (;;) {
-        int spins = 0;
-        while (atomic_load_explicit(&pool.generation, memory_order_acquire) == seen) {
+        long long idle_since = now_ns();
+        for (int spins = 0; atomic_load_explicit(&pool.generation, memory_order_acquire) == seen; spins++) {
             if (atomic_load_explicit(&pool.stop, memory_order_relaxed)) return NULL;
-            if (++spins < SPINS) { cpu_relax(); continue; }
+            if (spins % 64 || now_ns() - idle_since < IDLE_SPIN_NS) { cpu_relax(); continue; }
             pthread_mutex_lock(&pool.lock);
             atomic_fetch_add(&pool.sleeping, 1);
             while (atomic_load(&pool.generation) == seen && !atomic_load(&pool.stop))
                 pthread_cond_wait(&pool.wake, &pool.lock);
             atomic_fetch_sub(&pool.sleeping, 1);
             pthread_mutex_unlock(&pool.lock);
-            spins = 0;
+            idle_since = now_ns();
         }
         if (atomic_load(&pool.stop)) return NULL;
         seen = atomic_load_explicit(&pool.generation, memory_order_acquire);
