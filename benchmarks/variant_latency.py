@@ -75,7 +75,8 @@ def flops(cfg, variant: str, rows: int, pos: int, window: int, unroll: int) -> f
     return 2.0 * rows * macs
 
 
-def _median_call(fn, runs: int, warmup: int) -> list[float]:
+def call_times(fn, runs: int, warmup: int) -> list[float]:
+    """Seconds of each of `runs` calls of fn, after `warmup` calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -103,7 +104,7 @@ def graph_latency(sessions: OrtSessions, variant: str, block: int | None, batche
     """Median latency of one graph per batch size (no floors): rows of variant, batch, ms_median, ms_all."""
     rows = []
     for batch in batches:
-        times = _median_call(graph_calls(sessions, variant, block, batch, sessions.bundle.config.num_tokens // 2, 8),
+        times = call_times(graph_calls(sessions, variant, block, batch, sessions.bundle.config.num_tokens // 2, 8),
                              runs, warmup)
         rows.append({"variant": variant, "batch": batch, "ms_median": 1e3 * statistics.median(times),
                      "ms_all": [1e3 * t for t in times]})
@@ -152,7 +153,7 @@ def measure(bundle_path: str, backend: str, batches: list[int], block: int | Non
         if backend == "ort-cpu":
             calls += [(v, "native", fn) for v, fn in native_calls(bundle, block, batch, pos).items()]
         for variant, engine, fn in calls:
-            times = _median_call(fn, runs, warmup)
+            times = call_times(fn, runs, warmup)
             f = flops(cfg, variant, batch, pos, window, bundle.unroll)
             median = statistics.median(times)
             rows.append({"variant": variant, "engine": engine, "batch": batch, "ms_median": 1e3 * median,

@@ -21,6 +21,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from sejd.bundle import Bundle
 from sejd.engines import backends
 from sejd.engines.polygraphy_runners import callable_runner
@@ -344,6 +346,40 @@ def graph_checks(src, model, options: CheckOptions, precision: str) -> tuple[lis
     return checks, chosen, skipped
 
 
+def native_checks(src, model, options: CheckOptions, compared: list[dict]) -> list[Check]:
+    """ort-cpu's native step (sejd/engines/native.py) against the PyTorch reference, per block, on the
+    `step_rows` graph's inputs and contract tolerance: it replaces that graph on the CPU, so it answers to
+    the same contract, and is checked for the blocks whose `step_rows` is (every block unless `--graphs`
+    selects). Its sequential block is checked by the plans (`sequential` runs it)."""
+    selected = {g["block"] for g in compared if g["variant"] == "step_rows"}
+    runners = [(k, r) for k, r in enumerate(src.runners or ())
+               if getattr(r, "native", None) is not None and (options.graphs is None or k in selected)]
+    if not runners:
+        return []
+    cfg = model.config
+    c = contract(cfg, "step_rows")
+    atol = options.atol if options.atol is not None else c.atol
+    checks = []
+    for k, runner in progress(runners, desc="check native step", enabled=options.show_progress):
+        worst = {}
+        all_feeds = graph_feeds(c, cfg, feed_specs(options.seed, options.quick))
+        for feeds in all_feeds:
+            caches = [np.array(feeds[f"past.{n}"]) for n in runner.cache_names]
+            batch, pos = feeds["x"].shape[0], int(feeds["pos"])
+            guidance = feeds["guidance"] if feeds["temps"].shape[0] == 2 * batch else None
+            xa, xb = runner.native.step(feeds["x"][:, 0], pos, caches, feeds.get("labels"), feeds["temps"], guidance)
+            got = {"xa": xa[:, None], "xb": xb[:, None],
+                   **{f"new.{n}": cache[:, :, pos:pos + 1] for n, cache in zip(runner.cache_names, caches)}}
+            for name, want in reference_outputs(model, k, c, feeds).items():
+                err = float(np.abs(got[name] - want).max())
+                worst[name] = max(worst.get(name, 0.0), err if np.isfinite(err) else math.inf)
+        max_abs = max(worst.values())
+        checks.append(Check(f"block {k} native step", max_abs <= atol + (options.rtol or 0.0),
+                            {"atol": atol, "max_abs": max_abs, "worst_output": max(worst, key=worst.get),
+                             "contract": "step_rows", "inputs": len(all_feeds)}))
+    return checks
+
+
 def check_source(src, model, options: CheckOptions | None = None, engine_model=None) -> CheckReport:
     """Check `src` (a Session: a bundle's engines, or a checkpoint on torch / torch-cuda) against `model`,
     the fp32 PyTorch reference on the CPU. `engine_model`: the model the engine runners run with, when it
@@ -353,6 +389,7 @@ def check_source(src, model, options: CheckOptions | None = None, engine_model=N
     tuned = bool(src.tuned_plans())
     plans, plans_skipped = choose_plans(options, tuned)  # validated before anything runs
     checks, compared, skipped = graph_checks(src, model, options, precision)
+    checks += native_checks(src, model, options, compared)
     batch = 1 if options.quick else 4
     checks += check_end_to_end(src, model, plans, batch=batch, seed=options.seed, show_progress=options.show_progress,
                                quality_plans=("auto",), engine_model=engine_model, precision=precision)

@@ -73,11 +73,32 @@ def test_check_report_passes_and_lists_every_graph(built, tmp_path):
     report = check_bundle(built, "ort-cpu", plans=("sequential", "sjd"), show_progress=False)
     assert report, report.summary()
     names = [c.name for c in report.checks]
-    assert len([n for n in names if n.startswith("block ")]) == 7 * 4 and "forward" in names
+    graphs = [n for n in names if n.startswith("block ") and not n.endswith("native step")]
+    assert len(graphs) == 7 * 4 and "forward" in names
+    native_step = [n for n in names if n.endswith("native step")]  # the native step answers to step_rows' contract
+    assert native_step == ([f"block {k} native step" for k in range(4)] if native_available() is None else [])
     for c in report.checks:
         if c.name.startswith("block") or c.name == "forward":
             loop = c.name.endswith("_loop")
             assert c.figures["max_abs"] <= c.figures["atol"] == (1e-3 if loop else 1e-4)
+
+
+def test_check_fails_a_native_step_that_drifts(built, monkeypatch):
+    if native_available() is not None:
+        pytest.skip(native_available())
+    from sejd.engines.native import NativeBlock
+
+    real = NativeBlock.step
+
+    def drifting(self, *args, **kw):  # 2e-4 off: twice the contract's tolerance
+        xa, xb = real(self, *args, **kw)
+        return xa + 2e-4, xb
+
+    monkeypatch.setattr(NativeBlock, "step", drifting)
+    report = check_bundle(built, "ort-cpu", plans=(), show_progress=False)
+    failed = {c.name: c.figures for c in report.checks if not c.passed}
+    assert set(failed) == {f"block {k} native step" for k in range(4)} and not report
+    assert all(f["worst_output"] == "xa" and 2e-4 <= f["max_abs"] < 3e-4 for f in failed.values())
 
 
 def test_check_cli_exit_status_and_json(built, tmp_path, capsys):
