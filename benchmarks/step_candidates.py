@@ -145,10 +145,10 @@ def candidates(model, block_index: int, batch: int, bundle=None):
         for o in sess.get_outputs():
             binding.bind_output(o.name, "cpu")
 
-        def onnx_step():
-            sess.run_with_iobinding(binding)
+        def onnx_step(s=sess, b=binding):
+            s.run_with_iobinding(b)
 
-        out["onnx step_rows"] = (onnx_step, lambda: [o[:, 0] for o in sess.run(None, feeds)[:2]])
+        out["onnx step_rows"] = (onnx_step, lambda s=sess: [o[:, 0] for o in s.run(None, feeds)[:2]])
     if not cfg.num_classes and block.nvp:
         contrib = contrib_step_graph(block, T).SerializeToString()
         for threads in (1, os.cpu_count()):
@@ -170,17 +170,22 @@ def candidates(model, block_index: int, batch: int, bundle=None):
 
             def contrib_out(s=sess, b=binding):
                 s.run_with_iobinding(b)
-                p = b.get_outputs()[0].numpy()
+                p = b.get_outputs()[-1].numpy()  # bound last
                 return [p[:, :D], p[:, D:]]
 
             out[f"onnx contrib ({threads} thread{'s' * (threads > 1)})"] = (contrib_step, contrib_out)
     if native.available() is None:
         nb = native.NativeBlock(block, T)
+        pointers, buffer = nb.cache_pointers(caches), np.empty((2, batch, D), np.float32)  # as a runner keeps them
         for threads in (1, os.cpu_count()):
-            def native_step(n=threads):
-                native.set_threads(n)
-                return nb.step(x, pos, caches, labels, temps, None)
-            out[f"native ({threads} thread{'s' * (threads > 1)})"] = (native_step, lambda f=native_step: list(f()))
+            def native_step():
+                return nb.step(x, pos, pointers, labels, temps, None, out=buffer)
+
+            def native_out(n=threads):
+                native.set_threads(n)  # then timed on n threads: candidates run one after the other
+                return [a.copy() for a in native_step()]
+
+            out[f"native ({threads} thread{'s' * (threads > 1)})"] = (native_step, native_out)
     return out
 
 

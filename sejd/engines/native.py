@@ -227,9 +227,17 @@ def native_runner_class():
         """ort-cpu for parallel passes (Jacobi, windows, loops); step.c for single tokens and for whole
         sequential blocks, reading and writing the same KV caches in place."""
 
-        def __init__(self, sessions, block: int, native: NativeBlock):
+        def __init__(self, sessions, block: int, model_block):
             super().__init__(sessions, block)
-            self.native = native
+            self._model_block, self._native = model_block, None
+
+        @property
+        def native(self) -> NativeBlock:
+            """The block packed for step.c, on first use: a plan that steps through one block packs only
+            that one (at AFHQ-256 shape a block's packed weights are 232 MB)."""
+            if self._native is None:
+                self._native = NativeBlock(self._model_block, self.num_tokens)
+            return self._native
 
         def begin(self, batch, cond):
             super().begin(batch, cond)

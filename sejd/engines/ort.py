@@ -413,8 +413,7 @@ def ort_runners(bundle: Bundle, backend: str = "ort-cpu", threads: int | None = 
     model = bundle.load_model()
     native.set_threads(threads)
     runner = native.native_runner_class()
-    runners = [runner(sessions, k, native.NativeBlock(block, bundle.config.num_tokens))
-               for k, block in enumerate(model.blocks)]
+    runners = [runner(sessions, k, block) for k, block in enumerate(model.blocks)]
     for r in runners:
         r.model = model  # the Source reuses it rather than loading the checkpoint again
     return runners

@@ -102,7 +102,7 @@ def test_sequential_block_matches_the_pytorch_decoder(kind, batch, guidance, thr
 
 def test_ort_cpu_runners_take_the_native_step_and_match_pytorch(tiny_bundle):
     runners = ort_runners(tiny_bundle)
-    assert all(isinstance(r.native, native.NativeBlock) for r in runners)
+    assert all(isinstance(r.native, native.NativeBlock) for r in runners)  # packed on first use
     model = runners[0].model  # the runners carry the bundle's model: the Source does not load it twice
     noise = torch.randn(3, 16, 12, generator=torch.Generator().manual_seed(4))
     for plan in ("sequential", "sjd", "gs-jacobi"):
@@ -172,3 +172,12 @@ def test_the_library_is_compiled_once_per_source_into_the_user_cache(monkeypatch
         assert built[0].stat().st_mtime_ns == mtime
     finally:
         native.library.cache_clear()
+
+
+def test_blocks_are_packed_for_the_native_step_only_when_they_step(tiny_bundle):
+    runners = ort_runners(tiny_bundle)
+    assert all(r._native is None for r in runners)  # nothing packed up front
+    noise = torch.randn(1, 16, 12, generator=torch.Generator().manual_seed(5))
+    result = sample(runners[0].model, noise, plan="sjd", runners=runners, progress=False)
+    first = result.stats.blocks[0].block  # SJD: only the first sampling block is decoded token by token
+    assert [r._native is not None for r in runners] == [k == first for k in range(4)]
