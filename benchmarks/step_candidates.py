@@ -11,6 +11,7 @@ arithmetic floor). One block of the model, one token at the middle of the sequen
 Each candidate's outputs are compared with the PyTorch module first (max abs error printed). JSON on stdout.
 
     python benchmarks/step_candidates.py builtin:textures --batch 1,16
+    python benchmarks/step_candidates.py --shape afhq256 --batch 1   # one random block of a published shape
 """
 
 from __future__ import annotations
@@ -194,12 +195,25 @@ def main():
     p.add_argument("source", nargs="?", default="builtin:textures", help="checkpoint, builtin:NAME or bundle")
     p.add_argument("--batch", default="1,16")
     p.add_argument("--block", type=int, default=1)
+    p.add_argument("--shape", default=None, help="instead of SOURCE: random weights of a published shape "
+                                                  "(afhq256, imagenet64, imagenet128), two blocks of it")
     p.add_argument("--runs", type=int, default=2000)
     p.add_argument("--warmup", type=int, default=200)
     a = p.parse_args()
     torch.set_num_threads(1)
     bundle = None
-    if os.path.isdir(a.source):
+    if a.shape:
+        from paper_scale import SHAPES  # a sibling script
+
+        from sejd.model.tarflow import TarFlow, TarFlowConfig
+
+        fields = {k: v for k, v in SHAPES[a.shape].items() if k not in ("dataset", "noise_std")}
+        torch.manual_seed(0)
+        model = TarFlow(TarFlowConfig(**{**fields, "num_blocks": 2})).eval().requires_grad_(False)
+        for b in model.blocks:  # ml-tarflow starts proj_out at zero (an identity block): give it weights
+            b.proj_out.weight.data.normal_(0, 0.02)
+        a.source = f"random {a.shape} block"
+    elif os.path.isdir(a.source):
         from sejd.bundle import load_bundle
 
         bundle = load_bundle(a.source)
