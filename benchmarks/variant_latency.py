@@ -119,6 +119,7 @@ def native_calls(bundle, block: int, batch: int, pos: int):
     if native.available() is not None:
         return {}
     cfg = bundle.config
+    native.set_threads(None)  # all cores, as the ort-cpu runners use it
     nb = native.NativeBlock(bundle.load_model().blocks[block], cfg.num_tokens)
     g = np.random.default_rng(0)
     caches = [g.standard_normal((batch, cfg.num_heads, cfg.num_tokens, cfg.head_dim)).astype(np.float32)
@@ -127,7 +128,8 @@ def native_calls(bundle, block: int, batch: int, pos: int):
     labels = np.full(batch, -1, np.int64) if cfg.num_classes else None
     x = g.standard_normal((batch, cfg.token_dim)).astype(np.float32)
     z = g.standard_normal((batch, cfg.num_tokens, cfg.token_dim)).astype(np.float32) * 0.1
-    return {"step_rows": lambda: nb.step(x, pos, caches, labels, temps, None),
+    pointers, out = nb.cache_pointers(caches), np.empty((2, batch, cfg.token_dim), np.float32)  # as a runner keeps them
+    return {"step_rows": lambda: nb.step(x, pos, pointers, labels, temps, None, out=out),
             "sequential_loop": lambda: nb.sequential(z, caches, labels, temps, None)}
 
 
