@@ -139,7 +139,7 @@ def measure(source: str, backend: str, batches, sample_batches, runs: int, sampl
         from sejd.engines.ort import OrtSessions
 
         sessions = OrtSessions(src.bundle, backend)
-        latency = [row for v in LATENCY_VARIANTS for row in
+        latency = [row for v in LATENCY_VARIANTS if v in src.bundle.variants() for row in  # what was exported
                    graph_latency(sessions, v, cfg.num_blocks - 2, batches, runs, warmup)]
         del sessions  # its sessions hold their own copies of the block's weights
     else:

@@ -86,7 +86,10 @@ def library() -> ctypes.CDLL:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
-    folder = _cache_dir()
+    try:
+        folder = _cache_dir()
+    except OSError as e:  # e.g. a read-only home: the runners keep the ONNX step graphs
+        raise BackendUnavailable(f"native CPU step: cannot create its cache folder ({e})") from None
     target = folder / f"step-{key}.so"
     if not target.exists():
         log.info("compiling the native CPU step (%s)", cc)

@@ -181,3 +181,15 @@ def test_blocks_are_packed_for_the_native_step_only_when_they_step(tiny_bundle):
     result = sample(runners[0].model, noise, plan="sjd", runners=runners, progress=False)
     first = result.stats.blocks[0].block  # SJD: only the first sampling block is decoded token by token
     assert [r._native is not None for r in runners] == [k == first for k in range(4)]
+
+
+def test_an_unwritable_cache_folder_keeps_the_onnx_step(tiny_bundle, monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # sejd/native cannot be created under a file
+    native.library.cache_clear()
+    try:
+        assert "cannot create its cache folder" in native.available()
+        assert type(ort_runners(tiny_bundle)[0]) is OrtBlockRunner
+    finally:
+        native.library.cache_clear()
