@@ -27,11 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sejd.errors import BackendUnavailable
+from sejd.errors import BackendUnavailable, InputError
 
 SOURCE = Path(__file__).with_name("native") / "step.c"
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-shared", "-pthread", "-fno-math-errno",
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-fno-math-errno",
          "-fno-trapping-math")  # no FP exceptions are used: lets float selects (clamps, signs) vectorize
+X86_FLAGS = ("-mprefer-vector-width=512",)  # gcc's x86 option: 512-bit vectors where the processor has them
+COMPILE_TIMEOUT_S = 120
 MAX_HEAD_DIM = 512  # the attention's per-head accumulator in step.c is a stack array of this size
 
 log = logging.getLogger("sejd.native")
@@ -75,16 +77,42 @@ def _cache_dir() -> Path:
     return folder
 
 
+def _flags() -> tuple:
+    import platform
+
+    return FLAGS + (X86_FLAGS if platform.machine().lower() in ("x86_64", "amd64", "i686") else ())
+
+
 @functools.lru_cache(maxsize=None)
+def _load() -> ctypes.CDLL | str:
+    """The compiled library, or why it cannot be had (remembered: a broken compiler is not rerun)."""
+    try:
+        return _compile_and_load()
+    except BackendUnavailable as e:
+        return str(e)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:  # no home, noexec mount, timeout...
+        return f"native CPU step not available: {type(e).__name__}: {e}"
+
+
 def library() -> ctypes.CDLL:
     """The compiled step library (compiled once per source, compiler, flags and processor)."""
     reason = disabled_reason()
     if reason:
         raise BackendUnavailable(f"native CPU step not available: {reason}")
+    lib = _load()
+    if isinstance(lib, str):
+        raise BackendUnavailable(lib)
+    return lib
+
+
+library.cache_clear = _load.cache_clear  # tests: forget a library or a failure
+
+
+def _compile_and_load() -> ctypes.CDLL:
     cc = compiler()
     source = SOURCE.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S).stdout
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(_flags()).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     try:
         folder = _cache_dir()
@@ -95,7 +123,8 @@ def library() -> ctypes.CDLL:
         log.info("compiling the native CPU step (%s)", cc)
         with tempfile.TemporaryDirectory(dir=folder, prefix=".sejd-tmp-native-") as tmp:
             built = Path(tmp) / "step.so"
-            done = subprocess.run([cc, *FLAGS, "-o", str(built), str(SOURCE), "-lm"], capture_output=True, text=True)
+            done = subprocess.run([cc, *_flags(), "-o", str(built), str(SOURCE), "-lm"], capture_output=True,
+                                  text=True, timeout=COMPILE_TIMEOUT_S)
             if done.returncode != 0:
                 raise BackendUnavailable(f"native CPU step: {cc} failed: {done.stderr.strip()[-500:]}")
             os.replace(built, target)  # atomic: a concurrent compile of the same key writes the same file
@@ -116,11 +145,8 @@ def library() -> ctypes.CDLL:
 
 def available() -> str | None:
     """None when the native step compiles and loads here, else why not."""
-    reason = disabled_reason()  # read every time: the library itself is cached
-    if reason:
-        return f"native CPU step not available: {reason}"
     try:
-        library()
+        library()  # the switch and the compiler are looked at every time; the library once
     except BackendUnavailable as e:
         return str(e)
     return None
@@ -142,6 +168,13 @@ def _f32(t) -> np.ndarray:
 
 def _ptr(a: np.ndarray | None):
     return None if a is None else a.ctypes.data
+
+
+def _raise_for(rc: int) -> None:
+    if rc == -1:
+        raise MemoryError("native CPU step: could not allocate its scratch buffers")
+    if rc:  # -2: step.c refused the sizes (checked here first, so a bug if it happens)
+        raise InputError("native CPU step: batch and rows refused (rows must be batch or 2 x batch)")
 
 
 class NativeBlock:
@@ -181,41 +214,70 @@ class NativeBlock:
         if not handle:
             raise MemoryError("native CPU step: could not allocate the packed weights")
         self._lib, self.handle = lib, handle
-        self.D, self.T = dims[0], num_tokens
+        self.D, self.T, self.H, self.hd, self.L, self.classes = dims[0], num_tokens, H, C // H, dims[4], classes
 
     def __del__(self):
         if getattr(self, "handle", None):
             self._lib.sejd_block_free(self.handle)
             self.handle = None
 
-    @staticmethod
-    def cache_pointers(caches) -> ctypes.Array:
+    def cache_pointers(self, caches) -> ctypes.Array:
         """The caches' addresses as step.c takes them (a runner keeps this while its caches stay put)."""
+        want = (2 * self.L, self.H, self.T, self.hd)
+        if len(caches) != want[0]:
+            raise InputError(f"native step: expected {want[0]} caches (key and value per layer), got {len(caches)}")
+        rows = caches[0].shape[0] if caches[0].ndim else 0
         for c in caches:
-            assert c.dtype == np.float32 and c.flags.c_contiguous, "caches must be contiguous float32"
+            if c.dtype != np.float32 or not c.flags.c_contiguous or c.shape != (rows, *want[1:]):
+                raise InputError(f"native step: caches must be contiguous float32 of shape (rows, {want[1]}, "
+                                 f"{want[2]}, {want[3]}); got {c.dtype} {c.shape}")
         return (ctypes.c_void_p * len(caches))(*[c.ctypes.data for c in caches])
+
+    def _check(self, what: str, batch: int, labels, temps, guidance) -> int:
+        """The rows R (B or 2B with guidance) the conditioning describes, after checking it."""
+        R = temps.shape[0] if temps.ndim == 1 else -1
+        if batch < 1 or R not in (batch, 2 * batch) or temps.dtype != np.float32:
+            raise InputError(f"native {what}: temps must be float32 of shape (B,) or (2B,) for a batch of "
+                             f"{batch}; got {temps.dtype} {temps.shape}")
+        if self.classes and (labels is None or labels.dtype != np.int64 or labels.shape != (R,)):
+            raise InputError(f"native {what}: labels must be int64 of shape ({R},)")
+        if guidance is not None and (guidance.dtype != np.float32 or guidance.shape != (2, self.T)
+                                     or not guidance.flags.c_contiguous):
+            raise InputError(f"native {what}: guidance must be contiguous float32 of shape (2, {self.T})")
+        return R
 
     def step(self, x: np.ndarray, pos: int, caches, labels, temps, guidance, out: np.ndarray | None = None):
         """x (B, D) token at `pos` -> guided (xa, xb) (B, D) for token pos+1; caches (R, H, T, hd), or
         their `cache_pointers`, get the token's keys/values at `pos`. `out` (2, B, D): reused output."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        B, R = x.shape[0], temps.shape[0]
-        out = np.empty((2, B, self.D), np.float32) if out is None else out
+        if x.ndim != 2 or x.shape[1] != self.D or not 0 <= pos < self.T:
+            raise InputError(f"native step: x must have shape (B, {self.D}) and pos be in [0, {self.T}); "
+                             f"got {x.shape} at {pos}")
+        B = x.shape[0]
+        R = self._check("step", B, labels, temps, guidance)
+        if out is None or out.shape != (2, B, self.D) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            out = np.empty((2, B, self.D), np.float32)
         ptrs = caches if isinstance(caches, ctypes.Array) else self.cache_pointers(caches)
+        if not isinstance(caches, ctypes.Array) and caches[0].shape[0] != R:
+            raise InputError(f"native step: caches have {caches[0].shape[0]} rows, the conditioning {R}")
         rc = self._lib.sejd_block_step(self.handle, B, R, int(pos), x.ctypes.data, out.ctypes.data, ptrs,
                                        _ptr(labels), _ptr(temps), _ptr(guidance))
-        if rc:
-            raise MemoryError("native CPU step failed to allocate its scratch buffers")
+        _raise_for(rc)
         return out[0], out[1]
 
     def sequential(self, z: np.ndarray, caches, labels, temps, guidance) -> np.ndarray:
         """The block's exact sequential inversion: z (B, T, D) -> x (B, T, D)."""
         z = np.ascontiguousarray(z, dtype=np.float32)
+        if z.ndim != 3 or z.shape[1:] != (self.T, self.D):
+            raise InputError(f"native sequential: z must have shape (B, {self.T}, {self.D}); got {z.shape}")
+        R = self._check("sequential", z.shape[0], labels, temps, guidance)
+        pointers = self.cache_pointers(caches)
+        if caches[0].shape[0] != R:
+            raise InputError(f"native sequential: caches have {caches[0].shape[0]} rows, the conditioning {R}")
         out = np.empty_like(z)
-        rc = self._lib.sejd_block_sequential(self.handle, z.shape[0], temps.shape[0], _ptr(z), _ptr(out),
-                                             self.cache_pointers(caches), _ptr(labels), _ptr(temps), _ptr(guidance))
-        if rc:
-            raise MemoryError("native CPU step failed to allocate its scratch buffers")
+        rc = self._lib.sejd_block_sequential(self.handle, z.shape[0], R, _ptr(z), _ptr(out), pointers,
+                                             _ptr(labels), _ptr(temps), _ptr(guidance))
+        _raise_for(rc)
         return out
 
 
@@ -251,7 +313,7 @@ def native_runner_class():
 
         def _caches_now(self):
             if self._current not in self._pointers:
-                self._pointers[self._current] = NativeBlock.cache_pointers(self._caches[self._current])
+                self._pointers[self._current] = self.native.cache_pointers(self._caches[self._current])
             return self._pointers[self._current]
 
         def project(self, x, start):

@@ -193,3 +193,83 @@ def test_an_unwritable_cache_folder_keeps_the_onnx_step(tiny_bundle, monkeypatch
         assert type(ort_runners(tiny_bundle)[0]) is OrtBlockRunner
     finally:
         native.library.cache_clear()
+
+
+def test_bad_inputs_to_the_native_block_are_refused_before_the_call():
+    model = make_model(num_classes=0)
+    cfg = model.config
+    nb = native.NativeBlock(model.blocks[0], cfg.num_tokens)
+    caches = random_caches(model, 2, 0)
+    ones = np.ones(2, np.float32)
+    x = np.zeros((2, cfg.token_dim), np.float32)
+    with pytest.raises(InputError, match="temps must be float32 of shape"):
+        nb.step(np.zeros((3, cfg.token_dim), np.float32), 0, caches, None, ones, None)  # 2 rows for 3 samples
+    with pytest.raises(InputError, match="x must have shape"):
+        nb.step(np.zeros((2, 5), np.float32), 0, caches, None, ones, None)
+    with pytest.raises(InputError, match="pos be in"):
+        nb.step(x, cfg.num_tokens, caches, None, ones, None)
+    with pytest.raises(InputError, match="expected 4 caches"):
+        nb.step(x, 0, caches[:3], None, ones, None)
+    with pytest.raises(InputError, match="caches must be contiguous float32"):
+        nb.step(x, 0, [c[:, :, ::2] for c in caches], None, ones, None)
+    with pytest.raises(InputError, match="guidance must be"):
+        nb.step(x[:1], 0, caches, None, ones, np.zeros((2, 3), np.float32))
+    with pytest.raises(InputError, match="z must have shape"):
+        nb.sequential(np.zeros((2, 5, cfg.token_dim), np.float32), caches, None, ones, None)
+
+
+def test_two_python_threads_stepping_at_once_get_their_own_results():
+    """ctypes releases the GIL: the library runs one job at a time, so concurrent callers queue."""
+    import threading
+
+    model = make_model(num_classes=0)
+    cfg = model.config
+    native.set_threads(2)
+    blocks = [native.NativeBlock(model.blocks[k], cfg.num_tokens) for k in range(2)]
+    z = torch.randn(2, cfg.num_tokens, cfg.token_dim, generator=torch.Generator().manual_seed(9)).numpy()
+    ones = np.ones(2, np.float32)
+    want = [nb.sequential(z, random_caches(model, 2, 0), None, ones, None) for nb in blocks]
+    got = [[None] * 20 for _ in blocks]
+
+    def run(k):
+        for i in range(20):
+            got[k][i] = blocks[k].sequential(z, random_caches(model, 2, 0), None, ones, None)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    for k in range(2):
+        for result in got[k]:
+            np.testing.assert_array_equal(result, want[k])
+    native.set_threads(None)
+
+
+def test_a_forked_child_runs_the_native_step():
+    """A fork keeps the pool's state but none of its worker threads: the child starts with its own."""
+    import multiprocessing
+
+    model = make_model(num_classes=0, img_size=4)
+    cfg = model.config
+    native.set_threads(2)
+    nb = native.NativeBlock(model.blocks[0], cfg.num_tokens)
+    z = np.random.default_rng(0).standard_normal((1, cfg.num_tokens, cfg.token_dim)).astype(np.float32)
+    ones = np.ones(1, np.float32)
+    want = nb.sequential(z, random_caches(model, 1, 0), None, ones, None)
+
+    def child(queue):
+        native.set_threads(1)  # would join the parent's worker threads without the fork handler
+        native.set_threads(2)
+        queue.put(nb.sequential(z, random_caches(model, 1, 0), None, ones, None))
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=child, args=(queue,))
+    proc.start()
+    got = queue.get(timeout=60)
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    np.testing.assert_array_equal(got, want)
+    native.set_threads(None)

@@ -59,7 +59,6 @@ static struct {
     void *arg;
     Slot next[MAX_THREADS];       /* per home range: (phase << 32) | tasks claimed in that phase */
     Slot completed;               /* tasks finished, over all phases ever */
-    long long phases;             /* phases run so far (the next job's phases are numbered after them) */
 } pool = {.nthreads = 1, .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
 
 static long long now_ns(void) {
@@ -155,9 +154,33 @@ static void pool_stop(void) {
 }
 
 /* Threads that run every following job (the calling thread included); returns the number set. */
+static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER;  /* see run_block */
+static int set_threads_locked(int n);
+
+/* A forked child has the pool's state but none of its threads: it starts with the calling thread only. */
+static void pool_after_fork(void) {
+    pool.nthreads = 1;
+    atomic_store(&pool.sleeping, 0);
+    atomic_store(&pool.active, 0);
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_mutex_init(&job_lock, NULL);
+}
+
+static void register_fork_handler(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
 int sejd_set_threads(int n) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, register_fork_handler);
     if (n < 1) n = 1;
     if (n > MAX_THREADS) n = MAX_THREADS;
+    pthread_mutex_lock(&job_lock);  /* never while a job runs */
+    n = set_threads_locked(n);
+    pthread_mutex_unlock(&job_lock);
+    return n;
+}
+
+static int set_threads_locked(int n) {
     if (n == pool.nthreads) return n;
     pool_stop();
     for (int t = 1; t < n; t++) {
@@ -170,14 +193,13 @@ int sejd_set_threads(int n) {
     return n;
 }
 
-/* Run fn on the calling thread and on every worker that joins before it returns; `fn` returns the
- * number of phases it walked (the caller's count is the job's). */
+/* Run fn on the calling thread and on every worker that joins before it returns. */
 static void run_job(job_fn fn, void *arg) {
     pool.fn = fn;
     pool.arg = arg;
     atomic_store(&pool.open, 1);
     if (pool.nthreads > 1) {
-        atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
+        atomic_fetch_add(&pool.generation, 1);  /* seq_cst: pairs with a worker's sleeping++ then load */
         if (atomic_load(&pool.sleeping)) {
             pthread_mutex_lock(&pool.lock);
             pthread_cond_broadcast(&pool.wake);
@@ -227,6 +249,7 @@ enum { STORE = 0, ADD = 1, GELU = 2 };
 
 static inline float exp_poly(float x) {
     /* e^x = 2^n * e^r, |r| <= ln2/2, e^r by its Taylor series to r^7 (relative error < 2e-8). */
+    if (x != x) return x;  /* NaN stays NaN (and never reaches the integer conversion) */
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     float n = floorf(x * 1.44269504f + 0.5f);
     float r = x - n * 0.693145752f - n * 1.42860677e-06f;
@@ -329,7 +352,7 @@ typedef struct {
     Layer *layers;
     /* scratch, sized for `rows` rows */
     int rows;
-    float *tok, *h, *norm, *qkv, *att, *mlp, *p, *xa, *xb;
+    float *tok, *h, *norm, *qkv, *att, *mlp, *p, *xa, *xb, *scores;  /* scores: T per thread */
 } Block;
 
 static float *copy_floats(const float *src, size_t n) {
@@ -339,7 +362,7 @@ static float *copy_floats(const float *src, size_t n) {
 }
 
 static void free_scratch(Block *b) {
-    float **all[] = {&b->tok, &b->h, &b->norm, &b->qkv, &b->att, &b->mlp, &b->p, &b->xa, &b->xb};
+    float **all[] = {&b->tok, &b->h, &b->norm, &b->qkv, &b->att, &b->mlp, &b->p, &b->xa, &b->xb, &b->scores};
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) { free(*all[i]); *all[i] = NULL; }
     b->rows = 0;
 }
@@ -399,7 +422,8 @@ static int ensure_rows(Block *b, int rows) {
     b->tok = aligned(R * b->D * f); b->h = aligned(R * b->C * f); b->norm = aligned(R * b->C * f);
     b->qkv = aligned(R * 3 * b->C * f); b->att = aligned(R * b->C * f); b->mlp = aligned(R * b->E * f);
     b->p = aligned(R * b->P * f); b->xa = aligned(R * b->D * f); b->xb = aligned(R * b->D * f);
-    if (!(b->tok && b->h && b->norm && b->qkv && b->att && b->mlp && b->p && b->xa && b->xb)) {
+    b->scores = aligned((size_t)MAX_THREADS * b->T * f);
+    if (!(b->tok && b->h && b->norm && b->qkv && b->att && b->mlp && b->p && b->xa && b->xb && b->scores)) {
         free_scratch(b);
         return -1;
     }
@@ -461,7 +485,6 @@ typedef struct {
     const float *temps;            /* (R,) */
     const float *guidance;         /* (2, T) or NULL */
     long long phase0, done0;       /* where the pool's counters stood when the job began */
-    long long phase_end;           /* set by the caller's walk */
 } Job;
 
 /* Attention of one (row, head) pair at token `pos`: this token's key/value into the cache, then
@@ -561,7 +584,7 @@ static void block_job(void *arg, int tid, int nthreads) {
     Block *b = j->b;
     int C = b->C, R = j->R;
     Walk w = {j->phase0, j->done0, 0, tid, nthreads};
-    float *scores = malloc((size_t)b->T * sizeof(float));
+    float *scores = b->scores + (size_t)tid * b->T;
     for (int pos = j->pos; pos < j->end; pos++) {
         PHASE(w, 1, gather_rows(j, pos));
         PHASE(w, linear_tasks(&b->in, R), linear_task(&b->in, b->tok, R, b->h, STORE, task));
@@ -581,24 +604,32 @@ static void block_job(void *arg, int tid, int nthreads) {
         PHASE(w, linear_tasks(&b->out, R), linear_task(&b->out, b->h, R, b->p, STORE, task));
         PHASE(w, 1, finish_token(j, pos));
     }
-    if (tid == 0) j->phase_end = w.id;
-    free(scores);
 }
 
+/* One job at a time in the process (the pool and a block's scratch are shared; ctypes calls release the
+ * GIL, so two Python threads can call in at once): they queue on job_lock. */
 static int run_block(Job *j) {
-    if (!j->b || ensure_rows(j->b, j->R)) return -1;
-    j->phase0 = pool.phases;
-    j->done0 = atomic_load(&pool.completed.v);
+    pthread_mutex_lock(&job_lock);
+    if (!j->b || ensure_rows(j->b, j->R)) {
+        pthread_mutex_unlock(&job_lock);
+        return -1;
+    }
+    /* Phases are numbered from 0 in every job (no worker is inside one now: the last job waited for them),
+     * so the (phase << 32) tags never overflow: a job has at most T x (4 + 7 L) phases. */
+    for (int t = 0; t < MAX_THREADS; t++) atomic_store(&pool.next[t].v, 0);
+    atomic_store(&pool.completed.v, 0);
+    j->phase0 = 1;  /* above every slot's tag, so the first claim of each range starts it */
+    j->done0 = 0;
     run_job(block_job, j);
-    pool.phases = j->phase_end;
+    pthread_mutex_unlock(&job_lock);
     return 0;
 }
 
 /* One token: x (B, D) at `pos` -> out = guided xa, xb (2, B, D); caches get the token's keys/values. */
 int sejd_block_step(Block *b, int B, int R, int pos, const float *x, float *out, float *const *caches,
                     const int64_t *labels, const float *temps, const float *guidance) {
-    if (!b || pos < 0 || pos >= b->T) return -1;
-    Job j = {b, B, R, pos, pos + 1, x, NULL, out, caches, labels, temps, guidance, 0, 0, 0};
+    if (!b || pos < 0 || pos >= b->T || B < 1 || (R != B && R != 2 * B)) return -2;
+    Job j = {b, B, R, pos, pos + 1, x, NULL, out, caches, labels, temps, guidance, 0, 0};
     return run_block(&j);
 }
 
@@ -606,8 +637,8 @@ int sejd_block_step(Block *b, int B, int R, int pos, const float *x, float *out,
  * t = 0 .. T-2, each token's parameters from tokens <= t; out (B, T, D); caches hold positions 0..T-2. */
 int sejd_block_sequential(Block *b, int B, int R, const float *z, float *out, float *const *caches,
                           const int64_t *labels, const float *temps, const float *guidance) {
-    if (!b) return -1;
+    if (!b || B < 1 || (R != B && R != 2 * B)) return -2;
     for (int s = 0; s < B; s++) memcpy(out + (size_t)s * b->T * b->D, z + (size_t)s * b->T * b->D, b->D * sizeof(float));
-    Job j = {b, B, R, 0, b->T - 1, NULL, z, out, caches, labels, temps, guidance, 0, 0, 0};
+    Job j = {b, B, R, 0, b->T - 1, NULL, z, out, caches, labels, temps, guidance, 0, 0};
     return run_block(&j);
 }
