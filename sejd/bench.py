@@ -149,7 +149,17 @@ def bench(src: Session, batches=(1, 16), decoders=DECODERS, runs: int = 5, warmu
                 r["speedup_vs_sequential"] = seq_s / forward_s if seq_s else None
                 r["multiple_of_forward"] = 1.0
     return {"runs": out_runs, "runs_per_measurement": runs, "warmup": warmup, "seed": seed, "guidance": guidance,
-            "config": cfg.to_dict(), "machine": machine_info(), "peak_rss_bytes": peak_rss_bytes()}
+            "config": cfg.to_dict(), "machine": machine_info(), "peak_rss_bytes": peak_rss_bytes(),
+            "single_token_steps": step_path(src)}
+
+
+def step_path(src: Session) -> str:
+    """What ran single tokens: the native CPU step (ort-cpu with a C compiler) or the backend's own."""
+    if any(hasattr(type(r), "native") for r in src.runners or ()):  # the class: the property packs a block
+        from sejd.engines import native
+
+        return f"native CPU step ({native.threads()} threads)"
+    return "the backend's step graphs" if src.runners else "PyTorch"
 
 
 def machine_info() -> dict:
@@ -173,6 +183,8 @@ def table(result: dict) -> str:
                     f"{f'{fwd:.1f}' if fwd else '-':>6} {quality:>8}  {r.get('iterations_per_block', '')}"
                     + (f"  {TIMING_ONLY}" if r.get("timing_only") else ""))
     rows.append(f"peak resident memory: {result['peak_rss_bytes'] / 2**30:.2f} GiB" if "peak_rss_bytes" in result else "")
+    if "single_token_steps" in result:
+        rows.append(f"single-token steps: {result['single_token_steps']}")
     return "\n".join(rows).rstrip()
 
 

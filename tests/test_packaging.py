@@ -38,6 +38,7 @@ def test_wheel_ships_the_builtin_models(wheel):
     for model in ("digits", "textures"):
         assert {f"sejd/assets/{model}/model.safetensors", f"sejd/assets/{model}/config.json"} <= names
     assert not any(n.startswith("tests/") for n in names)
+    assert "sejd/engines/native/step.c" in names  # the native CPU step is compiled from it on first use
 
 
 def test_wheel_in_a_fresh_venv_samples_a_builtin_model(wheel, tmp_path):

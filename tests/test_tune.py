@@ -93,6 +93,8 @@ def test_bench_json_has_every_field(tiny_bundle, tmp_path):
     assert all(r["psnr_db_vs_sequential"] > 100 and r["speedup_vs_sequential"] == 1.0 for r in seq)
     assert png.stat().st_size > 1000 and "torch" in data["machine"] and "onnxruntime" in data["machine"]
     assert data["peak_rss_bytes"] > 10 * 2**20 and not any(r["timing_only"] for r in data["runs"])
+    from sejd.engines.native import available
+    assert data["single_token_steps"].startswith("native CPU step (" if available() is None else "the backend's")
 
 
 def test_the_bench_forward_row_evaluates_the_density_on_the_backend(tiny_bundle):

@@ -157,9 +157,19 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def threads() -> int:
+    """Threads the native calls use now."""
+    return _threads
+
+
 def set_threads(n: int | None) -> int:
     """Threads every native call uses from now on (None: the cores this process may run on)."""
-    return library().sejd_set_threads(int(n or default_threads()))
+    global _threads
+    _threads = library().sejd_set_threads(int(n or default_threads()))
+    return _threads
+
+
+_threads = 1  # step.c starts with the calling thread only
 
 
 def _f32(t) -> np.ndarray:
