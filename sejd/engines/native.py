@@ -74,7 +74,29 @@ def _cache_dir() -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     folder = base / "sejd" / "native"
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _refuse_shared(folder)
     return folder
+
+
+def _refuse_shared(path: Path) -> None:
+    """A library is loaded from `path` only if this user owns it and nobody else may write it (another user
+    who could replace the library would run code in this process)."""
+    st = path.stat()
+    if (hasattr(os, "getuid") and st.st_uid != os.getuid()) or st.st_mode & 0o022:
+        raise BackendUnavailable(f"native CPU step: {path} is writable by others or not owned by this user "
+                                 f"(mode {st.st_mode & 0o777:o}); make it private (chmod go-w) or set XDG_CACHE_HOME")
+
+
+def _remove_stale_scratch(folder: Path, older_than_s: float = 3600) -> None:
+    """Scratch folders of compiles that were killed (a running compile's is younger than its timeout)."""
+    import time
+
+    for tmp in folder.glob(".sejd-tmp-native-*"):
+        try:
+            if time.time() - tmp.stat().st_mtime > older_than_s:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _flags() -> tuple:
@@ -120,6 +142,7 @@ def _compile_and_load() -> ctypes.CDLL:
         raise BackendUnavailable(f"native CPU step: cannot create its cache folder ({e})") from None
     target = folder / f"step-{key}.so"
     if not target.exists():
+        _remove_stale_scratch(folder)
         log.info("compiling the native CPU step (%s)", cc)
         with tempfile.TemporaryDirectory(dir=folder, prefix=".sejd-tmp-native-") as tmp:
             built = Path(tmp) / "step.so"
@@ -128,6 +151,7 @@ def _compile_and_load() -> ctypes.CDLL:
             if done.returncode != 0:
                 raise BackendUnavailable(f"native CPU step: {cc} failed: {done.stderr.strip()[-500:]}")
             os.replace(built, target)  # atomic: a concurrent compile of the same key writes the same file
+    _refuse_shared(target)
     lib = ctypes.CDLL(str(target))
     lib.sejd_set_threads.argtypes = [ctypes.c_int]
     lib.sejd_block_new.restype = ctypes.c_void_p

@@ -273,3 +273,33 @@ def test_a_forked_child_runs_the_native_step():
     assert proc.exitcode == 0
     np.testing.assert_array_equal(got, want)
     native.set_threads(None)
+
+
+def test_a_cache_folder_others_may_write_is_not_loaded_from(tiny_bundle, monkeypatch, tmp_path):
+    folder = tmp_path / "sejd" / "native"
+    folder.mkdir(parents=True)
+    folder.chmod(0o777)  # anyone could swap the library in it
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        assert "writable by others" in native.available()
+        assert type(ort_runners(tiny_bundle)[0]) is OrtBlockRunner
+    finally:
+        native.library.cache_clear()
+
+
+def test_scratch_of_a_killed_compile_is_removed_by_the_next(monkeypatch, tmp_path):
+    import os
+
+    folder = tmp_path / "sejd" / "native"
+    stale = folder / ".sejd-tmp-native-dead"
+    stale.mkdir(parents=True, mode=0o700)
+    folder.chmod(0o700)
+    os.utime(stale, (0, 0))  # long ago
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        native.library()
+        assert not stale.exists() and len(list(folder.glob("step-*.so"))) == 1
+    finally:
+        native.library.cache_clear()
