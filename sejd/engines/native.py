@@ -9,7 +9,8 @@ rate there.
 
 The library is compiled from the package's own source with the machine's C compiler on first use and
 cached per user (`$XDG_CACHE_HOME/sejd/native`, keyed by the source, compiler, flags and processor): no
-code is ever loaded from a bundle. Without a C compiler the runners keep the ONNX `step_rows` graph and
+code is ever loaded from a bundle. `SEJD_NATIVE_MARCH` picks the instruction set (default: this
+processor's). Without a C compiler the runners keep the ONNX `step_rows` graph and
 say so once; `SEJD_NATIVE_STEP=0` turns the native step off.
 """
 
@@ -30,7 +31,7 @@ import numpy as np
 from sejd.errors import BackendUnavailable, InputError
 
 SOURCE = Path(__file__).with_name("native") / "step.c"
-FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-fno-math-errno",
+FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno",
          "-fno-trapping-math")  # no FP exceptions are used: lets float selects (clamps, signs) vectorize
 X86_FLAGS = ("-mprefer-vector-width=512",)  # gcc's x86 option: 512-bit vectors where the processor has them
 COMPILE_TIMEOUT_S = 120
@@ -100,9 +101,12 @@ def _remove_stale_scratch(folder: Path, older_than_s: float = 3600) -> None:
 
 
 def _flags() -> tuple:
+    """FLAGS, the target (`SEJD_NATIVE_MARCH`, default `native`: this processor's instruction set; e.g.
+    `x86-64-v3` builds the AVX2 code for machines without AVX-512), and x86's vector-width preference."""
     import platform
 
-    return FLAGS + (X86_FLAGS if platform.machine().lower() in ("x86_64", "amd64", "i686") else ())
+    march = (f"-march={os.environ.get('SEJD_NATIVE_MARCH', 'native')}",)
+    return FLAGS + march + (X86_FLAGS if platform.machine().lower() in ("x86_64", "amd64", "i686") else ())
 
 
 @functools.lru_cache(maxsize=None)

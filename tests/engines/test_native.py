@@ -302,3 +302,31 @@ def test_scratch_of_a_killed_compile_is_removed_by_the_next(monkeypatch, tmp_pat
         assert not stale.exists() and len(list(folder.glob("step-*.so"))) == 1
     finally:
         native.library.cache_clear()
+
+
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
+def test_the_portable_build_without_avx512_matches_pytorch_too(monkeypatch, tmp_path):
+    """This machine has AVX-512; many do not: the same source built for AVX2 (x86-64-v3) takes the plain-C
+    paths (dot products, kernels vectorized by the compiler) and must agree as well."""
+    monkeypatch.setenv("SEJD_NATIVE_MARCH", "x86-64-v3")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        native.set_threads(2)
+        for kind in ("conditional", "volume-preserving, head_dim 24"):
+            model = make_model(**MODELS[kind])
+            cfg = model.config
+            cond = conditioning(model, 3, 1.5)
+            z = torch.randn(3, cfg.num_tokens, cfg.token_dim, generator=torch.Generator().manual_seed(2))
+            runner = torch_runners(model)[1]
+            runner.begin(3, cond)
+            want = sequential(runner, z).x
+            nb = native.NativeBlock(model.blocks[1], cfg.num_tokens)
+            got = nb.sequential(z.numpy(), random_caches(model, cond.rows, 0),
+                                cond.labels.numpy() if cfg.num_classes else None, cond.temps.numpy(),
+                                cond.guidance.numpy())
+            np.testing.assert_allclose(got, want.numpy(), atol=ATOL, rtol=0)
+        assert "-march=x86-64-v3" in native._flags()
+    finally:
+        native.library.cache_clear()
+        native.set_threads(None)
