@@ -328,5 +328,7 @@ def test_the_portable_build_without_avx512_matches_pytorch_too(monkeypatch, tmp_
             np.testing.assert_allclose(got, want.numpy(), atol=ATOL, rtol=0)
         assert "-march=x86-64-v3" in native._flags()
     finally:
+        monkeypatch.undo()  # before the library is loaded again: later tests must get this machine's build
         native.library.cache_clear()
         native.set_threads(None)
+    assert "-march=native" in native._flags()
