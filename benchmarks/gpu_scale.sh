@@ -60,7 +60,7 @@ for be in "${backends[@]}"; do
       if (( SECONDS > 360 )); then say "skip $be: under 4 minutes left"; continue; fi
       source=$WORK/bundle
       [ -d "$source" ] || stage "export" 240 $PY -m sejd.cli export "$CKPT" -o "$source" \
-        --variants step_rows window jacobi || continue
+        --variants step_rows,window,jacobi || continue
       stage "build $be" 240 $PY -m sejd.cli build "$source" --backend "$be" || continue ;;
   esac
   stage "measure $be" 200 $SCALE --stage measure --path "$source" --backend "$be" "${MEASURE[@]}" \
@@ -96,7 +96,7 @@ for m in measured:
     precision = "bf16" if m["backend"].endswith("bf16") else "fp32"
     for r in m["latency"]:
         rows = r["batch"]  # no guidance: one row per sample
-        if r["variant"] == "step":
+        if r["variant"] in ("step", "step_rows"):  # the runner's step (torch*) or the graph (engines)
             floor = weights * (2 if precision == "bf16" else 4) / HBM_BYTES_PER_S
         elif r["variant"] == "jacobi":  # dense products over all T tokens; scores and values over T x T
             flops = 2 * rows * T * matmul + 4 * rows * layers * T * T * C

@@ -87,16 +87,19 @@ def call_times(fn, runs: int, warmup: int) -> list[float]:
     return times
 
 
+SINGLE_THREAD = ("step_rows", "step_present", "sequential_loop")  # as the runners call them (one thread)
+
+
 def graph_calls(sessions: OrtSessions, variant: str, block: int, batch: int, pos: int, window: int):
     """The call of one built graph at one batch size, with contract-conformant inputs."""
     bundle = sessions.bundle
     c = contract(bundle.config, variant, bundle.unroll)
-    sess = sessions.get(variant, None if variant == "forward" else block, single_thread=variant in (
-        "step_rows", "step_present", "sequential_loop"))
+    sess = sessions.get(variant, None if variant == "forward" else block, single_thread=variant in SINGLE_THREAD)
     feeds = dummy_inputs(c, bundle.config, batch=batch, window=window, tau=0.0)
-    for name in ("pos", "start"):
-        if name in feeds:
-            feeds[name] = np.array(pos, np.int64)
+    if "pos" in feeds:
+        feeds["pos"] = np.array(pos, np.int64)
+    if "start" in feeds:  # the window must fit: start + window <= T
+        feeds["start"] = np.array(min(pos, bundle.config.num_tokens - window), np.int64)
     return lambda: sess.run(None, feeds)
 
 
@@ -112,15 +115,9 @@ def graph_latency(sessions: OrtSessions, variant: str, block: int | None, batche
     return rows
 
 
-def native_calls(bundle, block: int, batch: int, pos: int):
-    """The native step and sequential block (what ort-cpu runs for single tokens), or {} when unavailable."""
-    from sejd.engines import native
-
-    if native.available() is not None:
-        return {}
+def native_calls(bundle, nb, batch: int, pos: int):
+    """The native step and sequential block of NativeBlock `nb` (what ort-cpu runs for single tokens)."""
     cfg = bundle.config
-    native.set_threads(None)  # all cores, as the ort-cpu runners use it
-    nb = native.NativeBlock(bundle.load_model().blocks[block], cfg.num_tokens)
     g = np.random.default_rng(0)
     caches = [g.standard_normal((batch, cfg.num_heads, cfg.num_tokens, cfg.head_dim)).astype(np.float32)
               for _ in range(2 * cfg.layers_per_block)]
@@ -149,18 +146,29 @@ def measure(bundle_path: str, backend: str, batches: list[int], block: int | Non
           file=sys.stderr)
     pos, window = cfg.num_tokens // 2, 8  # a step from the middle of the sequence: a typical KV prefix
     weights_mb = 4 * (macs_per_token(cfg) + cfg.num_tokens * cfg.channels) / 1e6  # one block's, fp32
+    nb = None
+    if backend == "ort-cpu":
+        from sejd.engines import native
+
+        if native.available() is None:
+            native.set_threads(None)  # all cores, as the ort-cpu runners use it
+            nb = native.NativeBlock(bundle.load_model().blocks[block], cfg.num_tokens)
     rows = []
     for batch in batches:
         calls = [(v, "onnx", graph_calls(sessions, v, block, batch, pos, window)) for v in (variants or bundle.variants())]
-        if backend == "ort-cpu":
-            calls += [(v, "native", fn) for v, fn in native_calls(bundle, block, batch, pos).items()]
+        if nb is not None:
+            calls += [(v, "native", fn) for v, fn in native_calls(bundle, nb, batch, pos).items()]
         for variant, engine, fn in calls:
             times = call_times(fn, runs, warmup)
-            f = flops(cfg, variant, batch, pos, window, bundle.unroll)
+            at = min(pos, cfg.num_tokens - window) if variant == "window" else pos  # as graph_calls feeds it
+            f = flops(cfg, variant, batch, at, window, bundle.unroll)
+            # the floor at the rate of the threads the call runs on: one for the ONNX single-token graphs
+            r_used = rate_1 if engine == "onnx" and variant in SINGLE_THREAD else rate
             median = statistics.median(times)
             rows.append({"variant": variant, "engine": engine, "batch": batch, "ms_median": 1e3 * median,
-                         "ms_all": [1e3 * t for t in times], "flops": f, "floor_ms": 1e3 * f / rate,
-                         "times_floor": median * rate / f, "weights_mb": weights_mb * (
+                         "ms_all": [1e3 * t for t in times], "flops": f, "floor_ms": 1e3 * f / r_used,
+                         "threads": 1 if r_used is rate_1 else cores,
+                         "times_floor": median * r_used / f, "weights_mb": weights_mb * (
                              cfg.num_blocks if variant == "forward" else 1)})
             r = rows[-1]
             print(f"{variant:<16} {engine:<6} batch {batch:>3}: {r['ms_median']:9.3f} ms  floor {r['floor_ms']:8.4f} ms"

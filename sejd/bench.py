@@ -49,8 +49,8 @@ def _sequential_loop_plan(n: int):
 
 
 def forward_call(src: Session, images: torch.Tensor, labels):
-    """One density evaluation of `images` on the source's backend, as a callable: the bundle's `forward`
-    graph on ONNX Runtime, else the model's forward pass where its runners keep it (PyTorch, torch-cuda)."""
+    """One density evaluation of `images`, as (callable, what runs it): the bundle's `forward` graph on
+    ONNX Runtime's CPU provider, else the fp32 PyTorch model where the runners keep it (its device)."""
     sessions = getattr(src.runners[0], "sessions", None) if src.runners else None
     if sessions is not None and src.bundle is not None and "forward" in src.bundle.variants():
         import numpy as np
@@ -59,7 +59,7 @@ def forward_call(src: Session, images: torch.Tensor, labels):
         feeds = {"image": images.numpy()}
         if src.model.config.num_classes:
             feeds["labels"] = (labels if labels is not None else torch.full((len(images),), -1)).numpy().astype(np.int64)
-        return lambda: session.run(None, feeds)
+        return (lambda: session.run(None, feeds)), f"forward graph ({src.backend})"
     model = getattr(src.runners[0], "model", src.model) if src.runners else src.model
     device = next(model.parameters()).device
     images, labels = images.to(device), None if labels is None else labels.to(device)
@@ -71,7 +71,7 @@ def forward_call(src: Session, images: torch.Tensor, labels):
             torch.cuda.synchronize()
         return out
 
-    return run
+    return run, f"model.forward (PyTorch fp32, {device.type})"
 
 
 def bench(src: Session, batches=(1, 16), decoders=DECODERS, runs: int = 5, warmup: int = 1, seed: int = 0,
@@ -91,13 +91,20 @@ def bench(src: Session, batches=(1, 16), decoders=DECODERS, runs: int = 5, warmu
         forward_s = None
         for name in decoders:
             if name == "forward":
-                # any images do: the cost of a density evaluation does not depend on the values
-                images = src.model.unpatchify(noise)
-                times, _ = _time(forward_call(src, images, labels), runs, warmup)
+                # any images do: the cost of a density evaluation does not depend on the values; with
+                # guidance the decoders run a cond and an uncond row per sample, so the forward does too
+                images, rows_labels = src.model.unpatchify(noise), labels
+                if guidance > 0:
+                    images = torch.cat([images, images])
+                    if labels is not None:
+                        rows_labels = torch.cat([labels, torch.full_like(labels, -1)])
+                call, what = forward_call(src, images, rows_labels)
+                times, _ = _time(call, runs, warmup)
                 forward_s = statistics.median(times)
                 log(f"  batch {batch:>3} {'forward':<18} {forward_s * 1e3:10.2f} ms")
-                out_runs.append({"decoder": "forward", "variant": "density evaluation",
-                                 "backend": src.backend, "precision": src.precision, "batch": batch,
+                out_runs.append({"decoder": "forward", "variant": "density evaluation", "runs_on": what,
+                                 "rows": len(images), "backend": src.backend, "batch": batch,
+                                 "precision": "fp32" if what.startswith("model.forward") else src.precision,
                                  "seconds_median": forward_s, "seconds_all": times})
                 continue
             if name == "auto":
@@ -122,6 +129,8 @@ def bench(src: Session, batches=(1, 16), decoders=DECODERS, runs: int = 5, warmu
                 if best is None or entry[0] < best[0]:
                     best = entry
             measured[name] = best
+        if not measured:  # only the forward row: no decoder to compare with exact decoding
+            continue
         exact = measured["sequential"][2].images if "sequential" in measured else run("sequential").images
         ref_s = measured["reference"][0] if "reference" in measured else None
         seq_s = measured["sequential"][0] if "sequential" in measured else None

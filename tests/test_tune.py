@@ -103,8 +103,19 @@ def test_the_bench_forward_row_evaluates_the_density_on_the_backend(tiny_bundle)
     src = open_source(tiny_bundle.path, "ort-cpu")
     images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     labels = torch.tensor([1, -1])
-    z, logdet = forward_call(src, images, labels)()  # the bundle's forward graph
+    call, what = forward_call(src, images, labels)
+    assert what == "forward graph (ort-cpu)"
+    z, logdet = call()  # the bundle's forward graph
     with torch.no_grad():
         want_z, _, want_logdet = src.model(images, labels)
     torch.testing.assert_close(torch.from_numpy(z), want_z, atol=1e-4, rtol=0)
     torch.testing.assert_close(torch.from_numpy(logdet), want_logdet, atol=1e-4, rtol=0)
+
+
+def test_bench_forward_alone_decodes_nothing_and_guided_rows_double(tiny_bundle):
+    from sejd.bench import bench
+
+    src = open_source(tiny_bundle.path, "ort-cpu")
+    result = bench(src, batches=(2,), decoders=["forward"], runs=1, warmup=0, guidance=1.0, log=lambda *_: None)
+    (row,) = result["runs"]  # no exact decode behind it
+    assert row["decoder"] == "forward" and row["rows"] == 4 and row["runs_on"] == "forward graph (ort-cpu)"

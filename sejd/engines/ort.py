@@ -427,4 +427,6 @@ def native_step_reason(sessions: OrtSessions) -> str | None:
         return f"backend {sessions.backend}"
     if sessions.manifest.get("precision", "fp32") != "fp32":
         return f"engines built at {sessions.manifest.get('precision')} (the native step computes in fp32)"
+    if sessions.bundle.config.head_dim > native.MAX_HEAD_DIM:
+        return f"head_dim {sessions.bundle.config.head_dim} > {native.MAX_HEAD_DIM}"
     return native.available()

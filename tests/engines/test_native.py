@@ -332,3 +332,13 @@ def test_the_portable_build_without_avx512_matches_pytorch_too(monkeypatch, tmp_
         native.library.cache_clear()
         native.set_threads(None)
     assert "-march=native" in native._flags()
+
+
+def test_check_with_graphs_none_packs_no_block(tiny_bundle):
+    from sejd.check import CheckOptions, check_source
+    from sejd.source import open_source
+
+    src = open_source(tiny_bundle.path, "ort-cpu")
+    report = check_source(src, src.model, CheckOptions(plans=(), graphs="none", show_progress=False))
+    assert not [c for c in report.checks if c.name.endswith("native step")]
+    assert all(r._native is None for r in src.runners)  # nothing packed for checks that do not run
