@@ -414,8 +414,11 @@ def check_bundle(bundle: Bundle, backend: str, plans=None, show_progress=True,
     if plans is not None:  # the tuned plan is the default one: checked whenever there is one
         tuned = ("auto",) if tuned_plans(bundle) else ()
         options = dataclasses.replace(options, plans=tuple(p for p in plans if p != "auto") + tuned)
-    model = bundle.load_model()
     found, precision = backends.backend(backend)
     runners = found.runners(bundle, precision)
     engine_model = getattr(runners[0], "model", None)  # torch-cuda runners carry their own (device) model
+    if engine_model is not None and engine_model.var.device.type == "cpu":
+        model = engine_model  # ort-cpu's runners carry the bundle's own fp32 model: no second copy
+    else:
+        model = bundle.load_model()
     return check_source(Session(model, runners, backend, bundle), model, options, engine_model)
