@@ -27,7 +27,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from sejd.engines.ort import OrtBlockRunner
 from sejd.errors import BackendUnavailable, InputError
 
 SOURCE = Path(__file__).with_name("native") / "step.c"
@@ -171,6 +173,11 @@ def _compile_and_load() -> ctypes.CDLL:
     return lib
 
 
+def unsupported(head_dim: int) -> str | None:
+    """None when step.c can run a model of this shape, else why not."""
+    return f"head_dim {head_dim} > {MAX_HEAD_DIM}" if head_dim > MAX_HEAD_DIM else None
+
+
 def available() -> str | None:
     """None when the native step compiles and loads here, else why not."""
     try:
@@ -219,13 +226,11 @@ class NativeBlock:
     """One MetaBlock's weights packed for step.c (the C side keeps its own copy)."""
 
     def __init__(self, block, num_tokens: int):
-        import torch
-
         lib = library()
         attn = block.attn_blocks[0].attention
         C, H = block.pos_embed.shape[1], attn.num_heads
-        if C // H > MAX_HEAD_DIM:
-            raise BackendUnavailable(f"native CPU step: head_dim {C // H} > {MAX_HEAD_DIM}")
+        if unsupported(C // H):
+            raise BackendUnavailable(f"native CPU step: {unsupported(C // H)}")
         mlp_width = block.attn_blocks[0].mlp.main[0].out_features
         classes = 0 if block.class_embed is None else block.class_embed.shape[0]
         dims = [block.proj_in.in_features, C, H, num_tokens, len(block.attn_blocks), mlp_width,
@@ -284,23 +289,27 @@ class NativeBlock:
             raise InputError(f"native {what}: guidance must be contiguous float32 of shape (2, {self.T})")
         return R
 
-    def step(self, x: np.ndarray, pos: int, caches, labels, temps, guidance, out: np.ndarray | None = None):
+    def step(self, x: np.ndarray, pos: int, caches, labels, temps, guidance):
         """x (B, D) token at `pos` -> guided (xa, xb) (B, D) for token pos+1; caches (R, H, T, hd), or
-        their `cache_pointers`, get the token's keys/values at `pos`. `out` (2, B, D): reused output."""
+        their `cache_pointers`, get the token's keys/values at `pos`. Inputs are checked first."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.D or not 0 <= pos < self.T:
             raise InputError(f"native step: x must have shape (B, {self.D}) and pos be in [0, {self.T}); "
                              f"got {x.shape} at {pos}")
-        B = x.shape[0]
-        R = self._check("step", B, labels, temps, guidance)
-        if out is None or out.shape != (2, B, self.D) or out.dtype != np.float32 or not out.flags.c_contiguous:
-            out = np.empty((2, B, self.D), np.float32)
-        ptrs = caches if isinstance(caches, ctypes.Array) else self.cache_pointers(caches)
-        if not isinstance(caches, ctypes.Array) and caches[0].shape[0] != R:
-            raise InputError(f"native step: caches have {caches[0].shape[0]} rows, the conditioning {R}")
-        rc = self._lib.sejd_block_step(self.handle, B, R, int(pos), x.ctypes.data, out.ctypes.data, ptrs,
-                                       _ptr(labels), _ptr(temps), _ptr(guidance))
-        _raise_for(rc)
+        R = self._check("step", x.shape[0], labels, temps, guidance)
+        if not isinstance(caches, ctypes.Array):
+            pointers = self.cache_pointers(caches)
+            if caches[0].shape[0] != R:
+                raise InputError(f"native step: caches have {caches[0].shape[0]} rows, the conditioning {R}")
+            caches = pointers
+        return self.step_unchecked(x, pos, caches, labels, temps, guidance)
+
+    def step_unchecked(self, x: np.ndarray, pos: int, pointers: ctypes.Array, labels, temps, guidance):
+        """`step` for a caller that checked the inputs already (a runner, against the step_rows contract):
+        x contiguous float32 (B, D), pointers from `cache_pointers`."""
+        out = np.empty((2, x.shape[0], self.D), np.float32)
+        _raise_for(self._lib.sejd_block_step(self.handle, x.shape[0], temps.shape[0], int(pos), x.ctypes.data,
+                                             out.ctypes.data, pointers, _ptr(labels), _ptr(temps), _ptr(guidance)))
         return out[0], out[1]
 
     def sequential(self, z: np.ndarray, caches, labels, temps, guidance) -> np.ndarray:
@@ -313,66 +322,50 @@ class NativeBlock:
         if caches[0].shape[0] != R:
             raise InputError(f"native sequential: caches have {caches[0].shape[0]} rows, the conditioning {R}")
         out = np.empty_like(z)
-        rc = self._lib.sejd_block_sequential(self.handle, z.shape[0], R, _ptr(z), _ptr(out), pointers,
-                                             _ptr(labels), _ptr(temps), _ptr(guidance))
-        _raise_for(rc)
+        _raise_for(self._lib.sejd_block_sequential(self.handle, z.shape[0], R, _ptr(z), _ptr(out), pointers,
+                                                   _ptr(labels), _ptr(temps), _ptr(guidance)))
         return out
 
 
-def native_runner_class():
-    """The ort-cpu block runner with native single-token steps and sequential blocks (defined lazily: the
-    ONNX Runtime runner it extends imports onnxruntime's helpers)."""
-    import torch
+class NativeStepRunner(OrtBlockRunner):
+    """ort-cpu for parallel passes (Jacobi, windows, loops); step.c for single tokens and for whole
+    sequential blocks, reading and writing the same KV caches in place."""
 
-    from sejd.engines.ort import OrtBlockRunner
+    def __init__(self, sessions, block: int, model_block):
+        super().__init__(sessions, block)
+        self._model_block, self._native = model_block, None
 
-    class NativeStepRunner(OrtBlockRunner):
-        """ort-cpu for parallel passes (Jacobi, windows, loops); step.c for single tokens and for whole
-        sequential blocks, reading and writing the same KV caches in place."""
+    @property
+    def native(self) -> NativeBlock:
+        """The block packed for step.c, on first use: a plan that steps through one block packs only that
+        one (at AFHQ-256 shape a block's packed weights are 232 MB)."""
+        if self._native is None:
+            self._native = NativeBlock(self._model_block, self.num_tokens)
+        return self._native
 
-        def __init__(self, sessions, block: int, model_block):
-            super().__init__(sessions, block)
-            self._model_block, self._native = model_block, None
+    def begin(self, batch, cond):
+        super().begin(batch, cond)
+        f = self.cond_feeds
+        self._native_cond = (f.get("labels"), f["temps"], f["guidance"] if self.rows == 2 * batch else None)
+        self._pointers = {}  # per cache side: the caches' addresses, fixed until the next begin
 
-        @property
-        def native(self) -> NativeBlock:
-            """The block packed for step.c, on first use: a plan that steps through one block packs only
-            that one (at AFHQ-256 shape a block's packed weights are 232 MB)."""
-            if self._native is None:
-                self._native = NativeBlock(self._model_block, self.num_tokens)
-            return self._native
+    def project(self, x, start):
+        if x.shape[1] != 1:
+            return super().project(x, start)
+        xa, xb = self.step(x[:, 0], start)
+        return xa[:, None], xb[:, None]
 
-        def begin(self, batch, cond):
-            super().begin(batch, cond)
-            f = self.cond_feeds
-            self._native_cond = (f.get("labels"), f["temps"], f["guidance"] if self.rows == 2 * batch else None)
-            self._pointers = {}  # per cache side: the caches' addresses, fixed until the next begin
-            self._out = np.empty((2, batch, self.token_dim), np.float32)
+    def step(self, x_tok, pos):
+        x = np.ascontiguousarray(x_tok.numpy())
+        # the inputs the step_rows graph would take, checked against its contract (once per shape)
+        self._validate("step_rows", {"x": x[:, None], "pos": np.array(pos, np.int64)}, with_caches=True)
+        if not 0 <= pos < self.num_tokens:
+            raise InputError(f"step: position must be in [0, {self.num_tokens}), got {pos}")
+        if self._current not in self._pointers:
+            self._pointers[self._current] = self.native.cache_pointers(self._caches[self._current])
+        xa, xb = self.native.step_unchecked(x, pos, self._pointers[self._current], *self._native_cond)
+        return torch.from_numpy(xa), torch.from_numpy(xb)
 
-        def _caches_now(self):
-            if self._current not in self._pointers:
-                self._pointers[self._current] = self.native.cache_pointers(self._caches[self._current])
-            return self._pointers[self._current]
-
-        def project(self, x, start):
-            if x.shape[1] != 1:
-                return super().project(x, start)
-            xa, xb = self.step(x[:, 0], start)
-            return xa[:, None], xb[:, None]
-
-        def step(self, x_tok, pos):
-            x = x_tok.numpy()
-            # the inputs the step_rows graph would take, checked against its contract before the native call
-            self._validate("step_rows", {"x": x[:, None], "pos": np.array(pos, np.int64)}, with_caches=True)
-            if not 0 <= pos < self.num_tokens:
-                from sejd.errors import InputError
-                raise InputError(f"step: position must be in [0, {self.num_tokens}), got {pos}")
-            out = self._out if x.shape[0] == self._out.shape[1] else None
-            xa, xb = self.native.step(x, pos, self._caches_now(), *self._native_cond, out=out)
-            return torch.from_numpy(xa.copy()), torch.from_numpy(xb.copy())  # _out is reused by the next step
-
-        def sequential_loop(self, z):
-            self._validate("sequential_loop", {"z": z.numpy()}, with_caches=False)
-            return torch.from_numpy(self.native.sequential(z.numpy(), self._caches[self._current], *self._native_cond))
-
-    return NativeStepRunner
+    def sequential_loop(self, z):
+        self._validate("sequential_loop", {"z": z.numpy()}, with_caches=False)
+        return torch.from_numpy(self.native.sequential(z.numpy(), self._caches[self._current], *self._native_cond))

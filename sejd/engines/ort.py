@@ -412,8 +412,7 @@ def ort_runners(bundle: Bundle, backend: str = "ort-cpu", threads: int | None = 
 
     model = bundle.load_model()
     native.set_threads(threads)
-    runner = native.native_runner_class()
-    runners = [runner(sessions, k, block) for k, block in enumerate(model.blocks)]
+    runners = [native.NativeStepRunner(sessions, k, block) for k, block in enumerate(model.blocks)]
     for r in runners:
         r.model = model  # the Source reuses it rather than loading the checkpoint again
     return runners
@@ -427,6 +426,4 @@ def native_step_reason(sessions: OrtSessions) -> str | None:
         return f"backend {sessions.backend}"
     if sessions.manifest.get("precision", "fp32") != "fp32":
         return f"engines built at {sessions.manifest.get('precision')} (the native step computes in fp32)"
-    if sessions.bundle.config.head_dim > native.MAX_HEAD_DIM:
-        return f"head_dim {sessions.bundle.config.head_dim} > {native.MAX_HEAD_DIM}"
-    return native.available()
+    return native.unsupported(sessions.bundle.config.head_dim) or native.available()
