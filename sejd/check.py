@@ -359,10 +359,10 @@ def native_checks(src, model, options: CheckOptions, compared: list[dict]) -> li
     cfg = model.config
     c = contract(cfg, "step_rows")
     atol = options.atol if options.atol is not None else c.atol
+    all_feeds = graph_feeds(c, cfg, feed_specs(options.seed, options.quick))  # the same for every block
     checks = []
     for k, runner in progress(runners, desc="check native step", enabled=options.show_progress):
         worst, passed = {}, True
-        all_feeds = graph_feeds(c, cfg, feed_specs(options.seed, options.quick))
         for feeds in all_feeds:
             caches = [np.array(feeds[f"past.{n}"]) for n in runner.cache_names]
             batch, pos = feeds["x"].shape[0], int(feeds["pos"])
