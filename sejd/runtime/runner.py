@@ -76,6 +76,8 @@ class BlockRunner(abc.ABC):
 
     num_tokens: int  # T
     token_dim: int  # D
+    # what runs this block's single tokens (step and sequential blocks); recorded in plans and results
+    single_token_path: str = "PyTorch"
 
     @abc.abstractmethod
     def begin(self, batch: int, cond: Conditioning) -> None:
