@@ -1,6 +1,8 @@
+import dataclasses
 import json
 import shutil
 import statistics
+import time
 
 import pytest
 import torch
@@ -9,7 +11,8 @@ from sejd import PlanError, sample
 from sejd.metrics import psnr_db
 from sejd.cli import main
 from sejd.source import open_source
-from sejd.tune import tune
+from sejd.runtime.plan import BlockPlan, Plan
+from sejd.tune import Tuner, tune
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +42,63 @@ def test_plan_json_records_its_measurements_and_bundle(tuned, tiny_bundle):
     assert data["meta"]["bundle_manifest_sha256"] == tiny_bundle.manifest_sha256
     assert len(data["blocks"]) == 4 and len(data["meta"]["trials"]) >= 4
     assert all({"seconds", "psnr_db", "iterations"} <= set(t) for t in data["meta"]["trials"])
+
+
+def test_plan_json_records_the_head_to_head_and_the_single_token_path(tuned, tiny_bundle):
+    src, plan = tuned
+    h2h = plan.meta["head_to_head"]
+    names = h2h["order"][0]
+    assert h2h["rounds"] >= 5 and names[0] == "tuned" and "sequential[host]" in names
+    for r, order in enumerate(h2h["order"]):  # every round runs every candidate once, the order rotating
+        assert order == names[r % len(names):] + names[:r % len(names)]
+    medians = {n: statistics.median(v) for n, v in h2h["seconds"].items()}
+    assert h2h["winner"] == min(medians, key=medians.get)
+    assert all(len(v) == h2h["rounds"] for v in h2h["seconds"].values())
+    for name in h2h["left_out"]:  # a named plan is left out only for missing the target
+        assert h2h["psnr_db"][name] < 45.0
+    assert plan.meta["single_token_path"] == src.runners[0].single_token_path
+
+
+def _slowed(monkeypatch, runner, method, seconds):
+    original = getattr(runner, method)
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner, method, slow)
+
+
+def test_the_exact_baseline_takes_each_blocks_fastest_exact_path(tiny_bundle, monkeypatch):
+    src = open_source(tiny_bundle.path, "ort-cpu")
+    _slowed(monkeypatch, src.runners[0], "sequential_loop", 0.05)  # block 0: the one-call path made slow
+    _slowed(monkeypatch, src.runners[1], "step", 0.005)  # block 1: 15 host-driven steps made slow
+    tuner = Tuner(src, 1, 40.0, taus=(0.5,), calib_seeds=(0,), holdout_seeds=(1000,), repeats=1, log=lambda *_: None)
+    baseline = tuner.exact_baseline()
+    assert [b.decoder for b in baseline.plan.blocks] == ["sequential"] * 4
+    assert tuner.exact[0].variant == "host" and tuner.exact[1].variant == "loop"
+    assert baseline.plan.blocks[0].variant == "host" and baseline.plan.blocks[1].variant == "loop"
+    assert tuner.uniform(0.5, "sequential").blocks[3] == tuner.exact[3]  # exact blocks of every candidate
+
+
+def test_auto_is_never_slower_than_the_fastest_named_plan_reaching_the_target(tiny_bundle, monkeypatch, tmp_path):
+    """The search's stages compare runs taken at different moments; here they are made to end on a plan
+    that is 10x slower than exact decoding (every block Jacobi, each pass slowed): the head-to-head
+    must replace it by the fastest named plan that reaches the target."""
+    src = open_source(tiny_bundle.path, "ort-cpu")
+    for r in src.runners:
+        _slowed(monkeypatch, r, "jacobi_iter", 0.01)
+    slow = Plan("auto", [BlockPlan("jacobi", tau=0.001) for _ in range(4)])
+    monkeypatch.setattr(Tuner, "search_uniform", lambda self, best: best)
+    monkeypatch.setattr(Tuner, "variants", lambda self, best: self.run(slow))
+    plan = tune(src, batch=1, target_db=40.0, taus=(0.5, 0.001), out=tmp_path / "plan.json", log=lambda *a: None)
+    h2h = plan.meta["head_to_head"]
+    assert h2h["winner"] != "tuned" and plan.meta["chosen"].startswith("named plan")
+    assert all(b.decoder == "sequential" for b in plan.blocks) or h2h["winner"] in ("sjd", "gs-jacobi", "ujd")
+    medians = h2h["median_seconds"]
+    assert medians[h2h["winner"]] == min(medians.values()) and medians["tuned"] > medians[h2h["winner"]]
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["blocks"] == [dataclasses.asdict(b) for b in plan.blocks]
 
 
 def test_plan_for_another_bundle_is_refused(tuned, tiny_bundle, tmp_path):
