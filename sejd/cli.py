@@ -173,7 +173,10 @@ def _sample(a):
                 np.save(f, result.images.numpy())
         print(f"wrote {a.npy}")
     if a.json:
-        write_json(a.json, result.stats.to_dict())
+        from sejd.bench import REFERENCE_PATH, step_path
+
+        path = REFERENCE_PATH if str(plan) == "reference" else step_path(src)
+        write_json(a.json, dict(result.stats.to_dict(), single_token_path=path))
         print(f"wrote {a.json}")
 
 
@@ -250,12 +253,19 @@ def _bench(a):
     if unknown:
         raise SejdError(f"unknown decoders {unknown}; expected a subset of {list(DECODERS)}")
     _positive(a.runs, "--runs")
+    if a.warmup < 0:
+        raise SejdError(f"--warmup must be >= 0, got {a.warmup}")
     batches = _numbers(a.batch, int, "--batch")
     _seed(a.seed)
     _finite(a.guidance, "--guidance")
     _output_files(a, "--json", "--plot")
     src = _open(a.source, a.backend, a.config)
-    result = bench(src, batches, a.decoders.split(","), runs=a.runs, warmup=a.warmup, seed=a.seed, guidance=a.guidance)
+    def log(line):  # the table ends with the warnings: not printed twice
+        if not line.startswith("bench: warning: "):
+            print(line)
+
+    result = bench(src, batches, a.decoders.split(","), runs=a.runs, warmup=a.warmup, seed=a.seed, guidance=a.guidance,
+                   log=log)
     print(table(result))
     if a.json:
         write_json(a.json, result)
@@ -463,14 +473,16 @@ def _add_serve(sub):
 def _add_bench(sub):
     from sejd.bench import DECODERS
 
-    be = _command(sub, "bench", "time every decoder side by side (warm-up, median of runs)", _bench)
+    be = _command(sub, "bench", "time every decoder side by side in interleaved rounds (median, min, spread; "
+                  "warns when rows are noisy or the machine was loaded)", _bench)
     be.add_argument("source", help="bundle folder (engines), checkpoint or builtin:NAME (PyTorch)")
     be.add_argument("--backend", default="auto", help=BACKEND_HELP)
     be.add_argument("--config", default=None, help=CONFIG_HELP)
     be.add_argument("--batch", default="1,16", help="comma-separated batch sizes")
     be.add_argument("--decoders", default=",".join(DECODERS), help="comma-separated subset of " + ", ".join(DECODERS))
-    be.add_argument("--runs", type=int, default=5, help="timed runs per decoder and batch (the median is reported)")
-    be.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    be.add_argument("--runs", type=int, default=5, help="timed rounds per batch; each round runs every decoder "
+                    "once, starting one decoder later than the round before (median, min and spread are reported)")
+    be.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     be.add_argument("--seed", type=int, default=0, help="noise seed")
     be.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight")
     be.add_argument("--json", default=None, help="write the runs as JSON")
