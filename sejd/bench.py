@@ -141,7 +141,7 @@ def bench(src: Session, batches=(1, 16), decoders=DECODERS, runs: int = 5, warmu
     return {"runs": out_runs, "runs_per_measurement": runs, "warmup": warmup, "rounds": "interleaved",
             "seed": seed, "guidance": guidance, "config": src.model.config.to_dict(),
             "machine": machine.machine_info(extra), "peak_rss_bytes": peak_rss_bytes(),
-            "single_token_steps": step_path(src), "warnings": warnings, "loaded": loaded}
+            "single_token_steps": src.single_token_path, "warnings": warnings, "loaded": loaded}
 
 
 def _bench_batch(src: Session, batch: int, decoders, runs: int, warmup: int, seed: int, guidance: float, log):
@@ -201,7 +201,7 @@ def _bench_batch(src: Session, batch: int, decoders, runs: int, warmup: int, see
     exact = measured["sequential"].result.images if "sequential" in measured else run("sequential").images
     medians = {name: statistics.median(c.times) for name, c in measured.items()}
     ref_s, seq_s = medians.get("reference"), medians.get("sequential")
-    path = step_path(src)
+    path = src.single_token_path
     for name, c in measured.items():
         stats, median = c.result.stats, medians[name]
         out.append({
@@ -225,15 +225,6 @@ def _bench_batch(src: Session, batch: int, decoders, runs: int, warmup: int, see
         out[0].update(speedup_vs_reference=ref_s / forward_s if ref_s else None,
                       speedup_vs_sequential=seq_s / forward_s if seq_s else None, multiple_of_forward=1.0)
     return out
-
-
-def step_path(src: Session) -> str:
-    """What ran single tokens: the runners' own account (`BlockRunner.single_token_path`), else PyTorch."""
-    if src.runners:
-        return src.runners[0].single_token_path
-    from sejd.runtime.torch_runner import TorchBlockRunner  # what `sample` runs without runners
-
-    return TorchBlockRunner.single_token_path
 
 
 def table(result: dict) -> str:

@@ -173,9 +173,9 @@ def _sample(a):
                 np.save(f, result.images.numpy())
         print(f"wrote {a.npy}")
     if a.json:
-        from sejd.bench import REFERENCE_PATH, step_path
+        from sejd.bench import REFERENCE_PATH
 
-        path = REFERENCE_PATH if str(plan) == "reference" else step_path(src)
+        path = REFERENCE_PATH if str(plan) == "reference" else src.single_token_path
         write_json(a.json, dict(result.stats.to_dict(), single_token_path=path))
         print(f"wrote {a.json}")
 

@@ -22,6 +22,13 @@ class Session:
     backend: str
     bundle: object | None = None  # sejd.bundle.Bundle when the source is a bundle
 
+    @property
+    def single_token_path(self) -> str:
+        """What runs single tokens here: the runners' own account, or the PyTorch reference's."""
+        from sejd.runtime.runner import BlockRunner
+
+        return self.runners[0].single_token_path if self.runners else BlockRunner.single_token_path
+
     def plan(self, name, batch: int | None = None):
         """A Plan for this session: a named plan, `auto` (the plan tuned for the batch size nearest to
         `batch`) or a plan file, which must have been made for this bundle when it says which."""

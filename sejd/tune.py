@@ -39,7 +39,6 @@ from pathlib import Path
 from sejd.metrics import psnr_db
 from sejd.errors import PlanError
 from sejd.request import seeded_labels, seeded_noise
-from sejd.runtime.runner import BlockRunner
 from sejd.runtime.plan import NAMED_PLANS, BlockPlan, Plan, named_plan
 from sejd.runtime.sampler import sample
 from sejd.source import Session
@@ -259,7 +258,7 @@ class Tuner:
         the first calibration noise (one warm-up run each first): (winner, its plan, the record)."""
         candidates, psnrs = {"tuned": tuned}, {}
         for name, plan in self.named_candidates().items():
-            psnrs[name] = float("inf") if name.startswith("sequential") else self.quality(plan)
+            psnrs[name] = self.quality(plan)
             if psnrs[name] >= self.target:
                 candidates[name] = plan
             else:
@@ -283,7 +282,7 @@ class Tuner:
             self.log(f"  head-to-head {name:<18} median {medians[name] * 1e3:8.1f} ms  min {min(times[name]) * 1e3:8.1f} ms"
                      + ("  <- auto" if name == winner else ""))
         record = {"rounds": len(order_log), "order": order_log, "seconds": times, "median_seconds": medians,
-                  "psnr_db": {n: (None if p == float("inf") else p) for n, p in psnrs.items()},
+                  "psnr_db": psnrs,
                   "left_out": sorted(n for n in psnrs if n not in candidates), "winner": winner}
         return winner, candidates[winner], record
 
@@ -296,7 +295,7 @@ def tune(src: Session, batch: int = 1, target_db: float = 40.0, taus=TAU_GRID, g
     calib = tuple(range(-(-8 // batch)))
     holdout_seeds = tuple(HOLDOUT_SEEDS[0] + i for i in range(-(-16 // batch)))
     tuner = Tuner(src, batch, target_db, taus, guidance, calib_seeds=calib, holdout_seeds=holdout_seeds, log=log)
-    path = single_token_path(src)
+    path = src.single_token_path
     log(f"tune: batch {batch}, target {target_db} dB on {src.backend}; single tokens: {path}")
     best = tuner.search_uniform(tuner.exact_baseline())
     best = tuner.per_block_decoder(best)
@@ -326,7 +325,3 @@ def tune(src: Session, batch: int = 1, target_db: float = 40.0, taus=TAU_GRID, g
             write_json(src.bundle.path / "plans" / f"batch-{batch}.json", plan.to_dict())
     return plan
 
-
-def single_token_path(src: Session) -> str:
-    """What runs single tokens in this session (the runners' own account; PyTorch without engines)."""
-    return src.runners[0].single_token_path if src.runners else BlockRunner.single_token_path

@@ -142,7 +142,8 @@ def test_bench_json_has_every_field(tiny_bundle, tmp_path):
     data["runs"] = [r for r in data["runs"] if r["decoder"] != "forward"]
     for r in data["runs"]:  # every decoder as a multiple of the density evaluation of its batch
         assert r["multiple_of_forward"] == pytest.approx(r["seconds_median"] / forward[r["batch"]]["seconds_median"])
-    fields = {"decoder", "backend", "batch", "seconds_median", "seconds_all", "speedup_vs_reference",
+    fields = {"decoder", "backend", "batch", "seconds_median", "seconds_all", "seconds_min", "spread", "noisy",
+              "single_token_path", "speedup_vs_reference",
               "speedup_vs_sequential", "psnr_db_vs_sequential", "max_abs_vs_sequential", "iterations_per_block",
               "seconds_per_block", "timing_only", "peak_rss_bytes"}
     assert {r["decoder"] for r in data["runs"]} == {"reference", "sequential", "sjd"}
@@ -153,8 +154,9 @@ def test_bench_json_has_every_field(tiny_bundle, tmp_path):
     assert all(r["psnr_db_vs_sequential"] > 100 and r["speedup_vs_sequential"] == 1.0 for r in seq)
     assert png.stat().st_size > 1000 and "torch" in data["machine"] and "onnxruntime" in data["machine"]
     assert data["peak_rss_bytes"] > 10 * 2**20 and not any(r["timing_only"] for r in data["runs"])
-    from sejd.engines.native import available
-    assert data["single_token_steps"].startswith("native CPU step (" if available() is None else "the backend's")
+    assert data["single_token_steps"] == open_source(tiny_bundle.path, "ort-cpu").single_token_path != "PyTorch"
+    assert all(r["single_token_path"] == data["single_token_steps"] for r in data["runs"]
+               if r["decoder"] not in ("forward", "reference"))
 
 
 def test_the_bench_forward_row_evaluates_the_density_on_the_backend(tiny_bundle):
