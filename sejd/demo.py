@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     p.add_argument("--source", default="builtin:textures")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--batch", default="1,16", help="batch sizes for the speed table")
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=5, help="interleaved rounds of the speed table")
     a = p.parse_args(argv)
 
     from sejd.bench import bench, plot, table
@@ -50,13 +50,18 @@ def main(argv=None) -> int:
     print(f"{time.perf_counter() - t:.0f} s")
 
     src = open_source(bundle.path, "ort-cpu")
+    print(f"single tokens run in: {src.single_token_path}")
     for batch in batches:
         t = step(f"tune a plan for batch {batch} (PSNR >= 40 dB against exact sequential decoding)")
         plan = tune(src, batch=batch, target_db=40.0, out=bundle.path / "plan.json", log=lambda *x: None)
         for k, b in enumerate(plan.blocks):
             print(f"  blocks[{k}]: {b.decoder} [{b.variant}]" +
                   ("" if b.decoder == "sequential" else f" tau={b.tau}" + (" +frozen prefix" if b.freeze else "")))
-        print(f"  hold-out PSNR {plan.meta['holdout']['psnr_db']:.1f} dB; {time.perf_counter() - t:.0f} s")
+        h2h = plan.meta["head_to_head"]
+        print("  head-to-head (median of " + str(h2h["rounds"]) + " interleaved rounds): " + ", ".join(
+            f"{name} {sec * 1e3:.1f} ms" for name, sec in sorted(h2h["median_seconds"].items(), key=lambda e: e[1])))
+        print(f"  auto = {plan.meta['chosen']}; hold-out PSNR {plan.meta['holdout']['psnr_db']:.1f} dB; "
+              f"{time.perf_counter() - t:.0f} s")
 
     t = step("sample 16 images with the tuned plan")
     src = open_source(bundle.path, "ort-cpu")
@@ -75,7 +80,7 @@ def main(argv=None) -> int:
     print(report.summary().splitlines()[-1])
     write_json(out / "check.json", report.to_dict())
 
-    t = step(f"speed table (batch {a.batch}, median of {a.runs} runs)")
+    t = step(f"speed table (batch {a.batch}, {a.runs} interleaved rounds)")
     result = bench(src, batches, runs=a.runs, warmup=1, log=lambda *x: None)
     print(table(result))
     write_json(out / "bench.json", result)
