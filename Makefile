@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install clean
 
-$(STAMP): pyproject.toml
+# setup.py compiles the native CPU step at install: a changed step.c reinstalls
+$(STAMP): pyproject.toml setup.py sejd/engines/native/step.c
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: the CPU build; the project's range then installs nothing more
