@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -158,18 +159,27 @@ def _compile_and_load() -> ctypes.CDLL:
                 raise BackendUnavailable(f"native CPU step: {cc} failed: {done.stderr.strip()[-500:]}")
             os.replace(built, target)  # atomic: a concurrent compile of the same key writes the same file
     _refuse_shared(target)
-    lib = ctypes.CDLL(str(target))
-    lib.sejd_set_threads.argtypes = [ctypes.c_int]
-    lib.sejd_block_new.restype = ctypes.c_void_p
-    lib.sejd_block_new.argtypes = [ctypes.POINTER(ctypes.c_int), _F32P, _F32P, _F32P, ctypes.POINTER(_F32P), _F32P,
+    return _declare(ctypes.CDLL(str(target)))
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """The C signatures of step.c's functions on a loaded library (returned, for chaining)."""
+    P, I = ctypes.c_void_p, ctypes.c_int
+    lib.sejd_build_id.restype, lib.sejd_build_id.argtypes = ctypes.c_char_p, []
+    lib.sejd_pool_new.restype, lib.sejd_pool_new.argtypes = P, [I]
+    lib.sejd_pool_free.restype, lib.sejd_pool_free.argtypes = None, [P]
+    lib.sejd_pool_threads.restype, lib.sejd_pool_threads.argtypes = I, [P]
+    lib.sejd_pool_park.restype, lib.sejd_pool_park.argtypes = None, [P]
+    lib.sejd_block_new.restype = P
+    lib.sejd_block_new.argtypes = [ctypes.POINTER(I), _F32P, _F32P, _F32P, ctypes.POINTER(_F32P), _F32P,
                                    _F32P, _F32P, ctypes.c_float]
-    lib.sejd_block_free.argtypes = [ctypes.c_void_p]
-    lib.sejd_block_step.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                    ctypes.c_void_p]
-    lib.sejd_block_sequential.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                          ctypes.c_void_p]
+    lib.sejd_block_free.restype, lib.sejd_block_free.argtypes = None, [P]
+    # pool, block, B, R, pos, x, out, caches, labels, temps, guidance
+    lib.sejd_block_step.restype = I
+    lib.sejd_block_step.argtypes = [P, P, I, I, I, P, P, P, P, P, P]
+    # pool, block, B, R, z, out, caches, labels, temps, guidance
+    lib.sejd_block_sequential.restype = I
+    lib.sejd_block_sequential.argtypes = [P, P, I, I, P, P, P, P, P, P]
     return lib
 
 
@@ -188,23 +198,79 @@ def available() -> str | None:
 
 
 def default_threads() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The cores this process may use: the affinity mask and the cgroup CPU quota (`sejd.machine`)."""
+    try:
+        from sejd.machine import usable_cores
+    except ImportError:  # a tree without sejd.machine: the affinity mask alone
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return usable_cores()
+
+
+class Pool:
+    """step.c's worker threads (`sejd_pool_new` of `lib`): `threads` of them, the calling thread included.
+    Waiting threads spin briefly and then sleep; `park()` sends idle ones to sleep at once. In a forked
+    child the pool has no workers and runs every call on the calling thread (`threads` then says 1)."""
+
+    def __init__(self, threads: int, lib: ctypes.CDLL):
+        handle = lib.sejd_pool_new(int(threads))
+        if not handle:
+            raise MemoryError("native CPU step: could not allocate its thread pool")
+        self.lib, self.handle, self.requested, self.pid = lib, handle, int(threads), os.getpid()
+
+    @property
+    def threads(self) -> int:
+        """Threads a call runs on in this process (1 in a forked child)."""
+        return self.lib.sejd_pool_threads(self.handle)
+
+    def park(self) -> None:
+        """Idle workers stop spinning now (before other code, e.g. ONNX Runtime's thread pool, needs the
+        cores); the next call wakes them."""
+        self.lib.sejd_pool_park(self.handle)
+
+    def __del__(self):
+        if getattr(self, "handle", None):
+            self.lib.sejd_pool_free(self.handle)  # joins the workers (after a call still running on it)
+            self.handle = None
+
+
+_pool: Pool | None = None  # the process-wide pool every native call runs on (set_threads replaces it)
+_pool_lock = threading.Lock()
+
+
+def pool(lib: ctypes.CDLL | None = None) -> Pool:
+    """The process-wide pool, of `lib` (default: `library()`); one thread (the caller's) until
+    `set_threads` says otherwise. A forked child keeps the parent's pool, which runs on the calling thread
+    there, until it calls `set_threads`."""
+    p = _pool
+    if p is not None and (lib is None or p.lib is lib):
+        return p
+    return _set_pool(p.requested if p else 1, lib or library())  # first use, or a rebuilt library
+
+
+def _set_pool(n: int, lib: ctypes.CDLL) -> Pool:
+    """The pool, recreated unless it is `lib`'s, has `n` threads and was made in this process."""
+    global _pool
+    with _pool_lock:
+        p = _pool
+        if p is None or p.requested != n or p.lib is not lib or p.pid != os.getpid():
+            _pool = p = Pool(n, lib)  # the old one is freed when its last call returns (a call holds it)
+        return p
 
 
 def threads() -> int:
     """Threads the native calls use now."""
-    return _threads
+    return _pool.threads if _pool is not None else 1
 
 
 def set_threads(n: int | None) -> int:
-    """Threads every native call uses from now on (None: the cores this process may run on)."""
-    global _threads
-    _threads = library().sejd_set_threads(int(n or default_threads()))
-    return _threads
+    """Threads every native call uses from now on (None: the cores this process may use)."""
+    return _set_pool(max(1, int(n or default_threads())), library()).threads
 
 
-_threads = 1  # step.c starts with the calling thread only
+def park() -> None:
+    """Idle native workers stop spinning now (see `Pool.park`); nothing when no pool exists yet."""
+    if _pool is not None:
+        _pool.park()
 
 
 def _f32(t) -> np.ndarray:
@@ -308,8 +374,10 @@ class NativeBlock:
         """`step` for a caller that checked the inputs already (a runner, against the step_rows contract):
         x contiguous float32 (B, D), pointers from `cache_pointers`."""
         out = np.empty((2, x.shape[0], self.D), np.float32)
-        _raise_for(self._lib.sejd_block_step(self.handle, x.shape[0], temps.shape[0], int(pos), x.ctypes.data,
-                                             out.ctypes.data, pointers, _ptr(labels), _ptr(temps), _ptr(guidance)))
+        p = pool(self._lib)  # held through the call: set_threads on another thread frees the pool it replaces
+        _raise_for(self._lib.sejd_block_step(p.handle, self.handle, x.shape[0], temps.shape[0], int(pos),
+                                             x.ctypes.data, out.ctypes.data, pointers, _ptr(labels), _ptr(temps),
+                                             _ptr(guidance)))
         return out[0], out[1]
 
     def sequential(self, z: np.ndarray, caches, labels, temps, guidance) -> np.ndarray:
@@ -322,8 +390,9 @@ class NativeBlock:
         if caches[0].shape[0] != R:
             raise InputError(f"native sequential: caches have {caches[0].shape[0]} rows, the conditioning {R}")
         out = np.empty_like(z)
-        _raise_for(self._lib.sejd_block_sequential(self.handle, z.shape[0], R, _ptr(z), _ptr(out), pointers,
-                                                   _ptr(labels), _ptr(temps), _ptr(guidance)))
+        p = pool(self._lib)  # held through the call (see step_unchecked)
+        _raise_for(self._lib.sejd_block_sequential(p.handle, self.handle, z.shape[0], R, _ptr(z), _ptr(out),
+                                                   pointers, _ptr(labels), _ptr(temps), _ptr(guidance)))
         return out
 
 
@@ -334,6 +403,17 @@ class NativeStepRunner(OrtBlockRunner):
     def __init__(self, sessions, block: int, model_block):
         super().__init__(sessions, block)
         self._model_block, self._native = model_block, None
+
+    @property
+    def single_token_path(self) -> str:
+        return f"native CPU step ({threads()} threads)"
+
+    def _run(self, variant, feeds, cache_io=False):
+        """Every ONNX Runtime pass of this runner (jacobi_iter, jacobi_chunk, jacobi_loop, a multi-token
+        project's window, the ONNX graphs' fallbacks) starts with the native workers parked: none spins
+        on a core that ONNX Runtime's own thread pool needs."""
+        park()
+        return super()._run(variant, feeds, cache_io)
 
     @property
     def native(self) -> NativeBlock:

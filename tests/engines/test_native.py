@@ -248,17 +248,18 @@ def test_a_forked_child_runs_the_native_step():
     want = nb.sequential(z, random_caches(model, 1, 0), None, ones, None)
 
     def child(queue):
-        native.set_threads(1)  # would join the parent's worker threads without the fork handler
-        native.set_threads(2)
-        queue.put(nb.sequential(z, random_caches(model, 1, 0), None, ones, None))
+        native.set_threads(1)  # replaces the parent's pool (whose workers do not exist here): freed, not joined
+        native.set_threads(2)  # a pool of the child's own
+        queue.put((native.threads(), nb.sequential(z, random_caches(model, 1, 0), None, ones, None)))
 
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     proc = ctx.Process(target=child, args=(queue,))
     proc.start()
-    got = queue.get(timeout=60)
+    threads_there, got = queue.get(timeout=60)
     proc.join(timeout=60)
     assert proc.exitcode == 0
+    assert threads_there == 2
     np.testing.assert_array_equal(got, want)
     native.set_threads(None)
 
@@ -342,3 +343,252 @@ def test_check_with_graphs_none_packs_no_block(tiny_bundle):
     report = check_source(src, src.model, CheckOptions(plans=(), graphs="none", show_progress=False))
     assert not [c for c in report.checks if c.name.endswith("native step")]
     assert all(r._native is None for r in src.runners)  # nothing packed for checks that do not run
+
+
+# ---------------------------------------------------------------- pools (step.c's thread pools) ----------
+
+def _on_pool(pool, nb, z, caches, temps, labels=None, guidance=None):
+    """nb's sequential inversion of z on an explicit pool (the NativeBlock methods use the process pool)."""
+    out = np.empty_like(z)
+    rc = nb._lib.sejd_block_sequential(pool.handle, nb.handle, z.shape[0], temps.shape[0], z.ctypes.data,
+                                       out.ctypes.data, nb.cache_pointers(caches), native._ptr(labels),
+                                       temps.ctypes.data, native._ptr(guidance))
+    assert rc == 0
+    return out
+
+
+def _step_on(pool, nb, x, pos, caches, temps):
+    out = np.empty((2, x.shape[0], nb.D), np.float32)
+    rc = nb._lib.sejd_block_step(pool.handle, nb.handle, x.shape[0], temps.shape[0], pos, x.ctypes.data,
+                                 out.ctypes.data, nb.cache_pointers(caches), None, temps.ctypes.data, None)
+    assert rc == 0
+    return out
+
+
+def _uncond_block(img_size=8, seed=0):
+    """An unconditional model's block 1 packed for step.c, a batch of 2 noise sequences and its reference."""
+    model = make_model(num_classes=0, img_size=img_size)
+    cfg = model.config
+    z = torch.randn(2, cfg.num_tokens, cfg.token_dim, generator=torch.Generator().manual_seed(seed))
+    runner = torch_runners(model)[1]
+    runner.begin(2, Conditioning.build(2, cfg.num_tokens))
+    want = sequential(runner, z).x.numpy()
+    return model, native.NativeBlock(model.blocks[1], cfg.num_tokens), z.numpy(), want
+
+
+def test_pools_of_different_sizes_give_the_same_bits():
+    """Tasks do not depend on the thread count (only on the rows), so neither do the results."""
+    model, nb, z, want = _uncond_block()
+    temps = np.ones(2, np.float32)
+    pools = [native.Pool(n, nb._lib) for n in (1, 2, 3)]
+    assert [p.threads for p in pools] == [1, 2, 3]
+    got = [_on_pool(p, nb, z, random_caches(model, 2, 0), temps) for p in pools + pools[::-1]]  # they coexist
+    np.testing.assert_allclose(got[0], want, atol=ATOL, rtol=0)
+    for g in got[1:]:
+        np.testing.assert_array_equal(g, got[0])
+
+
+def test_a_parked_pool_wakes_for_the_next_call():
+    model, nb, z, want = _uncond_block()
+    temps = np.ones(2, np.float32)
+    pool = native.Pool(3, nb._lib)
+    pool.park()  # before any job, twice, and between jobs: idle workers sleep; a call wakes them
+    pool.park()
+    first = _on_pool(pool, nb, z, random_caches(model, 2, 0), temps)
+    pool.park()
+    caches = random_caches(model, 2, 0)
+    steps = [_step_on(pool, nb, np.ascontiguousarray(first[:, pos]), pos, caches, temps) for pos in range(4)]
+    pool.park()
+    np.testing.assert_allclose(first, want, atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(_on_pool(pool, nb, z, random_caches(model, 2, 0), temps), first)
+    one = native.Pool(1, nb._lib)
+    caches = random_caches(model, 2, 0)
+    for pos, got in enumerate(steps):  # the same tokens stepped on a one-thread pool
+        np.testing.assert_array_equal(got, _step_on(one, nb, np.ascontiguousarray(first[:, pos]), pos, caches, temps))
+
+
+def test_more_threads_than_cores_with_a_competing_process():
+    """8 threads on this machine's 2 cores, next to a CPU-bound process: threads are preempted inside jobs
+    (the others sleep until they run again, and the pool narrows), and every result stays exact."""
+    import subprocess
+    import sys
+    import time
+
+    model, nb, z, want = _uncond_block(img_size=16)  # 64 tokens: jobs long enough to be preempted in
+    temps = np.ones(2, np.float32)
+    many = native.Pool(8, nb._lib)
+    assert many.threads == 8
+    reference = _on_pool(native.Pool(1, nb._lib), nb, z, random_caches(model, 2, 0), temps)
+    np.testing.assert_allclose(reference, want, atol=ATOL, rtol=0)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.1)  # running before the calls
+        for _ in range(5):
+            np.testing.assert_array_equal(_on_pool(many, nb, z, random_caches(model, 2, 0), temps), reference)
+        caches = random_caches(model, 2, 0)
+        one, ref_caches = native.Pool(1, nb._lib), random_caches(model, 2, 0)
+        for pos in range(model.config.num_tokens - 1):
+            x = np.ascontiguousarray(reference[:, pos])
+            np.testing.assert_array_equal(_step_on(many, nb, x, pos, caches, temps),
+                                          _step_on(one, nb, x, pos, ref_caches, temps))
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def test_two_pools_on_one_block_from_two_threads():
+    """A block's scratch is shared: calls on it queue (its own mutex) whichever pool they run on."""
+    import threading
+
+    model, nb, z, want = _uncond_block()
+    temps = np.ones(2, np.float32)
+    pools = [native.Pool(2, nb._lib), native.Pool(3, nb._lib)]
+    first = _on_pool(pools[0], nb, z, random_caches(model, 2, 0), temps)
+    got = [[None] * 15 for _ in pools]
+
+    def run(k):
+        for i in range(15):
+            got[k][i] = _on_pool(pools[k], nb, z, random_caches(model, 2, 0), temps)
+
+    workers = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in workers)
+    np.testing.assert_allclose(first, want, atol=ATOL, rtol=0)
+    for results in got:
+        for result in results:
+            np.testing.assert_array_equal(result, first)
+
+
+def _in_a_forked_child(fn, timeout=60):
+    """fn() run in an os.fork() child (numpy and ctypes only there); its pickled result, or a failure when it
+    raised, crashed or hung."""
+    import os
+    import pickle
+    import select
+    import signal
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest
+        code = 1
+        try:
+            os.write(write, pickle.dumps(fn()))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    data = b""
+    try:
+        while True:
+            ready, _, _ = select.select([read], [], [], timeout)
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                pytest.fail(f"the forked child did not finish within {timeout} s")
+            chunk = os.read(read, 1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(read)
+        _, status = os.waitpid(pid, 0)
+    assert status == 0 and data, f"the forked child failed (status {status})"
+    return pickle.loads(data)
+
+
+def test_a_forked_child_runs_on_the_inherited_pool_alone():
+    """The child keeps the parent's pool, whose workers do not exist there: its calls run on the calling
+    thread (and say so), with the same bits."""
+    model, nb, z, want = _uncond_block(img_size=4)
+    temps = np.ones(2, np.float32)
+    native.set_threads(3)
+    try:
+        parent = nb.sequential(z, random_caches(model, 2, 0), None, temps, None)
+        threads_there, got = _in_a_forked_child(
+            lambda: (native.threads(), nb.sequential(z, random_caches(model, 2, 0), None, temps, None)))
+        assert native.threads() == 3 and threads_there == 1
+        np.testing.assert_allclose(parent, want, atol=ATOL, rtol=0)
+        np.testing.assert_array_equal(got, parent)
+        np.testing.assert_array_equal(nb.sequential(z, random_caches(model, 2, 0), None, temps, None), parent)
+    finally:
+        native.set_threads(None)
+
+
+def test_fork_while_another_thread_is_inside_a_job():
+    """fork() waits for running jobs (the fork handlers hold every pool's job mutex around it): the child
+    never inherits a pool or a block locked by a thread it does not have."""
+    import threading
+    import time
+
+    model, nb, z, want = _uncond_block()
+    temps = np.ones(2, np.float32)
+    native.set_threads(2)
+    stop, seen = threading.Event(), []
+
+    def busy():
+        while not stop.is_set():
+            seen.append(nb.sequential(z, random_caches(model, 2, 0), None, temps, None))
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    try:
+        time.sleep(0.05)
+        got = [_in_a_forked_child(lambda: nb.sequential(z, random_caches(model, 2, 0), None, temps, None))
+               for _ in range(3)]
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+        native.set_threads(None)
+    assert not worker.is_alive() and seen
+    for result in got + seen:
+        np.testing.assert_allclose(result, want, atol=ATOL, rtol=0)
+        np.testing.assert_array_equal(result, seen[0])
+
+
+def test_an_idle_pool_takes_no_cpu():
+    """Workers spin only briefly after a job, then sleep in the kernel: an idle process uses no CPU."""
+    import time
+
+    model, nb, z, _ = _uncond_block()
+    pool = native.Pool(3, nb._lib)
+    _on_pool(pool, nb, z, random_caches(model, 2, 0), np.ones(2, np.float32))
+    time.sleep(0.05)  # past the idle spin
+    used = time.process_time()
+    time.sleep(0.3)
+    used = time.process_time() - used
+    assert used < 0.05, f"the process used {used:.3f} s of CPU in 0.3 s while idle"
+
+
+def test_set_threads_makes_one_pool_and_keeps_it():
+    native.set_threads(2)
+    try:
+        first = native.pool()
+        assert native.threads() == 2 and first.threads == 2
+        native.set_threads(2)
+        assert native.pool() is first  # the same count: the same pool (no threads recreated)
+        native.set_threads(3)
+        assert native.pool() is not first and native.threads() == 3
+    finally:
+        native.set_threads(None)
+    assert native.threads() == native.default_threads()
+
+
+def test_the_build_says_what_it_is():
+    build = native.library().sejd_build_id()
+    assert isinstance(build, bytes) and build
+
+
+def test_the_runner_parks_the_native_workers_before_onnx_runtime_passes(tiny_bundle, monkeypatch):
+    runners = ort_runners(tiny_bundle)
+    assert runners[0].single_token_path == f"native CPU step ({native.threads()} threads)"
+    parks = []
+    real_park = native.park
+    monkeypatch.setattr(native, "park", lambda: (parks.append(1), real_park()))
+    model = runners[0].model
+    noise = torch.randn(2, 16, 12, generator=torch.Generator().manual_seed(6))
+    sample(model, noise, plan="sequential", runners=runners, progress=False)
+    assert not parks  # token by token: the native step only, nothing for ONNX Runtime
+    sample(model, noise, plan="ujd", runners=runners, progress=False)
+    assert parks  # Jacobi passes run on ONNX Runtime

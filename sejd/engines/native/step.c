@@ -13,6 +13,19 @@
  * once every task of this one is done. Counters only grow (tagged by a phase number), so nothing has to
  * be reset between phases and a thread that fell behind catches up by finding every range taken.
  *
+ * Threads: a pool object (sejd_pool_new) owns its worker threads; the caller passes it to every call and
+ * is one of its threads. Every wait (for a phase's last task, for workers to leave a job, for the next
+ * job) spins briefly and then sleeps in the kernel (a futex on Linux, a condition variable elsewhere),
+ * so a worker that the OS preempted costs the others a sleep, not a core, and an idle pool takes no CPU
+ * (nor a container's quota) a few tens of microseconds after its last job, or at once after
+ * sejd_pool_park. When such stalls keep coming (more threads than free cores: another process, a CPU
+ * quota) the pool runs its jobs on fewer threads for a while (see STALL_NS). One job at a time per pool
+ * and per Block (each has a mutex; pool before block).
+ *
+ * Fork: a child has no worker threads. The fork handlers wait for running jobs (they take every pool's
+ * job mutex around fork()) and mark every pool of the child as forked: there, jobs run on the calling
+ * thread alone (create a new pool in the child for threads).
+ *
  * Semantics: those of the block's KV-cached projection in the reference model (sejd/model/tarflow.py)
  * and of the exported `step_rows` graph: rows r = 0..R-1 take sample r mod B (classifier-free guidance
  * runs cond rows then uncond rows), per-row attention temperature and class label (-1: the class mean),
@@ -22,44 +35,110 @@
  * Compiled by sejd/engines/native.py with the machine's C compiler; no symbol here is exported but the
  * `sejd_*` functions.
  */
+#define _GNU_SOURCE  /* syscall() and clock_gettime() under a strict -std= too */
+#include <limits.h>
 #include <math.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 #include <pthread.h>
-#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#ifndef SEJD_BUILD_ID
+#define SEJD_BUILD_ID "unknown"  /* the build passes -DSEJD_BUILD_ID="...": what was compiled, and how */
+#endif
 
 #define PANEL 32      /* output columns per packed weight panel (two 512-bit vectors) */
 #define MAX_THREADS 64
-#define IDLE_SPIN_NS 200000  /* idle workers spin 0.2 ms (well over the gap between two steps called from
-                              * Python) before sleeping, so they do not take a core from other work for long */
+/* How long a waiting thread spins before it sleeps. Inside a job the threads hand off every phase, and a
+ * wait lasts at most one task (~1-20 us from batch 1 to 16 at builtin:textures' size) while the thread it
+ * waits for runs: JOB_SPIN_NS covers most of them without paying a wake-up (a system call for the waker,
+ * tens of microseconds for the woken thread on a virtual machine). Longer, the thread it waits for is not
+ * running (preempted, or not yet woken), and sleeping gives that thread the core. Between jobs workers
+ * spin IDLE_SPIN_NS (longer than the gap between two steps called from Python, so they stay awake through
+ * a token-by-token loop) and then sleep: a pool nobody uses takes no CPU. */
+#define JOB_SPIN_NS 10000
+#define IDLE_SPIN_NS 50000
+/* Width: how many of a pool's threads take part in its jobs. A wait in a job longer than STALL_NS (far
+ * above a task or a wake-up, below the time slice the OS gives another process) means a thread did not
+ * run: a stall. Once stalls add up to 1/STALL_SHARE of a STALL_WINDOW_NS window the machine has fewer free
+ * cores than the pool has threads (another process, a CPU quota), and every stall costs the job a time
+ * slice: the pool runs with one thread fewer (a rare stall, a hiccup of the machine, does not count). It
+ * tries one more again after a hold (HOLD_MIN_NS, doubled each time it narrows again within the hold, up
+ * to HOLD_MAX_NS; back to HOLD_MIN_NS once a widening lasts a hold). */
+#define STALL_NS 250000
+#define STALL_WINDOW_NS 40000000LL
+#define STALL_SHARE 4  /* 10 ms of stalls in 40 ms: about where two threads at batch 16 (1.4x one thread
+                        * when both run) stop beating one */
+#define HOLD_MIN_NS 20000000LL
+#define HOLD_MAX_NS 1000000000LL
+
+const char *sejd_build_id(void) { return SEJD_BUILD_ID; }
+
+static void *aligned(size_t bytes) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) return NULL;
+    memset(p, 0, bytes);
+    return p;
+}
 
 /* ---------------------------------------------------------------- thread pool ------------------- */
 
-typedef void (*job_fn)(void *arg, int tid, int nthreads);
+typedef struct Pool Pool;
+typedef void (*job_fn)(Pool *p, void *arg, int tid, int nthreads);
 
 typedef struct { _Alignas(64) atomic_llong v; } Slot;  /* one cache line each: no false sharing */
 
-static struct {
-    int nthreads;                 /* including the calling thread */
+/* Something threads wait for: a 32-bit word they sleep on, and how many sleep on it (or are about to).
+ *
+ * The protocol that loses no wake-up (every access below is sequentially consistent):
+ *   waiter:  seen = word;  sleepers++;  if (!condition) futex_wait(word, seen);  sleepers--;  re-check.
+ *   waker:   make the condition true;  if (sleepers) { word++ (unless the word is the condition);
+ *            futex_wake(word, all); }
+ * If the waiter found the condition false, its check came before the waker's write, so its sleepers++
+ * came before the waker's read of `sleepers`: the waker sees it and wakes. The waiter read `seen` before
+ * the waker changed the word, so futex_wait either finds the word changed and returns at once, or is
+ * asleep before the wake (the kernel compares and queues atomically). A waker that finds no sleeper skips
+ * the system call: any later waiter will find the condition true. Wake-ups may be spurious (a wake meant
+ * for an earlier phase); waiters always re-check. */
+typedef struct { _Alignas(64) atomic_uint word; atomic_int sleepers; } Gate;
+
+struct Pool {
+    int nthreads;                /* threads created, the calling thread included (fixed for the pool's life) */
+    atomic_int forked;           /* set in a forked child, where no worker exists: jobs run on the caller */
+    pthread_mutex_t job_lock;    /* one job at a time */
     pthread_t threads[MAX_THREADS];
-    atomic_int generation;        /* bumped for each job */
-    atomic_int open;              /* the current job still accepts workers */
-    atomic_int active;            /* workers inside the current job */
-    atomic_int sleeping;
-    atomic_int stop;
-    pthread_mutex_t lock;
-    pthread_cond_t wake;
-    job_fn fn;
+    struct Seat { Pool *p; int tid; } seats[MAX_THREADS];  /* each worker's argument */
+    Pool *prev, *next_pool;      /* the registry the fork handlers walk */
+    job_fn fn;                   /* the current job: written before `open` is set, read after it is seen */
     void *arg;
-    Slot next[MAX_THREADS];       /* per home range: (phase << 32) | tasks claimed in that phase */
-    Slot completed;               /* tasks finished, over all phases ever */
-} pool = {.nthreads = 1, .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+    Gate start;                  /* word: the job generation (bumped per job and to stop); idle workers */
+    Gate leave;                  /* word: workers inside the current job; the caller waiting for them to leave */
+    Gate phase;                  /* word: moved when a phase's last task is done; threads in walk_end */
+    int job_threads;             /* threads the current job runs on (its home ranges): the width when it began */
+    _Alignas(64) atomic_int open;  /* the current job still accepts workers */
+    atomic_int parked;           /* idle workers sleep without spinning (sejd_pool_park; cleared by a job) */
+    atomic_int stop;
+    _Alignas(64) atomic_int width;  /* threads jobs run on, 1..nthreads (see STALL_NS); read by workers */
+    pthread_mutex_t adapt_lock;  /* the width's bookkeeping (taken at a job's start and after a stall): */
+    long long window_start, stalled_ns;  /* the current window, and the stalls in it */
+    long long narrowed_at, widened_at, hold_ns;  /* now_ns() times; the current hold */
+#ifndef __linux__
+    pthread_mutex_t sleep_lock;  /* the portable fallback for futexes: one condition for all three gates */
+    pthread_cond_t sleep_cond;
+#endif
+    Slot next[MAX_THREADS];      /* per home range: (phase << 32) | tasks claimed in that phase */
+    Slot completed;              /* tasks finished in this job, over all its phases */
+};
 
 static long long now_ns(void) {
     struct timespec t;
@@ -70,11 +149,76 @@ static long long now_ns(void) {
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
 #endif
+}
+
+/* Sleep while *word == seen. Returns when woken, at once when the word differs, or spuriously. */
+static void sleep_on(Pool *p, atomic_uint *word, unsigned seen) {
+#ifdef __linux__
+    (void)p;
+    syscall(SYS_futex, (unsigned *)word, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+#else
+    /* The waker changes the word before it takes the lock to broadcast, and the word is checked here under
+     * the lock: a change after the check finds this thread inside pthread_cond_wait. */
+    pthread_mutex_lock(&p->sleep_lock);
+    while (atomic_load(word) == seen) pthread_cond_wait(&p->sleep_cond, &p->sleep_lock);
+    pthread_mutex_unlock(&p->sleep_lock);
+#endif
+}
+
+static void wake_all(Pool *p, atomic_uint *word) {
+#ifdef __linux__
+    (void)p;
+    syscall(SYS_futex, (unsigned *)word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+#else
+    (void)word;
+    pthread_mutex_lock(&p->sleep_lock);
+    pthread_cond_broadcast(&p->sleep_cond);
+    pthread_mutex_unlock(&p->sleep_lock);
+#endif
+}
+
+/* The waker's half of the protocol, after its write made a waiter's condition true. `bump`: the gate's word
+ * is not the condition itself, so move it (futex_wait compares the word). */
+static inline void gate_wake(Pool *p, Gate *g, int bump) {
+    if (atomic_load(&g->sleepers)) {
+        if (bump) atomic_fetch_add(&g->word, 1);
+        wake_all(p, &g->word);
+    }
+}
+
+typedef int (*ready_fn)(Pool *p, long long arg);
+
+/* Wait until ready(p, arg): spin up to spin_ns (cut short once *cut is set), then sleep on the gate. */
+static inline void wait_until(Pool *p, Gate *g, ready_fn ready, long long arg, long long spin_ns,
+                              const atomic_int *cut) {
+    if (ready(p, arg)) return;
+#define CUT (cut && atomic_load_explicit(cut, memory_order_relaxed))
+    if (spin_ns > 0 && !CUT) {
+        long long start = now_ns();
+        for (int i = 1;; i++) {
+            cpu_relax();
+            if (ready(p, arg)) return;
+            if (i % 16 == 0 && (now_ns() - start >= spin_ns || CUT))
+                break;  /* the clock is read every 16 pauses: a fraction of a microsecond */
+        }
+    }
+#undef CUT
+    for (;;) {
+        unsigned seen = atomic_load(&g->word);
+        atomic_fetch_add(&g->sleepers, 1);
+        int done = ready(p, arg);
+        if (!done) sleep_on(p, &g->word, seen);
+        atomic_fetch_sub(&g->sleepers, 1);
+        if (done || ready(p, arg)) return;
+    }
 }
 
 /* A thread's walk through a job's phases (every thread walks the same sequence). */
 typedef struct {
+    Pool *p;
     long long id;    /* this phase's number */
     long long done;  /* tasks completed before this phase began */
     int n;           /* tasks in this phase */
@@ -89,7 +233,7 @@ static int walk_claim(Walk *w) {
     for (int i = 0; i < N; i++) {
         int u = (w->tid + i) % N, lo = (int)((long)n * u / N), hi = (int)((long)n * (u + 1) / N);
         if (lo == hi) continue;
-        atomic_llong *slot = &pool.next[u].v;
+        atomic_llong *slot = &w->p->next[u].v;
         long long v = atomic_load_explicit(slot, memory_order_acquire);
         for (;;) {
             long long phase = v >> 32, taken = v & 0xffffffffLL, want;
@@ -104,114 +248,218 @@ static int walk_claim(Walk *w) {
     return -1;
 }
 
-static void walk_task_done(void) { atomic_fetch_add_explicit(&pool.completed.v, 1, memory_order_acq_rel); }
+static void walk_task_done(Walk *w) {
+    long long total = atomic_fetch_add(&w->p->completed.v, 1) + 1;  /* seq_cst: the waker's write */
+    if (total == w->done + w->n) gate_wake(w->p, &w->p->phase, 1);  /* the phase's last task */
+}
 
-/* Wait until every task of the phase is done, then move to the next phase. */
+static int phase_done(Pool *p, long long target) { return atomic_load(&p->completed.v) >= target; }
+
+/* A wait in a job took `waited` ns, over STALL_NS: count it, and narrow the pool when the stalls of the
+ * window add up (several threads may wait through the same stall: each counts its own wait). */
+static void pool_stalled(Pool *p, long long waited) {
+    long long now = now_ns();
+    pthread_mutex_lock(&p->adapt_lock);
+    if (now - p->window_start > STALL_WINDOW_NS) {
+        p->window_start = now;
+        p->stalled_ns = 0;
+    }
+    p->stalled_ns += waited;
+    int w = atomic_load(&p->width);
+    if (w > 1 && p->stalled_ns * STALL_SHARE > STALL_WINDOW_NS) {
+        if (now - p->widened_at < p->hold_ns)  /* the last widening did not last: wait longer next time */
+            p->hold_ns = 2 * p->hold_ns < HOLD_MAX_NS ? 2 * p->hold_ns : HOLD_MAX_NS;
+        p->narrowed_at = p->window_start = now;
+        p->stalled_ns = 0;
+        atomic_store(&p->width, w - 1);
+    }
+    pthread_mutex_unlock(&p->adapt_lock);
+}
+
+/* Threads for the job about to begin (the caller, under job_lock): the width, one wider when the pool has
+ * not narrowed for a hold. */
+static int job_width(Pool *p) {
+    long long now = now_ns();
+    pthread_mutex_lock(&p->adapt_lock);
+    int w = atomic_load(&p->width);
+    long long last = p->narrowed_at > p->widened_at ? p->narrowed_at : p->widened_at;
+    if (now - last >= p->hold_ns) {  /* no change for a hold */
+        if (p->widened_at > p->narrowed_at) p->hold_ns = HOLD_MIN_NS;  /* the last widening lasted */
+        if (w < p->nthreads) {
+            p->widened_at = now;
+            atomic_store(&p->width, ++w);
+        }
+    }
+    pthread_mutex_unlock(&p->adapt_lock);
+    return w;
+}
+
+/* Wait for the phase on the gate, and remember a stall. */
+static void wait_in_job(Pool *p, Gate *g, ready_fn ready, long long arg) {
+    if (ready(p, arg)) return;
+    long long start = now_ns();
+    wait_until(p, g, ready, arg, JOB_SPIN_NS, NULL);
+    long long waited = now_ns() - start;
+    if (waited > STALL_NS) pool_stalled(p, waited);
+}
+
+/* Wait until every task of the phase is done, then move to the next phase. The tasks this thread could
+ * claim it ran already (PHASE claims until none is left): what remains is running on other threads, and
+ * the last of them to finish wakes this one. */
 static void walk_end(Walk *w) {
     long long target = w->done + w->n;
-    for (int spins = 0; atomic_load_explicit(&pool.completed.v, memory_order_acquire) < target; spins++) {
-        if (spins < 4000) cpu_relax();
-        else sched_yield();  /* a preempted thread holds a task: let it run */
-    }
+    wait_in_job(w->p, &w->p->phase, phase_done, target);
     w->done = target;
     w->id++;
 }
 
-static void *worker_main(void *p) {
-    int tid = (int)(intptr_t)p;
-    int seen = atomic_load(&pool.generation);
+static int job_posted(Pool *p, long long seen) {
+    return atomic_load(&p->start.word) != (unsigned)seen || atomic_load(&p->stop);
+}
+
+static int workers_left(Pool *p, long long unused) {
+    (void)unused;
+    return atomic_load(&p->leave.word) == 0;
+}
+
+static void *worker_main(void *seat) {
+    Pool *p = ((struct Seat *)seat)->p;
+    int tid = ((struct Seat *)seat)->tid;
+    unsigned seen = atomic_load(&p->start.word);
+    long long spin = IDLE_SPIN_NS;
     for (;;) {
-        long long idle_since = now_ns();
-        for (int spins = 0; atomic_load_explicit(&pool.generation, memory_order_acquire) == seen; spins++) {
-            if (atomic_load_explicit(&pool.stop, memory_order_relaxed)) return NULL;
-            if (spins % 64 || now_ns() - idle_since < IDLE_SPIN_NS) { cpu_relax(); continue; }
-            pthread_mutex_lock(&pool.lock);
-            atomic_fetch_add(&pool.sleeping, 1);
-            while (atomic_load(&pool.generation) == seen && !atomic_load(&pool.stop))
-                pthread_cond_wait(&pool.wake, &pool.lock);
-            atomic_fetch_sub(&pool.sleeping, 1);
-            pthread_mutex_unlock(&pool.lock);
-            idle_since = now_ns();
-        }
-        if (atomic_load(&pool.stop)) return NULL;
-        seen = atomic_load_explicit(&pool.generation, memory_order_acquire);
-        atomic_fetch_add(&pool.active, 1);  /* then check the job is still open (the caller checks the */
-        if (atomic_load(&pool.open))        /* other way round): it never returns while a worker is inside */
-            pool.fn(pool.arg, tid, pool.nthreads);
-        atomic_fetch_sub(&pool.active, 1);
+        wait_until(p, &p->start, job_posted, seen, spin, &p->parked);
+        if (atomic_load(&p->stop)) return NULL;
+        seen = atomic_load(&p->start.word);
+        atomic_fetch_add(&p->leave.word, 1);  /* then check the job is still open (the caller checks the */
+        int open = atomic_load(&p->open);     /* other way round): it never returns while a worker is inside */
+        int mine = open && tid < p->job_threads;
+        if (mine) p->fn(p, p->arg, tid, p->job_threads);
+        if (atomic_fetch_sub(&p->leave.word, 1) == 1) gate_wake(p, &p->leave, 0);
+        /* a job that runs narrower than this thread woke it in vain: no spinning for the next one (a job
+         * it came too late for, it spins for, to be awake for the next token) */
+        spin = open && !mine ? 0 : IDLE_SPIN_NS;
     }
 }
 
-static void pool_stop(void) {
-    if (pool.nthreads <= 1) return;
-    pthread_mutex_lock(&pool.lock);
-    atomic_store(&pool.stop, 1);
-    pthread_cond_broadcast(&pool.wake);
-    pthread_mutex_unlock(&pool.lock);
-    for (int t = 1; t < pool.nthreads; t++) pthread_join(pool.threads[t], NULL);
-    atomic_store(&pool.stop, 0);
-    pool.nthreads = 1;
+/* Run fn on the calling thread and on every worker that joins before it returns. Under p->job_lock. */
+static void run_job(Pool *p, job_fn fn, void *arg) {
+    int n = p->nthreads == 1 || atomic_load_explicit(&p->forked, memory_order_relaxed) ? 1 : job_width(p);
+    if (n == 1) {  /* the workers are not woken (nor is the job opened to them) */
+        fn(p, arg, 0, 1);
+        return;
+    }
+    p->fn = fn;
+    p->arg = arg;
+    p->job_threads = n;
+    atomic_store(&p->parked, 0);
+    atomic_store(&p->open, 1);
+    atomic_fetch_add(&p->start.word, 1);  /* the idle workers' condition: a new generation */
+    gate_wake(p, &p->start, 0);
+    fn(p, arg, 0, n);
+    atomic_store(&p->open, 0);
+    wait_in_job(p, &p->leave, workers_left, 0);  /* a worker preempted inside the job stalls it here too */
 }
 
-/* Threads that run every following job (the calling thread included); returns the number set. */
-static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER;  /* see run_block */
-static int set_threads_locked(int n);
+/* ----- pools and fork */
 
-/* A forked child has the pool's state but none of its threads: it starts with the calling thread only. */
-static void pool_after_fork(void) {
-    pool.nthreads = 1;
-    atomic_store(&pool.sleeping, 0);
-    atomic_store(&pool.active, 0);
-    pthread_mutex_init(&pool.lock, NULL);
-    pthread_cond_init(&pool.wake, NULL);
-    pthread_mutex_init(&job_lock, NULL);
+/* Every live pool, for the fork handlers. Lock order: registry_lock, then a pool's job_lock, then a
+ * Block's lock. */
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static Pool *registry;
+
+/* Before fork(): wait for every running job (its workers would vanish mid-job in the child) and hold the
+ * pools still until the child has marked them. */
+static void fork_prepare(void) {
+    pthread_mutex_lock(&registry_lock);
+    for (Pool *p = registry; p; p = p->next_pool) pthread_mutex_lock(&p->job_lock);
 }
 
-static void register_fork_handler(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+static void fork_parent(void) {
+    for (Pool *p = registry; p; p = p->next_pool) pthread_mutex_unlock(&p->job_lock);
+    pthread_mutex_unlock(&registry_lock);
+}
 
-int sejd_set_threads(int n) {
+/* In the child only the forking thread exists (it holds the locks taken in fork_prepare): its pools have
+ * no workers, so they run every job on the calling thread from now on. */
+static void fork_child(void) {
+    for (Pool *p = registry; p; p = p->next_pool) {
+        atomic_store(&p->forked, 1);
+        pthread_mutex_unlock(&p->job_lock);
+    }
+    pthread_mutex_unlock(&registry_lock);
+}
+
+static void register_fork_handlers(void) { pthread_atfork(fork_prepare, fork_parent, fork_child); }
+
+/* A pool of `threads` threads, the calling thread included (clamped to 1..MAX_THREADS; fewer when the
+ * system refuses to create more), or NULL when out of memory. */
+void *sejd_pool_new(int threads) {
     static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, register_fork_handler);
-    if (n < 1) n = 1;
-    if (n > MAX_THREADS) n = MAX_THREADS;
-    pthread_mutex_lock(&job_lock);  /* never while a job runs */
-    n = set_threads_locked(n);
-    pthread_mutex_unlock(&job_lock);
-    return n;
+    pthread_once(&once, register_fork_handlers);
+    threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    Pool *p = aligned(sizeof(Pool));  /* zeroed: every counter at 0 */
+    if (!p) return NULL;
+    pthread_mutex_init(&p->job_lock, NULL);
+#ifndef __linux__
+    pthread_mutex_init(&p->sleep_lock, NULL);
+    pthread_cond_init(&p->sleep_cond, NULL);
+#endif
+    p->nthreads = 1;
+    pthread_mutex_init(&p->adapt_lock, NULL);
+    p->hold_ns = HOLD_MIN_NS;
+    pthread_mutex_lock(&registry_lock);
+    p->next_pool = registry;
+    if (registry) registry->prev = p;
+    registry = p;
+    pthread_mutex_lock(&p->job_lock);  /* a fork waits until the workers exist (fork_prepare takes it) */
+    pthread_mutex_unlock(&registry_lock);
+    for (int t = 1; t < threads; t++) {
+        p->seats[t] = (struct Seat){p, t};
+        if (pthread_create(&p->threads[t], NULL, worker_main, &p->seats[t]) != 0) break;
+        p->nthreads = t + 1;
+    }
+    atomic_store(&p->width, p->nthreads);
+    pthread_mutex_unlock(&p->job_lock);
+    return p;
 }
 
-static int set_threads_locked(int n) {
-    if (n == pool.nthreads) return n;
-    pool_stop();
-    for (int t = 1; t < n; t++) {
-        if (pthread_create(&pool.threads[t], NULL, worker_main, (void *)(intptr_t)t) != 0) {
-            pool.nthreads = t;
-            return t;
-        }
-    }
-    pool.nthreads = n;
-    return n;
+/* Threads a job of this pool runs on in this process (1 in a forked child). */
+int sejd_pool_threads(void *pool) {
+    Pool *p = pool;
+    return !p ? 0 : atomic_load(&p->forked) ? 1 : p->nthreads;
 }
 
-/* Run fn on the calling thread and on every worker that joins before it returns. */
-static void run_job(job_fn fn, void *arg) {
-    pool.fn = fn;
-    pool.arg = arg;
-    atomic_store(&pool.open, 1);
-    if (pool.nthreads > 1) {
-        atomic_fetch_add(&pool.generation, 1);  /* seq_cst: pairs with a worker's sleeping++ then load */
-        if (atomic_load(&pool.sleeping)) {
-            pthread_mutex_lock(&pool.lock);
-            pthread_cond_broadcast(&pool.wake);
-            pthread_mutex_unlock(&pool.lock);
-        }
+/* Idle workers stop spinning and sleep now (until the next job): before other work needs the cores, e.g.
+ * ONNX Runtime's own thread pool. Cheap (one store); callable at any time, from any thread. */
+void sejd_pool_park(void *pool) {
+    if (pool) atomic_store(&((Pool *)pool)->parked, 1);
+}
+
+/* Stops and joins the workers (after the running job, if any) and frees the pool. */
+void sejd_pool_free(void *pool) {
+    Pool *p = pool;
+    if (!p) return;
+    pthread_mutex_lock(&registry_lock);
+    if (p->prev) p->prev->next_pool = p->next_pool;
+    else registry = p->next_pool;
+    if (p->next_pool) p->next_pool->prev = p->prev;
+    pthread_mutex_unlock(&registry_lock);
+    pthread_mutex_lock(&p->job_lock);
+    if (p->nthreads > 1 && !atomic_load(&p->forked)) {  /* a forked child has no workers to join */
+        atomic_store(&p->stop, 1);
+        atomic_fetch_add(&p->start.word, 1);
+        wake_all(p, &p->start.word);
+        for (int t = 1; t < p->nthreads; t++) pthread_join(p->threads[t], NULL);
     }
-    fn(arg, 0, pool.nthreads);
-    atomic_store(&pool.open, 0);
-    for (int spins = 0; atomic_load(&pool.active); spins++) {
-        if (spins < 4000) cpu_relax();
-        else sched_yield();
-    }
+    pthread_mutex_unlock(&p->job_lock);
+    pthread_mutex_destroy(&p->job_lock);
+    pthread_mutex_destroy(&p->adapt_lock);
+#ifndef __linux__
+    pthread_mutex_destroy(&p->sleep_lock);
+    pthread_cond_destroy(&p->sleep_cond);
+#endif
+    free(p);
 }
 
 /* ---------------------------------------------------------------- packed linear layers ----------- */
@@ -221,13 +469,6 @@ typedef struct {
     float *w;     /* panels x K x PANEL, zero-padded: panel p holds output columns p*PANEL .. +PANEL */
     float *bias;  /* N */
 } Linear;
-
-static void *aligned(size_t bytes) {
-    void *p = NULL;
-    if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) return NULL;
-    memset(p, 0, bytes);
-    return p;
-}
 
 /* w: PyTorch layout (N, K) row-major. */
 static int linear_init(Linear *l, const float *w, const float *bias, int N, int K) {
@@ -350,6 +591,7 @@ typedef struct {
     float *pos;      /* T x C: the block's (permuted) position embedding + proj_in's bias */
     float *classes_; /* (classes + 1) x C, the class mean last; NULL without classes */
     Layer *layers;
+    pthread_mutex_t lock;  /* one job at a time: the scratch below is shared by every call */
     /* scratch, sized for `rows` rows */
     int rows;
     float *tok, *h, *norm, *qkv, *att, *mlp, *p, *xa, *xb, *scores;  /* scores: T per thread */
@@ -378,6 +620,7 @@ void sejd_block_free(Block *b) {
     }
     free(b->layers);
     free_scratch(b);
+    pthread_mutex_destroy(&b->lock);
     free(b);
 }
 
@@ -389,6 +632,7 @@ Block *sejd_block_new(const int *dims, const float *w_in, const float *pos, cons
                       float scale) {
     Block *b = calloc(1, sizeof(Block));
     if (!b) return NULL;
+    pthread_mutex_init(&b->lock, NULL);
     b->D = dims[0]; b->C = dims[1]; b->H = dims[2]; b->T = dims[3]; b->L = dims[4]; b->E = dims[5];
     b->P = dims[6]; b->nvp = dims[7]; b->classes = dims[8];
     b->hd = b->C / b->H;
@@ -575,17 +819,19 @@ static void finish_token(const Job *j, int pos) {
 #define PHASE(walk, ntasks, body)                                                         \
     do {                                                                                  \
         walk_begin(&(walk), (ntasks));                                                    \
-        for (int task; (task = walk_claim(&(walk))) >= 0;) { body; walk_task_done(); }    \
+        for (int task; (task = walk_claim(&(walk))) >= 0;) { body; walk_task_done(&(walk)); } \
         walk_end(&(walk));                                                                \
     } while (0)
 
-static void block_job(void *arg, int tid, int nthreads) {
+static void block_job(Pool *p, void *arg, int tid, int nthreads) {
     Job *j = arg;
     Block *b = j->b;
     int C = b->C, R = j->R;
-    Walk w = {j->phase0, j->done0, 0, tid, nthreads};
+    Walk w = {p, j->phase0, j->done0, 0, tid, nthreads};
     float *scores = b->scores + (size_t)tid * b->T;
     for (int pos = j->pos; pos < j->end; pos++) {
+        if (tid && tid >= atomic_load_explicit(&p->width, memory_order_relaxed))
+            return;  /* the pool narrowed (see STALL_NS): this worker leaves; the others take its share */
         PHASE(w, 1, gather_rows(j, pos));
         PHASE(w, linear_tasks(&b->in, R), linear_task(&b->in, b->tok, R, b->h, STORE, task));
         for (int l = 0; l < b->L; l++) {
@@ -606,39 +852,40 @@ static void block_job(void *arg, int tid, int nthreads) {
     }
 }
 
-/* One job at a time in the process (the pool and a block's scratch are shared; ctypes calls release the
- * GIL, so two Python threads can call in at once): they queue on job_lock. */
-static int run_block(Job *j) {
-    pthread_mutex_lock(&job_lock);
-    if (!j->b || ensure_rows(j->b, j->R)) {
-        pthread_mutex_unlock(&job_lock);
-        return -1;
+/* One job at a time per pool and per block (ctypes calls release the GIL, so two Python threads can call
+ * in at once: they queue on the mutexes, the pool's first). */
+static int run_block(Pool *p, Job *j) {
+    pthread_mutex_lock(&p->job_lock);
+    pthread_mutex_lock(&j->b->lock);
+    int rc = ensure_rows(j->b, j->R) ? -1 : 0;
+    if (rc == 0) {
+        /* Phases are numbered from 0 in every job (no worker is inside one now: the last job waited for
+         * them), so the (phase << 32) tags never overflow: a job has at most T x (4 + 7 L) phases. */
+        for (int t = 0; t < MAX_THREADS; t++) atomic_store(&p->next[t].v, 0);
+        atomic_store(&p->completed.v, 0);
+        j->phase0 = 1;  /* above every slot's tag, so the first claim of each range starts it */
+        j->done0 = 0;
+        run_job(p, block_job, j);
     }
-    /* Phases are numbered from 0 in every job (no worker is inside one now: the last job waited for them),
-     * so the (phase << 32) tags never overflow: a job has at most T x (4 + 7 L) phases. */
-    for (int t = 0; t < MAX_THREADS; t++) atomic_store(&pool.next[t].v, 0);
-    atomic_store(&pool.completed.v, 0);
-    j->phase0 = 1;  /* above every slot's tag, so the first claim of each range starts it */
-    j->done0 = 0;
-    run_job(block_job, j);
-    pthread_mutex_unlock(&job_lock);
-    return 0;
+    pthread_mutex_unlock(&j->b->lock);
+    pthread_mutex_unlock(&p->job_lock);
+    return rc;
 }
 
 /* One token: x (B, D) at `pos` -> out = guided xa, xb (2, B, D); caches get the token's keys/values. */
-int sejd_block_step(Block *b, int B, int R, int pos, const float *x, float *out, float *const *caches,
-                    const int64_t *labels, const float *temps, const float *guidance) {
-    if (!b || pos < 0 || pos >= b->T || B < 1 || (R != B && R != 2 * B)) return -2;
+int sejd_block_step(void *pool, Block *b, int B, int R, int pos, const float *x, float *out,
+                    float *const *caches, const int64_t *labels, const float *temps, const float *guidance) {
+    if (!pool || !b || pos < 0 || pos >= b->T || B < 1 || (R != B && R != 2 * B)) return -2;
     Job j = {b, B, R, pos, pos + 1, x, NULL, out, caches, labels, temps, guidance, 0, 0};
-    return run_block(&j);
+    return run_block(pool, &j);
 }
 
 /* The exact sequential inversion: x[:, 0] = z[:, 0], then x[:, t+1] = z[:, t+1] exp(xa_t) + xb_t for
  * t = 0 .. T-2, each token's parameters from tokens <= t; out (B, T, D); caches hold positions 0..T-2. */
-int sejd_block_sequential(Block *b, int B, int R, const float *z, float *out, float *const *caches,
-                          const int64_t *labels, const float *temps, const float *guidance) {
-    if (!b || B < 1 || (R != B && R != 2 * B)) return -2;
+int sejd_block_sequential(void *pool, Block *b, int B, int R, const float *z, float *out,
+                          float *const *caches, const int64_t *labels, const float *temps, const float *guidance) {
+    if (!pool || !b || B < 1 || (R != B && R != 2 * B)) return -2;
     for (int s = 0; s < B; s++) memcpy(out + (size_t)s * b->T * b->D, z + (size_t)s * b->T * b->D, b->D * sizeof(float));
     Job j = {b, B, R, 0, b->T - 1, NULL, z, out, caches, labels, temps, guidance, 0, 0};
-    return run_block(&j);
+    return run_block(pool, &j);
 }
