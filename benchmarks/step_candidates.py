@@ -3,15 +3,18 @@ arithmetic floor). One block of the model, one token at the middle of the sequen
 
 - `pytorch`: the exported step module (`StepRowsGraph`) in PyTorch eager, one thread;
 - `onnx step_rows`: the bundle's exported graph as ONNX Runtime runs it (optimised at level "all");
-- `onnx contrib`: a hand-built graph of ONNX Runtime's fused CPU operators (Gemm with the bias,
+- `onnx fused`: the fused step graph ort-cpu ships (`sejd/engines/ort_fused_step.py`: Gemm with the bias,
   SkipLayerNormalization, Gelu, GroupQueryAttention writing this token's key/value into a cache bound as
-  both past and present, so nothing is copied), guidance-free: the fewest nodes ONNX Runtime can run;
+  both past and present, so nothing is copied), called as the runners call it (`FusedStep`), on 1 and all
+  cores;
 - `native`: sejd's C step (`sejd/engines/native/step.c`), what ort-cpu runners use, on 1 and all cores.
 
-Each candidate's outputs are compared with the PyTorch module first (max abs error printed). JSON on stdout.
+"All cores" is the cores this process may run on, the same count for both. Each candidate's outputs are
+compared with the PyTorch module first (max abs error printed). JSON on stdout.
 
     python benchmarks/step_candidates.py builtin:textures --batch 1,16
     python benchmarks/step_candidates.py --shape afhq256 --batch 1   # one random block of a published shape
+    python benchmarks/step_candidates.py --shape textures --batch 1  # ... or of a shipped model's shape
 """
 
 from __future__ import annotations
@@ -26,79 +29,47 @@ import numpy as np
 import torch
 
 from sejd import load_checkpoint
+from sejd.engines.ort_fused_step import FusedStep, conditioning_inputs, dims_of, fused_step_graph
 from sejd.export.graphs import StepRowsGraph
 
-
-def contrib_step_graph(block, T: int):
-    """One block's single-token step from ONNX Runtime's contrib operators; rows = batch (no guidance),
-    attention temperature 1. Inputs x (R, D), seqlens (R,) int32 = pos, total () int32 = pos + 1, the
-    caches past.L.key/value (R, H, T, hd) bound in place as present.L.*; outputs p (R, P) = proj_out."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    attn = block.attn_blocks[0].attention
-    H, C, D = attn.num_heads, block.pos_embed.shape[1], block.proj_in.in_features
-    inits, nodes = [], []
-
-    def weight(name, t):
-        a = t.detach().numpy() if hasattr(t, "detach") else np.asarray(t)
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(a.astype(np.float32) if a.dtype.kind == "f" else a), name))
-        return name
-
-    def node(op, ins, outs, domain="", **kw):
-        nodes.append(helper.make_node(op, ins, outs, domain=domain, **kw))
-        return outs[0] if len(outs) == 1 else outs
-
-    pos_table = block.permute(block.pos_embed.detach(), dim=0) + block.proj_in.bias.detach()
-    bias = node("Gather", [weight("pos_table", pos_table), "pos"], ["bias_at_pos"], axis=0)
-    h = node("Gemm", ["x", weight("w_in", block.proj_in.weight), bias], ["h0"], transB=1)
-    weight("qkv_shape", np.array([0, 1, -1], np.int64))
-    weight("row_shape", np.array([-1, C], np.int64))
-    out, residual = None, h
-    for i, layer in enumerate(block.attn_blocks):
-        a, m = layer.attention, layer.mlp
-        g1, b1 = weight(f"ln1_g{i}", a.norm.weight), weight(f"ln1_b{i}", a.norm.bias)
-        if out is None:
-            normed = node("LayerNormalization", [h, g1, b1], [f"n1_{i}"], axis=-1, epsilon=a.norm.eps)
-        else:  # the residual add fused into the next LayerNorm
-            normed, _, _, residual = node("SkipLayerNormalization", [out, residual, g1, b1],
-                                          [f"n1_{i}", f"_m{i}", f"_v{i}", f"h1_{i}"], domain="com.microsoft",
-                                          epsilon=a.norm.eps)
-        qkv = node("Gemm", [normed, weight(f"w_qkv{i}", a.qkv.weight), weight(f"b_qkv{i}", a.qkv.bias)], [f"qkv{i}"],
-                   transB=1)
-        qkv3 = node("Reshape", [qkv, "qkv_shape"], [f"qkv3_{i}"])
-        att = node("GroupQueryAttention", [qkv3, "", "", f"past.{i}.key", f"past.{i}.value", "seqlens", "total"],
-                   [f"att{i}", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft", num_heads=H,
-                   kv_num_heads=H, scale=float(a.scale))[0]
-        att2 = node("Reshape", [att, "row_shape"], [f"att2_{i}"])
-        proj = node("Gemm", [att2, weight(f"w_o{i}", a.proj.weight), weight(f"b_o{i}", a.proj.bias)], [f"o{i}"],
-                    transB=1)
-        normed2, _, _, residual = node("SkipLayerNormalization", [proj, residual, weight(f"ln2_g{i}", m.norm.weight),
-                                                                  weight(f"ln2_b{i}", m.norm.bias)],
-                                       [f"n2_{i}", f"_m2{i}", f"_v2{i}", f"h2_{i}"], domain="com.microsoft",
-                                       epsilon=m.norm.eps)
-        f1 = node("Gemm", [normed2, weight(f"w1_{i}", m.main[0].weight), weight(f"b1_{i}", m.main[0].bias)], [f"f1_{i}"],
-                  transB=1)
-        g = node("Gelu", [f1], [f"g{i}"], domain="com.microsoft")
-        out = node("Gemm", [g, weight(f"w2_{i}", m.main[2].weight), weight(f"b2_{i}", m.main[2].bias)], [f"f2_{i}"],
-                   transB=1)
-    last = node("Add", [out, residual], ["h_last"])
-    node("Gemm", [last, weight("w_out", block.proj_out.weight), weight("b_out", block.proj_out.bias)], ["p"], transB=1)
-    L, hd, F = len(block.attn_blocks), C // H, TensorProto.FLOAT
-    cache = ["R", H, T, hd]
-    inputs = [helper.make_tensor_value_info("x", F, ["R", D]), helper.make_tensor_value_info("pos", TensorProto.INT64, []),
-              helper.make_tensor_value_info("seqlens", TensorProto.INT32, ["R"]),
-              helper.make_tensor_value_info("total", TensorProto.INT32, [])]
-    inputs += [helper.make_tensor_value_info(f"past.{i}.{kv}", F, cache) for i in range(L) for kv in ("key", "value")]
-    outputs = [helper.make_tensor_value_info("p", F, ["R", block.proj_out.out_features])]
-    outputs += [helper.make_tensor_value_info(f"present.{i}.{kv}", F, cache) for i in range(L) for kv in ("key", "value")]
-    graph = helper.make_graph(nodes, "contrib_step", inputs, outputs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+BUILTIN_SHAPES = ("digits", "textures")  # --shape: the shipped models' configs, random weights
 
 
 def timed(fn, runs: int, warmup: int) -> float:
     from variant_latency import call_times  # a sibling script (benchmarks/ is on the path when run)
 
     return statistics.median(call_times(fn, runs, warmup))
+
+
+def thread_counts() -> tuple[int, ...]:
+    """1 and all the cores this process may run on (the native step's default), for every multi-thread candidate."""
+    from sejd.engines.native import default_threads
+
+    return tuple(dict.fromkeys((1, default_threads())))
+
+
+def threads_of(name: str) -> int:
+    """The intra-op threads a candidate runs on: `(N thread[s])` in its name, else 1."""
+    return int(name.rsplit("(", 1)[1].split()[0]) if name.endswith(("thread)", "threads)")) else 1
+
+
+def random_model(shape: str):
+    """Two blocks of random weights at a published shape (paper_scale.SHAPES) or a shipped model's."""
+    from sejd.model.tarflow import TarFlow, TarFlowConfig
+
+    if shape in BUILTIN_SHAPES:
+        fields = load_checkpoint(f"builtin:{shape}").config.to_dict()
+    else:
+        from paper_scale import SHAPES  # a sibling script
+
+        if shape not in SHAPES:
+            raise SystemExit(f"--shape: expected one of {sorted(SHAPES) + list(BUILTIN_SHAPES)}, got {shape!r}")
+        fields = {k: v for k, v in SHAPES[shape].items() if k not in ("dataset", "noise_std")}
+    torch.manual_seed(0)
+    model = TarFlow(TarFlowConfig(**{**fields, "num_blocks": 2})).eval().requires_grad_(False)
+    for b in model.blocks:  # ml-tarflow starts proj_out at zero (an identity block): give it weights
+        b.proj_out.weight.data.normal_(0, 0.02)
+    return model
 
 
 def candidates(model, block_index: int, batch: int, bundle=None):
@@ -150,35 +121,21 @@ def candidates(model, block_index: int, batch: int, bundle=None):
             s.run_with_iobinding(b)
 
         out["onnx step_rows"] = (onnx_step, lambda s=sess: [o[:, 0] for o in s.run(None, feeds)[:2]])
-    if not cfg.num_classes and block.nvp:
-        contrib = contrib_step_graph(block, T).SerializeToString()
-        for threads in (1, os.cpu_count()):
-            sess = session(contrib, threads)
-            shared = [c.copy() for c in caches]
-            binding = sess.io_binding()
-            binding.bind_cpu_input("x", x)
-            binding.bind_cpu_input("pos", np.array(pos, np.int64))
-            binding.bind_cpu_input("seqlens", np.full(batch, pos, np.int32))
-            binding.bind_cpu_input("total", np.array(pos + 1, np.int32))
-            for i, c in enumerate(shared):  # past and present share one buffer: the key/value written in place
-                name = f"{i // 2}.{('key', 'value')[i % 2]}"
-                binding.bind_cpu_input(f"past.{name}", c)
-                binding.bind_output(f"present.{name}", "cpu", 0, np.float32, list(c.shape), c.ctypes.data)
-            binding.bind_output("p", "cpu")
+    fused = fused_step_graph(block, T).SerializeToString()
+    dims = dims_of(block, T)
+    for threads in thread_counts():
+        # the token's key/value is written into these caches in place, at the same position every call
+        step = FusedStep(session(fused, threads), dims, batch, conditioning_inputs(dims, batch, labels, temps, None),
+                         [c.copy() for c in caches])
 
-            def contrib_step(s=sess, b=binding):
-                s.run_with_iobinding(b)
+        def fused_step(f=step):
+            return f(x, pos)
 
-            def contrib_out(s=sess, b=binding):
-                s.run_with_iobinding(b)
-                p = b.get_outputs()[-1].numpy()  # bound last
-                return [p[:, :D], p[:, D:]]
-
-            out[f"onnx contrib ({threads} thread{'s' * (threads > 1)})"] = (contrib_step, contrib_out)
+        out[f"onnx fused ({threads} thread{'s' * (threads > 1)})"] = (fused_step, lambda f=step: list(f(x, pos)))
     if native.available() is None:
         nb = native.NativeBlock(block, T)
         pointers = nb.cache_pointers(caches)  # as a runner keeps them (inputs checked once, as it does)
-        for threads in (1, os.cpu_count()):
+        for threads in thread_counts():
             def native_step():
                 return nb.step_unchecked(x, pos, pointers, labels, temps, None)
 
@@ -196,22 +153,15 @@ def main():
     p.add_argument("--batch", default="1,16")
     p.add_argument("--block", type=int, default=1)
     p.add_argument("--shape", default=None, help="instead of SOURCE: random weights of a published shape "
-                                                  "(afhq256, imagenet64, imagenet128), two blocks of it")
+                                                  "(afhq256, imagenet64, imagenet128) or a shipped model's "
+                                                  "(textures, digits), two blocks of it")
     p.add_argument("--runs", type=int, default=2000)
     p.add_argument("--warmup", type=int, default=200)
     a = p.parse_args()
     torch.set_num_threads(1)
     bundle = None
     if a.shape:
-        from paper_scale import SHAPES  # a sibling script
-
-        from sejd.model.tarflow import TarFlow, TarFlowConfig
-
-        fields = {k: v for k, v in SHAPES[a.shape].items() if k not in ("dataset", "noise_std")}
-        torch.manual_seed(0)
-        model = TarFlow(TarFlowConfig(**{**fields, "num_blocks": 2})).eval().requires_grad_(False)
-        for b in model.blocks:  # ml-tarflow starts proj_out at zero (an identity block): give it weights
-            b.proj_out.weight.data.normal_(0, 0.02)
+        model = random_model(a.shape)
         a.source = f"random {a.shape} block"
     elif os.path.isdir(a.source):
         from sejd.bundle import load_bundle
@@ -227,7 +177,8 @@ def main():
         for name, (call, outputs) in found.items():
             err = max(float(np.abs(g - w).max()) for g, w in zip(outputs(), want))
             seconds = timed(call, a.runs if name != "pytorch" else a.runs // 4, a.warmup)
-            rows.append({"candidate": name, "batch": batch, "us_median": seconds * 1e6, "max_abs_vs_pytorch": err})
+            rows.append({"candidate": name, "batch": batch, "threads": threads_of(name), "us_median": seconds * 1e6,
+                         "max_abs_vs_pytorch": err})
             print(f"batch {batch:>3} {name:<26} {seconds * 1e6:9.1f} us   max |err| {err:.1e}", file=sys.stderr)
     print(json.dumps({"source": a.source, "block": a.block, "position": model.config.num_tokens // 2, "rows": rows},
                      indent=1))

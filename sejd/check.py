@@ -5,6 +5,8 @@
    output with the contract's absolute tolerance (or the user's `atol`/`rtol`); the report keeps
    max/mean error and the tolerance that would have passed. A failing graph's inputs and both runners'
    outputs are saved in Polygraphy's JSON format, with the `polygraphy run` command that reproduces it.
+   ort-cpu's own single-token paths, the native step and the fused step graph (`step_fused`), are compared
+   with the reference on the same inputs under the `step_rows` contract, as the runners call them.
 2. End to end: each plan sampled on the engines against the same plan on PyTorch, and against exact
    sequential decoding on PyTorch from the same noise (PSNR on images mapped to [0, 1], max abs error).
 
@@ -25,6 +27,7 @@ import numpy as np
 
 from sejd.bundle import Bundle
 from sejd.engines import backends
+from sejd.engines.ort_fused_step import ENGINE_VARIANTS, FUSED_VARIANT
 from sejd.engines.polygraphy_runners import callable_runner
 from sejd.errors import SejdError
 from sejd.export.contracts import (BLOCK_VARIANTS, DEFAULT_UNROLL, VARIANTS, contract, dummy_inputs, renamed_hint,
@@ -46,7 +49,7 @@ PLAN_CHOICES = NAMED_PLANS + ("auto",)
 LOOSE_TAU = 0.3  # jacobi_loop inputs that stop early; tau 0 runs it to the exact result (T-1 passes)
 # quick mode: one pass per graph call, so a published-size model (T = 1024) checks in minutes on 2 cores;
 # the chained graphs (jacobi_k, the loops) cost up to T-1 passes per input
-QUICK_GRAPHS = ("step_present", "step_rows", "window", "jacobi", "forward")
+QUICK_GRAPHS = ("step_present", "step_rows", "window", "jacobi", "forward", FUSED_VARIANT)
 QUICK_PLANS = ("sjd",)
 
 
@@ -161,7 +164,7 @@ def graph_name(g: dict) -> str:
 def select_graphs(graphs: list[dict], spec: str | None, num_blocks: int) -> tuple[list[dict], list[dict]]:
     """(selected, skipped) graphs for `--graphs`: `all`, `none`, or a comma list of selectors, any of
     which selects a graph: `VARIANT` (e.g. `step_present`), `block:K` (every variant of block K) or
-    `block:K:VARIANT`."""
+    `block:K:VARIANT`. Variants are the bundle's and the engines' own (ort-cpu's `step_fused`)."""
     if spec is None or spec == "all":
         return list(graphs), []
     if spec == "none":
@@ -174,14 +177,14 @@ def select_graphs(graphs: list[dict], spec: str | None, num_blocks: int) -> tupl
 
 def _selector(item: str, num_blocks: int) -> tuple[int | None, str | None]:
     expected = f"expected all, none, or a comma list of VARIANT, block:K or block:K:VARIANT " \
-               f"(variants {', '.join(VARIANTS)}; blocks 0..{num_blocks - 1})"
+               f"(variants {', '.join(VARIANTS + ENGINE_VARIANTS)}; blocks 0..{num_blocks - 1})"
     parts = item.split(":")
-    if len(parts) == 1 and item in VARIANTS:
+    if len(parts) == 1 and item in VARIANTS + ENGINE_VARIANTS:
         return None, item
     if parts[0] == "block" and len(parts) in (2, 3):
         if not parts[1].isdigit() or int(parts[1]) >= num_blocks:
             raise SejdError(f"--graphs: {item!r} names block {parts[1]!r}; {expected}")
-        if len(parts) == 3 and parts[2] not in BLOCK_VARIANTS:
+        if len(parts) == 3 and parts[2] not in BLOCK_VARIANTS + ENGINE_VARIANTS:
             raise SejdError(f"--graphs: {item!r} names variant {parts[2]!r}{renamed_hint(parts[2:])}; {expected}")
         return int(parts[1]), parts[2] if len(parts) == 3 else None
     raise SejdError(f"--graphs: cannot read {item!r}{renamed_hint(parts[-1:])}; {expected}")
@@ -383,6 +386,38 @@ def native_checks(src, model, options: CheckOptions, compared: list[dict]) -> li
     return checks
 
 
+def fused_checks(src, model, options: CheckOptions) -> tuple[list[Check], list[dict], list[dict]]:
+    """ort-cpu's fused step graph (sejd/engines/ort_fused_step.py) of every block whose engines ship it,
+    against the PyTorch reference on the `step_rows` graph's inputs and contract tolerance (it answers to that
+    contract), run as the runners run it: the caches bound in place, which must change nowhere but at the
+    token's position. Selected by `--graphs` as the variant `step_fused`. Returns (checks, compared graphs,
+    skipped graphs)."""
+    from sejd.engines.ort_fused_step import compare, dims_of
+
+    sessions = next((s for s in (getattr(r, "sessions", None) for r in src.runners or ())
+                     if hasattr(s, "fused_step")), None)
+    if sessions is None:
+        return [], [], []
+    cfg = model.config
+    shipped = [{"block": k, "variant": FUSED_VARIANT, "file": sessions.fused_step(k)}
+               for k in range(cfg.num_blocks) if sessions.fused_step(k) is not None]
+    spec = options.graphs if options.graphs is not None else (",".join(QUICK_GRAPHS) if options.quick else None)
+    chosen, skipped = select_graphs(shipped, spec, cfg.num_blocks)
+    c = contract(cfg, "step_rows")
+    atol = options.atol if options.atol is not None else c.atol
+    all_feeds = graph_feeds(c, cfg, feed_specs(options.seed, options.quick)) if chosen else []
+    checks = []
+    for g in progress(chosen, desc="check fused step", enabled=options.show_progress):
+        k = g["block"]
+        result = compare(sessions.get(FUSED_VARIANT, k, single_thread=True), dims_of(model.blocks[k], cfg.num_tokens),
+                         model, k, all_feeds, atol, options.rtol or 0.0)
+        checks.append(Check(graph_name(g), result["passed"],
+                            {"atol": atol, "rtol": options.rtol or 0.0, "max_abs": result["max_abs"],
+                             "worst_output": result["worst_output"], "per_output_max_abs": result["per_output_max_abs"],
+                             "contract": "step_rows", "precision": "fp32", "inputs": result["inputs"]}))
+    return checks, chosen, skipped
+
+
 def check_source(src, model, options: CheckOptions | None = None, engine_model=None) -> CheckReport:
     """Check `src` (a Session: a bundle's engines, or a checkpoint on torch / torch-cuda) against `model`,
     the fp32 PyTorch reference on the CPU. `engine_model`: the model the engine runners run with, when it
@@ -393,6 +428,8 @@ def check_source(src, model, options: CheckOptions | None = None, engine_model=N
     plans, plans_skipped = choose_plans(options, tuned)  # validated before anything runs
     checks, compared, skipped = graph_checks(src, model, options, precision)
     checks += native_checks(src, model, options, compared)
+    fused, fused_compared, fused_skipped = fused_checks(src, model, options)
+    checks, compared, skipped = checks + fused, compared + fused_compared, skipped + fused_skipped
     batch = 1 if options.quick else 4
     checks += check_end_to_end(src, model, plans, batch=batch, seed=options.seed, show_progress=options.show_progress,
                                quality_plans=("auto",), engine_model=engine_model, precision=precision)

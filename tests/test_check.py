@@ -158,3 +158,13 @@ def test_v_shows_polygraphys_log_on_stderr(tiny_bundle, capsys, verbose):
     out, err = capsys.readouterr()
     assert "PASS  block 0 step_present" in out and "[I]" not in out
     assert ("[I]" in err) == verbose  # Polygraphy's own log lines
+
+
+def test_the_fused_step_graph_is_selected_like_the_others(tiny_bundle, capsys):
+    """ort-cpu's fused step graph answers to `--graphs` as `step_fused` (engine graphs are selectable too)."""
+    rc = main(["check", str(tiny_bundle.path), "--graphs", "block:3:step_fused", "--plans", "none", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "PASS  block 3 step_fused" in out and "1/1 enforced checks passed" in out
+    graphs = [{"block": k, "variant": v} for k in range(2) for v in ("step_rows", "step_fused")]
+    assert select_graphs(graphs, "step_fused", 2)[0] == [{"block": 0, "variant": "step_fused"},
+                                                         {"block": 1, "variant": "step_fused"}]

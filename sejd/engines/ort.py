@@ -4,6 +4,10 @@
 KV caches live in preallocated ping-pong buffers bound with IO binding: a step reads the caches of
 the previous step and writes the other pair, so caches are never copied or reallocated. Both sets
 are views of one KV-cache pool per model (`OrtSessions.pool`), shared by every block's runner.
+On ort-cpu, single tokens run the fused step graph that `sejd build` ships per block where it passes
+parity (sejd/engines/ort_fused_step.py: it writes the token's keys/values into the current caches in
+place), else the exported `step_rows` graph (the host writes them); where the native step is used
+(sejd/engines/native.py) it replaces both.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from sejd.bundle import Bundle, BundleError, sha256_file
 from sejd.engines.backends import backend as find_backend
 from sejd.engines.manifest import engine_dir, engine_file
+from sejd.engines.ort_fused_step import FUSED_VARIANT
 from sejd.errors import SejdError
 from sejd.export.contracts import contract, profile_shapes
 from sejd.runtime.runner import BlockRunner, Conditioning, KVCachePool
@@ -66,7 +71,8 @@ def providers(bundle: Bundle, backend: str, graph: dict | None = None, root: Pat
     return [("TensorrtExecutionProvider", trt), cuda]
 
 
-SINGLE_TOKEN_VARIANTS = ("step_present", "step_rows", "sequential_loop")
+SINGLE_TOKEN_VARIANTS = ("step_present", "step_rows", "sequential_loop", "step_fused")
+FUSED_PATH, STEP_ROWS_PATH = "fused ONNX step graph", "ONNX step_rows graph"  # BlockRunner.single_token_path
 SMALL_PASS_TOKENS = 2048  # rows x tokens up to which a parallel pass runs faster on one CPU thread
 
 
@@ -165,6 +171,9 @@ def build_ort(bundle: Bundle, backend: str, threads: int | None = None, show_pro
                     raise SejdError(f"onnxruntime {ort.__version__} cannot build the {precision} {g['variant']} "
                                     f"graph for {backend}: {str(e).splitlines()[0]}") from None
                 files[g["file"]] = sha256_file(target)
+            fused = _fused_steps(bundle, backend, precision, out, store, scratch, threads, show_progress)
+            if fused is not None:
+                files.update(fused[0])
         files.update({rel: sha256_file(out / rel) for rel in store.files()})
         manifest = {"backend": backend, "bundle_manifest_sha256": bundle.manifest_sha256, "precision": precision,
                     "onnxruntime": ort.__version__, "providers": [p if isinstance(p, str) else p[0] for p in
@@ -172,8 +181,23 @@ def build_ort(bundle: Bundle, backend: str, threads: int | None = None, show_pro
                     "weights": {"weight_bytes": store.bytes_written, "deduplicated_bytes": store.bytes_deduplicated},
                     "settings": {"graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "sequential",
                                  "intra_op_num_threads": threads or "default", "inter_op_num_threads": 1}}
+        if fused is not None:
+            manifest[FUSED_VARIANT] = fused[1]
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return engine_dir(bundle, backend)
+
+
+def _fused_steps(bundle, backend, precision, out, store, scratch, threads, show_progress):
+    """ort-cpu: the fused single-token step per block (sejd/engines/ort_fused_step.py), shipped where it passes
+    parity -> (files, the manifest's record); built in fp32 only. None for the GPU providers."""
+    from sejd.engines import ort_fused_step
+
+    if backend != "ort-cpu":
+        return None
+    if precision != "fp32":
+        return {}, ort_fused_step.not_built_record(bundle.config.num_blocks, f"engines built at {precision}: the "
+                                                   f"fused step graph is built in fp32 only")
+    return ort_fused_step.build_fused_steps(bundle, bundle.load_model(), out, store, scratch, threads, show_progress)
 
 
 def load_engine_manifest(bundle: Bundle, backend: str) -> dict:
@@ -191,6 +215,35 @@ class OrtSessions:
         self._sessions: dict = {}
         self.pool = KVCachePool()  # blocks run one at a time: one set of caches for all of them
 
+    def _fused_entry(self, block: int):
+        """The build's record of block `block`'s fused step (a dict), or None where there is none."""
+        record = self.manifest.get(FUSED_VARIANT)
+        blocks = record.get("blocks") if isinstance(record, dict) else None
+        entry = blocks.get(str(block)) if isinstance(blocks, dict) else None
+        return entry if isinstance(entry, dict) else None
+
+    def fused_step(self, block: int) -> str | None:
+        """The engine file of block `block`'s fused step graph when the build shipped it, else None (engines
+        of other backends or precisions, built before it existed, or a block whose graph failed parity)."""
+        entry = self._fused_entry(block)
+        if entry is None or entry.get("used") is not True:
+            return None
+        if not isinstance(entry.get("file"), str):
+            raise BundleError(f"{engine_dir(self.bundle, self.backend) / 'manifest.json'}: {FUSED_VARIANT} of block "
+                              f"{block} is marked used but names no file; rebuild the engines with `sejd build "
+                              f"{self.bundle.path} --backend {self.backend}`")
+        return entry["file"]
+
+    def fused_reasons(self) -> dict[int, str]:
+        """Per block without a shipped fused step, why not (the build's record, or that there is none)."""
+        reasons = {}
+        for k in range(self.bundle.config.num_blocks):
+            if self.fused_step(k) is None:
+                entry = self._fused_entry(k)
+                reasons[k] = str(entry.get("reason", "not recorded")) if entry is not None else \
+                    f"the {self.backend} engines have none (built before it existed, or for another backend)"
+        return reasons
+
     def get(self, variant: str, block: int | None = None, single_thread: bool = False):
         """The session of one graph. `single_thread`: for latency-bound calls on the CPU (one token, or a
         small parallel pass), one intra-op thread beats a thread pool that synchronises after every op
@@ -200,6 +253,19 @@ class OrtSessions:
         threads = 1 if single_thread and self.backend == "ort-cpu" else self.threads
         key = (variant, block, threads)
         if key not in self._sessions:
+            if variant == FUSED_VARIANT:
+                rel = self.fused_step(block)
+                if rel is None:
+                    raise BundleError(f"the {self.backend} engines have no {FUSED_VARIANT} graph for block {block}")
+                path = engine_file(self.bundle, self.backend, rel, self.manifest)
+                session = ort.InferenceSession(str(path), session_options(threads, level="none"),
+                                               providers=PROVIDERS[self.backend])
+                if "guidance_table" not in {i.name for i in session.get_inputs()}:
+                    raise BundleError(f"engines/{self.backend}/{rel} is not a {FUSED_VARIANT} graph (its inputs: "
+                                      f"{[i.name for i in session.get_inputs()]}); rebuild the engines with "
+                                      f"`sejd build {self.bundle.path} --backend {self.backend}`")
+                self._sessions[key] = session
+                return session
             rel = self.bundle.graph(variant, block)["file"]
             path = engine_file(self.bundle, self.backend, rel, self.manifest)  # listed, inside the bundle
             # already optimised at build time: do not optimise again
@@ -221,6 +287,23 @@ class OrtBlockRunner(BlockRunner):
         self.cache_names = [f"{l}.{kv}" for l in range(cfg.layers_per_block) for kv in ("key", "value")]
         self._caches: list[list[np.ndarray]] = []
         self._contracts = {}
+        # the fused step graph's engine file when the build shipped it for this block (tests set None to run
+        # step_rows instead)
+        self.fused = sessions.fused_step(block)
+
+    @property
+    def single_token_path(self) -> str:
+        """What runs single tokens: the fused step graph where the engines have it for this block, else the
+        exported step graph. A subclass that runs them otherwise declares or sets its own."""
+        if getattr(self, "_single_token_path", None) is not None:
+            return self._single_token_path
+        if self.fused is not None:
+            return FUSED_PATH
+        return STEP_ROWS_PATH if "step_rows" in self.exported else "ONNX step_present graph"
+
+    @single_token_path.setter
+    def single_token_path(self, value: str) -> None:
+        self._single_token_path = value
 
     def _contract(self, variant):
         if variant not in self._contracts:
@@ -248,6 +331,7 @@ class OrtBlockRunner(BlockRunner):
         self._current = 0  # which buffer set holds the valid cache
         self._bindings: dict = {}
         self._validated: set = set()
+        self._fused_calls: dict = {}  # per cache side: the fused step bound to it (made on first use)
 
     def _session(self, variant: str):
         # single tokens and small parallel passes are latency-bound: one thread (see OrtSessions.get)
@@ -305,8 +389,35 @@ class OrtBlockRunner(BlockRunner):
         values = binding.get_outputs()
         return {name: values[i].numpy() for i, name in enumerate(outputs)}
 
+    def step(self, x_tok, pos):
+        if self.fused is None:
+            return super().step(x_tok, pos)
+        x = x_tok.numpy()
+        # the inputs the step_rows graph would take, checked against its contract (once per shape)
+        self._validate("step_rows", {"x": x[:, None], "pos": np.array(pos, np.int64)}, with_caches=True)
+        if not 0 <= pos < self.num_tokens:
+            from sejd.errors import InputError
+            raise InputError(f"step: position must be in [0, {self.num_tokens}), got {pos}")
+        xa, xb = self._fused_call()(x, pos)
+        return torch.from_numpy(xa), torch.from_numpy(xb)
+
+    def _fused_call(self):
+        """The fused step bound to the current cache side (it writes the token's keys/values there in place)."""
+        if self._current not in self._fused_calls:
+            from sejd.engines import ort_fused_step as fs
+
+            dims, f = fs.dims_of_config(self.cfg), self.cond_feeds
+            cond = fs.conditioning_inputs(dims, self.batch, f.get("labels"), f["temps"],
+                                          f["guidance"] if self.rows == 2 * self.batch else None)
+            self._fused_calls[self._current] = fs.FusedStep(self._session(FUSED_VARIANT), dims, self.batch, cond,
+                                                            self._caches[self._current])
+        return self._fused_calls[self._current]
+
     def project(self, x, start):
         n = x.shape[1]
+        if n == 1 and self.fused is not None:
+            xa, xb = self.step(x[:, 0], start)
+            return xa[:, None], xb[:, None]
         if n == 1 and "step_rows" in self.exported:
             out = self._run("step_rows", {"x": x.numpy(), "pos": np.array(start, np.int64)}, cache_io="read")
             for i, cache in enumerate(self._caches[self._current]):  # write this token's keys/values in place
@@ -400,14 +511,18 @@ def ort_tensor_runners(bundle: Bundle, backend: str, device: str, threads: int |
             for k in range(bundle.config.num_blocks)]
 
 
+_WARNED: set = set()  # fallback reasons already warned about in this process
+
+
 def ort_runners(bundle: Bundle, backend: str = "ort-cpu", threads: int | None = None):
     if backend in GPU_BACKENDS:
         return ort_tensor_runners(bundle, backend, "cuda", threads)
     sessions = OrtSessions(bundle, backend, threads)
     reason = native_step_reason(sessions)
     if reason:
-        log.info("ort-cpu: single-token steps run the ONNX step graphs (native step: %s)", reason)
-        return [OrtBlockRunner(sessions, k) for k in range(bundle.config.num_blocks)]
+        runners = [OrtBlockRunner(sessions, k) for k in range(bundle.config.num_blocks)]
+        _warn_no_native_step(reason, runners)
+        return runners
     from sejd.engines import native
 
     model = bundle.load_model()
@@ -416,6 +531,26 @@ def ort_runners(bundle: Bundle, backend: str = "ort-cpu", threads: int | None = 
     for r in runners:
         r.model = model  # the Source reuses it rather than loading the checkpoint again
     return runners
+
+
+def _warn_no_native_step(reason: str, runners: list) -> None:
+    """One warning per process and reason that ort-cpu's single tokens do not run in the native step, naming
+    the graph that runs them instead (later runners of the same reason log it at info level)."""
+    paths: dict[str, list[int]] = {}
+    for k, r in enumerate(runners):
+        paths.setdefault(r.single_token_path, []).append(k)
+    instead = " and the ".join(p if len(paths) == 1 else f"{p} (blocks {', '.join(map(str, ks))})"
+                               for p, ks in paths.items())
+    missing = runners[0].sessions.fused_reasons()
+    if missing:
+        which = "" if len(missing) == len(runners) else f" for blocks {', '.join(map(str, missing))}"
+        instead += f"; no fused step graph{which}: {'; '.join(sorted(set(missing.values())))}"
+    message = "ort-cpu: the native CPU step is not used (%s); single tokens run the %s"
+    if reason in _WARNED:
+        log.info(message, reason, instead)
+    else:
+        _WARNED.add(reason)
+        log.warning(message, reason, instead)
 
 
 def native_step_reason(sessions: OrtSessions) -> str | None:

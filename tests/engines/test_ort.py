@@ -73,10 +73,13 @@ def test_check_report_passes_and_lists_every_graph(built, tmp_path):
     report = check_bundle(built, "ort-cpu", plans=("sequential", "sjd"), show_progress=False)
     assert report, report.summary()
     names = [c.name for c in report.checks]
-    graphs = [n for n in names if n.startswith("block ") and not n.endswith("native step")]
+    graphs = [n for n in names if n.startswith("block ") and not n.endswith(("native step", "step_fused"))]
     assert len(graphs) == 7 * 4 and "forward" in names
     native_step = [n for n in names if n.endswith("native step")]  # the native step answers to step_rows' contract
     assert native_step == ([f"block {k} native step" for k in range(4)] if native_available() is None else [])
+    # so does the fused step graph the build shipped for every block, checked whichever runs single tokens
+    assert [n for n in names if n.endswith("step_fused")] == [f"block {k} step_fused" for k in range(4)]
+    assert all(f"block {k} step_fused" in report.scope["graphs_compared"] for k in range(4))
     for c in report.checks:
         if c.name.startswith("block") or c.name == "forward":
             loop = c.name.endswith("_loop")
