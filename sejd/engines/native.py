@@ -7,159 +7,68 @@ weight matrix across the cores (each share stays in its core's L2) and runs a wh
 inversion as one call. Parallel (Jacobi) passes stay on ONNX Runtime, which is near the matrix-multiply
 rate there.
 
-The library is compiled from the package's own source with the machine's C compiler on first use and
-cached per user (`$XDG_CACHE_HOME/sejd/native`, keyed by the source, compiler, flags and processor): no
-code is ever loaded from a bundle. `SEJD_NATIVE_MARCH` picks the instruction set (default: this
-processor's). Without a C compiler the runners keep the ONNX `step_rows` graph and
-say so once; `SEJD_NATIVE_STEP=0` turns the native step off.
+The library is compiled when sejd is installed (setup.py), once per instruction-set level, and loaded
+here at the best level this processor runs (`sejd/engines/native_lib.py`: the open file is checked, and
+it must be built from this package's step.c): no compiler runs at run time and no code is ever loaded
+from a bundle. `SEJD_NATIVE_ISA` picks a lower level; `SEJD_NATIVE_STEP=0` turns the native step off.
+Without a usable library the runners keep the ONNX step graphs and say why, once.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from sejd.engines import native_lib
 from sejd.engines.ort import OrtBlockRunner
 from sejd.errors import BackendUnavailable, InputError
+from sejd.machine import usable_cores
 
-SOURCE = Path(__file__).with_name("native") / "step.c"
-FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno",
-         "-fno-trapping-math")  # no FP exceptions are used: lets float selects (clamps, signs) vectorize
-X86_FLAGS = ("-mprefer-vector-width=512",)  # gcc's x86 option: 512-bit vectors where the processor has them
-COMPILE_TIMEOUT_S = 120
 MAX_HEAD_DIM = 512  # the attention's per-head accumulator in step.c is a stack array of this size
+SYMBOLS = ("sejd_pool_new", "sejd_pool_free", "sejd_pool_threads", "sejd_pool_park", "sejd_block_new",
+           "sejd_block_free", "sejd_block_step", "sejd_block_sequential")
 
 log = logging.getLogger("sejd.native")
 
 _F32P = ctypes.POINTER(ctypes.c_float)
 
 
-def compiler() -> str | None:
-    """The C compiler to build the step with: $CC, else cc / gcc / clang on PATH."""
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def disabled_reason() -> str | None:
-    """None when the native step may be used here, else why not (one sentence)."""
-    if os.environ.get("SEJD_NATIVE_STEP", "1") == "0":
-        return "SEJD_NATIVE_STEP=0"
-    if compiler() is None:
-        return "no C compiler on PATH (cc, gcc or clang; or set CC)"
-    return None
-
-
-def _cpu_signature() -> str:
-    """What -march=native compiles for: the processor's model and flags (a shared home directory may be
-    mounted on other machines)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        import platform
-
-        return platform.processor() + platform.machine()
-    return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
-
-
-def _cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = base / "sejd" / "native"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _refuse_shared(folder)
-    return folder
-
-
-def _refuse_shared(path: Path) -> None:
-    """A library is loaded from `path` only if this user owns it and nobody else may write it (another user
-    who could replace the library would run code in this process)."""
-    st = path.stat()
-    if (hasattr(os, "getuid") and st.st_uid != os.getuid()) or st.st_mode & 0o022:
-        raise BackendUnavailable(f"native CPU step: {path} is writable by others or not owned by this user "
-                                 f"(mode {st.st_mode & 0o777:o}); make it private (chmod go-w) or set XDG_CACHE_HOME")
-
-
-def _remove_stale_scratch(folder: Path, older_than_s: float = 3600) -> None:
-    """Scratch folders of compiles that were killed (a running compile's is younger than its timeout)."""
-    import time
-
-    for tmp in folder.glob(".sejd-tmp-native-*"):
-        try:
-            if time.time() - tmp.stat().st_mtime > older_than_s:
-                shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def _flags() -> tuple:
-    """FLAGS, the target (`SEJD_NATIVE_MARCH`, default `native`: this processor's instruction set; e.g.
-    `x86-64-v3` builds the AVX2 code for machines without AVX-512), and x86's vector-width preference."""
-    import platform
-
-    march = (f"-march={os.environ.get('SEJD_NATIVE_MARCH', 'native')}",)
-    return FLAGS + march + (X86_FLAGS if platform.machine().lower() in ("x86_64", "amd64", "i686") else ())
-
-
 @functools.lru_cache(maxsize=None)
-def _load() -> ctypes.CDLL | str:
-    """The compiled library, or why it cannot be had (remembered: a broken compiler is not rerun)."""
+def _load() -> tuple[ctypes.CDLL, str] | str:
+    """(the library, its instruction-set level), or why it cannot be had (remembered)."""
     try:
-        return _compile_and_load()
-    except BackendUnavailable as e:
-        return str(e)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:  # no home, noexec mount, timeout...
-        return f"native CPU step not available: {type(e).__name__}: {e}"
+        lib, level = native_lib.load(SYMBOLS)
+    except native_lib.Unavailable as e:
+        return f"native CPU step not available: {e}"
+    return _declare(lib), level
 
 
 def library() -> ctypes.CDLL:
-    """The compiled step library (compiled once per source, compiler, flags and processor)."""
-    reason = disabled_reason()
-    if reason:
-        raise BackendUnavailable(f"native CPU step not available: {reason}")
-    lib = _load()
-    if isinstance(lib, str):
-        raise BackendUnavailable(lib)
-    return lib
+    """The step library the install built, for this processor."""
+    if os.environ.get("SEJD_NATIVE_STEP", "1") == "0":
+        raise BackendUnavailable("native CPU step not available: SEJD_NATIVE_STEP=0")
+    got = _load()
+    if isinstance(got, str):
+        raise BackendUnavailable(got)
+    return got[0]
 
 
-library.cache_clear = _load.cache_clear  # tests: forget a library or a failure
+def level() -> str:
+    """The instruction-set level of the loaded library (x86-64, x86-64-v3, x86-64-v4 or generic)."""
+    library()
+    return _load()[1]
 
 
-def _compile_and_load() -> ctypes.CDLL:
-    cc = compiler()
-    source = SOURCE.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S).stdout
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(_flags()).encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]
-    try:
-        folder = _cache_dir()
-    except OSError as e:  # e.g. a read-only home: the runners keep the ONNX step graphs
-        raise BackendUnavailable(f"native CPU step: cannot create its cache folder ({e})") from None
-    target = folder / f"step-{key}.so"
-    if not target.exists():
-        _remove_stale_scratch(folder)
-        log.info("compiling the native CPU step (%s)", cc)
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".sejd-tmp-native-") as tmp:
-            built = Path(tmp) / "step.so"
-            done = subprocess.run([cc, *_flags(), "-o", str(built), str(SOURCE), "-lm"], capture_output=True,
-                                  text=True, timeout=COMPILE_TIMEOUT_S)
-            if done.returncode != 0:
-                raise BackendUnavailable(f"native CPU step: {cc} failed: {done.stderr.strip()[-500:]}")
-            os.replace(built, target)  # atomic: a concurrent compile of the same key writes the same file
-    _refuse_shared(target)
-    return _declare(ctypes.CDLL(str(target)))
+def forget() -> None:
+    """Load the library again at the next use (tests: another SEJD_NATIVE_ISA, another library)."""
+    _load.cache_clear()
+    native_lib.load.cache_clear()
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -189,20 +98,16 @@ def unsupported(head_dim: int) -> str | None:
 
 
 def available() -> str | None:
-    """None when the native step compiles and loads here, else why not."""
+    """None when the native step loads here, else why not."""
     try:
-        library()  # the switch and the compiler are looked at every time; the library once
+        library()  # the switch is looked at every time; the library once
     except BackendUnavailable as e:
         return str(e)
     return None
 
 
 def default_threads() -> int:
-    """The cores this process may use: the affinity mask and the cgroup CPU quota (`sejd.machine`)."""
-    try:
-        from sejd.machine import usable_cores
-    except ImportError:  # a tree without sejd.machine: the affinity mask alone
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The cores this process may use: the affinity mask and the cgroup CPU quota."""
     return usable_cores()
 
 
@@ -406,7 +311,7 @@ class NativeStepRunner(OrtBlockRunner):
 
     @property
     def single_token_path(self) -> str:
-        return f"native CPU step ({threads()} threads)"
+        return f"native CPU step ({level()}, {threads()} threads)"
 
     def _run(self, variant, feeds, cache_io=False):
         """Every ONNX Runtime pass of this runner (jacobi_iter, jacobi_chunk, jacobi_loop, a multi-token
