@@ -13,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP = {".git", ".venv", "out", "build", "dist", "runs", ".pytest_cache", "__pycache__"}
+BUILT = (".so", ".dylib", ".pyd")  # this checkout's own build of the native step: the wheel makes its own
 
 
 def _run(cmd, **kw):
@@ -26,7 +27,7 @@ def wheel(tmp_path_factory):
     """The wheel built from a copy of the source tree (offline: no build isolation, no dependencies)."""
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
-    shutil.copytree(ROOT, src, ignore=lambda d, names: [n for n in names if n in SKIP or n.endswith(".egg-info")])
+    shutil.copytree(ROOT, src, ignore=lambda d, names: [n for n in names if n in SKIP or n.endswith((".egg-info", *BUILT))])
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
           "-w", str(tmp / "dist"), str(src)])
     (whl,) = (tmp / "dist").glob("sejd-*.whl")
@@ -38,7 +39,20 @@ def test_wheel_ships_the_builtin_models(wheel):
     for model in ("digits", "textures"):
         assert {f"sejd/assets/{model}/model.safetensors", f"sejd/assets/{model}/config.json"} <= names
     assert not any(n.startswith("tests/") for n in names)
-    assert "sejd/engines/native/step.c" in names  # the native CPU step is compiled from it on first use
+    assert "sejd/engines/native/step.c" in names  # the source the built libraries must match
+
+
+def test_wheel_carries_the_native_step_for_every_instruction_set_level(wheel):
+    """Built at install, once per level, so the wheel runs on another machine of the platform."""
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler: the optional native step is not built")
+    from sejd.engines import native_lib
+
+    names = zipfile.ZipFile(wheel).namelist()
+    levels = list(native_lib.X86_LEVELS) if native_lib.is_x86() else ["generic"]
+    for level in levels:
+        stem = f"sejd/engines/native/step_{level.replace('-', '_')}."
+        assert any(n.startswith(stem) and n.endswith(".so") for n in names), f"no {stem}*.so in the wheel"
 
 
 def test_wheel_in_a_fresh_venv_samples_a_builtin_model(wheel, tmp_path):
@@ -58,6 +72,10 @@ def test_wheel_in_a_fresh_venv_samples_a_builtin_model(wheel, tmp_path):
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert where[1] == version
 
+    if shutil.which("cc") or shutil.which("gcc"):  # the installed wheel's own native step loads there
+        loaded = _run([str(python), "-c", "from sejd.engines import native; print(native.available() or native.level())"],
+                      cwd=tmp_path, env=env).stdout.strip()
+        assert loaded.startswith(("x86-64", "generic")), loaded
     out = tmp_path / "grid.png"
     _run([str(venv / "bin" / "sejd"), "sample", "builtin:digits", "-n", "2", "--plan", "sjd", "--out", str(out)],
          cwd=tmp_path, env=env)
