@@ -30,10 +30,11 @@ def run(source, backend, max_batch, requests, clients, n, plan):
     from ray import serve
 
     from sejd.serve.app import build_app, start_ray
+    from sejd.serve.read_limits import ReadLimits, runtime_env
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    start_ray("127.0.0.1", None, dashboard=False)  # as `sejd serve --host 127.0.0.1` does
+    start_ray("127.0.0.1", None, dashboard=False, runtime_env=runtime_env(ReadLimits()))  # as `sejd serve` does
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app(source, backend, max_batch=max_batch, batch_wait_ms=10, replica_host="127.0.0.1")
     serve.run(app, route_prefix="/")

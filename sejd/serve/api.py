@@ -7,9 +7,12 @@
     GET  /docs, /openapi.json
 
 Every 4xx body is `{"error": ..., "field": ...}` naming what was wrong (the field, "body", "path" or
-"method"); 413 for a body over 64 KiB; 500 only for a fault of the server (an engine batch that failed);
-504 past the deadline. `sejd.serve.app` runs this app on Ray Serve (`serve.ingress`), one per replica; the
-tests run it in-process. Routes are relative, so the app works under any route prefix.
+"method"); 413 for a body over 64 KiB; 408 (field null) for a body not received within the read
+deadline, 431 for too many or too large headers (`sejd.serve.read_limits`); 500 only for a fault of the
+server (an engine batch that failed); 504 past the deadline. `/metrics` counts a request whose client went
+away before its answer under status 499, not 500. `sejd.serve.app` runs this app on Ray Serve
+(`serve.ingress`), one per replica; the tests run it in-process. Routes are relative, so the app works
+under any route prefix.
 """
 
 import asyncio
@@ -20,12 +23,10 @@ from typing import Optional
 
 import numpy as np
 
-from sejd.serve.body_limit import JsonBodyLimit
-from sejd.serve.metrics import Metrics
+from sejd.serve.metrics import CLIENT_CLOSED, Metrics
+from sejd.serve.read_limits import MAX_BODY_BYTES, READ_TIMEOUT_S, BodyLimit, ReadLimits
 from sejd.serve.schema import RequestError, SampleRequest, first_error
 from sejd.serve.service import SampleService, SamplingFailed
-
-MAX_BODY_BYTES = 64 * 1024
 
 
 def unbatched(run_batch):
@@ -35,9 +36,11 @@ def unbatched(run_batch):
     return submit
 
 
-def create_api(service: SampleService, source: str = "", batch=unbatched, deadline_s: float = 60.0):
+def create_api(service: SampleService, source: str = "", batch=unbatched, deadline_s: float = 60.0,
+               read_timeout_s: float = READ_TIMEOUT_S):
     """The FastAPI app. `batch` turns `async run_batch(list) -> list` into `async submit(request) ->
-    result`, collecting requests that arrive together (Ray Serve's `serve.batch`)."""
+    result`, collecting requests that arrive together (Ray Serve's `serve.batch`); `read_timeout_s`: the
+    time a request's body may take to arrive."""
     from fastapi import Body, FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
@@ -107,13 +110,16 @@ def create_api(service: SampleService, source: str = "", batch=unbatched, deadli
     async def metrics_json() -> dict:
         return metrics.to_dict()
 
-    app.add_middleware(JsonBodyLimit, limit=MAX_BODY_BYTES)
-    app.add_middleware(RecordStatus, metrics=metrics)  # added last: outermost, so it sees 413s too
+    app.add_middleware(BodyLimit, limits=ReadLimits(read_timeout_s=read_timeout_s), json_body=True)
+    app.add_middleware(RecordStatus, metrics=metrics)  # added last: outermost, so it sees 408s and 413s too
     return app
 
 
 class RecordStatus:
-    """ASGI middleware counting every HTTP answer by status code, with its latency."""
+    """ASGI middleware counting every HTTP answer by status code, with its latency. A request that ends
+    without an answer counts as CLIENT_CLOSED (499) when its client went away (a disconnect message, or
+    the server cancelling the request, as Ray Serve's proxy does when the client disconnects), else as
+    500 (an unhandled fault)."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -121,15 +127,30 @@ class RecordStatus:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        t0, status = time.perf_counter(), [500]  # 500 unless a response starts: an unhandled fault
+        t0, status, gone = time.perf_counter(), [None], [False]
 
         async def record(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
+
+        async def watch():
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone[0] = True
+            return message
+        fault = False
         try:
-            await self.app(scope, receive, record)
+            await self.app(scope, watch, record)
+        except asyncio.CancelledError:
+            gone[0] = True
+            raise
+        except Exception:
+            fault = True
+            raise
         finally:
+            if status[0] is None:
+                status[0] = CLIENT_CLOSED if gone[0] and not fault else 500
             self.metrics.record_request(status[0], time.perf_counter() - t0)
 
 

@@ -6,6 +6,10 @@ evaluated on the replica), and Ray Serve's `serve.batch` collects requests that 
 
 Locally, Ray is started bound to the requested host: its node address, its dashboard (off unless asked)
 and Serve's HTTP proxy all use `host`, so `--host 127.0.0.1` opens nothing on other interfaces.
+
+The job's Ray workers carry `sejd.serve.read_limits`' set-up hook, so the HTTP proxies this job starts
+bound how long and how much a client may take to send a request (read deadline, header and body limits),
+and a request reaches a replica only once its body has arrived.
 """
 
 from __future__ import annotations
@@ -15,14 +19,16 @@ import os
 import signal
 import time
 
-from sejd.serve.preflight import check_port, check_source, host_address, require_ray
+from sejd.serve.preflight import check_port, check_read_timeout, check_source, host_address, require_ray
+from sejd.serve.read_limits import READ_TIMEOUT_S, ReadLimits, runtime_env
 
 
 def build_app(source: str, backend: str = "auto", replicas: int = 1, max_batch: int = 16,
               batch_wait_ms: float = 10.0, deadline_s: float = 60.0, replica_host: str | None = None,
-              config: dict | None = None):
+              config: dict | None = None, read_timeout_s: float = READ_TIMEOUT_S):
     """The Serve application; `replica_host`: the one address replicas listen on (a single local node);
-    `config`: the model config of a checkpoint source (as `--config`)."""
+    `config`: the model config of a checkpoint source (as `--config`); `read_timeout_s`: the time a
+    request's body may take to arrive at the app."""
     from ray import serve
 
     def replica_app():  # runs on each replica: its engines are built once, there
@@ -34,7 +40,8 @@ def build_app(source: str, backend: str = "auto", replicas: int = 1, max_batch: 
             keep_replica_grpc_on(replica_host)
 
         batch = serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_wait_ms / 1000.0)
-        return create_api(SampleService(open_source(source, backend, config=config)), source, batch, deadline_s)
+        return create_api(SampleService(open_source(source, backend, config=config)), source, batch, deadline_s,
+                          read_timeout_s)
 
     ingress = serve.ingress(replica_app)()
     sampler = serve.deployment(name="SejdSampler", num_replicas=replicas,
@@ -69,8 +76,9 @@ def keep_replica_grpc_on(host: str) -> None:
     replica.add_port_to_grpc_server = on_host
 
 
-def start_ray(host: str, address: str | None, dashboard: bool) -> None:
-    """Join the cluster at `address`, or start a local Ray instance listening on `host` only.
+def start_ray(host: str, address: str | None, dashboard: bool, runtime_env: dict | None = None) -> None:
+    """Join the cluster at `address`, or start a local Ray instance listening on `host` only; `runtime_env`:
+    the job's (`sejd.serve.read_limits.runtime_env`).
 
     Ray turns a loopback node address into the machine's external one (so that other nodes can join) and
     its servers then listen there; for a loopback host, Ray's single-machine mode keeps every Ray server
@@ -79,9 +87,9 @@ def start_ray(host: str, address: str | None, dashboard: bool) -> None:
     if address is not None:
         import ray
 
-        ray.init(address=address, ignore_reinit_error=True)
+        ray.init(address=address, ignore_reinit_error=True, runtime_env=runtime_env)
         return
-    options = {"include_dashboard": dashboard, "ignore_reinit_error": True}
+    options = {"include_dashboard": dashboard, "ignore_reinit_error": True, "runtime_env": runtime_env}
     if host not in ALL_INTERFACES:
         options.update(dashboard_host=host, _node_ip_address=host)
     if is_loopback(host):
@@ -97,14 +105,17 @@ def start_ray(host: str, address: str | None, dashboard: bool) -> None:
 def serve_forever(source: str, backend: str = "auto", replicas: int = 1, max_batch: int = 16,
                   batch_wait_ms: float = 10.0, host: str = "127.0.0.1", port: int = 8000,
                   deadline_s: float = 60.0, address: str | None = None, dashboard: bool = False,
-                  config: dict | None = None) -> None:
+                  config: dict | None = None, read_timeout_s: float = READ_TIMEOUT_S) -> None:
+    """`read_timeout_s`: how long a client may take to send a request's headers, and then its body
+    (`sejd.serve.read_limits`)."""
+    check_read_timeout(read_timeout_s)
     require_ray()
     check_port(host, port)
     check_source(source, backend, config)
     import ray
     from ray import serve
 
-    start_ray(host, address, dashboard)
+    start_ray(host, address, dashboard, runtime_env(ReadLimits(read_timeout_s=read_timeout_s)))
 
     def stop(signum, frame):  # SIGTERM (e.g. from a process manager) stops as Ctrl-C does
         raise KeyboardInterrupt
@@ -114,7 +125,8 @@ def serve_forever(source: str, backend: str = "auto", replicas: int = 1, max_bat
         serve.start(http_options={"host": host, "port": port})
         local = address is None and host not in ALL_INTERFACES  # one node, on `host` only
         app = build_app(source, backend, replicas, max_batch, batch_wait_ms, deadline_s,
-                        replica_host=host_address(host)[1][0] if local else None, config=config)
+                        replica_host=host_address(host)[1][0] if local else None, config=config,
+                        read_timeout_s=read_timeout_s)
         serve.run(app, route_prefix="/")
         print(f"sejd serve: {source} on http://{host}:{port} (POST /sample, GET /healthz, /metrics, /docs); "
               f"Ctrl-C stops", flush=True)

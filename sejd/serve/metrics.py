@@ -7,6 +7,7 @@ import collections
 
 import numpy as np
 
+CLIENT_CLOSED = 499  # the status a request is counted under when its client went away before the answer
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ITERATION_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -19,7 +20,8 @@ class Metrics:
         import prometheus_client as prom
 
         self.registry = prom.CollectorRegistry()
-        self.requests = prom.Counter("sejd_requests", "HTTP requests answered, by status code", ["status"],
+        self.requests = prom.Counter("sejd_requests", "HTTP requests by status code (499: the client went away "
+                                     "before the answer)", ["status"],
                                      registry=self.registry)
         self.latency = prom.Histogram("sejd_request_latency_seconds", "time from request to response",
                                       buckets=LATENCY_BUCKETS, registry=self.registry)

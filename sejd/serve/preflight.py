@@ -1,10 +1,11 @@
 """What `sejd serve` checks before it starts Ray: Ray Serve is installed, the port can be bound on the
-host, and the source opens with every plan it would serve valid. Each failure is one SejdError, instead
-of a Ray start-up that fails half a minute later in pages of replica logs."""
+host, the read deadline is a time, and the source opens with every plan it would serve valid. Each failure
+is one SejdError, instead of a Ray start-up that fails half a minute later in pages of replica logs."""
 
 from __future__ import annotations
 
 import errno
+import math
 import socket
 import types
 
@@ -21,7 +22,7 @@ def host_address(host: str, port: int = 0) -> tuple:
     """(address family, socket address) of `host`, a name or an IPv4/IPv6 address."""
     try:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as e:
+    except (socket.gaierror, UnicodeError, ValueError) as e:  # UnicodeError: not a valid name ('a..b')
         raise SejdError(f"--host {host!r} is not an address of this machine ({e})") from None
     return family, address
 
@@ -37,6 +38,12 @@ def check_port(host: str, port: int) -> None:
         except OSError as e:
             why = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
             raise SejdError(f"port {port} on {host} {why}; choose another --port") from None
+
+
+def check_read_timeout(seconds) -> None:
+    """The read deadline is a finite number of seconds > 0."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
+        raise SejdError(f"--read-timeout-s must be a finite number of seconds > 0, got {seconds!r}")
 
 
 def check_source(source: str, backend: str, config: dict | None = None) -> None:

@@ -4,6 +4,7 @@ transfer encoding arrives."""
 
 import asyncio
 import json
+import time
 
 
 class Answer:
@@ -14,9 +15,12 @@ class Answer:
         return json.loads(self.body)
 
 
-def call(app, method, path, body=None, headers=None, root_path=""):
+def call(app, method, path, body=None, headers=None, root_path="", then="wait", cancel_after=None):
     """body: bytes, a JSON-able object, or a list of byte chunks (sent chunked; reading stops when the
-    app stops asking). Answer.received: how many body bytes the app read."""
+    app stops asking). Answer.received: how many body bytes the app read. `then`, what the client does
+    after its body: "wait" for the answer, "stall" (the body never ends: its last chunk says more is
+    coming) or "disconnect". `cancel_after`: seconds after which the server cancels the request (as Ray
+    Serve's proxy does when a client goes away). Answer.seconds: how long the app took."""
     if body is not None and not isinstance(body, (bytes, list)):
         body = json.dumps(body).encode()
     chunks = body if isinstance(body, list) else [body or b""]
@@ -35,8 +39,11 @@ def call(app, method, path, body=None, headers=None, root_path=""):
             chunk = chunks[sent["n"]]
             sent["n"] += 1
             sent["bytes"] += len(chunk)
-            return {"type": "http.request", "body": chunk, "more_body": sent["n"] < len(chunks)}
-        await asyncio.sleep(3600)  # nothing more: a real client waits for the answer
+            return {"type": "http.request", "body": chunk,
+                    "more_body": sent["n"] < len(chunks) or then != "wait"}
+        if then == "disconnect":
+            return {"type": "http.disconnect"}
+        await asyncio.sleep(3600)  # nothing more: a real client waits for the answer (or stalls)
 
     async def send(message):
         if message["type"] == "http.response.start":
@@ -44,7 +51,17 @@ def call(app, method, path, body=None, headers=None, root_path=""):
         elif message["type"] == "http.response.body":
             out["body"] += message.get("body", b"")
 
-    asyncio.run(app(scope, receive, send))
+    async def serve():
+        task = asyncio.ensure_future(app(scope, receive, send))
+        if cancel_after is not None:
+            asyncio.get_running_loop().call_later(cancel_after, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    t0 = time.perf_counter()
+    asyncio.run(serve())
     answer = Answer(out["status"], {k.decode(): v.decode() for k, v in out["headers"]}, out["body"])
-    answer.received = sent["bytes"]
+    answer.received, answer.seconds = sent["bytes"], time.perf_counter() - t0
     return answer

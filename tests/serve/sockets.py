@@ -1,7 +1,11 @@
-"""The TCP sockets a process tree listens on, read from /proc (psutil is not a dependency)."""
+"""The TCP sockets a process tree listens on, read from /proc (psutil is not a dependency); one HTTP answer
+read off a raw socket."""
 
 import ipaddress
+import json
 import os
+import socket
+import time
 from pathlib import Path
 
 
@@ -54,3 +58,25 @@ def listening(root: int) -> list[tuple[str, int, int]]:
                     addr = addr.ipv4_mapped
                 found.append((str(addr), int(port, 16), inodes[cols[9]]))
     return found
+
+
+def read_answer(sock, timeout=5.0):
+    """(status, JSON body or raw bytes, seconds until the server closed) of the answer on `sock`, read until
+    the server closes the connection (or `timeout` passes)."""
+    sock.settimeout(timeout)
+    t0, data = time.monotonic(), b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, socket.timeout):
+            break
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split()[1]) if head else None
+    try:
+        body = json.loads(body)
+    except ValueError:
+        pass
+    return status, body, time.monotonic() - t0

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from sejd.cli import main
-from tests.serve.sockets import listening
+from tests.serve.sockets import listening, read_answer
 
 pytest.importorskip("ray.serve")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -29,12 +29,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def call(port, path, body=None, method=None, raw=False):
+def call(port, path, body=None, method=None, raw=False, timeout=120):
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method or
                                  ("POST" if data is not None else "GET"))
     try:
-        with urllib.request.urlopen(req, timeout=120) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             out = r.read()
             return r.status, out if raw else json.loads(out)
     except urllib.error.HTTPError as e:
@@ -129,3 +129,61 @@ def test_healthz_docs_and_prometheus_metrics(server):
                for s in families["sejd_engine_batch_samples"].samples)
     assert call(port, "/metrics.json")[1]["latency_seconds"]["p50"] is not None
     assert call(port, "/openapi.json")[1]["components"]["schemas"]["SampleBody"]["additionalProperties"] is False
+
+
+def by_status(port):
+    text = call(port, "/metrics", raw=True)[1].decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    return {s.labels["status"]: s.value for s in families["sejd_requests"].samples if s.name == "sejd_requests_total"}
+
+
+def test_slow_clients_hold_no_replica_slot_and_get_408_at_the_read_deadline(server):
+    """70 stalled bodies (more than the replica's 64 request slots) and a header sent a byte at a time:
+    a good request is served meanwhile, a header flood gets 431 at once, and the slow ones get 408 at the
+    10 s read deadline (the default)."""
+    import threading
+
+    port, _, _ = server
+    t0 = time.monotonic()
+    stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(70)]
+    for s in stalled:
+        s.sendall(b"POST /sample HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    trickle = socket.create_connection(("127.0.0.1", port))
+
+    def drip():
+        for byte in b"POST /sample HTTP/1.1\r\nHost: x\r\n":
+            try:
+                trickle.sendall(bytes([byte]))
+            except OSError:
+                return  # refused and closed
+            time.sleep(0.5)
+    threading.Thread(target=drip, daemon=True).start()
+    time.sleep(1)
+    status, body = call(port, "/sample", {"n": 1, "seed": 1, "plan": "sjd"}, timeout=30)
+    assert status == 200 and time.monotonic() - t0 < 8  # long before the stalled ones' deadline
+    with socket.create_connection(("127.0.0.1", port)) as flood:
+        flood.sendall(b"GET /healthz HTTP/1.1\r\n" + b"".join(b"x-h%d: 1\r\n" % i for i in range(101)) + b"\r\n")
+        assert read_answer(flood)[:2] == (431, {"error": "request more than 100 header fields", "field": None})
+    answers = [read_answer(s, timeout=30) for s in stalled + [trickle]]
+    assert {a[0] for a in answers} == {408}
+    assert all(a[1]["field"] is None and "not received within 10 s" in a[1]["error"] for a in answers)
+    assert time.monotonic() - t0 < 20
+    for s in stalled + [trickle]:
+        s.close()
+    assert "408" not in by_status(port)  # refused at the proxy: never reached the replica
+
+
+def test_a_client_that_disconnects_is_counted_499_not_500(server):
+    port, _, _ = server
+    before = by_status(port)
+    body = json.dumps({"n": 64, "seed": 3, "plan": "sjd"}).encode()
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(12)]
+    for s in clients:  # queued behind each other in the replica, then gone
+        s.sendall(b"POST /sample HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    time.sleep(0.3)
+    for s in clients:
+        s.close()
+    time.sleep(5)
+    after = by_status(port)
+    assert after.get("500", 0) == before.get("500", 0)
+    assert after.get("499", 0) > before.get("499", 0)

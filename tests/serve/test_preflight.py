@@ -73,3 +73,18 @@ def test_without_ray_the_error_names_the_extra(tiny_bundle, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     with pytest.raises(SejdError, match=r"pip install 'sejd\[serve\]'"):
         serve(tiny_bundle.path)
+
+
+@pytest.mark.parametrize("host", ["no such host..", "a" * 300, "no-such-host.invalid"])
+def test_an_unresolvable_host_is_an_input_error_exit_2(tiny_bundle, host, capsys):
+    with pytest.raises(SejdError, match="is not an address of this machine"):
+        serve(tiny_bundle.path, host=host)
+    assert main(["serve", str(tiny_bundle.path), "--host", host]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sejd: error: --host") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("seconds", [0, -1, float("nan"), float("inf"), True, "10"])
+def test_a_read_deadline_that_is_not_a_time(tiny_bundle, seconds):
+    with pytest.raises(SejdError, match=r"--read-timeout-s must be a finite number of seconds > 0"):
+        serve(tiny_bundle.path, read_timeout_s=seconds)
