@@ -24,6 +24,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -36,20 +37,50 @@ SCRATCH_PREFIX = ".sejd-tmp-"
 SCRATCH_MARKER = ".sejd-scratch.json"  # {"tool": "sejd", "pid", "started", "host": name and PID namespace}
 
 
-def write_error(path, e: OSError) -> SejdError:
+class WriteError(SejdError):
+    """`cannot write PATH: REASON`: the file system refused a write (full, read-only, no permission)."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"cannot write {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def write_error(path, e: OSError) -> WriteError:
     """`cannot write PATH: REASON` for an OSError met while writing `path`."""
     reason = e.strerror or str(e)
     if isinstance(e.filename, (str, bytes)) and Path(os.fsdecode(e.filename)) != Path(path):
         reason += f" ({os.fsdecode(e.filename)})"
-    return SejdError(f"cannot write {path}: {reason}")
+    return WriteError(path, reason)
+
+
+# what a library reports, in its own exception type, when the OS refused a write (safetensors' SafetensorError
+# "I/O error: No space left on device (os error 28)"): the user's disk, not a fault of sejd
+_WRITE_FAULTS = tuple(os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG))
+
+
+def library_write_fault(e: BaseException) -> str | None:
+    """The OS's reason when `e`, raised by a library while writing, says the file system refused the write."""
+    text = str(e)
+    return next((reason for reason in _WRITE_FAULTS if reason in text), None)
 
 
 @contextlib.contextmanager
 def _reporting_write_errors(path):
+    """OSErrors, and library errors carrying an OS write failure, become one WriteError naming `path` (also
+    those of files written inside a folder that becomes `path`: the user knows the target, not our scratch)."""
     try:
         yield
     except OSError as e:
         raise write_error(path, e) from None
+    except WriteError as e:
+        raise WriteError(path, e.reason) from None
+    except SejdError:
+        raise
+    except Exception as e:  # noqa: BLE001 - only those that carry an OS write failure are converted
+        reason = library_write_fault(e)
+        if reason is None:
+            raise
+        raise WriteError(path, reason) from None
 
 
 @contextlib.contextmanager
@@ -239,6 +270,78 @@ def output_file(path: str | os.PathLike) -> Path:
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise SejdError(f"cannot write {path}: {parent} is not a writable folder")
     return path
+
+
+def probe_writable(folder: str | os.PathLike) -> str | None:
+    """None when a file can be created in the existing folder `folder`, else the OS's reason. A real
+    attempt (a probe file made and removed at once), because permission bits do not tell: root ignores
+    them, and read-only mounts and /proc refuse regardless."""
+    try:
+        tmp = _exclusive_file(Path(folder), ".sejd-probe-", "")
+    except OSError as e:
+        return e.strerror or str(e)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+    return None
+
+
+# bounds on what sejd reads whole into memory from a bundle, plan or checkpoint folder
+JSON_MAX_BYTES = 64 << 20  # manifests (a published-size bundle's is ~100 KB), configs, plans
+
+
+def read_regular(path: str | os.PathLike, what: str, limit: int, error=SejdError, root=None) -> bytes:
+    """The bytes of `path`, refused (`error`, one line) unless it is a regular file of at most `limit`
+    bytes. Opening never blocks (a FIFO or device is refused, not waited on). With `root`, the path must
+    resolve inside `root` and the file is opened without following a link (no link out of it is read)."""
+    path = Path(path)
+    target = path
+    if root is not None:
+        try:
+            target = path.resolve(strict=True)
+        except FileNotFoundError:
+            raise error(f"{path}: {what} does not exist") from None
+        except (OSError, RuntimeError) as e:
+            raise error(f"{path}: {what} cannot be resolved ({e})") from None
+        root_real = Path(root).resolve()
+        if target != root_real and root_real not in target.parents:
+            raise error(f"{path}: {what} resolves to {target}, outside {root}")
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if root is not None:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(target, flags)
+    except FileNotFoundError:
+        raise error(f"{path}: {what} does not exist") from None
+    except OSError as e:
+        raise error(f"{path}: {what} cannot be read: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, socket or device)"
+            raise error(f"{path}: {what} is {kind}; expected a regular file")
+        if st.st_size > limit:
+            raise error(f"{path}: {what} is {st.st_size:,} bytes, more than the {limit:,} sejd reads")
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise error(f"{path}: {what} cannot be read: {e.strerror or e}") from None
+    if len(data) > limit:  # grew while being read
+        raise error(f"{path}: {what} is more than the {limit:,} bytes sejd reads")
+    return data
+
+
+def read_json(path: str | os.PathLike, what: str, error=SejdError, root=None, limit: int = JSON_MAX_BYTES):
+    """JSON from a regular file (`read_regular`): text that is not UTF-8, not JSON or nested deeper than the
+    parser's stack is refused with `error`, naming the file."""
+    data = read_regular(path, what, limit, error, root)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: {what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except ValueError as e:  # JSONDecodeError, and ints longer than Python converts
+        raise error(f"{path}: {what} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise error(f"{path}: {what} is nested too deeply to be read") from None
 
 
 def _exclusive_file(folder: Path, prefix: str, suffix: str) -> Path:
