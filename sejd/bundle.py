@@ -23,9 +23,11 @@ import hashlib
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
 from sejd.errors import SejdError
+from sejd.files import read_json
 from sejd.model.tarflow import TarFlowConfig
 
 SCHEMA_VERSION = 2
@@ -47,8 +49,12 @@ class BundleError(SejdError):
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a regular file; anything else (a FIFO would block the read) is a BundleError."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BundleError(f"{path} is not a regular file; {PATH_RULE}")
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -108,9 +114,9 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     (symlinks, foreign files) and hash every listed file."""
     path = Path(path)
     mf = path / MANIFEST
-    if not mf.exists():
+    if not (mf.exists() or mf.is_symlink()):
         raise BundleError(f"{path} is not a sejd bundle: {MANIFEST} is missing (create one with `sejd export`)")
-    manifest = read_json_object(mf, "the bundle manifest")
+    manifest = read_json_object(mf, "the bundle manifest", root=path)
     schema = manifest.get("schema")
     if schema != SCHEMA_VERSION:
         change = SCHEMA_CHANGES.get(schema) if type(schema) is int else None  # not a list, not a bool
@@ -121,22 +127,17 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     bundle = Bundle(path, manifest)
     if verify:
         refuse_escaping_symlinks(path, manifest["files"], mf)  # before any file is opened through one
+        refuse_shared_graph_files(path, manifest, mf)
     check_model_config(bundle)
     if verify:
         verify_files(bundle)
     return bundle
 
 
-def read_json_object(path: Path, what: str) -> dict:
-    """A JSON object from `path` (a manifest); anything else is a BundleError naming the file."""
-    try:
-        data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: {what} is not valid JSON ({e})") from None
-    except RecursionError:  # arrays nested deeper than the parser's stack
-        raise BundleError(f"{path}: {what} is nested too deeply to be a manifest") from None
-    except OSError as e:
-        raise BundleError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+def read_json_object(path: Path, what: str, root: Path | None = None) -> dict:
+    """A JSON object from `path` (a manifest): a regular file of at most `JSON_MAX_BYTES` (a FIFO or device is
+    refused, never waited on), inside `root` when given; anything else is a BundleError naming the file."""
+    data = read_json(path, what, BundleError, root)
     if not isinstance(data, dict):
         raise BundleError(f"{path}: {what} must be a JSON object, got {_kind(data)}")
     return data
@@ -256,6 +257,15 @@ def validate_manifest(manifest: dict, where) -> None:
                               f"{'the model' if block is None else f'block {block}'}")
         seen.add((block, g["variant"]))
         check_path(g.get("file"), f"graphs[{i}].file", where, files)
+        own = graph_file(g["variant"], block)
+        if g["file"] != own:  # e.g. another graph's file: its inputs are not this variant's
+            raise BundleError(f"{where}: graphs[{i}].file must be {own} (the {g['variant']} graph's own file), "
+                              f"got {g['file']}")
+
+
+def graph_file(variant: str, block: int | None) -> str:
+    """Where `sejd export` writes a graph: blocks/K/VARIANT.onnx, or VARIANT.onnx for the whole model."""
+    return f"{variant}.onnx" if block is None else f"blocks/{block}/{variant}.onnx"
 
 
 def _object(value, field: str, where) -> dict:
@@ -270,7 +280,7 @@ def check_model_config(bundle: Bundle) -> None:
     where = bundle.path / MANIFEST
     path = confined_file(bundle.path, MODEL_CONFIG, "the PyTorch reference's config", where,
                          bundle.manifest["files"])
-    meta = read_json_object(path, "the PyTorch reference's config")
+    meta = read_json_object(path, "the PyTorch reference's config", root=bundle.path)
     reference = _object(meta.get("config"), "config", path)
     try:
         reference = TarFlowConfig.from_dict(reference).to_dict()
@@ -304,6 +314,21 @@ def refuse_escaping_symlinks(root: Path, files: dict, where) -> None:
                 raise BundleError(f"{root}: foreign file {rel} is not part of this bundle's manifest")
 
 
+def refuse_shared_graph_files(root: Path, manifest: dict, where) -> None:
+    """Each graph entry's file is its own (`graph_file`); a link may not make it another graph's file, whose
+    inputs and outputs are another variant's (or another block's weights)."""
+    seen = {}
+    for g in manifest["graphs"]:
+        try:
+            real = (root / g["file"]).resolve(strict=True)
+        except (OSError, RuntimeError):
+            continue  # missing or looping: refused by name when the files are verified
+        other = seen.setdefault(real, g["file"])
+        if other != g["file"]:
+            raise BundleError(f"{where}: graph file {g['file']} is a link to {other}, another graph's file; "
+                              f"{PATH_RULE}")
+
+
 def verify_files(bundle: Bundle) -> None:
     """Every file in the manifest's `files` table, whatever its kind, confined and unchanged (sha256)."""
     where = bundle.path / MANIFEST
@@ -313,3 +338,32 @@ def verify_files(bundle: Bundle) -> None:
         if sha256_file(f) != digest:
             raise BundleError(f"{bundle.path}: file {rel} has changed since export (sha256 mismatch); "
                               f"re-export the bundle")
+
+
+def replaceable_bundle(path: Path, verify: bool = True) -> str | None:
+    """None when `path` is a bundle sejd wrote (what `sejd export --force` may replace): a real folder (not a
+    link) whose manifest is valid and holds no file the manifest does not account for, every listed file
+    unchanged (`verify`); else why it is not one."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return "not a folder" if not path.is_symlink() else "a symbolic link"
+    if not (path / MANIFEST).exists():
+        return f"no {MANIFEST}"
+    try:
+        manifest = read_json_object(path / MANIFEST, "its manifest", root=path)
+        if manifest.get("schema") != SCHEMA_VERSION:
+            return f"its {MANIFEST} is not a sejd bundle manifest of schema {SCHEMA_VERSION}"
+        bundle = load_bundle(path, verify=verify)
+        if not verify:  # load_bundle walks the folder only when it verifies
+            refuse_escaping_symlinks(path, bundle.manifest["files"], path / MANIFEST)
+    except SejdError as e:
+        return str(e)
+    return None
+
+
+def is_replaceable_bundle(path: Path) -> bool:
+    """The check made again at the final move of `sejd export --force` (the files were verified before)."""
+    return replaceable_bundle(path, verify=False) is None
+
+
+is_replaceable_bundle.__name__ = "a bundle whose manifest verifies"

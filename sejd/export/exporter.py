@@ -12,7 +12,8 @@ from pathlib import Path
 import onnx
 
 import sejd
-from sejd.bundle import BATCH_MAX_LIMIT, OPSETS, UNROLL_MAX, int_in, MANIFEST, SCHEMA_VERSION, BundleError, load_bundle, sha256_file
+from sejd.bundle import (BATCH_MAX_LIMIT, MANIFEST, OPSETS, SCHEMA_VERSION, UNROLL_MAX, BundleError, int_in,
+                         is_replaceable_bundle, load_bundle, replaceable_bundle, sha256_file)
 from sejd.errors import SejdError
 from sejd.export.contracts import (BLOCK_VARIANTS, DEFAULT_OPSET, DEFAULT_UNROLL, MODEL_VARIANTS, VARIANTS,
                                    contract, renamed_hint)
@@ -21,7 +22,7 @@ from sejd.export.onnx_export import FORWARD_BODY, export_block_variant
 from sejd.export.weights import (INLINE_MAX_BYTES, WEIGHTS_FILE, Retarget, WeightStore, externalize,
                                  save_topology)
 from sejd.model.checkpoint import load_checkpoint, save_checkpoint
-from sejd.files import atomic_dir, folder_with
+from sejd.files import atomic_dir
 from sejd.util import progress
 
 
@@ -49,10 +50,13 @@ def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = D
         if not int_in(value, lo, hi):
             raise SejdError(f"{name} must be an int from {lo} to {hi}, got {value!r}")
     out = Path(out)
-    if out.exists() and not force:
-        raise SejdError(f"{out} exists; pass --force to replace it")
-    if out.exists() and not folder_with(MANIFEST)(out):
-        raise SejdError(f"{out} exists and is not a sejd bundle (no {MANIFEST}); refusing to replace it")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise SejdError(f"{out} exists; pass --force to replace it (only a bundle whose manifest verifies)")
+        why = replaceable_bundle(out)
+        if why:
+            raise SejdError(f"{out} exists and is not a sejd bundle whose manifest verifies, so --force does not "
+                            f"replace it ({why}); remove it yourself or choose another -o")
     model = load_checkpoint(source, config=config)
     cfg = model.config
     if unroll > cfg.num_tokens - 1:  # T-1 Jacobi iterations are always exact: never unroll more
@@ -60,7 +64,7 @@ def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = D
     source_path = Path(str(source)) if not str(source).startswith("builtin:") else None
     # the old bundle (if any) is replaced only by a verified new one, and only with --force: a target that
     # appears meanwhile makes the final move fail (atomic_dir re-checks at the moment of the move)
-    with atomic_dir(out, replace=folder_with(MANIFEST) if force else None) as tmp:
+    with atomic_dir(out, replace=is_replaceable_bundle if force else None) as tmp:
         save_checkpoint(model, tmp / "model", **model.meta)
         graphs, written = _export_graphs(model, tmp, variants, unroll, opset, show_progress)
         files = {f.relative_to(tmp).as_posix(): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
@@ -180,9 +184,9 @@ class GraphWriter:
             model = export_block_variant(self.model, k, variant, self.unroll, self.opset, self.dtype or torch.float32,
                                          scratch)
             if k == 1 and self.templates.get(variant):
-                if not self.templates[variant].confirm(model, scratch, self.named(1)):
+                if not self.templates[variant].confirm(model, scratch, self.named(1), own=True):
                     self.templates[variant] = None
-            externalize(model, rel, self.store, base_dir=scratch)
+            externalize(model, rel, self.store, base_dir=scratch, own=True)
         finally:
             shutil.rmtree(scratch)
         if k == 0:

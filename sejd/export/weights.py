@@ -15,7 +15,9 @@ so no step ever serialises a ModelProto holding the weights.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import stat
 from pathlib import Path
 
 import onnx
@@ -101,27 +103,99 @@ def all_tensors(model: onnx.ModelProto):
     yield from walk(model.graph)
 
 
-def tensor_bytes(tensor: onnx.TensorProto, base_dir: Path | None) -> bytes:
+def tensor_bytes(tensor: onnx.TensorProto, base_dir: Path | None, own: bool = False) -> bytes:
     """The raw little-endian bytes of a tensor, wherever they are stored (external files relative to
-    `base_dir`, raw_data, or the typed fields)."""
+    `base_dir`, raw_data, or the typed fields). External data is read as the bundle's file table is
+    (`external_data`): a location outside `base_dir` or a length the file cannot hold is refused before a byte
+    is read. `own`: `base_dir` is sejd's own scratch of torch's export, whose per-tensor files have no length."""
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        info = {e.key: e.value for e in tensor.external_data}
-        with open(Path(base_dir) / info["location"], "rb") as f:
-            f.seek(int(info.get("offset", 0)))
-            return f.read(int(info["length"])) if "length" in info else f.read()
+        return external_data(tensor, base_dir, own)
     if tensor.HasField("raw_data"):
         return tensor.raw_data
     return numpy_helper.to_array(tensor).tobytes()
 
 
+# bytes per element of the fixed-width ONNX types (the others, strings and 4-bit types, are bounded by the file)
+_ITEM_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2,
+               onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1,
+               onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2, onnx.TensorProto.INT32: 4,
+               onnx.TensorProto.UINT32: 4, onnx.TensorProto.INT64: 8, onnx.TensorProto.UINT64: 8,
+               onnx.TensorProto.BOOL: 1}
+
+
+def external_data(tensor: onnx.TensorProto, base_dir: Path | None, own: bool = False) -> bytes:
+    """The bytes of an external tensor, confined like every file a bundle names: `location` a relative,
+    normalised POSIX path resolving to a regular file inside `base_dir` (the graph's folder), opened without
+    following a link, `offset` and `length` integers that stay inside that file, the length that of the
+    tensor's shape and type. Anything else is a BundleError naming the tensor and the rule it breaks."""
+    from sejd.bundle import PATH_RULE, BundleError, path_rule_broken
+
+    info = {e.key: e.value for e in tensor.external_data}
+    where = f"{base_dir}: external data of tensor {tensor.name!r}"
+    if base_dir is None:
+        raise BundleError(f"tensor {tensor.name!r}: its data is external, but the graph's folder is unknown")
+    rel = info.get("location")
+    # torch names its own files after tensors; they are confined below like any other location
+    broken = path_rule_broken(rel) if not own or not isinstance(rel, str) or not rel else None
+    if broken:
+        raise BundleError(f"{where}: location {rel!r} {broken}; {PATH_RULE}")
+    offset = _count(info, "offset", where, 0)
+    length = _count(info, "length", where, None)
+    if length is None and not own:
+        raise BundleError(f"{where}: no length (every external tensor states its offset and length)")
+    root = Path(base_dir).resolve()
+    try:
+        real = (Path(base_dir) / rel).resolve(strict=True)
+    except FileNotFoundError:
+        raise BundleError(f"{where}: location {rel} does not exist") from None
+    except (OSError, RuntimeError, ValueError) as e:
+        raise BundleError(f"{where}: location {rel!r} cannot be resolved ({e})") from None
+    if root not in real.parents:
+        raise BundleError(f"{where}: location {rel} resolves to {real}, outside the graph's folder {base_dir}; "
+                          f"{PATH_RULE}")
+    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{where}: location {rel} is not a regular file; {PATH_RULE}")
+        if length is None:
+            length = max(0, st.st_size - offset)
+        if offset + length > st.st_size:
+            raise BundleError(f"{where}: offset {offset} + length {length} is past the end of {rel} "
+                              f"({st.st_size} bytes)")
+        item = _ITEM_BYTES.get(tensor.data_type)
+        if item is not None:
+            expected = item * math.prod(tensor.dims)
+            if length != expected:
+                raise BundleError(f"{where}: length {length} is not the {expected} bytes of its shape "
+                                  f"{list(tensor.dims)} and type")
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise BundleError(f"{where}: {rel} ended after {len(data)} of {length} bytes")
+    return data
+
+
+def _count(info: dict, key: str, where: str, default):
+    """An external-data field that must be a non-negative decimal integer (`default` when absent)."""
+    from sejd.bundle import BundleError
+
+    value = info.get(key)
+    if value is None:
+        return default
+    if not (value.isascii() and value.isdigit() and len(value) <= 20):
+        raise BundleError(f"{where}: {key} {value[:40]!r} is not a non-negative integer")
+    return int(value)
+
+
 def externalize(model: onnx.ModelProto, graph_rel: str, store: WeightStore, base_dir: Path | None = None,
-                inline_max: int = INLINE_MAX_BYTES) -> None:
+                inline_max: int = INLINE_MAX_BYTES, own: bool = False) -> None:
     """Point every tensor over `inline_max` bytes of `model` (to be saved at `graph_rel` under the store's
     root) into the store, in place; smaller ones are made inline. `base_dir`: where the model's current
-    external data lives."""
+    external data lives (`own`: sejd's scratch of torch's export, see `tensor_bytes`)."""
     graph_dir = (store.root / graph_rel).parent
     for t in all_tensors(model):
-        data = tensor_bytes(t, base_dir)
+        data = tensor_bytes(t, base_dir, own)
         _clear_data(t)
         if len(data) <= inline_max:
             t.raw_data = data
@@ -209,7 +283,7 @@ class Retarget:
             t.raw_data = data
         return model
 
-    def confirm(self, traced: onnx.ModelProto, base_dir: Path, named: dict) -> bool:
+    def confirm(self, traced: onnx.ModelProto, base_dir: Path, named: dict, own: bool = False) -> bool:
         """Check the template against a second block's traced graph (`named`: that block's tensors) and
         narrow each initializer's sources to those that give that graph's bytes (e.g. block 0's position
         table equals both its `pos_embed` and the permuted `pos`; block 1's tells them apart). True when
@@ -219,7 +293,7 @@ class Retarget:
         if len(ours) != len(theirs):
             return False
         for i, (t, u) in enumerate(zip(ours, theirs)):
-            want = tensor_bytes(u, base_dir)
+            want = tensor_bytes(u, base_dir, own)
             if not self.sources[i]:
                 if tensor_bytes(t, self.base_dir) != want:
                     return False  # a tensor computed from the weights in a way not re-targeted here

@@ -185,14 +185,31 @@ def test_listed_file_replaced_by_a_symlink_to_an_identical_copy_outside_is_refus
 
 def test_symlinks_resolving_inside_the_bundle_are_accepted(tiny_bundle, tmp_path):
     dst = copy_bundle(tiny_bundle, tmp_path / "bundle")
-    os.symlink("jacobi.onnx", dst / "blocks/0/alias.onnx")  # a listed file that is a link to another
+    os.rename(dst / JACOBI, dst / "blocks/0/real.onnx")
+    os.symlink("real.onnx", dst / JACOBI)  # a listed graph file that is a link to another file inside
     os.symlink("blocks", dst / "blocks_link")  # a folder link that stays inside
     m = read_manifest(dst)
-    m["files"]["blocks/0/alias.onnx"] = m["files"][JACOBI]
-    graph_entry(m)["file"] = "blocks/0/alias.onnx"
+    m["files"]["blocks/0/real.onnx"] = m["files"][JACOBI]
     write_manifest(dst, m)
     bundle = load_bundle(dst)
-    assert bundle.graph_path("jacobi", 0) == dst / "blocks/0/alias.onnx"
+    assert bundle.graph_path("jacobi", 0) == dst / JACOBI
+
+
+@pytest.mark.parametrize("how", ["entry", "link"])
+def test_a_graph_entry_pointing_at_another_graph_is_refused(tiny_bundle, tmp_path, how):
+    """Audit (issue 20, item 8): the jacobi entry naming step_rows' graph ran it and failed inside ONNX
+    Runtime (exit 3); by the entry, or by a link from its own file name."""
+    dst = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    m = read_manifest(dst)
+    if how == "entry":
+        graph_entry(m)["file"] = "blocks/0/step_rows.onnx"
+    else:
+        os.unlink(dst / JACOBI)
+        os.symlink("step_rows.onnx", dst / JACOBI)
+        m["files"][JACOBI] = m["files"]["blocks/0/step_rows.onnx"]
+    write_manifest(dst, m)
+    with pytest.raises(BundleError, match="step_rows.onnx"):
+        load_bundle(dst)
 
 
 def test_tuned_plan_symlink_leaving_the_bundle_is_refused(tiny_bundle, tmp_path):
