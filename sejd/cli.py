@@ -7,6 +7,7 @@ Every failure is one line, and the exit status says which kind it was (EXIT_* be
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -48,10 +49,15 @@ def _config_arg(text):
     if text is None:
         return None
     from sejd.errors import ConfigError
-    try:
-        value = json.loads(Path(text).read_text() if Path(text).is_file() else text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--config must be JSON or a JSON file of TarFlowConfig fields: {e}") from None
+    from sejd.files import read_json
+
+    if Path(text).is_file():
+        value = read_json(text, "--config file", ConfigError)
+    else:
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise ConfigError(f"--config must be JSON or a JSON file of TarFlowConfig fields: {e}") from None
     if not isinstance(value, dict):
         raise ConfigError(f"--config must be a JSON object of TarFlowConfig fields, got {type(value).__name__}")
     return value
@@ -90,17 +96,27 @@ def _seed(value: int, what: str = "--seed") -> int:
         raise SejdError(f"{what}: {e}") from None
 
 
-def _output_files(a, *options: str) -> None:
-    """Refuse output paths that could only fail once the work is done (`sejd.files.output_file`)."""
-    from sejd.files import output_file
+# classifier-free guidance past ~10 already saturates images; the service takes 0..100 too (serve/schema.py)
+GUIDANCE_MAX = 100.0
 
-    for option in options:
-        path = getattr(a, option.lstrip("-").replace("-", "_"))
-        if path is not None:
-            try:
-                output_file(path)
-            except SejdError as e:
-                raise SejdError(f"{option}: {e}") from None
+
+def _guidance(value: float) -> float:
+    if not (math.isfinite(value) and 0.0 <= value <= GUIDANCE_MAX):
+        raise SejdError(f"--guidance must be a finite number from 0 to {GUIDANCE_MAX:g}, got {value:g}")
+    return value
+
+
+def _outputs(a, source, outputs, plan_file: bool = False, writes_inside=()) -> None:
+    """The one output rule (`sejd.outputs.check_outputs`) for a command reading `source` (and its --config, and
+    --plan when `plan_file`): called before any model is loaded. `outputs`: (option, path[, kind])."""
+    from sejd.outputs import Input, Output, check_outputs, file_input, source_inputs
+
+    inputs = [] if source is None else source_inputs(source)
+    inputs = [dataclasses.replace(i, writes_inside=writes_inside) for i in inputs]
+    inputs += file_input("--config", getattr(a, "config", None))
+    if plan_file:
+        inputs += file_input("--plan", a.plan)
+    check_outputs(inputs, [Output(*o) for o in outputs])
 
 
 def _open(source, backend: str, config_text):
@@ -121,6 +137,15 @@ def _show_progress(a) -> bool:
 def _train(a):
     from sejd.data import DATASET_PACKAGES
 
+    _positive(a.steps, "--steps")
+    _positive(a.batch_size, "--batch-size")
+    _finite(a.lr, "--lr", 0.0, low_ok=False)
+    _finite(a.noise_std, "--noise-std", 0.0)
+    _seed(a.seed)
+    _outputs(a, None, [("--out", a.out, "into")])
+    from sejd.train import check_train_out
+
+    check_train_out(a.out, a.force)  # before the data is read or a step is taken
     require_extra(DATASET_PACKAGES[a.dataset], f"`sejd train --dataset {a.dataset}`")
     from sejd.model.tarflow import TarFlowConfig
     from sejd.train import train
@@ -129,10 +154,9 @@ def _train(a):
     cfg = TarFlowConfig(in_channels=shapes[0], img_size=a.img_size or shapes[1], patch_size=a.patch_size,
                         channels=a.channels, num_blocks=a.blocks, layers_per_block=a.layers_per_block,
                         head_dim=a.head_dim, nvp=a.nvp, num_classes=shapes[2])
-    train(a.dataset, cfg, a.out, steps=_positive(a.steps, "--steps"), batch_size=_positive(a.batch_size, "--batch-size"),
-          lr=_finite(a.lr, "--lr", 0.0, low_ok=False), noise_std=_finite(a.noise_std, "--noise-std", 0.0),
-          drop_label=a.drop_label, ema_decay=a.ema, seed=_seed(a.seed), threads=a.threads,
-          command="sejd " + shlex.join(a.argv))
+    train(a.dataset, cfg, a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, noise_std=a.noise_std,
+          drop_label=a.drop_label, ema_decay=a.ema, seed=a.seed, threads=a.threads,
+          command="sejd " + shlex.join(a.argv), force=a.force)
 
 
 def _sample(a):
@@ -145,11 +169,11 @@ def _sample(a):
 
     _seed(a.seed)
     _positive(a.n, "-n")
-    _finite(a.guidance, "--guidance")
+    _guidance(a.guidance)
     _finite(a.attn_temp, "--attn-temp", 0.0, low_ok=False)
     if a.tau is not None:
         _finite(a.tau, "--tau", 0.0)
-    _output_files(a, "--out", "--npy", "--json")
+    _outputs(a, a.source, [("--out", a.out), ("--npy", a.npy), ("--json", a.json)], plan_file=True)
     _refuse_above_batch_max(a.source, a.backend, a.n)
     src = _open(a.source, a.backend, a.config)
     cfg = src.model.config
@@ -207,11 +231,12 @@ def _tune(a):
 
     _positive(a.batch, "--batch")
     _finite(a.psnr, "--psnr", 0.0, low_ok=False)
-    _finite(a.guidance, "--guidance")
+    _guidance(a.guidance)
     taus = _numbers(a.tau, float, "--tau") if a.tau else TAU_GRID
-    _output_files(a, "--out")
-    src = _open(a.bundle, a.backend, a.config)
     out = a.out or (Path(a.bundle) / "plan.json" if is_bundle(a.bundle) else "plan.json")
+    # tune writes the bundle's plan.json and plans/batch-N.json by design, nothing else inside it
+    _outputs(a, a.bundle, [("--out", out)], writes_inside=("plan.json", "plans"))
+    src = _open(a.bundle, a.backend, a.config)
     plan = tune(src, batch=a.batch, target_db=a.psnr, taus=taus, guidance=a.guidance, out=out)
     for k, b in enumerate(plan.blocks):
         extra = "" if b.decoder == "sequential" else f" tau={b.tau}" + (" freeze" if b.freeze else "")
@@ -222,6 +247,8 @@ def _tune(a):
 
 
 def _export_triton(a):
+    _positive(a.max_batch, "--max-batch")
+    _positive(a.instances, "--instances")
     require_extra("tritonclient", "`sejd export-triton`")
     from sejd.serve.triton import export_triton
 
@@ -239,6 +266,7 @@ def _serve(a):
     _finite(a.batch_wait_ms, "--batch-wait-ms", 0.0)
     _finite(a.deadline_s, "--deadline-s", 0.0, low_ok=False)
     config = _config_kwargs(a.config)  # for the replicas' open_source
+    _outputs(a, a.source, [])  # a builtin: name that is no shipped model is refused before Ray starts
     from sejd.serve.app import serve_forever
 
     serve_forever(a.source, a.backend, a.replicas, a.max_batch, a.batch_wait_ms, a.host, a.port, a.deadline_s,
@@ -257,8 +285,8 @@ def _bench(a):
         raise SejdError(f"--warmup must be >= 0, got {a.warmup}")
     batches = _numbers(a.batch, int, "--batch")
     _seed(a.seed)
-    _finite(a.guidance, "--guidance")
-    _output_files(a, "--json", "--plot")
+    _guidance(a.guidance)
+    _outputs(a, a.source, [("--json", a.json), ("--plot", a.plot)])
     src = _open(a.source, a.backend, a.config)
     def log(line):  # the table ends with the warnings: not printed twice
         if not line.startswith("bench: warning: "):
@@ -285,7 +313,14 @@ def _analyze(a):
     _finite(a.nll_tol, "--nll-tol", 0.0, low_ok=False)
     if a.pass_cost is not None:
         _finite(a.pass_cost, "--pass-cost", 0.0, low_ok=False)
-    _output_files(a, "--json", "--plot")
+    plots = []
+    if a.plot:  # plot_all writes PLOT and, beside it, PLOT_redundancy.png and PLOT_profile.png
+        stem = Path(a.plot).with_suffix("")
+        plots = [("--plot", a.plot)] + [("--plot", Path(f"{stem}_{kind}.png")) for kind in ("redundancy", "profile")]
+    _outputs(a, a.source, [("--json", a.json)] + plots, plan_file=True)
+    if a.plan is not None and str(a.plan).endswith(".json"):
+        from sejd.source import read_plan_file
+        read_plan_file(a.plan)  # refused now, not after the redundancy sweep
     src = _open(a.source, a.backend, a.config)
     result = json_safe(analyze(src, str(a.source), batch=a.batch, quick=a.quick, psnr=a.psnr, nll_tol=a.nll_tol,
                                plan=a.plan, seed=a.seed, pass_in_steps=a.pass_cost))
@@ -302,6 +337,7 @@ def _export(a):
     from sejd.export.exporter import export_bundle
 
     variants = a.variants.split(",") if a.variants else None
+    _outputs(a, a.source, [("-o", a.out, "folder")])
     b = export_bundle(a.source, a.out, variants=variants, unroll=a.unroll, opset=a.opset, batch_max=a.batch_max,
                       force=a.force, show_progress=_show_progress(a), **_config_kwargs(a.config))
     print(f"wrote bundle {b.path}: {len(b.manifest['graphs'])} graphs ({', '.join(b.variants())}), "
@@ -334,9 +370,7 @@ def _check(a):
                            plans=None if a.plans is None else _list_or_none(a.plans), graphs=a.graphs, quick=a.quick,
                            save_failures=a.save_failures, polygraphy_log=a.verbose > 0,
                            show_progress=_show_progress(a))
-    _output_files(a, "--json")
-    if a.save_failures is not None and Path(a.save_failures).is_file():
-        raise SejdError(f"--save-failures {a.save_failures} is a file; expected a folder")
+    _outputs(a, a.source, [("--json", a.json), ("--save-failures", a.save_failures, "into")])
     if is_bundle(a.source):
         from sejd.bundle import load_bundle
 
@@ -451,7 +485,8 @@ def _add_export_triton(sub):
     tr.add_argument("--instances", type=int, default=1, help="model instances (Triton instance_group count)")
     tr.add_argument("--queue-delay-us", dest="queue_delay_us", type=int, default=10000,
                     help="Triton's dynamic batcher max_queue_delay_microseconds")
-    tr.add_argument("--force", action="store_true", help="replace an existing model folder")
+    tr.add_argument("--force", action="store_true", help="replace an existing model folder, only one sejd "
+                    "exported")
 
 
 def _add_serve(sub):
@@ -522,7 +557,8 @@ def _add_export(sub):
     e.add_argument("--unroll", type=int, default=8, help="iterations unrolled in jacobi_k")
     e.add_argument("--opset", type=int, default=18, help="ONNX opset (17..21)")
     e.add_argument("--batch-max", dest="batch_max", type=int, default=64, help="largest batch engines must serve")
-    e.add_argument("--force", action="store_true", help="replace an existing bundle")
+    e.add_argument("--force", action="store_true", help="replace an existing bundle, only one whose manifest "
+                   "verifies")
 
 
 def _add_build(sub):
@@ -590,6 +626,8 @@ def _add_train(sub):
     t.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights")
     t.add_argument("--seed", type=int, default=0, help="training seed")
     t.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (None: its default)")
+    t.add_argument("--force", action="store_true", help="replace the checkpoint in --out, only one sejd saved "
+                   "(training resumes from its train_state.pt if there is one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -629,6 +667,25 @@ def _os_error(e: OSError) -> str:
     return f"{e.strerror or e}: {paths}" if paths else str(e)
 
 
+# ONNX Runtime's exception types (onnxruntime.capi.onnxruntime_pybind11_state) for a graph it cannot load: the
+# graph comes from the user's bundle, so it is an input error (a sejd-made graph it refuses fails sejd's tests)
+_ORT_GRAPH_REFUSED = ("InvalidProtobuf", "InvalidGraph", "NoModel")
+
+
+def _input_fault(e: BaseException) -> str | None:
+    """The one-line message for a failure that a library raised in its own type but that the user's input
+    caused (exit 2, not 3): a graph ONNX Runtime refuses to load, a write the file system refused."""
+    from sejd.files import library_write_fault
+
+    kind, text = type(e), str(e).splitlines()[0][:300] if str(e) else ""
+    if kind.__module__.startswith("onnxruntime") and (kind.__name__ in _ORT_GRAPH_REFUSED or
+                                                      "Load model from" in text):
+        return (f"ONNX Runtime refuses a graph of the bundle: {text} (re-export the bundle, or rebuild its "
+                f"engines with `sejd build`)")
+    reason = library_write_fault(e)
+    return f"a write failed: {reason} ({text})" if reason else None
+
+
 def _out_of_memory(e: BaseException) -> bool:
     # PyTorch reports a failed allocation as a RuntimeError (torch.OutOfMemoryError on CUDA)
     return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and
@@ -663,6 +720,13 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - the one place that turns any failure into one line
         if _out_of_memory(e):
             print(f"sejd: error: {_memory_message(e)}", file=sys.stderr)
+            return EXIT_USAGE
+        fault = _input_fault(e)
+        if fault:
+            if verbose:
+                import traceback
+                traceback.print_exc()
+            print(f"sejd: error: {fault}", file=sys.stderr)
             return EXIT_USAGE
         if verbose:
             import traceback

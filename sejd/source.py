@@ -38,8 +38,14 @@ class Session:
         name = self.tuned_plan(batch) if name == "auto" else (name or self.default_plan(batch))
         if str(name) == "reference":
             return "reference"
+        if isinstance(name, (str, os.PathLike)) and str(name).endswith(".json"):
+            inside = self.bundle is not None and _lexically_in(Path(name), self.bundle.path)
+            name = read_plan_file(name, root=self.bundle.path if inside else None)
         plan = resolve_plan(name, self.model.config.num_blocks)
         made_for = plan.meta.get("bundle_manifest_sha256")
+        if made_for is not None and not (isinstance(made_for, str) and _SHA256.fullmatch(made_for)):
+            raise PlanError(f"plan {plan.name}: meta.bundle_manifest_sha256 must be the sha256 of the bundle's "
+                            f"manifest (64 lowercase hex digits), got {str(made_for)[:40]!r}")
         if made_for and self.bundle is not None and made_for != self.bundle.manifest_sha256:
             raise PlanError(f"plan {name} was tuned for another bundle (manifest sha256 {made_for[:12]}..., this "
                             f"bundle has {self.bundle.manifest_sha256[:12]}...); run `sejd tune` on this bundle")
@@ -69,6 +75,24 @@ class Session:
     def default_plan(self, batch: int | None = None) -> str:
         """The bundle's tuned plan when there is one, else SJD."""
         return self.tuned_plan(batch) if self.tuned_plans() else "sjd"
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+PLAN_MAX_BYTES = 4 << 20  # a plan has one small entry per block; 1024 blocks take ~300 KB
+
+
+def read_plan_file(path, root=None):
+    """A plan file as a Plan: a regular UTF-8 JSON file of at most PLAN_MAX_BYTES (inside `root`, without
+    following a link out of it, when given); anything else is a PlanError naming the file."""
+    from sejd.errors import PlanError
+    from sejd.files import read_json
+    from sejd.runtime.plan import Plan
+
+    return Plan.from_dict(read_json(path, "the plan file", PlanError, root, PLAN_MAX_BYTES), str(path))
+
+
+def _lexically_in(path: Path, folder: Path) -> bool:
+    return not os.path.relpath(os.path.abspath(path), os.path.abspath(folder)).startswith("..")
 
 
 # what `sejd tune` writes; other names in plans/ are not tuned plans and are ignored (up to 9 digits: no

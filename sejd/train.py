@@ -1,7 +1,8 @@
 """Train a TarFlow as ml-tarflow does: Gaussian noise on data in [-1, 1], loss 0.5*mean(z^2) - mean(logdet),
 AdamW(0.9, 0.95) with warm-up and cosine decay, label dropout for classifier-free guidance, and an EMA copy.
 
-Training state is checkpointed atomically and resumed when the same output folder is used again.
+Training state is checkpointed atomically and resumed when the same output folder is used again. A finished
+checkpoint in the output folder is replaced only with `force`, and only when sejd saved it (`check_train_out`).
 """
 
 from __future__ import annotations
@@ -44,10 +45,68 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+CHECKPOINT_FILES = ("model.safetensors", "config.json")  # what save_checkpoint writes into a folder
+STATE_FILE = "train_state.pt"
+
+
+def check_train_out(out: str | Path, force: bool = False) -> None:
+    """Before any work: `out` may hold a training state to resume (a regular file), and a checkpoint only if
+    `force` and sejd saved it (config.json sejd's, model.safetensors with the config sejd records in its
+    header). Other files in the folder are never touched."""
+    from sejd.errors import SejdError
+
+    out = Path(out)
+    state = out / STATE_FILE
+    if (state.exists() or state.is_symlink()) and (state.is_symlink() or not state.is_file()):
+        raise SejdError(f"--out {out}: {STATE_FILE} is not a regular file; sejd resumes only from the one it wrote")
+    present = [n for n in CHECKPOINT_FILES if (out / n).exists() or (out / n).is_symlink()]
+    if not present:
+        return
+    if not force:
+        raise SejdError(f"--out {out} holds a checkpoint ({', '.join(present)}); pass --force to replace it "
+                        f"(training resumes from its {STATE_FILE} if there is one)")
+    reason = not_a_saved_checkpoint(out)
+    if reason:
+        raise SejdError(f"--out {out}: {reason}; --force replaces only a checkpoint sejd saved: remove it "
+                        f"yourself or choose another --out")
+
+
+def not_a_saved_checkpoint(folder: Path) -> str | None:
+    """None when `folder` holds a checkpoint `save_checkpoint` wrote, else why not (regular files only, read
+    with a size bound)."""
+    import json
+
+    from sejd.errors import SejdError
+    from sejd.files import read_json
+    from sejd.model.checkpoint import RECORDED_CONFIG
+
+    for name in CHECKPOINT_FILES:
+        if (folder / name).is_symlink() or not (folder / name).is_file():
+            return f"{name} is missing or not a regular file"
+    try:
+        meta = read_json(folder / "config.json", "config.json", root=folder, limit=1 << 20)
+    except SejdError as e:
+        return str(e)
+    if not (isinstance(meta, dict) and isinstance(meta.get("config"), dict)):
+        return "config.json is not the config of a sejd checkpoint"
+    try:  # safetensors: an 8-byte header length, then the JSON header
+        with open(folder / "model.safetensors", "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size <= 1 << 24 else None
+    except (OSError, ValueError, RecursionError):
+        header = None
+    if not (isinstance(header, dict) and RECORDED_CONFIG in (header.get("__metadata__") or {})):
+        return "model.safetensors was not saved by sejd (no config recorded in its header)"
+    return None
+
+
 def train(dataset: str, config: TarFlowConfig, out: str | Path, steps: int, batch_size: int = 64,
           lr: float = 2e-3, noise_std: float = 0.05, drop_label: float = 0.1, ema_decay: float = 0.999,
           warmup: int = 200, seed: int = 0, ckpt_every: int = 200, threads: int | None = None,
-          command: str | None = None) -> dict:
+          command: str | None = None, force: bool = True) -> dict:
+    """`force`: replace a checkpoint sejd saved in `out` (see check_train_out; the CLI passes its --force, so
+    `sejd train` asks for it; library callers resume and replace as before). Nothing else is ever replaced."""
+    check_train_out(out, force)
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)

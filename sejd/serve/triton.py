@@ -77,9 +77,24 @@ parameters {{
 
 def export_triton(bundle_path, out, name: str | None = None, backend: str = "ort-cpu", plan: str | None = None,
                   max_batch: int = 16, instances: int = 1, queue_delay_us: int = 10000, force: bool = False) -> Path:
+    """REPO/NAME, written atomically. Before any work, the model folder is refused when it is, holds or lies
+    inside the bundle (`check_outputs`), and when it exists, unless `force` and sejd exported it."""
+    from sejd.outputs import Input, Output, check_outputs
+
+    name = name or "sejd_" + re.sub(r"[^A-Za-z0-9_]", "_", Path(bundle_path).resolve().name)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
+        raise SejdError(f"--name must be a model name (letters, digits, '_', '.', '-'), got {name[:60]!r}")
+    model_dir = Path(out) / name
+    check_outputs([Input("the bundle", Path(bundle_path))], [Output("-o", model_dir, "folder")])
+    if model_dir.exists() or model_dir.is_symlink():
+        if not force:
+            raise SejdError(f"{model_dir} exists; pass --force to replace it (only a model sejd exported)")
+        why = not_an_exported_model(model_dir)
+        if why:
+            raise SejdError(f"{model_dir} exists and is not a model sejd exported, so --force does not replace it "
+                            f"({why}); remove it yourself or choose another -o or --name")
     bundle = load_bundle(bundle_path)
     cfg = bundle.config
-    name = name or "sejd_" + re.sub(r"[^A-Za-z0-9_]", "_", Path(bundle_path).resolve().name)
     from sejd.runtime.plan import NAMED_PLANS
     from sejd.source import tuned_plans
 
@@ -91,15 +106,45 @@ def export_triton(bundle_path, out, name: str | None = None, backend: str = "ort
     if max_batch < 1 or max_batch > bundle.batch_max:
         raise SejdError(f"max_batch must be 1..{bundle.batch_max} (the bundle's batch_max), "
                         f"got {max_batch}")
-    out = Path(out)
-    model_dir = out / name
-    if model_dir.exists() and not force:
-        raise SejdError(f"{model_dir} exists; pass --force to replace it")
     kind = "KIND_CPU" if backend in ("ort-cpu", "torch") else "KIND_GPU"
-    with atomic_dir(model_dir) as tmp:  # replaces an existing model (--force) only once complete
+    # replaces an existing model (--force) only once complete, and only one sejd exported (checked at the move)
+    with atomic_dir(model_dir, replace=is_exported_model if force else None) as tmp:
         (tmp / "config.pbtxt").write_text(config_pbtxt(name, cfg, max_batch, instances, kind, backend, plan,
                                                        queue_delay_us))
         (tmp / "1").mkdir()
         (tmp / "1" / "model.py").write_text(MODEL_PY)
         shutil.copytree(bundle.path, tmp / "1" / "bundle")
     return model_dir
+
+
+def not_an_exported_model(path: Path) -> str | None:
+    """None when `path` is a model folder `export_triton` wrote (config.pbtxt naming sejd's backend parameter,
+    1/model.py as written, 1/bundle a bundle, nothing else), else why not."""
+    from sejd.bundle import replaceable_bundle
+    from sejd.files import read_regular
+
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return "not a folder"
+    for folder, allowed in ((path, {"config.pbtxt", "1"}), (path / "1", {"model.py", "bundle"})):
+        if folder.is_symlink() or not folder.is_dir():
+            return f"{folder} is not a folder"
+        extra = sorted(p.name for p in folder.iterdir() if p.name not in allowed)
+        if extra:
+            return f"{folder} holds {', '.join(extra[:5])}, which sejd does not write there"
+    try:
+        config = read_regular(path / "config.pbtxt", "config.pbtxt", 1 << 20, root=path)
+        model_py = read_regular(path / "1" / "model.py", "model.py", 1 << 20, root=path)
+    except SejdError as e:
+        return str(e)
+    if b'key: "sejd_backend"' not in config or model_py != MODEL_PY.encode():
+        return "its config.pbtxt or 1/model.py is not what sejd writes"
+    why = replaceable_bundle(path / "1" / "bundle", verify=False)
+    return None if why is None else f"1/bundle: {why}"
+
+
+def is_exported_model(path: Path) -> bool:
+    return not_an_exported_model(path) is None
+
+
+is_exported_model.__name__ = "a Triton model sejd exported"

@@ -301,13 +301,15 @@ def instant_tuner(monkeypatch):
     plan = named_plan("sjd", src.model.config.num_blocks)
     searched = []
 
-    def search(self):
+    def search(self, *baseline):
         searched.append(True)
         return sejd.tune.Trial(plan, 1.0, 50.0, [], [])
 
+    monkeypatch.setattr(sejd.tune.Tuner, "exact_baseline", lambda self: None)
     monkeypatch.setattr(sejd.tune.Tuner, "search_uniform", search)
     for step in ("per_block_decoder", "relax", "variants", "verify"):
         monkeypatch.setattr(sejd.tune.Tuner, step, lambda self, best: best)
+    monkeypatch.setattr(sejd.tune.Tuner, "head_to_head", lambda self, tuned: ("tuned", tuned, {}))
     return src, searched
 
 
