@@ -47,6 +47,7 @@ from sejd.files import output_file, write_json
 TAU_GRID = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
 HOLDOUT_SEEDS = (1000, 1001)  # never used for calibration (calibration seeds count up from 0)
 MARGIN_DB = 1.0  # calibration must clear the target by this much; the hold-out must clear the target
+PRUNE = 1.5  # a uniform candidate this much slower than the best so far ends its tau sweep
 ROUNDS = 7  # interleaved rounds of the head-to-head (each runs every candidate once, the order rotating)
 
 
@@ -154,6 +155,8 @@ class Tuner:
                     break  # smaller tau only costs more
                 if first == "sequential" and t.psnr_db < self.target - 20:
                     break
+                if t.seconds > PRUNE * best.seconds:
+                    break  # already well behind the best, and a smaller tau only adds iterations
         return best
 
     def per_block_decoder(self, best: Trial) -> Trial:
