@@ -270,7 +270,7 @@ def _serve(a):
     from sejd.serve.app import serve_forever
 
     serve_forever(a.source, a.backend, a.replicas, a.max_batch, a.batch_wait_ms, a.host, a.port, a.deadline_s,
-                  a.address, dashboard=a.dashboard, **config)
+                  a.address, dashboard=a.dashboard, read_timeout_s=a.read_timeout_s, **config)
 
 
 def _bench(a):
@@ -499,6 +499,8 @@ def _add_serve(sub):
     sv.add_argument("--batch-wait-ms", dest="batch_wait_ms", type=float, default=10.0,
                     help="how long a batch waits for more requests")
     sv.add_argument("--deadline-s", dest="deadline_s", type=float, default=60.0, help="per-request deadline (504)")
+    sv.add_argument("--read-timeout-s", dest="read_timeout_s", type=float, default=10.0,
+                    help="seconds a client may take to send a request's headers, then its body (408)")
     sv.add_argument("--host", default="127.0.0.1", help="interface the HTTP proxy binds to")
     sv.add_argument("--port", type=int, default=8000, help="HTTP port (1..65535)")
     sv.add_argument("--address", default=None, help="Ray cluster address (None: start Ray locally)")
