@@ -88,3 +88,9 @@ def test_an_unresolvable_host_is_an_input_error_exit_2(tiny_bundle, host, capsys
 def test_a_read_deadline_that_is_not_a_time(tiny_bundle, seconds):
     with pytest.raises(SejdError, match=r"--read-timeout-s must be a finite number of seconds > 0"):
         serve(tiny_bundle.path, read_timeout_s=seconds)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_serve_refuses_a_read_timeout_that_cannot_work(value, capsys):
+    assert main(["serve", "builtin:digits", "--read-timeout-s", value]) == 2
+    assert "--read-timeout-s must be a finite number of seconds > 0" in capsys.readouterr().err
