@@ -122,7 +122,7 @@ def candidates(model, block_index: int, batch: int, bundle=None):
 
         out["onnx step_rows"] = (onnx_step, lambda s=sess: [o[:, 0] for o in s.run(None, feeds)[:2]])
     fused = fused_step_graph(block, T).SerializeToString()
-    dims = dims_of(block, T)
+    dims = dims_of(block.spec)
     for threads in thread_counts():
         # the token's key/value is written into these caches in place, at the same position every call
         step = FusedStep(session(fused, threads), dims, batch, conditioning_inputs(dims, batch, labels, temps, None),

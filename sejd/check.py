@@ -409,7 +409,7 @@ def fused_checks(src, model, options: CheckOptions) -> tuple[list[Check], list[d
     checks = []
     for g in progress(chosen, desc="check fused step", enabled=options.show_progress):
         k = g["block"]
-        result = compare(sessions.get(FUSED_VARIANT, k, single_thread=True), dims_of(model.blocks[k], cfg.num_tokens),
+        result = compare(sessions.get(FUSED_VARIANT, k, single_thread=True), dims_of(model.blocks[k].spec),
                          model, k, all_feeds, atol, options.rtol or 0.0)
         checks.append(Check(graph_name(g), result["passed"],
                             {"atol": atol, "rtol": options.rtol or 0.0, "max_abs": result["max_abs"],

@@ -22,6 +22,15 @@ def make_model(seed=0, **overrides) -> TarFlow:
     return model.requires_grad_(False)
 
 
+# Blocks other than ml-tarflow's, each one edit of the block's declaration (sejd/model/block.py, through the
+# config): every backend must run them with no other change. MLP width 144 = 3 x 48 is not a multiple of the
+# native step's 32-column weight panels.
+OTHER_BLOCKS = {
+    "mlp-width": dict(seed=9, channels=48, head_dim=24, expansion=3),
+    "no-biases": dict(seed=11, bias=False),
+}
+
+
 def data_like(model, batch, seed=1):
     """Images in [-1, 1] and the noise the model maps them to, so decoding has a known answer."""
     cfg = model.config

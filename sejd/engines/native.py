@@ -29,8 +29,14 @@ from sejd.engines import native_lib
 from sejd.engines.ort import OrtBlockRunner
 from sejd.errors import BackendUnavailable, InputError
 from sejd.machine import usable_cores
+from sejd.model.block import BlockSpec
 
 MAX_HEAD_DIM = 512  # the attention's per-head accumulator in step.c is a stack array of this size
+# The layer program step.c runs (`block_job`), as (op kind, adds into the residual stream): a block whose
+# declared layer (sejd/model/block.py) is another program keeps the ONNX step. Its weighted ops take their
+# weights in this order (`sejd_block_new`: weight and bias of each, LayerNorm scale and shift).
+STEP_C_LAYER = (("layer_norm", False), ("linear", False), ("attention", False), ("linear", True),
+                ("layer_norm", False), ("linear", False), ("gelu", False), ("linear", True))
 SYMBOLS = ("sejd_pool_new", "sejd_pool_free", "sejd_pool_threads", "sejd_pool_park", "sejd_block_new",
            "sejd_block_free", "sejd_block_step", "sejd_block_sequential")
 
@@ -92,9 +98,24 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-def unsupported(head_dim: int) -> str | None:
-    """None when step.c can run a model of this shape, else why not."""
-    return f"head_dim {head_dim} > {MAX_HEAD_DIM}" if head_dim > MAX_HEAD_DIM else None
+def _program(ops) -> str:
+    return ", ".join(kind + (" + residual" if residual else "") for kind, residual in ops)
+
+
+def unsupported(spec: BlockSpec) -> str | None:
+    """None when step.c can run blocks of this declaration, else why not."""
+    if spec.head_dim > MAX_HEAD_DIM:
+        return f"head_dim {spec.head_dim} > {MAX_HEAD_DIM}"
+    program = tuple((op.kind, op.residual) for op in spec.layer)
+    if program != STEP_C_LAYER:
+        return f"step.c runs layers of ({_program(STEP_C_LAYER)}), this block's layer is ({_program(program)})"
+    C = spec.channels
+    shapes = [op.shape for op in spec.layer if op.shape]
+    E = shapes[4][0]  # the MLP width: the first MLP linear's outputs
+    want = [(C,), (3 * C, C), (C, C), (C,), (E, C), (C, E)]
+    if shapes != want:
+        return f"step.c takes layer weights of shapes {want}, this block's are {shapes}"
+    return None
 
 
 def available() -> str | None:
@@ -194,41 +215,49 @@ def _raise_for(rc: int) -> None:
 
 
 class NativeBlock:
-    """One MetaBlock's weights packed for step.c (the C side keeps its own copy)."""
+    """One MetaBlock's weights packed for step.c (the C side keeps its own copy): read by the names, and in the
+    order, of the block's declared layer (sejd/model/block.py), zeros where it declares no bias."""
 
     def __init__(self, block, num_tokens: int):
         lib = library()
-        attn = block.attn_blocks[0].attention
-        C, H = block.pos_embed.shape[1], attn.num_heads
-        if unsupported(C // H):
-            raise BackendUnavailable(f"native CPU step: {unsupported(C // H)}")
-        mlp_width = block.attn_blocks[0].mlp.main[0].out_features
-        classes = 0 if block.class_embed is None else block.class_embed.shape[0]
-        dims = [block.proj_in.in_features, C, H, num_tokens, len(block.attn_blocks), mlp_width,
-                block.proj_out.out_features, int(block.nvp), classes]
+        spec = block.spec  # the declared block (sejd/model/block.py): what is packed, under which names
+        reason = unsupported(spec)
+        if reason:
+            raise BackendUnavailable(f"native CPU step: {reason}")
+        C, H, classes = spec.channels, spec.heads, spec.num_classes
+        sd = block.state_dict()
+
+        def weights(prefix: str, op) -> list[np.ndarray]:
+            """An op's declared weight and bias (LayerNorm: scale and shift); zeros where it has no bias."""
+            bias = sd[f"{prefix}{op.name}.bias"] if op.bias else torch.zeros(op.shape[0])
+            return [_f32(sd[f"{prefix}{op.name}.weight"]), _f32(bias)]
+
+        w_in, b_in = weights("", spec.proj_in)
+        w_out, b_out = weights("", spec.proj_out)
+        mlp_width = [op.shape[0] for op in spec.layer if op.kind == "linear"][2]  # STEP_C_LAYER's third linear
+        dims = [spec.token_dim, C, H, num_tokens, spec.layers, mlp_width, spec.out_dim, int(spec.nvp), classes]
         with torch.no_grad():
-            keep = {"pos": _f32(block.permute(block.pos_embed, dim=0) + block.proj_in.bias),  # (T, C)
-                    "w_in": _f32(block.proj_in.weight), "w_out": _f32(block.proj_out.weight),
-                    "b_out": _f32(block.proj_out.bias)}
+            keep = {"pos": _f32(block.permute(sd["pos_embed"], dim=0) + torch.from_numpy(b_in)),  # (T, C)
+                    "w_in": w_in, "w_out": w_out, "b_out": b_out}
             if classes:  # the class rows, then their mean for label -1 (unconditional)
-                table = block.class_embed[:, 0]
+                table = sd["class_embed"][:, 0]
                 keep["classes"] = _f32(torch.cat([table, table.mean(0, keepdim=True)]))
-            layers, eps = [], []
-            for layer in block.attn_blocks:
-                a, m = layer.attention, layer.mlp
-                layers += [_f32(p) for p in (a.norm.weight, a.norm.bias, a.qkv.weight, a.qkv.bias, a.proj.weight,
-                                             a.proj.bias, m.norm.weight, m.norm.bias, m.main[0].weight,
-                                             m.main[0].bias, m.main[2].weight, m.main[2].bias)]
-                eps += [a.norm.eps, m.norm.eps]
+        layers, eps = [], []
+        for j in range(spec.layers):
+            for op in spec.layer:  # in STEP_C_LAYER's order (checked by `unsupported`)
+                if op.shape:
+                    layers += weights(f"attn_blocks.{j}.", op)
+                if op.kind == "layer_norm":
+                    eps.append(op.eps)
         as_f = lambda a: None if a is None else a.ctypes.data_as(_F32P)  # noqa: E731
         params = (_F32P * len(layers))(*[as_f(p) for p in layers])
         handle = lib.sejd_block_new((ctypes.c_int * len(dims))(*dims), as_f(keep["w_in"]), as_f(keep["pos"]),
                                     as_f(keep.get("classes")), params, as_f(np.array(eps, np.float32)),
-                                    as_f(keep["w_out"]), as_f(keep["b_out"]), float(attn.scale))
+                                    as_f(keep["w_out"]), as_f(keep["b_out"]), float(spec.scale))
         if not handle:
             raise MemoryError("native CPU step: could not allocate the packed weights")
         self._lib, self.handle = lib, handle
-        self.D, self.T, self.H, self.hd, self.L, self.classes = dims[0], num_tokens, H, C // H, dims[4], classes
+        self.D, self.T, self.H, self.hd, self.L, self.classes = dims[0], num_tokens, H, spec.head_dim, dims[4], classes
 
     def __del__(self):
         if getattr(self, "handle", None):

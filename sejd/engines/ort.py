@@ -406,7 +406,7 @@ class OrtBlockRunner(BlockRunner):
         if self._current not in self._fused_calls:
             from sejd.engines import ort_fused_step as fs
 
-            dims, f = fs.dims_of_config(self.cfg), self.cond_feeds
+            dims, f = fs.dims_of(self.cfg.block_spec), self.cond_feeds
             cond = fs.conditioning_inputs(dims, self.batch, f.get("labels"), f["temps"],
                                           f["guidance"] if self.rows == 2 * self.batch else None)
             self._fused_calls[self._current] = fs.FusedStep(self._session(FUSED_VARIANT), dims, self.batch, cond,
@@ -561,4 +561,4 @@ def native_step_reason(sessions: OrtSessions) -> str | None:
         return f"backend {sessions.backend}"
     if sessions.manifest.get("precision", "fp32") != "fp32":
         return f"engines built at {sessions.manifest.get('precision')} (the native step computes in fp32)"
-    return native.unsupported(sessions.bundle.config.head_dim) or native.available()
+    return native.unsupported(sessions.bundle.config.block_spec) or native.available()

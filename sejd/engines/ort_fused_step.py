@@ -1,6 +1,8 @@
 """ort-cpu's fused single-token step: one flow block's `step_rows` computation as a graph of ONNX Runtime's
 fused CPU operators (Gemm with the bias, SkipLayerNormalization, Gelu, GroupQueryAttention), built by hand
-from the block's fp32 PyTorch weights rather than traced.
+from the block's fp32 PyTorch weights rather than traced: a group of nodes per op of the block's declared layer
+(sejd/model/block.py), each weight under its declared name; an op kind it has no nodes for fails the build of
+that block's graph, which then is not shipped (the manifest says why).
 
 Why: the traced `step_rows` graph is ~150 small nodes at two layers (index arithmetic, the attention spelled
 out), and ONNX Runtime pays a dispatch for each. This graph has 11 nodes per layer plus 13 (15 for a
@@ -59,20 +61,10 @@ PER_CALL_INPUTS = ("x", "pos", "seqlens", "total")
 PARITY_FEEDS = ((1, False, 1), (1, True, 2), (3, False, 3), (3, True, 4), (3, True, 5))
 
 
-def dims_of(block, num_tokens: int) -> dict:
-    """The sizes the graph is built for, read from the block."""
-    attn = block.attn_blocks[0].attention
-    C, H = block.pos_embed.shape[1], attn.num_heads
-    return {"T": num_tokens, "D": block.proj_in.in_features, "C": C, "H": H, "hd": C // H,
-            "L": len(block.attn_blocks), "P": block.proj_out.out_features, "nvp": bool(block.nvp),
-            "classes": 0 if block.class_embed is None else int(block.class_embed.shape[0])}
-
-
-def dims_of_config(cfg) -> dict:
-    """`dims_of` from a TarFlowConfig (what a runner has)."""
-    return {"T": cfg.num_tokens, "D": cfg.token_dim, "C": cfg.channels, "H": cfg.num_heads, "hd": cfg.head_dim,
-            "L": cfg.layers_per_block, "P": 2 * cfg.token_dim if cfg.nvp else cfg.token_dim, "nvp": bool(cfg.nvp),
-            "classes": cfg.num_classes}
+def dims_of(spec) -> dict:
+    """The sizes the graph is built for, from the block's declaration (a BlockSpec, sejd/model/block.py)."""
+    return {"T": spec.num_tokens, "D": spec.token_dim, "C": spec.channels, "H": spec.heads, "hd": spec.head_dim,
+            "L": spec.layers, "P": spec.out_dim, "nvp": bool(spec.nvp), "classes": spec.num_classes}
 
 
 def cache_names(layers: int) -> list[str]:
@@ -88,9 +80,13 @@ def fused_step_graph(block, num_tokens: int):
     (R, H, T, hd): the caches with the token written at pos (bind them to the past inputs' memory)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    d = dims_of(block, num_tokens)
+    spec = block.spec  # the declared block (sejd/model/block.py): one group of nodes per declared op
+    d = dims_of(spec)
+    if num_tokens != d["T"]:
+        raise ValueError(f"the block has {d['T']} tokens, not {num_tokens}")
     T, D, C, H, hd, P = d["T"], d["D"], d["C"], d["H"], d["hd"], d["P"]
     inits, nodes = [], []
+    params = block.state_dict()
 
     def weight(name, t):
         a = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
@@ -98,55 +94,78 @@ def fused_step_graph(block, num_tokens: int):
         inits.append(numpy_helper.from_array(a, name))
         return name
 
-    def linear(name, lin):  # the weight as the exported graphs store it: transposed, (in, out)
-        return weight(f"{name}.weight.T", lin.weight.T), weight(f"{name}.bias", lin.bias)
+    def declared(name, op, transposed=False):
+        """An op's declared weight (a Linear's transposed, (in, out): as the exported graphs store it, and
+        Gemm's B), then its bias where it has one (Gemm's C, LayerNormalization's B: optional inputs)."""
+        w = params[f"{name}.weight"]
+        out = [weight(f"{name}.weight.T", w.T) if transposed else weight(f"{name}.weight", w)]
+        return out + ([weight(f"{name}.bias", params[f"{name}.bias"])] if op.bias else [])
 
     def node(op, ins, outs, domain="", **kw):
         nodes.append(helper.make_node(op, ins, outs, domain=domain, name=f"{op}_{len(nodes)}", **kw))
         return outs[0] if len(outs) == 1 else outs
 
-    def gemm(a, wb, out):
-        return node("Gemm", [a, *wb], [out])
+    def gemm(a, name, op, out):
+        return node("Gemm", [a, *declared(name, op, transposed=True)], [out])
 
-    with torch.no_grad():
-        hx = gemm("x", linear("proj_in", block.proj_in), "h_x")  # (B, C)
-        h = node("Gather", [hx, "rows"], ["h_rows"], axis=0)  # (R, C): row r is sample r mod B
-        pe = node("Gather", [weight("pos_table", block.permute(block.pos_embed, dim=0)), "pos"], ["pos_row"], axis=0)
-        h = node("Add", [h, pe], ["h_pos"])
-        if d["classes"]:  # the class rows, then their mean: label -1 gathers the last row
-            table = block.class_embed[:, 0]
-            classes = weight("class_table", torch.cat([table, table.mean(0, keepdim=True)]))
-            h = node("Add", [h, node("Gather", [classes, "labels"], ["class_rows"], axis=0)], ["h0"])
-        weight("qkv_shape", np.array([0, 1, -1], np.int64))
-        weight("row_shape", np.array([-1, C], np.int64))
-        out, residual = None, h
-        for i, layer in enumerate(block.attn_blocks):
-            a, m = layer.attention, layer.mlp
-            ln1 = [weight(f"attn_blocks.{i}.attention.norm.weight", a.norm.weight),
-                   weight(f"attn_blocks.{i}.attention.norm.bias", a.norm.bias)]
-            if out is None:
-                normed = node("LayerNormalization", [h, *ln1], [f"n1_{i}"], axis=-1, epsilon=a.norm.eps)
-            else:  # the previous layer's residual add, fused into this LayerNorm
-                normed, _, _, residual = node("SkipLayerNormalization", [out, residual, *ln1],
-                                              [f"n1_{i}", f"n1_mean_{i}", f"n1_inv_{i}", f"res1_{i}"],
-                                              domain="com.microsoft", epsilon=a.norm.eps)
-            qkv = gemm(normed, linear(f"attn_blocks.{i}.attention.qkv", a.qkv), f"qkv_{i}")  # (R, 3C)
-            qkv = node("Mul", [qkv, "qkv_scale"], [f"qkv_t_{i}"])  # q / temp, per row
-            qkv = node("Reshape", [qkv, "qkv_shape"], [f"qkv3_{i}"])  # (R, 1, 3C): [q heads | k heads | v heads]
-            att = node("GroupQueryAttention", [qkv, "", "", f"past.{i}.key", f"past.{i}.value", "seqlens", "total"],
-                       [f"att_{i}", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft",
-                       num_heads=H, kv_num_heads=H, scale=float(a.scale))[0]
-            att = node("Reshape", [att, "row_shape"], [f"att2_{i}"])  # (R, C), heads side by side
-            proj = gemm(att, linear(f"attn_blocks.{i}.attention.proj", a.proj), f"o_{i}")
-            normed2, _, _, residual = node(
-                "SkipLayerNormalization", [proj, residual, weight(f"attn_blocks.{i}.mlp.norm.weight", m.norm.weight),
-                                           weight(f"attn_blocks.{i}.mlp.norm.bias", m.norm.bias)],
-                [f"n2_{i}", f"n2_mean_{i}", f"n2_inv_{i}", f"res2_{i}"], domain="com.microsoft", epsilon=m.norm.eps)
-            f1 = gemm(normed2, linear(f"attn_blocks.{i}.mlp.main.0", m.main[0]), f"f1_{i}")
-            g = node("Gelu", [f1], [f"gelu_{i}"], domain="com.microsoft")  # erf GELU, as nn.GELU()
-            out = gemm(g, linear(f"attn_blocks.{i}.mlp.main.2", m.main[2]), f"f2_{i}")
-        last = node("Add", [out, residual], ["h_last"])
-        p = gemm(last, linear("proj_out", block.proj_out), "p")  # (R, P)
+    hx = gemm("x", "proj_in", spec.proj_in, "h_x")  # (B, C)
+    h = node("Gather", [hx, "rows"], ["h_rows"], axis=0)  # (R, C): row r is sample r mod B
+    pe = node("Gather", [weight("pos_table", block.permute(params["pos_embed"], dim=0)), "pos"], ["pos_row"], axis=0)
+    h = node("Add", [h, pe], ["h_pos"])
+    if d["classes"]:  # the class rows, then their mean: label -1 gathers the last row
+        table = params["class_embed"][:, 0]
+        classes = weight("class_table", torch.cat([table, table.mean(0, keepdim=True)]))
+        h = node("Add", [h, node("Gather", [classes, "labels"], ["class_rows"], axis=0)], ["h0"])
+    weight("qkv_shape", np.array([0, 1, -1], np.int64))
+    weight("row_shape", np.array([-1, C], np.int64))
+
+    # The residual stream (R, C) is `stream` + `pending`: an op that adds into it leaves its output pending,
+    # and the next LayerNorm makes the add itself (SkipLayerNormalization), else an Add does.
+    stream, pending = h, None
+
+    def settle(tag):
+        nonlocal stream, pending
+        if pending is not None:
+            stream, pending = node("Add", [pending, stream], [f"{tag}.stream"]), None
+        return stream
+
+    for i in range(spec.layers):
+        x = None  # the previous op's output; None: the op reads the residual stream
+        for op in spec.layer:
+            name = f"attn_blocks.{i}.{op.name}"
+            tag = name if op.name else f"attn_blocks.{i}.{op.kind}"
+            if op.kind == "layer_norm":
+                scale_shift = declared(name, op)
+                if x is None and pending is not None:  # the pending add, fused into this LayerNorm
+                    y, _, _, stream = node("SkipLayerNormalization", [pending, stream, *scale_shift],
+                                           [tag, f"{tag}.mean", f"{tag}.inv_std", f"{tag}.stream"],
+                                           domain="com.microsoft", epsilon=op.eps)
+                    pending = None
+                else:
+                    y = node("LayerNormalization", [stream if x is None else x, *scale_shift], [tag], axis=-1,
+                             epsilon=op.eps)
+            elif op.kind == "linear":
+                y = gemm(settle(tag) if x is None else x, name, op, tag)
+            elif op.kind == "gelu":
+                y = node("Gelu", [settle(tag) if x is None else x], [tag], domain="com.microsoft")  # erf GELU
+            elif op.kind == "attention":
+                qkv = node("Mul", [settle(tag) if x is None else x, "qkv_scale"], [f"{tag}.qkv_t"])  # q / temp, per row
+                qkv = node("Reshape", [qkv, "qkv_shape"], [f"{tag}.qkv3"])  # (R, 1, 3C): [q heads | k heads | v heads]
+                att = node("GroupQueryAttention", [qkv, "", "", f"past.{i}.key", f"past.{i}.value", "seqlens", "total"],
+                           [f"{tag}.heads", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft",
+                           num_heads=H, kv_num_heads=H, scale=float(spec.scale))[0]
+                y = node("Reshape", [att, "row_shape"], [tag])  # (R, C), heads side by side
+            else:
+                raise NotImplementedError(f"the fused step graph has no {op.kind!r} op")
+            if op.residual:
+                settle(tag)  # at most one add pending
+                pending, x = y, None
+            else:
+                x = y
+        if x is not None:
+            raise NotImplementedError("the fused step graph needs each layer to end by adding into the stream")
+    last = settle("h_last")
+    p = gemm(last, "proj_out", spec.proj_out, "p")  # (R, P)
     c = node("Gather", [p, "cond_rows"], ["p_cond"], axis=0)  # (B, P)
     u = node("Gather", [p, "uncond_rows"], ["p_uncond"], axis=0)
     w = node("Gather", ["guidance_table", "pos"], ["w_pos"], axis=0)  # (P,)
@@ -321,7 +340,7 @@ def build_fused_steps(bundle, model, out: Path, store, scratch: Path, threads=No
             _share_weights(target, rel, store)
             session = ort.InferenceSession(str(target), session_options(1, level="none"),
                                            providers=["CPUExecutionProvider"])
-            result = compare(session, dims_of(block, cfg.num_tokens), model, k, feeds, atol)
+            result = compare(session, dims_of(block.spec), model, k, feeds, atol)
         except OSError:  # a full disk is not the graph's fault
             raise
         except Exception as e:  # an onnxruntime without these operators, a kernel that refuses the shapes

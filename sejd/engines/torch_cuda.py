@@ -24,7 +24,8 @@ import torch
 
 from sejd.export.graphs import JacobiGraph, StepPresentGraph, StepRowsGraph, precision_dtype, reduced_block
 from sejd.model.tarflow import TarFlow
-from sejd.runtime.runner import BlockRunner, Conditioning, KVCachePool, affine
+from sejd.model.block import affine
+from sejd.runtime.runner import BlockRunner, Conditioning, KVCachePool
 
 
 class GraphModuleRunner(BlockRunner):

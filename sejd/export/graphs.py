@@ -1,4 +1,6 @@
-"""Export-friendly PyTorch modules, one per graph variant, built on the reference model's blocks.
+"""Export-friendly PyTorch modules, one per graph variant, built on the reference model's blocks: each runs
+the block's own layers (`run_layer` of sejd/model/block.py) and differs only in how attention meets the
+KV cache (`MaskedAttention`, `ScatteredCache`, `PastAndSelf`).
 
 What makes them exportable: static token counts, a fixed-size KV cache written with `scatter` at an
 explicit position tensor and read through a position mask (no data-dependent slicing), CFG rows
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sejd.model.block import affine, cached_attention, guide, rows, run_layer, split
 from sejd.model.tarflow import MetaBlock, TarFlow
 
 
@@ -55,68 +58,91 @@ def attend(q, k, v, mask, scale):
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).type(q.dtype) @ v
 
 
+class MaskedAttention:
+    """A layer's attention over the call's own tokens, as `mask` (n, n) allows (no cache)."""
+
+    def __init__(self, mask):
+        self.mask = mask
+
+    def __call__(self, q, k, v, scale):
+        return attend(q, k, v, self.mask, scale)
+
+
+class ScatteredCache:
+    """A layer's attention over fixed-size caches (R, H, T, hd): the call's keys/values scattered in at their
+    positions (`index`, (R, H, n, hd)), out of place, the queries seeing the keys `mask` (n, T) allows. The
+    whole caches with the window written in are kept in `present` (graph outputs)."""
+
+    def __init__(self, past, index, mask, dtype):
+        self.past, self.index, self.mask, self.dtype = past, index, mask, dtype
+        self.present: list = []
+
+    def __call__(self, q, k, v, scale):
+        past_k, past_v = self.past
+        k_all = past_k.to(self.dtype).scatter(2, self.index, k)
+        v_all = past_v.to(self.dtype).scatter(2, self.index, v)
+        self.present = [k_all.float(), v_all.float()]
+        return attend(q, k_all, v_all, self.mask, scale)
+
+
+class PastAndSelf:
+    """A single token's attention over a read-only fixed-size cache (R, H, T, hd) holding the positions
+    `before` it (bool, (1, 1, 1, T)), plus its own key/value: nothing is written, the token's key/value are
+    kept in `new` for the host to write in place (no O(T) cache copy per step)."""
+
+    def __init__(self, past, before, dtype):
+        self.past, self.before, self.dtype = past, before, dtype
+        self.new: list = []
+
+    def __call__(self, q, k, v, scale):
+        past_k, past_v = (c.to(self.dtype) for c in self.past)
+        T = past_k.shape[2]
+        q = q * scale  # before the products: scores stay in fp16's range
+        s_past = (q @ past_k.transpose(-1, -2)).float().masked_fill(~self.before, float("-inf"))  # (R, H, 1, T)
+        s_self = (q * k).sum(-1, keepdim=True).float()  # (R, H, 1, 1)
+        w = torch.softmax(torch.cat([s_past, s_self], dim=-1), dim=-1).type(q.dtype)
+        self.new = [k.float(), v.float()]
+        return w[..., :T] @ past_v + w[..., T:] * v
+
+
 class BlockGraph(nn.Module):
-    """One block in its own token order, with the pieces every variant shares."""
+    """One block in its own token order, with the pieces every variant shares. The layers are the block's
+    own (`run_layer`, sejd/model/block.py); what differs between variants is how attention meets the cache."""
 
     def __init__(self, block: MetaBlock, num_tokens: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         block = reduced_block(block, dtype)
-        self.block, self.T, self.dtype = block, num_tokens, dtype
-        attn = block.attn_blocks[0].attention
-        self.H, self.hd = attn.num_heads, block.pos_embed.shape[1] // attn.num_heads
+        self.block, self.spec, self.T, self.dtype = block, block.spec, num_tokens, dtype
+        self.H, self.hd = block.spec.heads, block.spec.head_dim
         self.register_buffer("pos", block.permute(block.pos_embed.detach(), dim=0).clone())  # (T, C)
-
-    def rows(self, x, temps):
-        """(B, n, D) -> (R, n, D): row r is sample r mod B."""
-        idx = torch.arange(temps.shape[0], device=x.device) % x.shape[0]
-        return x.index_select(0, idx)
 
     def class_term(self, labels):
         return None if labels is None else self.block.class_term(labels)
 
-    def guide(self, xa, xb, w, batch):
-        """(R, n, D) params -> guided (B, n, D) in float32: c + w*(c - u). With R == B, c and u are the
-        same rows."""
-        xa, xb = xa.float(), xb.float()
-        R = xa.shape[0]
-        ca, ua, cb, ub = xa[:batch], xa[R - batch:], xb[:batch], xb[R - batch:]
-        return ca + w[0].view(-1, 1) * (ca - ua), cb + w[1].view(-1, 1) * (cb - ub)
+    def embed(self, x, positions, labels, temps):
+        """Tokens x (B, n, D) at `positions` (n,) -> rows (R, n, C) entering the first layer."""
+        h = self.block.proj_in(rows(x, temps.shape[0]).to(self.dtype)) + self.pos.index_select(0, positions)
+        ct = self.class_term(labels)
+        return h if ct is None else h + ct
+
+    def output(self, h, w, batch):
+        """The last layer's rows (R, n, C) -> guided (xa, xb) (B, n, D) in float32; w (2, n) guidance weights."""
+        xa, xb = split(self.spec, self.block.proj_out(h))
+        return guide(xa, xb, w, batch)
 
     def parallel(self, x, labels, temps, guidance):
         """Full causal pass without cache over x (B, n, D) at positions [0, n) -> guided (xa, xb)."""
         n = x.shape[1]
         positions = torch.arange(n, device=x.device)
         h = self.embed(x, positions, labels, temps)
-        mask = positions.view(1, -1) <= positions.view(-1, 1)  # (n, n): keys at or before the query
+        causal = MaskedAttention(positions.view(1, -1) <= positions.view(-1, 1))  # (n, n): keys at or before
         for layer in self.block.attn_blocks:
-            q, k, v = self.qkv(layer.attention, h, temps)
-            h = self.attention_out(layer, h, attend(q, k, v, mask, layer.attention.scale))
-        xa, xb = self.block.split(self.block.proj_out(h))
-        return self.guide(xa, xb, guidance[:, :n], x.shape[0])
-
-    def qkv(self, attn, h, temps):
-        """(R, n, C) -> q, k, v (R, H, n, hd), q divided by the row's attention temperature."""
-        R, n, _ = h.shape
-        a = attn.norm(h.float()).type(h.dtype)
-        # (R, n, 3C) -> (R, 3H, n, hd) -> 3 x (R, H, n, hd)
-        q, k, v = attn.qkv(a).reshape(R, n, 3 * self.H, self.hd).transpose(1, 2).chunk(3, dim=1)
-        return q / temps.view(-1, 1, 1, 1).to(q.dtype), k, v
-
-    def attention_out(self, layer, h, out):
-        """Residual attention output (R, H, n, hd) and the MLP on top."""
-        R, n, _ = h.shape
-        h = h + layer.attention.proj(out.transpose(1, 2).reshape(R, n, -1))
-        return h + layer.mlp(h)
-
-    def embed(self, x, positions, labels, temps):
-        """Tokens x (B, n, D) at `positions` (n,) -> rows (R, n, C) entering the first layer."""
-        h = self.block.proj_in(self.rows(x, temps).to(self.dtype)) + self.pos.index_select(0, positions)
-        ct = self.class_term(labels)
-        return h if ct is None else h + ct
+            h = run_layer(self.spec, layer, h, causal, temps)
+        return self.output(h, guidance[:, :n], x.shape[0])
 
     def unpack(self, rest):
         """Graph inputs after (x, pos): the caches per layer, then (labels,) temps, guidance."""
-        L = len(self.block.attn_blocks)
+        L = self.spec.layers
         pasts = [(rest[2 * i], rest[2 * i + 1]) for i in range(L)]
         return (pasts, *_split_cond(self.has_classes, rest[2 * L:]))
 
@@ -132,14 +158,11 @@ class BlockGraph(nn.Module):
         mask = torch.arange(self.T, device=x.device).view(1, -1) <= positions.view(-1, 1)  # (n, T): keys at or before the query
         index = positions.view(1, 1, n, 1).expand(R, self.H, n, self.hd)
         presents = []
-        for layer, (past_k, past_v) in zip(self.block.attn_blocks, pasts):
-            q, k, v = self.qkv(layer.attention, h, temps)
-            k_all, v_all = past_k.to(self.dtype).scatter(2, index, k), past_v.to(self.dtype).scatter(2, index, v)
-            h = self.attention_out(layer, h, attend(q, k_all, v_all, mask, layer.attention.scale))
-            presents += [k_all.float(), v_all.float()]
-        xa, xb = self.block.split(self.block.proj_out(h))
-        w = guidance.index_select(1, positions)
-        return (*self.guide(xa, xb, w, B), *presents)
+        for layer, past in zip(self.block.attn_blocks, pasts):
+            cache = ScatteredCache(past, index, mask, self.dtype)
+            h = run_layer(self.spec, layer, h, cache, temps)
+            presents += cache.present
+        return (*self.output(h, guidance.index_select(1, positions), B), *presents)
 
 
 class StepRowsGraph(BlockGraph):
@@ -153,27 +176,14 @@ class StepRowsGraph(BlockGraph):
 
     def forward(self, x, pos, *rest):
         pasts, labels, temps, guidance = self.unpack(rest)
-        B = x.shape[0]
         h = self.embed(x, pos.view(1), labels, temps)
         before = (torch.arange(self.T, device=x.device) < pos).view(1, 1, 1, -1)  # cached keys strictly before this token
         news = []
-        for layer, (past_k, past_v) in zip(self.block.attn_blocks, pasts):
-            scale = layer.attention.scale
-            past_k, past_v = past_k.to(self.dtype), past_v.to(self.dtype)
-            q, k, v = self.qkv(layer.attention, h, temps)  # (R, H, 1, hd)
-            q = q * scale  # before the products: scores stay in fp16's range
-            s_past = (q @ past_k.transpose(-1, -2)).float().masked_fill(~before, float("-inf"))  # (R, H, 1, T)
-            s_self = (q * k).sum(-1, keepdim=True).float()  # (R, H, 1, 1)
-            w = torch.softmax(torch.cat([s_past, s_self], dim=-1), dim=-1).type(q.dtype)
-            out = w[..., :self.T] @ past_v + w[..., self.T:] * v
-            h = self.attention_out(layer, h, out)
-            news += [k.float(), v.float()]
-        xa, xb = self.block.split(self.block.proj_out(h))
-        return (*self.guide(xa, xb, guidance.index_select(1, pos.view(1)), B), *news)
-
-
-def _affine(z, xa, xb):
-    return z * xa.float().exp().type(xa.dtype) + xb
+        for layer, past in zip(self.block.attn_blocks, pasts):
+            cache = PastAndSelf(past, before, self.dtype)
+            h = run_layer(self.spec, layer, h, cache, temps)
+            news += cache.new
+        return (*self.output(h, guidance.index_select(1, pos.view(1)), x.shape[0]), *news)
 
 
 def _split_cond(has_classes, args):
@@ -205,7 +215,7 @@ class JacobiGraph(BlockGraph):
     def iterate(self, z, x, labels, temps, guidance):
         inp = torch.cat([z[:, :1], x[:, 1:-1]], dim=1)  # token 0 is z_0 by definition, whatever x holds
         xa, xb = self.parallel(inp, labels, temps, guidance)  # params for tokens 1..T-1
-        new = _affine(z[:, 1:], xa, xb)
+        new = affine(z[:, 1:], xa, xb)
         x_next = torch.cat([z[:, :1], new], dim=1)
         return x_next, (new - x[:, 1:]).abs().amax(dim=(1, 2))  # token 0 is z_0, not an unknown
 
@@ -232,7 +242,7 @@ class SequentialBody(BlockGraph):
         x_tok = x.index_select(1, i.view(1))  # (B, 1, D)
         xa, xb, *presents = self.cached(x_tok, i, pasts, labels, temps, guidance)
         nxt = (i + 1).view(1)
-        new = _affine(z.index_select(1, nxt), xa, xb)
+        new = affine(z.index_select(1, nxt), xa, xb)
         x_next = x.scatter(1, nxt.view(1, 1, 1).expand(x.shape[0], 1, x.shape[2]), new)
         return (x_next, *presents)
 
@@ -260,10 +270,10 @@ class BlockForwardGraph(BlockGraph):
         h = block.proj_in(x) + self.pos
         ct = self.class_term(labels)  # labels are given exactly when the model has classes
         h = h if ct is None else h + ct
-        mask = block.attention_mask(0, self.T)
-        for layer in block.attn_blocks:  # the reference layers, temperature 1: the model's own maths
-            h = layer(h, mask)
-        xa, xb = block.split(block.proj_out(h))
+        causal = cached_attention(None, 0, block.attention_mask(0, self.T))
+        for layer in block.attn_blocks:  # the model's own attention, temperature 1
+            h = run_layer(self.spec, layer, h, causal)
+        xa, xb = split(self.spec, block.proj_out(h))
         # shift right by one token: token l is parameterised by tokens < l, token 0 by nothing
         xa = torch.cat([torch.zeros_like(xa[:, :1]), xa[:, :-1]], dim=1)
         xb = torch.cat([torch.zeros_like(xb[:, :1]), xb[:, :-1]], dim=1)

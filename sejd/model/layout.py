@@ -12,10 +12,11 @@ import math
 from sejd.errors import CheckpointError, ConfigError
 
 TENSOR_FIELDS = ("in_channels", "img_size", "patch_size", "channels", "num_blocks", "layers_per_block",
-                 "expansion", "nvp", "num_classes")  # every config field but head_dim is fixed by the tensors
+                 "expansion", "nvp", "num_classes", "bias")  # every config field but head_dim is fixed by the tensors
 GEOMETRY_FIELDS = ("patch_size", "in_channels", "img_size")
 IMAGE_CHANNELS = (1, 3)  # grayscale or RGB: what image TarFlows are trained on
 MLP0 = "blocks.0.attn_blocks.0.mlp.main.0.weight"
+BIAS0 = "blocks.0.attn_blocks.0.attention.qkv.bias"  # present exactly when the blocks have biases
 log = logging.getLogger("sejd")
 
 
@@ -44,6 +45,7 @@ class Layout:
     out_dim: int  # 2D for nvp, D otherwise
     hidden: int  # MLP width = expansion * C
     num_classes: int
+    bias: bool
 
     @property
     def side(self) -> int:  # tokens per image side
@@ -57,7 +59,7 @@ class Layout:
         return {"in_channels": self.D // patch_size**2, "img_size": self.side * patch_size, "patch_size": patch_size,
                 "channels": self.C, "num_blocks": self.num_blocks, "layers_per_block": self.layers,
                 "head_dim": head_dim, "expansion": self.hidden // self.C, "nvp": self.out_dim == 2 * self.D,
-                "num_classes": self.num_classes}
+                "num_classes": self.num_classes, "bias": self.bias}
 
 
 def read_layout(sd: dict) -> Layout:
@@ -96,7 +98,10 @@ def _read_layout(sd: dict) -> Layout:
     if math.isqrt(T) ** 2 != T:
         raise CheckpointError(f"blocks.0.pos_embed has {T} tokens, which is not a square number")
     num_classes = shape("blocks.0.class_embed")[0] if "blocks.0.class_embed" in sd else 0
-    return Layout(num_blocks, layers, T, C, D, out_dim, hidden, num_classes)
+    if hidden % C:
+        raise CheckpointError(f"{MLP0} has shape {(hidden, C)}: the MLP width {hidden} is not a multiple of the "
+                              f"model width {C} (expansion must be an integer)")
+    return Layout(num_blocks, layers, T, C, D, out_dim, hidden, num_classes, BIAS0 in sd)
 
 
 def _geometry_text(layout: Layout, geometries) -> str:
@@ -159,6 +164,8 @@ def _evidence(field: str, layout: Layout, value) -> str:
     if field == "nvp":
         return f"blocks.0.proj_out.weight has shape {(layout.out_dim, layout.C)}" + \
             need(lambda: ((2 if value else 1) * layout.D, layout.C))
+    if field == "bias":
+        return f"{BIAS0} is {'present' if layout.bias else 'absent'}"
     if field == "num_classes":
         return (f"blocks.0.class_embed has shape {(layout.num_classes, 1, layout.C)}" if layout.num_classes
                 else "no blocks.0.class_embed (unconditional)")

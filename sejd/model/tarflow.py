@@ -1,9 +1,11 @@
 """TarFlow: a transformer autoregressive normalizing flow, as in Apple's ml-tarflow.
 
 State-dict keys, shapes and numerics match ml-tarflow's `transformer_flow.Model`, so its
-checkpoints load unchanged. Differences are additive: attention can read and write a static,
-preallocated KV cache at an explicit position (what the runtime's block runners use), and the
-class term accepts per-sample labels with -1 meaning "unconditional" everywhere.
+checkpoints load unchanged. What a flow block computes and holds is declared once in
+`sejd/model/block.py`; the blocks here are built from that declaration. Differences are additive:
+attention can read and write a static, preallocated KV cache at an explicit position (what the
+runtime's block runners use), the class term accepts per-sample labels with -1 meaning
+"unconditional" everywhere, and a block may go without biases (`bias=False`).
 
 Shapes: B batch, T tokens, D token width (in_channels * patch**2), C model width.
 """
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sejd.errors import ConfigError
+from sejd.model.block import BlockSpec, build_layer, cached_attention, make_module, run_layer, split
 
 # Plausibility bounds, generous against the largest published TarFlow (ImageNet-128: T = 1024 tokens,
 # 1024 channels, 8 blocks x 8 layers, 3.2 GB of float32 weights). They exist so that a typo or a hostile
@@ -29,7 +32,7 @@ MAX_WEIGHT_BYTES = 16 * 2**30  # float32 parameters and buffers, 5x ImageNet-128
 
 @dataclasses.dataclass(frozen=True)
 class TarFlowConfig:
-    """Model hyper-parameters; field names are those of ml-tarflow's `Model` constructor."""
+    """Model hyper-parameters; field names are those of ml-tarflow's `Model` constructor, plus `bias`."""
 
     in_channels: int
     img_size: int
@@ -41,6 +44,7 @@ class TarFlowConfig:
     expansion: int = 4
     nvp: bool = True
     num_classes: int = 0
+    bias: bool = True  # not ml-tarflow's: False drops every linear's bias and every LayerNorm's shift
 
     def __post_init__(self):
         for name in ("in_channels", "img_size", "patch_size", "channels", "num_blocks",
@@ -54,8 +58,9 @@ class TarFlowConfig:
             raise ConfigError(f"channels {self.channels} is not a multiple of head_dim {self.head_dim}")
         if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 0:
             raise ConfigError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
-        if not isinstance(self.nvp, bool):
-            raise ConfigError(f"nvp must be true or false, got {self.nvp!r}")
+        for name in ("nvp", "bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         self._check_plausible()
 
     def _check_plausible(self) -> None:
@@ -86,14 +91,14 @@ class TarFlowConfig:
         return self.channels // self.head_dim
 
     @property
+    def block_spec(self) -> BlockSpec:
+        """What each flow block computes and holds (sejd/model/block.py)."""
+        return BlockSpec.from_config(self)
+
+    @property
     def num_parameters(self) -> int:
-        """Learned parameters of the whole flow, counted from the config (no model is built)."""
-        T, D, C, E = self.num_tokens, self.token_dim, self.channels, self.expansion
-        out = 2 * D if self.nvp else D
-        # per layer: 2 LayerNorms, qkv, attention output projection, the MLP's two linears (weights + biases)
-        layer = 2 * 2 * C + (3 * C * C + 3 * C) + (C * C + C) + (E * C * C + E * C) + (E * C * C + C)
-        block = (D * C + C) + T * C + self.num_classes * C + self.layers_per_block * layer + (C * out + out)
-        return self.num_blocks * block
+        """Learned parameters of the whole flow, counted from the block declaration (no model is built)."""
+        return self.num_blocks * self.block_spec.num_parameters()
 
     @property
     def weight_bytes(self) -> int:
@@ -116,65 +121,6 @@ class TarFlowConfig:
             raise ConfigError(f"incomplete TarFlowConfig {d}: {e}") from None
 
 
-class Attention(nn.Module):
-    def __init__(self, channels: int, head_dim: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(channels)
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.proj = nn.Linear(channels, channels)
-        self.num_heads = channels // head_dim
-        self.scale = head_dim**-0.5
-
-    def forward(self, x, mask=None, temp=1.0, cache=None, start=0):
-        """x: (B, n, C) tokens at positions start..start+n-1.
-
-        cache: optional (key, value) buffers of shape (B, H, T, head_dim) holding positions < start;
-        this call writes its own keys/values at [start, start+n) and attends over [0, start+n).
-        temp: attention temperature, a float or a (B,) tensor (one per sample).
-        """
-        B, n, C = x.shape
-        h = self.norm(x.float()).type(x.dtype)
-        # (B, n, 3C) -> (B, 3H, n, hd) -> 3 x (B, H, n, hd); features are [q heads | k heads | v heads]
-        q, k, v = self.qkv(h).reshape(B, n, 3 * self.num_heads, -1).transpose(1, 2).chunk(3, dim=1)
-        if cache is not None:
-            k_cache, v_cache = cache
-            k_cache[:, :, start:start + n] = k
-            v_cache[:, :, start:start + n] = v
-            k, v = k_cache[:, :, :start + n], v_cache[:, :, :start + n]
-        scale = self.scale
-        if torch.is_tensor(temp):
-            q = q / temp.view(-1, 1, 1, 1).to(q.dtype)
-        else:
-            scale = scale / temp
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        return self.proj(out.transpose(1, 2).reshape(B, n, C))  # (B, H, n, hd) -> (B, n, C)
-
-
-class MLP(nn.Module):
-    def __init__(self, channels: int, expansion: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(channels)
-        self.main = nn.Sequential(
-            nn.Linear(channels, channels * expansion),
-            nn.GELU(),
-            nn.Linear(channels * expansion, channels),
-        )
-
-    def forward(self, x):
-        return self.main(self.norm(x.float()).type(x.dtype))
-
-
-class AttentionBlock(nn.Module):
-    def __init__(self, channels: int, head_dim: int, expansion: int):
-        super().__init__()
-        self.attention = Attention(channels, head_dim)
-        self.mlp = MLP(channels, expansion)
-
-    def forward(self, x, mask=None, temp=1.0, cache=None, start=0):
-        x = x + self.attention(x, mask, temp, cache, start)
-        return x + self.mlp(x)
-
-
 class MetaBlock(nn.Module):
     """One flow block. `flip` permutes the token axis (odd blocks); all maths runs in permuted order.
 
@@ -189,15 +135,16 @@ class MetaBlock(nn.Module):
 
     def __init__(self, cfg: TarFlowConfig, flip: bool):
         super().__init__()
-        T, D, C = cfg.num_tokens, cfg.token_dim, cfg.channels
-        self.flip, self.nvp = flip, cfg.nvp
-        self.proj_in = nn.Linear(D, C)
+        self.spec = spec = cfg.block_spec  # what the block computes and holds (sejd/model/block.py)
+        T, C = spec.num_tokens, spec.channels
+        self.flip = flip
+        # modules in ml-tarflow's order: its state-dict keys, and the same random draws at initialisation
+        self.proj_in = make_module(spec.proj_in)  # (B, n, D) -> (B, n, C)
         self.pos_embed = nn.Parameter(torch.randn(T, C) * 1e-2)
         # ml-tarflow registers class_embed as None for unconditional models: no key in the state dict.
-        self.class_embed = nn.Parameter(torch.randn(cfg.num_classes, 1, C) * 1e-2) if cfg.num_classes else None
-        self.attn_blocks = nn.ModuleList(
-            AttentionBlock(C, cfg.head_dim, cfg.expansion) for _ in range(cfg.layers_per_block))
-        self.proj_out = nn.Linear(C, 2 * D if cfg.nvp else D)
+        self.class_embed = nn.Parameter(torch.randn(spec.num_classes, 1, C) * 1e-2) if spec.num_classes else None
+        self.attn_blocks = nn.ModuleList(build_layer(spec) for _ in range(spec.layers))
+        self.proj_out = make_module(spec.proj_out)  # (B, n, C) -> (B, n, 2D or D)
         self.proj_out.weight.data.fill_(0.0)  # every block starts as the identity map
         self.register_buffer("attn_mask", torch.tril(torch.ones(T, T)))
 
@@ -217,9 +164,7 @@ class MetaBlock(nn.Module):
 
     def split(self, p):
         """proj_out output (..., 2D or D) -> (xa, xb); xa is zero for volume-preserving blocks."""
-        if self.nvp:
-            return p.chunk(2, dim=-1)
-        return torch.zeros_like(p), p
+        return split(self.spec, p)
 
     def project(self, x, start=0, class_term=None, cache=None, temp=1.0):
         """Raw affine parameters (xa, xb) at positions start..start+n-1, in permuted order.
@@ -232,7 +177,7 @@ class MetaBlock(nn.Module):
             h = h + class_term
         mask = self.attention_mask(start, n)
         for layer, layer_cache in zip(self.attn_blocks, cache or [None] * len(self.attn_blocks)):
-            h = layer(h, mask, temp, layer_cache, start)
+            h = run_layer(self.spec, layer, h, cached_attention(layer_cache, start, mask), temp)
         return self.split(self.proj_out(h))
 
     def attention_mask(self, start: int, n: int):

@@ -14,7 +14,8 @@ import torch
 
 from sejd.errors import DecodeError, InputError
 from sejd.runtime.plan import BlockPlan
-from sejd.runtime.runner import BlockRunner, Conditioning, affine
+from sejd.model.block import affine
+from sejd.runtime.runner import BlockRunner, Conditioning
 
 
 @dataclasses.dataclass

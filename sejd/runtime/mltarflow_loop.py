@@ -3,6 +3,9 @@
 As in ml-tarflow's `MetaBlock.reverse`: one token per step, the KV cache of every attention layer is
 a Python list grown by `torch.cat` at each step, and guidance runs a second, unconditional pass with
 its own cache. Published SJD speed-ups are measured against this loop.
+
+It is also an oracle for the rest of sejd, so it states ml-tarflow's layer itself (attention and MLP, from
+the modules' weights) rather than running sejd's block definition (sejd/model/block.py).
 """
 
 from __future__ import annotations
@@ -15,15 +18,20 @@ import torch.nn.functional as F
 from sejd.model.tarflow import MetaBlock, TarFlow
 
 
-def _attention_step(attn, x, cache, temp):
+def _attention_step(attn, x, cache, temp, head_dim):
     B, n, C = x.shape
     h = attn.norm(x.float()).type(x.dtype)
-    q, k, v = attn.qkv(h).reshape(B, n, 3 * attn.num_heads, -1).transpose(1, 2).chunk(3, dim=1)
+    q, k, v = attn.qkv(h).reshape(B, n, 3 * (C // head_dim), -1).transpose(1, 2).chunk(3, dim=1)
     cache["k"].append(k)
     cache["v"].append(v)
     k, v = torch.cat(cache["k"], dim=2), torch.cat(cache["v"], dim=2)
-    out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale / temp)
+    out = F.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5 / temp)
     return attn.proj(out.transpose(1, 2).reshape(B, n, C))
+
+
+def _mlp(mlp, x):
+    """ml-tarflow's MLP: its norm, then its `main` (Linear, GELU, Linear)."""
+    return mlp.main(mlp.norm(x.float()).type(x.dtype))
 
 
 def _reverse_step(block: MetaBlock, x, pos_embed, i, class_term, caches, temp):
@@ -31,8 +39,8 @@ def _reverse_step(block: MetaBlock, x, pos_embed, i, class_term, caches, temp):
     if class_term is not None:
         h = h + class_term
     for layer, cache in zip(block.attn_blocks, caches):
-        h = h + _attention_step(layer.attention, h, cache, temp)
-        h = h + layer.mlp(h)
+        h = h + _attention_step(layer.attention, h, cache, temp, block.spec.head_dim)
+        h = h + _mlp(layer.mlp, h)
     return block.split(block.proj_out(h))
 
 

@@ -25,6 +25,7 @@ import sys
 import torch
 
 from sejd.errors import InputError
+from sejd.model.block import affine
 from sejd.runtime.memory import check_fits
 
 
@@ -64,11 +65,6 @@ class Conditioning:
         labels2 = torch.cat([cond, torch.full((batch,), -1, dtype=torch.long)])
         temps = torch.cat([torch.ones(batch), torch.full((batch,), float(attn_temp))])
         return cls(labels2, temps, weights)
-
-
-def affine(z, xa, xb):
-    """x = z * exp(xa) + xb, the inverse of one autoregressive affine step (exp in float32)."""
-    return z * xa.float().exp().type(xa.dtype) + xb
 
 
 class BlockRunner(abc.ABC):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from sejd.model.block import guide, rows
 from sejd.model.tarflow import MetaBlock, TarFlow
 from sejd.runtime.runner import BlockRunner, Conditioning, KVCachePool
 
@@ -23,24 +24,18 @@ class TorchBlockRunner(BlockRunner):
         temps = cond.temps.to(p.device)
         self.temp = 1.0 if bool((temps == 1).all()) else temps
         self.guidance = None if cond.guidance is None else cond.guidance.to(p.device, p.dtype)
-        attn = self.block.attn_blocks[0].attention
-        shape = (self.rows, attn.num_heads, self.num_tokens, p.shape[1] // attn.num_heads)
+        spec = self.block.spec
+        shape = (self.rows, spec.heads, self.num_tokens, spec.head_dim)
         # positions are read only after this batch wrote them, so what another block left is harmless
-        views = self.pool.caches(2 * len(self.block.attn_blocks), shape, p.dtype, p.device)
+        views = self.pool.caches(2 * spec.layers, shape, p.dtype, p.device)
         self.cache = list(zip(views[0::2], views[1::2]))
 
     @torch.no_grad()
     def project(self, x, start):
         n = x.shape[1]
-        groups = self.rows // self.batch
-        rows = x.repeat(groups, 1, 1) if groups > 1 else x  # (R, n, D): [cond rows | uncond rows]
-        xa, xb = self.block.project(rows, start, self.class_term, self.cache, self.temp)
-        if self.guidance is None:
-            return xa, xb
-        w = self.guidance[:, start:start + n, None]  # (2, n, 1)
-        xa_c, xa_u = xa.chunk(2)
-        xb_c, xb_u = xb.chunk(2)
-        return xa_c + w[0] * (xa_c - xa_u), xb_c + w[1] * (xb_c - xb_u)
+        xa, xb = self.block.project(rows(x, self.rows), start, self.class_term, self.cache, self.temp)  # (R, n, D)
+        w = None if self.guidance is None else self.guidance[:, start:start + n]  # (2, n)
+        return guide(xa, xb, w, self.batch)
 
 
 def torch_runners(model: TarFlow) -> list[TorchBlockRunner]:

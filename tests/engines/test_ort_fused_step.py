@@ -20,7 +20,7 @@ from sejd.engines import ort_fused_step as fs
 from sejd.engines.ort import FUSED_PATH, STEP_ROWS_PATH, OrtBlockRunner, build_ort, ort_runners
 from sejd.export.contracts import contract, dummy_inputs
 from sejd.runtime.runner import Conditioning
-from tests.conftest import make_model
+from tests.conftest import OTHER_BLOCKS, make_model
 
 PARITY_TESTED = ["step_fused"]  # the engine-only graph variants with a parity test in this file
 ATOL = contract(make_model().config, "step_rows").atol  # the contract the fused step answers to: 1e-4
@@ -45,23 +45,28 @@ def feeds_of(cfg, specs):
 SPECS = [(1, False, 1), (1, True, 2), (3, False, 3), (3, True, 4), (2, True, 8)]
 
 
-@pytest.mark.parametrize("source", ["builtin:digits", "builtin:textures", "nvp-false"])
+@pytest.mark.parametrize("source", ["builtin:digits", "builtin:textures", "nvp-false", *OTHER_BLOCKS])
 def test_fused_step_equals_the_pytorch_reference_step(source):
     """Every block, batch 1 and 3, plain and with guidance rows (per-row temperatures, guidance weights,
     labels incl. -1 on the conditional digits model): the step_rows outputs within the contract's tolerance,
     and the caches changed nowhere but at the token's position."""
-    model = make_model(nvp=False) if source == "nvp-false" else load_checkpoint(source)
+    if source in OTHER_BLOCKS:  # built from the block's declaration: no bias inputs where it has none
+        model = make_model(**OTHER_BLOCKS[source])
+    else:
+        model = make_model(nvp=False) if source == "nvp-false" else load_checkpoint(source)
     cfg = model.config
     feeds = feeds_of(cfg, SPECS)
     if cfg.num_classes:
         assert any((f["labels"] == -1).any() for f in feeds) and any((f["labels"] >= 0).any() for f in feeds)
     assert any(f["temps"].shape[0] == 2 * f["x"].shape[0] and (f["temps"] != 1).any() for f in feeds)
     for k, block in enumerate(model.blocks):
-        result = fs.compare(session_of(block, cfg.num_tokens), fs.dims_of(block, cfg.num_tokens), model, k, feeds, ATOL)
+        result = fs.compare(session_of(block, cfg.num_tokens), fs.dims_of(block.spec), model, k, feeds, ATOL)
         assert result["passed"] and result["max_abs"] <= ATOL, (k, result)
         assert result["per_output_max_abs"]["unchanged"] == 0.0
         assert set(result["per_output_max_abs"]) == {"xa", "xb", "unchanged",
                                                      *[f"new.{n}" for n in fs.cache_names(cfg.layers_per_block)]}
+    graph = fs.fused_step_graph(model.blocks[0], cfg.num_tokens).graph
+    assert any(i.name.endswith(".bias") for i in graph.initializer) == cfg.bias  # biases exactly where declared
 
 
 def test_any_negative_label_is_the_class_mean():
@@ -69,7 +74,7 @@ def test_any_negative_label_is_the_class_mean():
     cfg = model.config
     (feeds,) = feeds_of(cfg, [(3, True, 5)])
     feeds["labels"] = np.array([-3, 2, -1, -7, -1, -2], np.int64)
-    got = fs.fused_call_on_feeds(session_of(model.blocks[0], cfg.num_tokens), fs.dims_of(model.blocks[0], 64), feeds)
+    got = fs.fused_call_on_feeds(session_of(model.blocks[0], cfg.num_tokens), fs.dims_of(model.blocks[0].spec), feeds)
     from sejd.export.oracle import reference_outputs
     want = reference_outputs(model, 0, contract(cfg, "step_rows"), feeds)
     np.testing.assert_allclose(got["xa"], want["xa"], atol=ATOL, rtol=0)
@@ -82,7 +87,7 @@ def test_a_wrong_graph_fails_the_comparison():
     with torch.no_grad():
         other.blocks[1].attn_blocks[1].mlp.main[2].weight.mul_(1.01)
     T = model.config.num_tokens
-    result = fs.compare(session_of(other.blocks[1], T), fs.dims_of(model.blocks[1], T), model, 1,
+    result = fs.compare(session_of(other.blocks[1], T), fs.dims_of(model.blocks[1].spec), model, 1,
                         feeds_of(model.config, SPECS[:2]), ATOL)
     assert not result["passed"] and result["max_abs"] > ATOL
 

@@ -1,15 +1,17 @@
 """An independent statement of ml-tarflow's forward pass (its einsum attention path, not SDPA),
-reading a state dict in ml-tarflow's key layout. Used only as a test oracle for sejd's model."""
+reading a state dict in ml-tarflow's key layout. Used only as a test oracle for sejd's model. A state dict
+without a layer's bias (a block without biases) adds none; the MLP's width is its weights' own."""
 
 import torch
 
 
 def _layer_norm(x, sd, prefix):
-    return torch.nn.functional.layer_norm(x, x.shape[-1:], sd[prefix + ".weight"], sd[prefix + ".bias"])
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], sd[prefix + ".weight"], sd.get(prefix + ".bias"))
 
 
 def _linear(x, sd, prefix):
-    return x @ sd[prefix + ".weight"].T + sd[prefix + ".bias"]
+    out = x @ sd[prefix + ".weight"].T
+    return out + sd[prefix + ".bias"] if prefix + ".bias" in sd else out
 
 
 def block_forward(sd, i, x, y, num_layers, head_dim, nvp, flip):

@@ -1,0 +1,256 @@
+"""One TarFlow flow block, described once: the program every attention layer runs, the weights it holds
+(ml-tarflow's names and shapes), and how the block's output becomes guided affine parameters.
+
+Everything that runs a block is derived from this file:
+- the PyTorch model (`sejd/model/tarflow.py`): `MetaBlock` builds its modules from `BlockSpec.layer` and runs
+  them with `run_layer`;
+- every exported graph module and the torch-cuda modules (`sejd/export/graphs.py`): the same `run_layer`,
+  with the KV cache handled the way each graph needs (the `attention` argument);
+- ort-cpu's fused step graph (`sejd/engines/ort_fused_step.py`): ONNX nodes for each declared op;
+- the native C step's packing (`sejd/engines/native.py`): the declared weights in the declared order, or the
+  reason step.c cannot run the declared program.
+`sejd/runtime/mltarflow_loop.py` is deliberately not derived from it: it is an independent statement of
+ml-tarflow's own loop, one of the oracles the rest is checked against.
+
+A layer is a program over the residual stream h (R rows, n tokens, C channels), each op reading the
+previous op's output, or h after an op that adds into it (`residual`):
+
+    layer_norm  attention.norm                     (R, n, C), computed in float32
+    linear      attention.qkv   (3C, C)            (R, n, 3C): [q heads | k heads | v heads]
+    attention                                      (R, n, C): softmax(q.k * head_dim**-0.5 / temp) v, over the
+                                                   KV cache with this call's keys/values at their positions
+    linear      attention.proj  (C, C)   residual  h = h + proj(.)
+    layer_norm  mlp.norm
+    linear      mlp.main.0      (E, C)             E: the MLP width (ml-tarflow: expansion x C)
+    gelu        mlp.main.1                         erf GELU
+    linear      mlp.main.2      (C, E)   residual  h = h + .
+
+Around the layers: h = proj_in(x) + pos_embed[position] (+ the class term), and after them proj_out(h) ->
+(xa, xb), the affine parameters of the next token (xa = 0 in a volume-preserving block). Rows: with
+classifier-free guidance a batch of B samples runs as R = 2B rows, conditional rows first, row r taking
+sample r mod B; the guided parameters are c + w (c - u).
+
+Changing the block is editing this file: e.g. a block without biases is `bias=False` here, and every
+consumer above reads it from the declaration (the native packing passes zeros for an absent bias).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, as ml-tarflow uses it
+OP_KINDS = ("layer_norm", "linear", "gelu", "attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One step of a layer's program."""
+
+    kind: str  # one of OP_KINDS
+    name: str = ""  # the module's path inside the layer (its state-dict key prefix); "" for the attention
+    shape: tuple[int, ...] = ()  # its weight: (out, in) for a linear, (C,) for a layer norm
+    bias: bool = False  # whether the linear has a bias, the layer norm a shift
+    residual: bool = False  # the output is added into h, and the next op reads h
+    eps: float = LAYER_NORM_EPS  # layer norms only
+
+    def weights(self) -> dict[str, tuple[int, ...]]:
+        """The op's tensors by key (relative to the layer) -> shape."""
+        if not self.shape:
+            return {}
+        out = {f"{self.name}.weight": self.shape}
+        if self.bias:
+            out[f"{self.name}.bias"] = self.shape[:1]
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """The sizes and options of one flow block; `layer` and `weights` declare what it computes and holds."""
+
+    num_tokens: int  # T
+    token_dim: int  # D = in_channels * patch_size**2
+    channels: int  # C, the model width
+    head_dim: int
+    layers: int  # L attention layers
+    mlp_width: int  # E
+    nvp: bool  # affine (xa, xb) when true, volume-preserving (xb only) when false
+    num_classes: int  # 0: unconditional, no class embedding
+    bias: bool = True  # every linear has a bias and every layer norm a shift (ml-tarflow's blocks do)
+
+    @classmethod
+    def from_config(cls, cfg) -> "BlockSpec":
+        """From a TarFlowConfig (every block of a model has the same spec)."""
+        return cls(cfg.num_tokens, cfg.token_dim, cfg.channels, cfg.head_dim, cfg.layers_per_block,
+                   cfg.expansion * cfg.channels, cfg.nvp, cfg.num_classes, cfg.bias)
+
+    @property
+    def heads(self) -> int:  # H
+        return self.channels // self.head_dim
+
+    @property
+    def out_dim(self) -> int:  # P, proj_out's width: xa and xb, or xb alone
+        return 2 * self.token_dim if self.nvp else self.token_dim
+
+    @property
+    def scale(self) -> float:
+        """The attention's score scale at temperature 1."""
+        return self.head_dim**-0.5
+
+    @property
+    def layer(self) -> tuple[Op, ...]:
+        """The program of every attention layer (see the module docstring)."""
+        C, E, b = self.channels, self.mlp_width, self.bias
+        return (
+            Op("layer_norm", "attention.norm", (C,), b),
+            Op("linear", "attention.qkv", (3 * C, C), b),
+            Op("attention"),
+            Op("linear", "attention.proj", (C, C), b, residual=True),
+            Op("layer_norm", "mlp.norm", (C,), b),
+            Op("linear", "mlp.main.0", (E, C), b),
+            Op("gelu", "mlp.main.1"),
+            Op("linear", "mlp.main.2", (C, E), b, residual=True),
+        )
+
+    @property
+    def proj_in(self) -> Op:
+        return Op("linear", "proj_in", (self.channels, self.token_dim), self.bias)
+
+    @property
+    def proj_out(self) -> Op:
+        return Op("linear", "proj_out", (self.out_dim, self.channels), self.bias)
+
+    def parameters(self) -> dict[str, tuple[int, ...]]:
+        """Every learned tensor of one block by state-dict key (ml-tarflow's names) -> shape."""
+        T, C = self.num_tokens, self.channels
+        out = {**self.proj_in.weights(), "pos_embed": (T, C)}
+        if self.num_classes:  # ml-tarflow has no class_embed key at all in unconditional models
+            out["class_embed"] = (self.num_classes, 1, C)
+        for j in range(self.layers):
+            for op in self.layer:
+                out.update({f"attn_blocks.{j}.{k}": s for k, s in op.weights().items()})
+        out.update(self.proj_out.weights())
+        return out
+
+    def num_parameters(self) -> int:
+        """Learned parameters of one block, counted from the declaration (no tensor is made)."""
+        return sum(math.prod(s) for s in self.parameters().values())
+
+    def buffers(self) -> dict[str, tuple[int, ...]]:
+        return {"attn_mask": (self.num_tokens, self.num_tokens)}  # ml-tarflow's causal mask, kept for its key
+
+
+# ---------------------------------------------------------------- PyTorch, derived from the declaration
+
+
+def make_module(op: Op) -> nn.Module:
+    """The PyTorch module of a declared op (its parameters are the op's declared weights)."""
+    if op.kind == "layer_norm":
+        return nn.LayerNorm(op.shape[0], eps=op.eps, bias=op.bias)
+    if op.kind == "linear":
+        return nn.Linear(op.shape[1], op.shape[0], bias=op.bias)
+    if op.kind == "gelu":
+        return nn.GELU()
+    raise ValueError(f"op {op.kind!r} has no module")
+
+
+def build_layer(spec: BlockSpec) -> nn.Module:
+    """One attention layer's modules, each at its declared path (containers made on the way, numbered ones
+    as nn.Sequential like ml-tarflow's `mlp.main`), so state-dict keys are ml-tarflow's."""
+    layer = nn.Module()
+    for op in spec.layer:
+        if not op.name:
+            continue
+        *path, leaf = op.name.split(".")
+        node = layer
+        for i, part in enumerate(path):
+            if part not in node._modules:
+                numbered = (path + [leaf])[i + 1].isdigit()
+                node.add_module(part, nn.Sequential() if numbered else nn.Module())
+            node = node._modules[part]
+        node.add_module(leaf, make_module(op))
+    return layer
+
+
+def run_layer(spec: BlockSpec, layer: nn.Module, h: torch.Tensor, attention, temp=1.0) -> torch.Tensor:
+    """One layer of the block over the residual stream h (R, n, C) -> (R, n, C), in h's dtype.
+
+    attention(q, k, v, scale) -> (R, H, n, hd): q, k, v (R, H, n, hd) are this call's tokens, q already
+    divided by the row's temperature when `temp` is a (R,) tensor (a float temperature is folded into
+    `scale` instead); the callable owns the KV cache: where this call's keys/values are written and which
+    positions the queries see.
+    """
+    x = h
+    for op in spec.layer:
+        if op.kind == "layer_norm":  # in float32 (a reduced-precision block keeps its norms in float32)
+            x = layer.get_submodule(op.name)(x.float()).type(h.dtype)
+        elif op.kind in ("linear", "gelu"):
+            x = layer.get_submodule(op.name)(x)
+        elif op.kind == "attention":
+            R, n, _ = x.shape
+            # (R, n, 3C) -> (R, 3H, n, hd) -> 3 x (R, H, n, hd)
+            q, k, v = x.reshape(R, n, 3 * spec.heads, spec.head_dim).transpose(1, 2).chunk(3, dim=1)
+            scale = spec.scale
+            if torch.is_tensor(temp):
+                q = q / temp.view(-1, 1, 1, 1).to(q.dtype)
+            else:
+                scale = scale / temp
+            x = attention(q, k, v, scale).transpose(1, 2).reshape(R, n, spec.channels)  # heads side by side
+        else:
+            raise ValueError(f"unknown op kind {op.kind!r}; expected one of {OP_KINDS}")
+        if op.residual:
+            h = x = h + x
+    return h
+
+
+def cached_attention(cache, start: int, mask):
+    """The attention of `run_layer` over a static, preallocated KV cache (key, value) of (R, H, T, hd)
+    holding positions < start: the call's keys/values are written in place at [start, start + n) and the
+    queries attend over [0, start + n) as `mask` allows (bool, True = attend; None = all). Without a cache,
+    over the call's own tokens."""
+    def attend(q, k, v, scale):
+        if cache is not None:
+            n = q.shape[2]
+            k_cache, v_cache = cache
+            k_cache[:, :, start:start + n] = k
+            v_cache[:, :, start:start + n] = v
+            k, v = k_cache[:, :, :start + n], v_cache[:, :, :start + n]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return attend
+
+
+def split(spec: BlockSpec, p: torch.Tensor):
+    """proj_out's output (..., P) -> the affine parameters (xa, xb); xa is zero in a volume-preserving block."""
+    if spec.nvp:
+        return p.chunk(2, dim=-1)
+    return torch.zeros_like(p), p
+
+
+def rows(x: torch.Tensor, R: int) -> torch.Tensor:
+    """(B, n, D) samples -> (R, n, D) rows, row r being sample r mod B (R = B, or 2B with guidance: the
+    conditional rows, then the unconditional ones). Index arithmetic, so one exported graph takes both."""
+    idx = torch.arange(R, device=x.device) % x.shape[0]
+    return x.index_select(0, idx)
+
+
+def guide(xa, xb, w, batch: int):
+    """The rows' parameters (R, n, D) -> the B samples' guided (xa, xb) (B, n, D), in float32:
+    c + w (c - u), c the conditional rows, u the unconditional ones, w (2, n) the weights of xa and xb at
+    each position (None: no guidance). With R == B, c and u are the same rows and the result is c."""
+    xa, xb = xa.float(), xb.float()
+    R = xa.shape[0]
+    ca, cb = xa[:batch], xb[:batch]
+    if w is None:
+        return ca, cb
+    ua, ub = xa[R - batch:], xb[R - batch:]
+    return ca + w[0].view(-1, 1) * (ca - ua), cb + w[1].view(-1, 1) * (cb - ub)
+
+
+def affine(z, xa, xb):
+    """x = z exp(xa) + xb: one token of the block's inverse, from its noise z and its parameters (exp in
+    float32)."""
+    return z * xa.float().exp().type(xa.dtype) + xb
