@@ -3,6 +3,7 @@
 Tolerance: 1e-4 absolute, the `step_rows` graph's contract (the C code sums in another order and uses its
 own exp/erf, each within a few float32 ulps)."""
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -16,10 +17,11 @@ from sejd.engines import native, native_lib
 from sejd.engines.ort import OrtBlockRunner, ort_runners
 from sejd.errors import BackendUnavailable, InputError
 from sejd.export.graphs import StepRowsGraph
+from sejd.model.block import BlockSpec
 from sejd.runtime.decoders import sequential
 from sejd.runtime.runner import Conditioning
 from sejd.runtime.torch_runner import torch_runners
-from tests.conftest import make_model
+from tests.conftest import OTHER_BLOCKS, make_model
 
 ATOL = 1e-4
 
@@ -57,6 +59,7 @@ MODELS = {
     "unconditional": dict(seed=3, num_classes=0),
     "volume-preserving, head_dim 24": dict(seed=5, nvp=False, channels=48, head_dim=24, num_classes=0),
     "one layer, 8 tokens": dict(seed=7, img_size=4, layers_per_block=1, num_classes=3),
+    **OTHER_BLOCKS,  # another MLP width, no biases (zeros packed for them)
 }
 
 
@@ -104,6 +107,29 @@ def test_sequential_block_matches_the_pytorch_decoder(kind, batch, guidance, thr
         got = nb.sequential(z.numpy(), caches, cond.labels.numpy() if cfg.num_classes else None, cond.temps.numpy(),
                             None if cond.guidance is None else cond.guidance.numpy())
         np.testing.assert_allclose(got, want.numpy(), atol=ATOL, rtol=0)
+
+
+def test_a_block_step_c_does_not_run_keeps_the_onnx_step_with_the_reason():
+    """The packing reads the declared layer program: one step.c does not implement is refused, saying why
+    (the runners then keep the ONNX step: `native_step_reason`)."""
+    class RmsNorm(BlockSpec):
+        @property
+        def layer(self):
+            return tuple(dataclasses.replace(op, kind="rms_norm") if op.kind == "layer_norm" else op
+                         for op in super().layer)
+
+    model = make_model()
+    spec = RmsNorm(**dataclasses.asdict(model.config.block_spec))
+    reason = native.unsupported(spec)
+    assert reason.startswith("step.c runs layers of (layer_norm, linear, attention, linear + residual")
+    assert "this block's layer is (rms_norm, linear, attention" in reason
+    assert native.unsupported(model.config.block_spec) is None
+    for kind in OTHER_BLOCKS.values():
+        assert native.unsupported(make_model(**kind).config.block_spec) is None
+    block = model.blocks[0]
+    block.spec = spec
+    with pytest.raises(BackendUnavailable, match="native CPU step: step.c runs layers of"):
+        native.NativeBlock(block, model.config.num_tokens)
 
 
 def test_ort_cpu_runners_take_the_native_step_and_match_pytorch(tiny_bundle):

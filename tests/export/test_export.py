@@ -21,7 +21,7 @@ from sejd.export.oracle import reference_outputs
 from sejd.runtime import decoders
 from sejd.runtime.runner import Conditioning
 from sejd.runtime.torch_runner import TorchBlockRunner
-from tests.conftest import data_like, make_model
+from tests.conftest import OTHER_BLOCKS, data_like, make_model
 
 PARITY_TESTED = ["step_present", "step_rows", "window", "jacobi", "jacobi_k", "jacobi_loop", "sequential_loop", "forward"]
 UNROLL = 4
@@ -32,6 +32,17 @@ def bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     model = make_model()
     save_checkpoint(model, root / "ckpt")
+    return export_bundle(root / "ckpt", root / "bundle", unroll=UNROLL, show_progress=False)
+
+
+@pytest.fixture(scope="module", params=["ml-tarflow", *OTHER_BLOCKS])
+def any_bundle(request, bundle, tmp_path_factory):
+    """The bundle of ml-tarflow's block, then of each other block (another MLP width, no biases): the parity
+    tests below hold for every block the declaration describes."""
+    if request.param == "ml-tarflow":
+        return bundle
+    root = tmp_path_factory.mktemp(request.param)
+    save_checkpoint(make_model(**OTHER_BLOCKS[request.param]), root / "ckpt")
     return export_bundle(root / "ckpt", root / "bundle", unroll=UNROLL, show_progress=False)
 
 
@@ -48,7 +59,8 @@ CASES = [(v, b, r) for v in PARITY_TESTED for b, r in ((1, False), (3, False), (
 
 
 @pytest.mark.parametrize("variant,batch,cfg_rows", CASES)
-def test_variant_matches_pytorch(bundle, variant, batch, cfg_rows):
+def test_variant_matches_pytorch(any_bundle, variant, batch, cfg_rows):
+    bundle = any_bundle
     model = bundle.load_model()
     c = contract(bundle.config, variant, UNROLL)
     blocks = [None] if variant == "forward" else range(bundle.config.num_blocks)
@@ -63,7 +75,8 @@ def test_variant_matches_pytorch(bundle, variant, batch, cfg_rows):
                 np.testing.assert_allclose(got[name], want[name], atol=c.atol, rtol=0, err_msg=f"{variant} {name}")
 
 
-def test_jacobi_loop_iterations_equal_host_driven_jacobi(bundle):
+def test_jacobi_loop_iterations_equal_host_driven_jacobi(any_bundle):
+    bundle = any_bundle
     model = bundle.load_model()
     cfg = bundle.config
     x = model.patchify(data_like(model, 2))
@@ -83,7 +96,8 @@ def test_jacobi_loop_iterations_equal_host_driven_jacobi(bundle):
         assert host.iterations == cfg.num_tokens - 1  # tau = 0 runs to the cap, never past it
 
 
-def test_sequential_loop_equals_sequential_stepping(bundle):
+def test_sequential_loop_equals_sequential_stepping(any_bundle):
+    bundle = any_bundle
     model = bundle.load_model()
     cfg = bundle.config
     z = model.patchify(data_like(model, 3, seed=4))
@@ -97,7 +111,8 @@ def test_sequential_loop_equals_sequential_stepping(bundle):
     np.testing.assert_allclose(x, stepped.numpy(), atol=1e-4, rtol=0)
 
 
-def test_every_graph_passes_the_full_onnx_checker_and_declares_its_contract(bundle):
+def test_every_graph_passes_the_full_onnx_checker_and_declares_its_contract(any_bundle):
+    bundle = any_bundle
     for g in bundle.manifest["graphs"]:
         m = onnx.load(bundle.path / g["file"])
         onnx.checker.check_model(m, full_check=True)

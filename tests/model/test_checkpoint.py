@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sejd import CheckpointError, ConfigError, TarFlowConfig, load_checkpoint, save_checkpoint
-from tests.conftest import data_like, make_model
+from tests.conftest import OTHER_BLOCKS, data_like, make_model
 
 
 def save_pth(model, path):
@@ -32,6 +32,20 @@ def test_pth_config_inferred_from_shapes_or_given(tmp_path):
     path = save_pth(model, tmp_path / "weights.pth")
     assert load_checkpoint(path, config={"head_dim": 32}).config == model.config
     assert load_checkpoint(path, config=model.config).config == model.config
+
+
+@pytest.mark.parametrize("kind", OTHER_BLOCKS)
+def test_other_blocks_load_with_their_width_and_biases_read_from_the_tensors(tmp_path, kind):
+    overrides = {k: v for k, v in OTHER_BLOCKS[kind].items() if k != "seed"}
+    model = make_model(**OTHER_BLOCKS[kind])
+    path = save_pth(model, tmp_path / "weights.pth")
+    loaded = load_checkpoint(path, config={"head_dim": model.config.head_dim})
+    assert loaded.config == model.config and {k: getattr(loaded.config, k) for k in overrides} == overrides
+    assert_same_model(model, loaded)
+    assert_same_model(model, load_checkpoint(save_checkpoint(loaded, tmp_path / "sejd")))  # sejd's format too
+    flipped = {"bias": not model.config.bias}
+    with pytest.raises(ConfigError, match=r"bias=.* contradicts the checkpoint's tensors, which say bias="):
+        load_checkpoint(path, config={"head_dim": model.config.head_dim, **flipped})
 
 
 def test_ddp_module_prefix_is_stripped(tmp_path):

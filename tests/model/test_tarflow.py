@@ -1,15 +1,19 @@
+import dataclasses
+
 import pytest
 import torch
 
+from sejd.model.block import BlockSpec, run_layer
 from sejd.model.tarflow import TarFlow, TarFlowConfig
 from sejd.errors import ConfigError
-from tests.conftest import data_like, make_model
+from tests.conftest import OTHER_BLOCKS, data_like, make_model
 from tests.model import mltarflow_oracle
 
 ATOL = 1e-5  # float32 round-off between two orderings of the same maths
 
 
-@pytest.mark.parametrize("overrides", [{}, {"nvp": False}, {"num_classes": 0}, {"num_blocks": 3, "patch_size": 1}])
+@pytest.mark.parametrize("overrides", [{}, {"nvp": False}, {"num_classes": 0}, {"num_blocks": 3, "patch_size": 1},
+                                       *OTHER_BLOCKS.values()])
 @pytest.mark.parametrize("labels", [None, [0, 4, -1]])
 def test_forward_matches_ml_tarflow_oracle(overrides, labels):
     model = make_model(**overrides)
@@ -42,6 +46,39 @@ def test_state_dict_keys_are_ml_tarflows():
     torch.testing.assert_close(sd["blocks.0.attn_mask"], torch.tril(torch.ones(T, T)))
 
 
+@pytest.mark.parametrize("overrides", [{}, {"num_classes": 0, "nvp": False}, *OTHER_BLOCKS.values()])
+def test_the_block_declaration_is_what_each_block_holds(overrides):
+    """Every tensor of every block is declared (name and shape) in sejd/model/block.py, and nothing else is:
+    the native packing and the fused step graph read weights by these names."""
+    model = make_model(**overrides)
+    spec = model.config.block_spec
+    declared = {**spec.parameters(), **spec.buffers()}
+    for k, block in enumerate(model.blocks):
+        assert block.spec == spec
+        assert {name: tuple(t.shape) for name, t in block.state_dict().items()} == declared, k
+    assert model.config.num_parameters == sum(p.numel() for p in model.parameters())
+
+
+def test_a_block_without_biases_holds_none():
+    sd = make_model(bias=False).state_dict()
+    assert not [k for k in sd if k.endswith(".bias")]
+    assert {k for k in make_model().state_dict() if k.endswith(".bias")}  # while ml-tarflow's blocks have them
+
+
+def test_run_layer_refuses_an_op_it_does_not_know():
+    """A declared op kind no executor implements fails loudly rather than being skipped."""
+    class Renamed(BlockSpec):
+        @property
+        def layer(self):
+            return tuple(dataclasses.replace(op, kind="rms_norm") if op.kind == "layer_norm" else op
+                         for op in super().layer)
+
+    model = make_model()
+    spec = Renamed(**dataclasses.asdict(model.blocks[0].spec))
+    with pytest.raises(ValueError, match="unknown op kind 'rms_norm'"):
+        run_layer(spec, model.blocks[0].attn_blocks[0], torch.zeros(1, 2, 64), None)
+
+
 def test_patchify_is_channel_major_raster_order(model):
     cfg = model.config
     x = torch.randn(2, cfg.in_channels, cfg.img_size, cfg.img_size)
@@ -54,7 +91,7 @@ def test_patchify_is_channel_major_raster_order(model):
     torch.testing.assert_close(model.unpatchify(tokens), x)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"nvp": False}, {"num_classes": 0}])
+@pytest.mark.parametrize("overrides", [{}, {"nvp": False}, {"num_classes": 0}, *OTHER_BLOCKS.values()])
 def test_forward_then_reverse_gives_back_the_input(overrides):
     model = make_model(**overrides)
     x = data_like(model, 2)
@@ -81,7 +118,8 @@ def test_log_prob_is_minus_n_times_loss(model):
     assert lp.shape == (2,)
 
 
-@pytest.mark.parametrize("bad", [dict(channels=65), dict(img_size=9), dict(patch_size=0), dict(num_classes=-1)])
+@pytest.mark.parametrize("bad", [dict(channels=65), dict(img_size=9), dict(patch_size=0), dict(num_classes=-1),
+                                 dict(bias=1), dict(expansion=0)])
 def test_bad_config_is_refused(bad):
     kw = dict(in_channels=3, img_size=8, patch_size=2, channels=64, num_blocks=2, layers_per_block=1, head_dim=32)
     kw.update(bad)
