@@ -53,18 +53,21 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("--competitor", action="store_true", help="one CPU-bound process throughout")
     p.add_argument("--umask", default=None, help="octal umask for the sejd commands, e.g. 002")
+    p.add_argument("--decoders", default=None, help="bench's --decoders (default: all; ml-tarflow's `reference` "
+                                                    "loop takes minutes per round under a competing process)")
+    p.add_argument("--skip-tune", action="store_true", help="bench the plans the bundle already has")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     umask = int(a.umask, 8) if a.umask else None
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if a.competitor else None
     t0 = time.time()
     try:
-        for batch in a.batch.split(","):
+        for batch in [] if a.skip_tune else a.batch.split(","):
             sejd("tune", a.bundle, "--backend", "ort-cpu", "--batch", batch, umask=umask)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "bench.json"
             sejd("bench", a.bundle, "--backend", "ort-cpu", "--batch", a.batch, "--runs", str(a.runs),
-                 "--json", str(out), umask=umask)
+                 "--json", str(out), *(["--decoders", a.decoders] if a.decoders else []), umask=umask)
             bench = json.loads(out.read_text())
     finally:
         if hog is not None:
@@ -77,7 +80,8 @@ def main() -> int:
     for r in rows:
         print(f"batch {r['batch']:>3}: auto ({r['auto_variant']}) {r['auto_ms']:.1f} ms, fastest named plan at "
               f">= {TARGET_DB:.0f} dB {r['fastest_named']} {r['fastest_named_ms']:.1f} ms: "
-              f"{r['auto_over_fastest_named']:.2f}x; auto {r['auto_vs_reference']:.1f}x ml-tarflow's loop; "
+              f"{r['auto_over_fastest_named']:.2f}x; auto vs ml-tarflow's loop "
+              f"{'-' if r['auto_vs_reference'] is None else format(r['auto_vs_reference'], '.1f') + 'x'}; "
               f"single tokens: {r['single_token_path']}")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
