@@ -30,13 +30,17 @@ Around the layers: h = proj_in(x) + pos_embed[position] (+ the class term), and 
 classifier-free guidance a batch of B samples runs as R = 2B rows, conditional rows first, row r taking
 sample r mod B; the guided parameters are c + w (c - u).
 
-Changing the block is editing this file: e.g. a block without biases is `bias=False` here, and every
-consumer above reads it from the declaration (the native packing passes zeros for an absent bias).
+Changing the block is editing this declaration. A block without biases or with another MLP width is a
+config change (`bias`, `expansion`) that reaches every consumer through it (the native packing passes zeros
+for an absent bias). Another kind of layer is a change of `BlockSpec.layer`, and a new op kind also needs its
+PyTorch form in `run_layer` (every PyTorch and exported path follows); the fused step graph and the native
+step refuse an op they lack, saying why, and the runners then keep the exported step graphs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -101,7 +105,7 @@ class BlockSpec:
         """The attention's score scale at temperature 1."""
         return self.head_dim**-0.5
 
-    @property
+    @functools.cached_property  # read for every layer of every call: made once
     def layer(self) -> tuple[Op, ...]:
         """The program of every attention layer (see the module docstring)."""
         C, E, b = self.channels, self.mlp_width, self.bias
@@ -158,25 +162,29 @@ def make_module(op: Op) -> nn.Module:
     raise ValueError(f"op {op.kind!r} has no module")
 
 
-def build_layer(spec: BlockSpec) -> nn.Module:
+class Layer(nn.Module):
     """One attention layer's modules, each at its declared path (containers made on the way, numbered ones
     as nn.Sequential like ml-tarflow's `mlp.main`), so state-dict keys are ml-tarflow's."""
-    layer = nn.Module()
-    for op in spec.layer:
-        if not op.name:
-            continue
-        *path, leaf = op.name.split(".")
-        node = layer
-        for i, part in enumerate(path):
-            if part not in node._modules:
-                numbered = (path + [leaf])[i + 1].isdigit()
-                node.add_module(part, nn.Sequential() if numbered else nn.Module())
-            node = node._modules[part]
-        node.add_module(leaf, make_module(op))
-    return layer
+
+    def __init__(self, spec: BlockSpec):
+        super().__init__()
+        for op in spec.layer:
+            if not op.name:
+                continue
+            *path, leaf = op.name.split(".")
+            node = self
+            for i, part in enumerate(path):
+                if part not in node._modules:
+                    numbered = (path + [leaf])[i + 1].isdigit()
+                    node.add_module(part, nn.Sequential() if numbered else nn.Module())
+                node = node._modules[part]
+            node.add_module(leaf, make_module(op))
+        # run_layer's lookups by declared name, resolved once (a plain dict: the modules stay registered at
+        # their paths only)
+        self.op_modules = {op.name: self.get_submodule(op.name) for op in spec.layer if op.name}
 
 
-def run_layer(spec: BlockSpec, layer: nn.Module, h: torch.Tensor, attention, temp=1.0) -> torch.Tensor:
+def run_layer(spec: BlockSpec, layer: Layer, h: torch.Tensor, attention, temp=1.0) -> torch.Tensor:
     """One layer of the block over the residual stream h (R, n, C) -> (R, n, C), in h's dtype.
 
     attention(q, k, v, scale) -> (R, H, n, hd): q, k, v (R, H, n, hd) are this call's tokens, q already
@@ -187,9 +195,9 @@ def run_layer(spec: BlockSpec, layer: nn.Module, h: torch.Tensor, attention, tem
     x = h
     for op in spec.layer:
         if op.kind == "layer_norm":  # in float32 (a reduced-precision block keeps its norms in float32)
-            x = layer.get_submodule(op.name)(x.float()).type(h.dtype)
+            x = layer.op_modules[op.name](x.float()).type(h.dtype)
         elif op.kind in ("linear", "gelu"):
-            x = layer.get_submodule(op.name)(x)
+            x = layer.op_modules[op.name](x)
         elif op.kind == "attention":
             R, n, _ = x.shape
             # (R, n, 3C) -> (R, 3H, n, hd) -> 3 x (R, H, n, hd)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sejd.errors import ConfigError
-from sejd.model.block import BlockSpec, build_layer, cached_attention, make_module, run_layer, split
+from sejd.model.block import BlockSpec, Layer, cached_attention, make_module, run_layer, split
 
 # Plausibility bounds, generous against the largest published TarFlow (ImageNet-128: T = 1024 tokens,
 # 1024 channels, 8 blocks x 8 layers, 3.2 GB of float32 weights). They exist so that a typo or a hostile
@@ -143,7 +143,7 @@ class MetaBlock(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(T, C) * 1e-2)
         # ml-tarflow registers class_embed as None for unconditional models: no key in the state dict.
         self.class_embed = nn.Parameter(torch.randn(spec.num_classes, 1, C) * 1e-2) if spec.num_classes else None
-        self.attn_blocks = nn.ModuleList(build_layer(spec) for _ in range(spec.layers))
+        self.attn_blocks = nn.ModuleList(Layer(spec) for _ in range(spec.layers))
         self.proj_out = make_module(spec.proj_out)  # (B, n, C) -> (B, n, 2D or D)
         self.proj_out.weight.data.fill_(0.0)  # every block starts as the identity map
         self.register_buffer("attn_mask", torch.tril(torch.ones(T, T)))
