@@ -29,13 +29,13 @@ def brute_force_project(block, x, window):
     for layer in block.attn_blocks:
         att = layer.attention
         q, k, v = att.qkv(att.norm(h)).chunk(3, dim=-1)  # (B, T, C) each, heads side by side
-        heads = block.spec.heads
+        heads, scale = block.spec.heads, block.spec.head_dim**-0.5
         out = torch.zeros_like(h)
         for pos in range(T):
             keys = [j for j in range(T) if pos - window < j <= pos]
             for head in range(heads):
                 cols = slice(head * h.shape[-1] // heads, (head + 1) * h.shape[-1] // heads)
-                scores = torch.stack([(q[:, pos, cols] * k[:, j, cols]).sum(-1) for j in keys], -1) * block.spec.head_dim**-0.5
+                scores = torch.stack([(q[:, pos, cols] * k[:, j, cols]).sum(-1) for j in keys], -1) * scale
                 weights = scores.softmax(-1)
                 out[:, pos, cols] = sum(weights[:, i, None] * v[:, j, cols] for i, j in enumerate(keys))
         h = h + att.proj(out)
