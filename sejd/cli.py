@@ -234,8 +234,8 @@ def _tune(a):
     _guidance(a.guidance)
     taus = _numbers(a.tau, float, "--tau") if a.tau else TAU_GRID
     out = a.out or (Path(a.bundle) / "plan.json" if is_bundle(a.bundle) else "plan.json")
-    # tune writes the bundle's plan.json and plans/batch-N.json by design, nothing else inside it
-    _outputs(a, a.bundle, [("--out", out)], writes_inside=("plan.json", "plans"))
+    # tune writes a bundle's plan.json and plans/batch-N.json by design, nothing else inside any input
+    _outputs(a, a.bundle, [("--out", out)], writes_inside=("plan.json", "plans") if is_bundle(a.bundle) else ())
     src = _open(a.bundle, a.backend, a.config)
     plan = tune(src, batch=a.batch, target_db=a.psnr, taus=taus, guidance=a.guidance, out=out)
     for k, b in enumerate(plan.blocks):

@@ -196,3 +196,10 @@ def test_a_link_to_an_input_is_the_input(world, capsys, no_work):
         assert_refused(rc, err, "lies inside the bundle")
     finally:
         link.unlink()
+
+
+def test_tune_writes_inside_a_bundle_only(world, capsys, no_work):
+    """plan.json is tune's own place in a bundle, not in a checkpoint folder."""
+    rc, err = run(world, ["tune", "{root}/ckpt", "--out", "{root}/ckpt/plan.json"], capsys)
+    assert_refused(rc, err, "lies inside the checkpoint")
+    assert not (world / "ckpt" / "plan.json").exists()
