@@ -96,11 +96,9 @@ def _seed(value: int, what: str = "--seed") -> int:
         raise SejdError(f"{what}: {e}") from None
 
 
-# classifier-free guidance past ~10 already saturates images; the service takes 0..100 too (serve/schema.py)
-GUIDANCE_MAX = 100.0
-
-
 def _guidance(value: float) -> float:
+    from sejd.request import GUIDANCE_MAX
+
     if not (math.isfinite(value) and 0.0 <= value <= GUIDANCE_MAX):
         raise SejdError(f"--guidance must be a finite number from 0 to {GUIDANCE_MAX:g}, got {value:g}")
     return value

@@ -15,6 +15,9 @@ from sejd.errors import InputError
 from sejd.runtime.memory import check_fits, noise_bytes
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
+# classifier-free guidance accepted from users (CLI and service): past ~10 it already saturates images;
+# 100 leaves room while keeping every intermediate finite (1e6 overflowed the engines and answered 500)
+GUIDANCE_MAX = 100.0
 
 
 def check_seed(seed) -> int:

@@ -17,7 +17,7 @@ def engine_manifest(bundle, backend: str) -> dict | None:
     mf = engine_dir(bundle, backend) / "manifest.json"
     if not mf.exists():
         return None
-    m = read_json_object(mf, f"the {backend} engine manifest")
+    m = read_json_object(mf, f"the {backend} engine manifest", root=bundle.path)  # no link out of the bundle
     check_file_table(m, mf)
     return m
 

@@ -23,7 +23,7 @@ from sejd.errors import CheckpointError, ConfigError
 from sejd.model.layout import check_against_tensors, choose_geometry, read_layout, warn_guessed
 from sejd.model.tarflow import TarFlow, TarFlowConfig
 from sejd.runtime.memory import check_fits
-from sejd.files import atomic_write
+from sejd.files import atomic_write, read_json
 
 FILENAME_RE = re.compile(
     r"^(?P<dataset>.+?)_model_(?P<patch>\d+)_(?P<channels>\d+)_(?P<blocks>\d+)_(?P<layers>\d+)_(?P<noise>[0-9.eE+-]+)$")
@@ -43,7 +43,7 @@ def resolve_source(source: str | os.PathLike) -> Path:
     if s.startswith(BUILTIN_PREFIX):
         name = s[len(BUILTIN_PREFIX):]
         path = BUILTIN_DIR / name
-        if not (path / "config.json").exists():
+        if name not in builtin_names():  # a name, not a path: builtin:../../x must not load what lies there
             raise CheckpointError(f"unknown builtin model {name!r}; available: {builtin_names() or 'none'}")
         return path
     path = Path(s)
@@ -181,10 +181,7 @@ def _read_sejd(path: Path, files: tuple[Path, Path], explicit: dict) -> tuple[di
         if not (f.exists() or f.is_symlink()):
             raise CheckpointError(f"{path}: sejd checkpoint is missing {f.name}")
     require_readable(cfg_file, "config file")
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON: {e}") from None
+    meta = read_json(cfg_file, "config file", CheckpointError)  # a regular file, size-bounded, UTF-8 JSON
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{cfg_file}: expected an object with a 'config' object, got "
                               f"{sorted(meta) if isinstance(meta, dict) else type(meta).__name__}")

@@ -13,12 +13,9 @@ from typing import Literal, Optional
 import pydantic
 
 from sejd.errors import SejdError
-from sejd.request import SEED_MAX
+from sejd.request import GUIDANCE_MAX, SEED_MAX
 
 FORMATS = ("base64", "npy", "png")
-# classifier-free guidance past ~10 already saturates images; 100 leaves room while keeping every
-# intermediate finite (1e6 overflowed the engines and answered 500)
-GUIDANCE_MAX = 100.0
 
 
 class RequestError(SejdError):
