@@ -183,8 +183,23 @@ def build_ort(bundle: Bundle, backend: str, threads: int | None = None, show_pro
                                  "intra_op_num_threads": threads or "default", "inter_op_num_threads": 1}}
         if fused is not None:
             manifest[FUSED_VARIANT] = fused[1]
+        if backend == "ort-cpu":  # what will run single tokens here (re-decided at each load, and warned)
+            manifest["single_token_path"] = _single_token_path_at_build(bundle, precision, fused)
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return engine_dir(bundle, backend)
+
+
+def _single_token_path_at_build(bundle, precision: str, fused) -> str:
+    """The single-token path ort-cpu runners of these engines take on this machine, as the build sees it."""
+    from sejd.engines import native
+
+    reason = None if precision == "fp32" else f"engines built at {precision}"
+    reason = reason or native.unsupported(bundle.config.block_spec) or native.available()
+    if reason is None:
+        return f"native CPU step ({native.level()})"
+    used = [b for b in (fused[1].get("blocks", {}) if fused else {}).values() if b.get("used")]
+    graph = "fused ONNX step graph" if used else "ONNX step_rows graph"
+    return f"{graph} (native CPU step not used: {reason})"
 
 
 def _fused_steps(bundle, backend, precision, out, store, scratch, threads, show_progress):

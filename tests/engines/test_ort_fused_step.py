@@ -278,3 +278,24 @@ def test_check_selects_and_fails_a_drifting_fused_step(tiny_bundle, monkeypatch)
     failed = {c.name: c.figures for c in report.checks if not c.passed}
     assert not report and set(failed) == {f"block {k} step_fused" for k in range(4)}
     assert all(f["worst_output"] == "xb" and 2e-4 <= f["max_abs"] < 3e-4 for f in failed.values())
+
+
+def test_the_engine_manifest_says_which_path_runs_single_tokens(tiny_bundle, monkeypatch, tmp_path):
+    """Recorded at build (the runners decide again at each load): the native step where it loads, else the
+    fused step graph, with the reason."""
+    from sejd.engines import native, native_lib
+    from sejd.engines.ort import _single_token_path_at_build
+
+    manifest = json.loads((tiny_bundle.path / "engines" / "ort-cpu" / "manifest.json").read_text())
+    if native.available() is None:
+        assert manifest["single_token_path"] == f"native CPU step ({native.level()})"
+    monkeypatch.setattr(native_lib, "LIB_DIR", tmp_path)  # an install that built no library
+    native.forget()
+    try:
+        path = _single_token_path_at_build(tiny_bundle, "fp32", ({}, manifest["step_fused"]))
+        assert path.startswith("fused ONNX step graph (native CPU step not used: ") and "not built for" in path
+        assert _single_token_path_at_build(tiny_bundle, "fp16", None).startswith(
+            "ONNX step_rows graph (native CPU step not used: engines built at fp16")
+    finally:
+        monkeypatch.undo()
+        native.forget()
