@@ -284,9 +284,15 @@ class OrtSessions:
             rel = self.bundle.graph(variant, block)["file"]
             path = engine_file(self.bundle, self.backend, rel, self.manifest)  # listed, inside the bundle
             # already optimised at build time: do not optimise again
-            self._sessions[key] = ort.InferenceSession(
-                str(path), session_options(threads, level="none"),
-                providers=providers(self.bundle, self.backend, self.bundle.graph(variant, block)))
+            session = ort.InferenceSession(str(path), session_options(threads, level="none"),
+                                           providers=providers(self.bundle, self.backend,
+                                                               self.bundle.graph(variant, block)))
+            want = contract(self.bundle.config, variant, self.bundle.unroll)
+            got = {i.name for i in session.get_inputs()}
+            if got != set(want.input_names):  # e.g. another graph's file under this one's name and hash
+                raise BundleError(f"{path}: not a {variant} graph of this bundle (inputs {sorted(got)}, its "
+                                  f"contract declares {sorted(want.input_names)})")
+            self._sessions[key] = session
         return self._sessions[key]
 
 

@@ -125,6 +125,28 @@ def test_engines_of_another_export_are_refused(built, tmp_path):
         ort_runners(load_bundle(dst))
 
 
+def test_an_engine_graph_swapped_for_another_with_a_consistent_hash_is_an_input_error(built, tmp_path, capsys):
+    """Every listed file verifies, yet `jacobi`'s engine is the `step_rows` graph: refused by its inputs
+    (exit 2 naming the file), not an ONNX Runtime error at the first call (exit 3)."""
+    import shutil
+
+    from sejd.bundle import sha256_file
+    from sejd.engines.ort import OrtSessions
+
+    dst = tmp_path / "b"
+    shutil.copytree(built.path, dst)
+    engines = dst / "engines/ort-cpu"
+    m = json.loads((engines / "manifest.json").read_text())
+    rel = built.graph("jacobi", 0)["file"]
+    shutil.copy(engines / built.graph("step_rows", 0)["file"], engines / rel)
+    m["files"][rel] = sha256_file(engines / rel)
+    (engines / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="not a jacobi graph of this bundle"):
+        OrtSessions(load_bundle(dst)).get("jacobi", 0)
+    assert main(["sample", str(dst), "-n", "1", "--plan", "ujd"]) == 2
+    assert "not a jacobi graph of this bundle" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(unavailable_reason("ort-cuda") is None, reason="onnxruntime-gpu is installed here")
 def test_missing_gpu_backend_is_a_clear_error(built, capsys):
     with pytest.raises(BackendUnavailable, match="backend ort-cuda not available: .*CUDAExecutionProvider"):
