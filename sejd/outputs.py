@@ -7,8 +7,9 @@ Each output is resolved (links followed, `..` removed) and refused, in one line 
 - cannot be written: a file output that names a folder, a folder output that names a file, or a place
   where a file cannot be created (tried, not guessed from permission bits).
 
-Replacing a folder is the command's own rule (`--force`: export, export-triton, train); files (`--json`,
-`--npy`, `--out`, `--plot`, plan files) are replaced atomically, but never when they name an input.
+Replacing a folder takes `--force`, and `--force` replaces only what sejd itself wrote (`replace_only_ours`,
+each command saying what that is: export, export-triton, train); files (`--json`, `--npy`, `--out`, `--plot`,
+plan files) are replaced atomically, but never when they name an input.
 """
 
 from __future__ import annotations
@@ -123,3 +124,14 @@ def _writable(o: Output) -> None:
     reason = probe_writable(folder)
     if reason is not None:
         raise SejdError(f"{o.option}: cannot write {path}: {folder} is not a writable folder ({reason})")
+
+
+def replace_only_ours(option: str, path: Path, force: bool, ours: str, not_ours, present: str = "exists") -> None:
+    """Refuse (before any work) to replace `path` unless `force` is given and `not_ours(path)` finds nothing
+    wrong with it, i.e. sejd wrote it. `ours` says what --force replaces, `present` what is there."""
+    if not force:
+        raise SejdError(f"{option} {path} {present}; pass --force to replace it (only {ours})")
+    why = not_ours(path)
+    if why:
+        raise SejdError(f"{option} {path} {present} and is not {ours} ({why}), so --force does not replace it; "
+                        f"remove it yourself or choose another {option}")

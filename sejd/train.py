@@ -54,6 +54,7 @@ def check_train_out(out: str | Path, force: bool = False) -> None:
     `force` and sejd saved it (config.json sejd's, model.safetensors with the config sejd records in its
     header). Other files in the folder are never touched."""
     from sejd.errors import SejdError
+    from sejd.outputs import replace_only_ours
 
     out = Path(out)
     state = out / STATE_FILE
@@ -62,13 +63,8 @@ def check_train_out(out: str | Path, force: bool = False) -> None:
     present = [n for n in CHECKPOINT_FILES if (out / n).exists() or (out / n).is_symlink()]
     if not present:
         return
-    if not force:
-        raise SejdError(f"--out {out} holds a checkpoint ({', '.join(present)}); pass --force to replace it "
-                        f"(training resumes from its {STATE_FILE} if there is one)")
-    reason = not_a_saved_checkpoint(out)
-    if reason:
-        raise SejdError(f"--out {out}: {reason}; --force replaces only a checkpoint sejd saved: remove it "
-                        f"yourself or choose another --out")
+    replace_only_ours("--out", out, force, "a checkpoint sejd saved; training resumes from its " + STATE_FILE,
+                      not_a_saved_checkpoint, present=f"holds a checkpoint ({', '.join(present)})")
 
 
 def not_a_saved_checkpoint(folder: Path) -> str | None:

@@ -23,6 +23,7 @@ from sejd.export.weights import (INLINE_MAX_BYTES, WEIGHTS_FILE, Retarget, Weigh
                                  save_topology)
 from sejd.model.checkpoint import load_checkpoint, save_checkpoint
 from sejd.files import atomic_dir
+from sejd.outputs import replace_only_ours
 from sejd.util import progress
 
 
@@ -51,12 +52,7 @@ def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = D
             raise SejdError(f"{name} must be an int from {lo} to {hi}, got {value!r}")
     out = Path(out)
     if out.exists() or out.is_symlink():
-        if not force:
-            raise SejdError(f"{out} exists; pass --force to replace it (only a bundle whose manifest verifies)")
-        why = replaceable_bundle(out)
-        if why:
-            raise SejdError(f"{out} exists and is not a sejd bundle whose manifest verifies, so --force does not "
-                            f"replace it ({why}); remove it yourself or choose another -o")
+        replace_only_ours("-o", out, force, "a sejd bundle whose manifest verifies", replaceable_bundle)
     model = load_checkpoint(source, config=config)
     cfg = model.config
     if unroll > cfg.num_tokens - 1:  # T-1 Jacobi iterations are always exact: never unroll more

@@ -79,7 +79,7 @@ def export_triton(bundle_path, out, name: str | None = None, backend: str = "ort
                   max_batch: int = 16, instances: int = 1, queue_delay_us: int = 10000, force: bool = False) -> Path:
     """REPO/NAME, written atomically. Before any work, the model folder is refused when it is, holds or lies
     inside the bundle (`check_outputs`), and when it exists, unless `force` and sejd exported it."""
-    from sejd.outputs import Input, Output, check_outputs
+    from sejd.outputs import Input, Output, check_outputs, replace_only_ours
 
     name = name or "sejd_" + re.sub(r"[^A-Za-z0-9_]", "_", Path(bundle_path).resolve().name)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
@@ -87,12 +87,7 @@ def export_triton(bundle_path, out, name: str | None = None, backend: str = "ort
     model_dir = Path(out) / name
     check_outputs([Input("the bundle", Path(bundle_path))], [Output("-o", model_dir, "folder")])
     if model_dir.exists() or model_dir.is_symlink():
-        if not force:
-            raise SejdError(f"{model_dir} exists; pass --force to replace it (only a model sejd exported)")
-        why = not_an_exported_model(model_dir)
-        if why:
-            raise SejdError(f"{model_dir} exists and is not a model sejd exported, so --force does not replace it "
-                            f"({why}); remove it yourself or choose another -o or --name")
+        replace_only_ours("-o", model_dir, force, "a model sejd exported", not_an_exported_model)
     bundle = load_bundle(bundle_path)
     cfg = bundle.config
     from sejd.runtime.plan import NAMED_PLANS

@@ -165,7 +165,7 @@ def test_train_force_never_replaces_a_config_json_sejd_did_not_write(tmp_path, c
     app.mkdir()
     (app / "config.json").write_text('{"port": 80}\n')
     rc, err = cli(capsys, "train", "--dataset", "digits", "--out", app, "--steps", "2", "--force")
-    refused(rc, err, "--force replaces only a checkpoint sejd saved")
+    refused(rc, err, "is not a checkpoint sejd saved", "so --force does not replace it")
     assert (app / "config.json").read_text() == '{"port": 80}\n'
 
 
