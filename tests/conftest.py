@@ -61,3 +61,19 @@ def tiny_bundle(tmp_path_factory):
     bundle = export_bundle(root / "ckpt", root / "bundle", unroll=4, show_progress=False)
     build_ort(bundle, "ort-cpu", show_progress=False)
     return bundle
+
+
+def rms_norm_spec(spec):
+    """`spec` with its layer norms declared as an op kind nothing implements yet (rms_norm): for tests
+    that an undeclared kind is refused, never skipped."""
+    import dataclasses
+
+    from sejd.model.block import BlockSpec
+
+    class RmsNorm(BlockSpec):
+        @property
+        def layer(self):
+            return tuple(dataclasses.replace(op, kind="rms_norm") if op.kind == "layer_norm" else op
+                         for op in super().layer)
+
+    return RmsNorm(**dataclasses.asdict(spec))

@@ -3,7 +3,6 @@
 Tolerance: 1e-4 absolute, the `step_rows` graph's contract (the C code sums in another order and uses its
 own exp/erf, each within a few float32 ulps)."""
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -17,11 +16,10 @@ from sejd.engines import native, native_lib
 from sejd.engines.ort import OrtBlockRunner, ort_runners
 from sejd.errors import BackendUnavailable, InputError
 from sejd.export.graphs import StepRowsGraph
-from sejd.model.block import BlockSpec
 from sejd.runtime.decoders import sequential
 from sejd.runtime.runner import Conditioning
 from sejd.runtime.torch_runner import torch_runners
-from tests.conftest import OTHER_BLOCKS, make_model
+from tests.conftest import OTHER_BLOCKS, make_model, rms_norm_spec
 
 ATOL = 1e-4
 
@@ -112,14 +110,8 @@ def test_sequential_block_matches_the_pytorch_decoder(kind, batch, guidance, thr
 def test_a_block_step_c_does_not_run_keeps_the_onnx_step_with_the_reason():
     """The packing reads the declared layer program: one step.c does not implement is refused, saying why
     (the runners then keep the ONNX step: `native_step_reason`)."""
-    class RmsNorm(BlockSpec):
-        @property
-        def layer(self):
-            return tuple(dataclasses.replace(op, kind="rms_norm") if op.kind == "layer_norm" else op
-                         for op in super().layer)
-
     model = make_model()
-    spec = RmsNorm(**dataclasses.asdict(model.config.block_spec))
+    spec = rms_norm_spec(model.config.block_spec)
     reason = native.unsupported(spec)
     assert reason.startswith("step.c runs layers of (layer_norm, linear, attention, linear + residual")
     assert "this block's layer is (rms_norm, linear, attention" in reason

@@ -1,12 +1,11 @@
-import dataclasses
 
 import pytest
 import torch
 
-from sejd.model.block import BlockSpec, run_layer
+from sejd.model.block import run_layer
 from sejd.model.tarflow import TarFlow, TarFlowConfig
 from sejd.errors import ConfigError
-from tests.conftest import OTHER_BLOCKS, data_like, make_model
+from tests.conftest import OTHER_BLOCKS, data_like, make_model, rms_norm_spec
 from tests.model import mltarflow_oracle
 
 ATOL = 1e-5  # float32 round-off between two orderings of the same maths
@@ -67,14 +66,8 @@ def test_a_block_without_biases_holds_none():
 
 def test_run_layer_refuses_an_op_it_does_not_know():
     """A declared op kind no executor implements fails loudly rather than being skipped."""
-    class Renamed(BlockSpec):
-        @property
-        def layer(self):
-            return tuple(dataclasses.replace(op, kind="rms_norm") if op.kind == "layer_norm" else op
-                         for op in super().layer)
-
     model = make_model()
-    spec = Renamed(**dataclasses.asdict(model.blocks[0].spec))
+    spec = rms_norm_spec(model.blocks[0].spec)
     with pytest.raises(ValueError, match="unknown op kind 'rms_norm'"):
         run_layer(spec, model.blocks[0].attn_blocks[0], torch.zeros(1, 2, 64), None)
 
