@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 demo: $(STAMP)
-	$(BIN)/python -m sejd.demo
+	$(BIN)/python -m sejd.workflows.demo
 
 clean:
 	rm -rf $(VENV) out

@@ -19,10 +19,10 @@ import time
 
 import torch
 
+from sejd.core.files import write_json
 from sejd.engines.torch_cuda import graph_runners
 from sejd.model.checkpoint import load_checkpoint
 from sejd.runtime.runner import Conditioning
-from sejd.files import write_json
 
 
 def timed(fn, device, runs, warmup) -> tuple[float, list[float]]:

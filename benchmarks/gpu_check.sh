@@ -85,7 +85,7 @@ print(f\"check {d['backend']}: {sum(c['passed'] for c in e)}/{len(e)} enforced p
   plot=(); [ "$be" = torch-cuda ] && plot=(--plot "$OUT/bench.png")
   stage "bench $be" 180 $SEJD bench "$B" --backend "$be" --batch "$BATCHES" --runs 5 --decoders "$decoders" \
     --json "$WORK/bench_$tag.json" "${plot[@]}"
-  $PY -c "import json,sys; from sejd.bench import table; print(table(json.load(open(sys.argv[1]))))" \
+  $PY -c "import json,sys; from sejd.workflows.bench import table; print(table(json.load(open(sys.argv[1]))))" \
     "$WORK/bench_$tag.json" 2>&1 | tee -a "$SUMMARY"
 done
 

@@ -15,9 +15,9 @@ import sys
 
 import torch
 
-from sejd.files import write_json
 from sejd import load_checkpoint, sample
-from sejd.metrics import psnr_db
+from sejd.core.files import write_json
+from sejd.workflows.quality import psnr_db
 
 TAUS = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001, 0.0005, 0.0002, 0.0001)
 

@@ -127,7 +127,7 @@ def measure(source: str, backend: str, batches, sample_batches, runs: int, sampl
     from sejd.runtime.runner import Conditioning, peak_rss_bytes
     from sejd.runtime.sampler import sample
     from sejd.runtime.torch_runner import torch_runners
-    from sejd.source import open_source
+    from sejd.workflows.source import open_source
 
     src = open_source(source, backend)
     model, cfg = src.model, src.model.config
@@ -263,7 +263,7 @@ def main():
                    "at --path, into --json); what the full run does in child processes")
     p.add_argument("--path", default=None, help="with --stage: the checkpoint to write, or the source to measure")
     a = p.parse_args()
-    from sejd.files import write_json
+    from sejd.core.files import write_json
 
     sample_runs = a.sample_runs or (3 if a.slim else 1)
     if a.stage == "make":

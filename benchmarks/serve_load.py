@@ -13,7 +13,7 @@ import statistics
 import time
 import urllib.request
 
-from sejd.files import write_json
+from sejd.core.files import write_json
 
 
 def _post(port, body):

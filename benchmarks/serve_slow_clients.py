@@ -198,7 +198,7 @@ def main():
           f"(goal >= 90 %); slow clients answered {dict(sorted(answers.items(), key=str))}; "
           f"the app counted {served}")
     if a.json:
-        from sejd.files import write_json
+        from sejd.core.files import write_json
         write_json(a.json, {"source": a.source, "backend": a.backend, "stalled": a.stalled, "requests": a.requests,
                             "clients": a.clients, "plan": a.plan, "rounds": rows, "summary": summary,
                             "latency_ratio": latency_ratio, "throughput_ratio": throughput_ratio,

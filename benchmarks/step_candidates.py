@@ -29,14 +29,21 @@ import numpy as np
 import torch
 
 from sejd import load_checkpoint
-from sejd.engines.ort_fused_step import FusedStep, conditioning_inputs, dims_of, fused_step_graph
+from sejd.engines.ort_fused_step import (
+    FusedStep,
+    conditioning_inputs,
+    dims_of,
+    fused_step_graph,
+)
 from sejd.export.graphs import StepRowsGraph
 
 BUILTIN_SHAPES = ("digits", "textures")  # --shape: the shipped models' configs, random weights
 
 
 def timed(fn, runs: int, warmup: int) -> float:
-    from variant_latency import call_times  # a sibling script (benchmarks/ is on the path when run)
+    from variant_latency import (
+        call_times,  # a sibling script (benchmarks/ is on the path when run)
+    )
 
     return statistics.median(call_times(fn, runs, warmup))
 
@@ -164,7 +171,7 @@ def main():
         model = random_model(a.shape)
         a.source = f"random {a.shape} block"
     elif os.path.isdir(a.source):
-        from sejd.bundle import load_bundle
+        from sejd.export.bundle import load_bundle
 
         bundle = load_bundle(a.source)
         model = bundle.load_model()

@@ -42,8 +42,8 @@ import torch
 
 def open_bundle(source: str, scratch: Path):
     """The bundle at `source`, or `source` (checkpoint, builtin:NAME) exported into `scratch` and built."""
-    from sejd.bundle import load_bundle
-    from sejd.source import is_bundle
+    from sejd.export.bundle import load_bundle
+    from sejd.workflows.source import is_bundle
 
     if is_bundle(source):
         return load_bundle(source)

@@ -23,10 +23,10 @@ import time
 import numpy as np
 import torch
 
-from sejd.bundle import load_bundle
+from sejd.core.files import write_json
 from sejd.engines.ort import OrtSessions
+from sejd.export.bundle import load_bundle
 from sejd.export.contracts import contract, dummy_inputs
-from sejd.files import write_json
 
 
 def matmul_rate(threads: int, n: int = 1024, runs: int = 10) -> float:

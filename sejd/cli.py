@@ -16,8 +16,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from sejd.errors import SejdError
-from sejd.extras import require as require_extra
+from sejd.core.errors import SejdError
+from sejd.core.extras import require as require_extra
 
 EXIT_OK, EXIT_CHECKS_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 EPILOG = """exit status:
@@ -48,8 +48,8 @@ def _config_arg(text):
     """--config: inline JSON or a JSON file of TarFlowConfig fields (for .pth files without a telling name)."""
     if text is None:
         return None
-    from sejd.errors import ConfigError
-    from sejd.files import read_json
+    from sejd.core.errors import ConfigError
+    from sejd.core.files import read_json
 
     if Path(text).is_file():
         value = read_json(text, "--config file", ConfigError)
@@ -89,7 +89,7 @@ def _finite(value: float, what: str, low: float = -math.inf, low_ok: bool = True
 
 
 def _seed(value: int, what: str = "--seed") -> int:
-    from sejd.request import check_seed
+    from sejd.runtime.request import check_seed
     try:
         return check_seed(value)
     except SejdError as e:
@@ -97,7 +97,7 @@ def _seed(value: int, what: str = "--seed") -> int:
 
 
 def _guidance(value: float) -> float:
-    from sejd.request import GUIDANCE_MAX
+    from sejd.runtime.request import GUIDANCE_MAX
 
     if not (math.isfinite(value) and 0.0 <= value <= GUIDANCE_MAX):
         raise SejdError(f"--guidance must be a finite number from 0 to {GUIDANCE_MAX:g}, got {value:g}")
@@ -105,9 +105,14 @@ def _guidance(value: float) -> float:
 
 
 def _outputs(a, source, outputs, plan_file: bool = False, writes_inside=()) -> None:
-    """The one output rule (`sejd.outputs.check_outputs`) for a command reading `source` (and its --config, and
+    """The one output rule (`sejd.export.outputs.check_outputs`) for a command reading `source` (and its --config, and
     --plan when `plan_file`): called before any model is loaded. `outputs`: (option, path[, kind])."""
-    from sejd.outputs import Input, Output, check_outputs, file_input, source_inputs
+    from sejd.export.outputs import (
+        Output,
+        check_outputs,
+        file_input,
+        source_inputs,
+    )
 
     inputs = [] if source is None else source_inputs(source)
     inputs = [dataclasses.replace(i, writes_inside=writes_inside) for i in inputs]
@@ -118,7 +123,7 @@ def _outputs(a, source, outputs, plan_file: bool = False, writes_inside=()) -> N
 
 
 def _open(source, backend: str, config_text):
-    from sejd.source import open_source
+    from sejd.workflows.source import open_source
 
     config = _config_arg(config_text)
     log.debug("opening %s on backend %s", source, backend)
@@ -133,7 +138,7 @@ def _show_progress(a) -> bool:
 
 
 def _train(a):
-    from sejd.data import DATASET_PACKAGES
+    from sejd.workflows.data import DATASET_PACKAGES
 
     _positive(a.steps, "--steps")
     _positive(a.batch_size, "--batch-size")
@@ -141,12 +146,12 @@ def _train(a):
     _finite(a.noise_std, "--noise-std", 0.0)
     _seed(a.seed)
     _outputs(a, None, [("--out", a.out, "into")])
-    from sejd.train import check_train_out
+    from sejd.workflows.train import check_train_out
 
     check_train_out(a.out, a.force)  # before the data is read or a step is taken
     require_extra(DATASET_PACKAGES[a.dataset], f"`sejd train --dataset {a.dataset}`")
     from sejd.model.tarflow import TarFlowConfig
-    from sejd.train import train
+    from sejd.workflows.train import train
 
     shapes = {"digits": (1, 16, 10), "textures": (3, 32, 0)}[a.dataset]
     cfg = TarFlowConfig(in_channels=shapes[0], img_size=a.img_size or shapes[1], patch_size=a.patch_size,
@@ -160,10 +165,10 @@ def _train(a):
 def _sample(a):
     import numpy as np
 
-    from sejd.request import per_sample_plan, seeded_labels, seeded_noise
+    from sejd.core.files import atomic_write, write_json
+    from sejd.core.util import save_grid
+    from sejd.runtime.request import per_sample_plan, seeded_labels, seeded_noise
     from sejd.runtime.sampler import sample
-    from sejd.files import atomic_write, write_json
-    from sejd.util import save_grid
 
     _seed(a.seed)
     _positive(a.n, "-n")
@@ -195,7 +200,7 @@ def _sample(a):
                 np.save(f, result.images.numpy())
         print(f"wrote {a.npy}")
     if a.json:
-        from sejd.bench import REFERENCE_PATH
+        from sejd.workflows.bench import REFERENCE_PATH
 
         path = REFERENCE_PATH if str(plan) == "reference" else src.single_token_path
         write_json(a.json, dict(result.stats.to_dict(), single_token_path=path))
@@ -205,9 +210,9 @@ def _sample(a):
 def _refuse_above_batch_max(source, backend: str, n: int) -> None:
     """A bundle's engines take at most its batch_max samples per call: more is refused before any engine is
     opened or any noise drawn (the manifest is read unverified here; opening the bundle verifies it)."""
-    from sejd.bundle import load_bundle
     from sejd.engines.backends import backend as find_backend
-    from sejd.source import is_bundle
+    from sejd.export.bundle import load_bundle
+    from sejd.workflows.source import is_bundle
 
     if not is_bundle(source) or (backend != "auto" and not find_backend(backend)[0].needs_build):
         return
@@ -224,8 +229,8 @@ def _config_kwargs(text) -> dict:
 
 
 def _tune(a):
-    from sejd.source import is_bundle
-    from sejd.tune import TAU_GRID, tune
+    from sejd.workflows.source import is_bundle
+    from sejd.workflows.tune import TAU_GRID, tune
 
     _positive(a.batch, "--batch")
     _finite(a.psnr, "--psnr", 0.0, low_ok=False)
@@ -272,8 +277,8 @@ def _serve(a):
 
 
 def _bench(a):
-    from sejd.bench import DECODERS, bench, plot, table
-    from sejd.files import write_json
+    from sejd.core.files import write_json
+    from sejd.workflows.bench import DECODERS, bench, plot, table
 
     unknown = sorted(set(a.decoders.split(",")) - set(DECODERS))
     if unknown:
@@ -302,8 +307,8 @@ def _bench(a):
 
 
 def _analyze(a):
-    from sejd.analyze import analyze, json_safe, table
-    from sejd.files import write_json
+    from sejd.core.files import write_json
+    from sejd.workflows.analyze import analyze, json_safe, table
 
     _positive(a.batch, "--batch")
     _seed(a.seed)
@@ -317,7 +322,7 @@ def _analyze(a):
         plots = [("--plot", a.plot)] + [("--plot", Path(f"{stem}_{kind}.png")) for kind in ("redundancy", "profile")]
     _outputs(a, a.source, [("--json", a.json)] + plots, plan_file=True)
     if a.plan is not None and str(a.plan).endswith(".json"):
-        from sejd.source import read_plan_file
+        from sejd.workflows.source import read_plan_file
         read_plan_file(a.plan)  # refused now, not after the redundancy sweep
     src = _open(a.source, a.backend, a.config)
     result = json_safe(analyze(src, str(a.source), batch=a.batch, quick=a.quick, psnr=a.psnr, nll_tol=a.nll_tol,
@@ -327,7 +332,7 @@ def _analyze(a):
         write_json(a.json, result)
         print(f"wrote {a.json}")
     if a.plot:
-        from sejd.analysis.plots import plot_all
+        from sejd.workflows.analysis.plots import plot_all
         print("wrote " + ", ".join(str(p) for p in plot_all(result, a.plot)))
 
 
@@ -343,8 +348,8 @@ def _export(a):
 
 
 def _build(a):
-    from sejd.bundle import load_bundle
     from sejd.engines.backends import backend as find_backend
+    from sejd.export.bundle import load_bundle
 
     for option, given in (("--workspace", a.workspace is not None), ("--strip-weights", a.strip_weights)):
         if given and a.backend != "tensorrt":
@@ -359,9 +364,9 @@ def _build(a):
 def _check(a):
     import copy
 
-    from sejd.check import CheckOptions, check_bundle, check_source
-    from sejd.source import is_bundle
-    from sejd.files import write_json
+    from sejd.core.files import write_json
+    from sejd.workflows.check import CheckOptions, check_bundle, check_source
+    from sejd.workflows.source import is_bundle
 
     options = CheckOptions(atol=None if a.atol is None else _finite(a.atol, "--atol", 0.0),
                            rtol=None if a.rtol is None else _finite(a.rtol, "--rtol", 0.0), seed=_seed(a.seed),
@@ -370,9 +375,8 @@ def _check(a):
                            show_progress=_show_progress(a))
     _outputs(a, a.source, [("--json", a.json), ("--save-failures", a.save_failures, "into")])
     if is_bundle(a.source):
-        from sejd.bundle import load_bundle
-
-        from sejd.source import refuse_config_for_bundle
+        from sejd.export.bundle import load_bundle
+        from sejd.workflows.source import refuse_config_for_bundle
 
         refuse_config_for_bundle(a.source, _config_arg(a.config))
         report = check_bundle(load_bundle(a.source), "ort-cpu" if a.backend == "auto" else a.backend,
@@ -506,7 +510,7 @@ def _add_serve(sub):
 
 
 def _add_bench(sub):
-    from sejd.bench import DECODERS
+    from sejd.workflows.bench import DECODERS
 
     be = _command(sub, "bench", "time every decoder side by side in interleaved rounds (median, min, spread; "
                   "warns when rows are noisy or the machine was loaded)", _bench)
@@ -525,7 +529,7 @@ def _add_bench(sub):
 
 
 def _add_analyze(sub):
-    from sejd.analyze import NLL_TOL, PSNR_TARGET
+    from sejd.workflows.analyze import NLL_TOL, PSNR_TARGET
 
     an = _command(sub, "analyze", "per block: dependency redundancy (attention window), Jacobi convergence "
                   "profile, and the decoder they predict next to the tuned plan", _analyze)
@@ -574,7 +578,7 @@ def _add_build(sub):
 
 
 def _add_check(sub):
-    from sejd.check import PLAN_CHOICES, QUICK_GRAPHS, QUICK_PLANS
+    from sejd.workflows.check import PLAN_CHOICES, QUICK_GRAPHS, QUICK_PLANS
 
     c = _command(sub, "check", "compare every graph and every plan of a backend against the PyTorch reference "
                  "(exit status 1 when one does not match)", _check)
@@ -631,11 +635,11 @@ def _add_train(sub):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import sejd
+    from sejd.core.version import VERSION
 
     p = _Parser(prog="sejd", description="Fast verified sampling of TarFlow normalizing flows.", epilog=EPILOG,
                 formatter_class=_Formatter)
-    p.add_argument("--version", action="version", version=f"sejd {sejd.__version__}", help="print the version")
+    p.add_argument("--version", action="version", version=f"sejd {VERSION}", help="print the version")
     _global_options(p, at_top=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
     for add in (_add_sample, _add_tune, _add_export_triton, _add_serve, _add_bench, _add_analyze, _add_export,
@@ -675,7 +679,7 @@ _ORT_GRAPH_REFUSED = ("InvalidProtobuf", "InvalidGraph", "NoModel")
 def _input_fault(e: BaseException) -> str | None:
     """The one-line message for a failure that a library raised in its own type but that the user's input
     caused (exit 2, not 3): a graph ONNX Runtime refuses to load, a write the file system refused."""
-    from sejd.files import library_write_fault
+    from sejd.core.files import library_write_fault
 
     kind, text = type(e), str(e).splitlines()[0][:300] if str(e) else ""
     if kind.__module__.startswith("onnxruntime") and (kind.__name__ in _ORT_GRAPH_REFUSED or

@@ -7,17 +7,17 @@ import math
 import pytest
 import torch
 
-from sejd.analysis.profile import jacobi_profile
-from sejd.analysis.redundancy import Likelihood, smallest_window
-from sejd.analysis.trace import exact_trace
-from sejd.analysis.window import window_grid, windowed
-from sejd.analyze import analyze, likelihood_images
 from sejd.cli import main
-from sejd.errors import InputError
+from sejd.core.errors import InputError
 from sejd.runtime.decoders import jacobi, sequential
 from sejd.runtime.runner import Conditioning
 from sejd.runtime.torch_runner import TorchBlockRunner, torch_runners
-from sejd.source import Session
+from sejd.workflows.analysis.profile import jacobi_profile
+from sejd.workflows.analysis.redundancy import Likelihood, smallest_window
+from sejd.workflows.analysis.trace import exact_trace
+from sejd.workflows.analysis.window import window_grid, windowed
+from sejd.workflows.analyze import analyze, likelihood_images
+from sejd.workflows.source import Session
 from tests.conftest import data_like, make_model
 
 
@@ -253,8 +253,8 @@ def test_analyze_refuses_a_bad_batch(capsys):
 
 
 def test_with_plan_compares_an_existing_analysis_with_a_later_plan():
-    from sejd.analyze import with_plan
     from sejd.runtime.plan import named_plan
+    from sejd.workflows.analyze import with_plan
 
     result = analyze(Session(previous_token_model(), None, "torch"), batch=1, quick=True, progress=False)
     assert result["summary"]["tuned"] is None and result["summary"]["agreement"] is None
@@ -266,7 +266,7 @@ def test_with_plan_compares_an_existing_analysis_with_a_later_plan():
 
 
 def test_rule_weighs_jacobi_iterations_by_the_cost_of_a_pass():
-    from sejd.analyze import apply_rule
+    from sejd.workflows.analyze import apply_rule
 
     result = analyze(Session(make_model(num_classes=0), None, "torch"), batch=1, quick=True, progress=False)
     cost = result["cost"]

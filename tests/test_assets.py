@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from sejd import load_checkpoint, sample
-from sejd.data import load_dataset
 from sejd.model.checkpoint import builtin_names
-from sejd.train import evaluate_bpd
+from sejd.workflows.data import load_dataset
+from sejd.workflows.train import evaluate_bpd
 
 SHIPPED = ["digits", "textures"]
 

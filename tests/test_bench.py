@@ -1,4 +1,4 @@
-"""`sejd bench` (interleaved rounds, spread, load warnings) and `sejd.machine` (usable cores, cgroup quota)."""
+"""`sejd bench` (interleaved rounds, spread, load warnings) and `sejd.core.machine` (usable cores, cgroup quota)."""
 
 import json
 import statistics
@@ -6,12 +6,12 @@ import statistics
 import numpy as np
 import pytest
 
-from sejd import bench as bench_module
-from sejd import machine
-from sejd.bench import REFERENCE_PATH, Candidate, bench, rounds, table, timing
 from sejd.cli import main
+from sejd.core import machine
 from sejd.runtime.torch_runner import torch_runners
-from sejd.source import Session
+from sejd.workflows import bench as bench_module
+from sejd.workflows.bench import REFERENCE_PATH, Candidate, bench, rounds, table, timing
+from sejd.workflows.source import Session
 from tests.conftest import make_model
 
 

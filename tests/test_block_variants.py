@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from sejd import sample, save_checkpoint
-from sejd.check import check_bundle
 from sejd.engines import native
 from sejd.engines.ort import FUSED_PATH, STEP_ROWS_PATH, build_ort, ort_runners
 from sejd.engines.torch_cuda import graph_runners
 from sejd.export.contracts import VARIANTS
 from sejd.export.exporter import export_bundle
+from sejd.workflows.check import check_bundle
 from tests.conftest import OTHER_BLOCKS, make_model
 
 ATOL = 1e-4  # a whole sample on the engines against the same plan on the PyTorch reference (fp32 graphs: 1e-4)

@@ -11,9 +11,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from sejd.bundle import sha256_file
-from sejd.check import CheckOptions, check_bundle, select_graphs
 from sejd.cli import EXIT_CHECKS_FAILED, main
+from sejd.export.bundle import sha256_file
+from sejd.workflows.check import CheckOptions, check_bundle, select_graphs
 from tests.test_cli import keep_progress_env  # noqa: F401 - autouse: restores SEJD_PROGRESS
 
 POLYGRAPHY = Path(sys.executable).parent / "polygraphy"
@@ -125,8 +125,8 @@ def test_graph_selectors():
 @pytest.mark.parametrize("args,message", [
     (["--graphs", "block:9"], "names block '9'"),
     (["--graphs", "stepp"], "cannot read 'stepp'"),
-    (["--graphs", "step_kv"], "cannot read 'step_kv' (step_kv is now step_rows)"),
-    (["--graphs", "block:0:step"], "names variant 'step' (step is now step_present)"),
+    (["--graphs", "step_kv"], "cannot read 'step_kv'"),
+    (["--graphs", "block:0:step"], "names variant 'step'"),
     (["--graphs", "block:0:forward"], "names variant 'forward'"),
     (["--plans", "fast"], "unknown plans ['fast']"),
     (["--plans", "auto"], "there is none"),

@@ -60,7 +60,8 @@ def test_cli_bad_label_is_refused(ml_tarflow_pth, capsys):
 
 def test_atomic_writes_leave_ordinary_permissions(tmp_path):
     import os
-    from sejd.files import write_json
+
+    from sejd.core.files import write_json
     f = write_json(tmp_path / "x.json", {"a": 1})
     umask = os.umask(0)
     os.umask(umask)

@@ -1,7 +1,7 @@
 import json
 
 from sejd import save_checkpoint
-from sejd.demo import main
+from sejd.workflows.demo import main
 from tests.conftest import make_model
 
 

@@ -5,11 +5,11 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP = {".git", ".venv", "out", "build", "dist", "runs", ".pytest_cache", "__pycache__"}
@@ -84,8 +84,8 @@ def test_wheel_in_a_fresh_venv_samples_a_builtin_model(wheel, tmp_path):
 
 @pytest.mark.parametrize("module, extra", [("matplotlib", "report"), ("ray.serve", "serve"), ("onnxruntime", "cpu")])
 def test_a_missing_extra_is_one_error_naming_it(monkeypatch, module, extra):
-    from sejd.errors import SejdError
-    from sejd.extras import require
+    from sejd.core.errors import SejdError
+    from sejd.core.extras import require
 
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
     with pytest.raises(SejdError, match=rf"needs {module.split('.')[0]}, which is not installed .*"
@@ -94,8 +94,8 @@ def test_a_missing_extra_is_one_error_naming_it(monkeypatch, module, extra):
 
 
 def test_bench_plot_without_matplotlib_names_the_report_extra(monkeypatch, tmp_path):
-    from sejd.bench import plot
-    from sejd.extras import MissingExtra
+    from sejd.core.extras import MissingExtra
+    from sejd.workflows.bench import plot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingExtra, match=r"sejd\[report\]"):

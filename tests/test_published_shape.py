@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from sejd.bundle import load_bundle
-from sejd.check import check_graphs
 from sejd.cli import main
 from sejd.engines import backend
 from sejd.engines.ort import build_ort
+from sejd.export.bundle import load_bundle
 from sejd.export.exporter import export_bundle
-from sejd.metrics import psnr_db
 from sejd.model.checkpoint import load_checkpoint
 from sejd.runtime.runner import Conditioning
 from sejd.runtime.sampler import sample
+from sejd.workflows.check import check_graphs
+from sejd.workflows.quality import psnr_db
 from tests.conftest import make_model
 
 SHAPE = dict(in_channels=3, img_size=256, patch_size=8, num_blocks=8, num_classes=3)  # as published

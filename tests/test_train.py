@@ -4,9 +4,9 @@ import torch
 
 from sejd import load_checkpoint
 from sejd.cli import main
-from sejd.data import HOLDOUT_FRACTION, load_dataset
 from sejd.model.tarflow import TarFlow, TarFlowConfig
-from sejd.train import evaluate_bpd, train
+from sejd.workflows.data import HOLDOUT_FRACTION, load_dataset
+from sejd.workflows.train import evaluate_bpd, train
 
 TINY = TarFlowConfig(in_channels=1, img_size=16, patch_size=4, channels=32, num_blocks=2, layers_per_block=1,
                      head_dim=16, num_classes=10)

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from sejd import PlanError, sample
-from sejd.metrics import psnr_db
 from sejd.cli import main
-from sejd.source import open_source
 from sejd.runtime.plan import BlockPlan, Plan
-from sejd.tune import Tuner, tune
+from sejd.workflows.quality import psnr_db
+from sejd.workflows.source import open_source
+from sejd.workflows.tune import Tuner, tune
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_bench_json_has_every_field(tiny_bundle, tmp_path):
 
 
 def test_the_bench_forward_row_evaluates_the_density_on_the_backend(tiny_bundle):
-    from sejd.bench import forward_call
+    from sejd.workflows.bench import forward_call
 
     src = open_source(tiny_bundle.path, "ort-cpu")
     images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -175,7 +175,7 @@ def test_the_bench_forward_row_evaluates_the_density_on_the_backend(tiny_bundle)
 
 
 def test_bench_forward_alone_decodes_nothing_and_guided_rows_double(tiny_bundle):
-    from sejd.bench import bench
+    from sejd.workflows.bench import bench
 
     src = open_source(tiny_bundle.path, "ort-cpu")
     result = bench(src, batches=(2,), decoders=["forward"], runs=1, warmup=0, guidance=1.0, log=lambda *_: None)

@@ -9,7 +9,12 @@ A backend is named `NAME` or, for torch-cuda, `NAME:PRECISION` (`torch-cuda:bf16
 from __future__ import annotations
 
 from sejd.engines.backends import backend
-from sejd.engines.manifest import engine_dir, engine_file, engine_manifest, read_engine_manifest
+from sejd.engines.manifest import (
+    engine_dir,
+    engine_file,
+    engine_manifest,
+    read_engine_manifest,
+)
 
 __all__ = ["backend", "engine_dir", "engine_file", "engine_manifest", "read_engine_manifest", "unavailable"]
 

@@ -16,7 +16,9 @@ the process).
 
 from __future__ import annotations
 
-from sejd.errors import BackendUnavailable, SejdError
+import importlib
+
+from sejd.core.errors import BackendUnavailable, SejdError
 
 
 def cuda_device_reason() -> str | None:
@@ -28,7 +30,7 @@ def cuda_device_reason() -> str | None:
     return None
 
 
-def _model(source):
+def model_of(source):
     """The TarFlow model of a bundle, or `source` itself when it is one."""
     return source.load_model() if hasattr(source, "load_model") else source
 
@@ -65,7 +67,7 @@ class Backend:
     def _runners(self, source, precision, threads):
         from sejd.runtime.torch_runner import torch_runners
 
-        return torch_runners(_model(source))
+        return torch_runners(model_of(source))
 
     def precision(self, bundle, spec_precision: str) -> str:
         """What this backend computes in, given the precision of its spec (torch-cuda's suffix)."""
@@ -86,39 +88,6 @@ class Backend:
     def polygraphy_args(self, bundle, g: dict) -> list[str]:
         """The graph file and runner flags with which `polygraphy run` reruns graph `g` outside sejd."""
         return [str(bundle.path / g["file"]), *self.polygraphy_flags]
-
-
-class TorchCudaBackend(Backend):
-    """`torch-cuda[:PRECISION]`: the export graph modules in PyTorch on the GPU, with CUDA graphs
-    (sejd/engines/torch_cuda.py); `sejd check` compares the modules (rerun as the bundle's ONNX graphs)."""
-
-    name = "torch-cuda"
-    reference = False
-    takes_precision = True
-
-    def available(self):
-        return cuda_device_reason()
-
-    def _runners(self, source, precision, threads):
-        from sejd.engines.torch_cuda import graph_runners
-
-        return graph_runners(_model(source).to("cuda"), precision=precision)
-
-    def checked_graphs(self, bundle, config):
-        from sejd.engines.polygraphy_runners import MODULE_VARIANTS
-        from sejd.export.contracts import BLOCK_VARIANTS
-
-        every = bundle.manifest["graphs"] if bundle is not None else \
-            [{"block": k, "variant": v} for k in range(config.num_blocks) for v in BLOCK_VARIANTS]
-        return every, [g for g in every if g["variant"] in MODULE_VARIANTS]
-
-    def polygraphy_runner(self, bundle, model=None, precision="fp32"):
-        """`model`: the model on the device (the runners'), else the bundle's, moved there."""
-        from sejd.engines.polygraphy_runners import module_runner
-
-        self.require()
-        model = bundle.load_model().to("cuda") if model is None else model
-        return lambda g, c: module_runner(model, g["block"], c, precision)
 
 
 class EngineBackend(Backend):
@@ -142,7 +111,7 @@ class EngineBackend(Backend):
         manifest = engine_manifest(bundle, self.name)
         precision = manifest.get("precision", "fp32") if manifest is not None else "fp32"
         if not isinstance(precision, str):
-            from sejd.bundle import BundleError
+            from sejd.export.bundle import BundleError
             raise BundleError(f"{engine_dir(bundle, self.name) / 'manifest.json'}: precision must be a string such "
                               f"as 'fp16', got {precision!r}")
         return precision
@@ -151,91 +120,33 @@ class EngineBackend(Backend):
         return bundle.manifest["graphs"], bundle.manifest["graphs"]
 
 
-class OrtBackend(EngineBackend):
-    """`ort-cpu`, `ort-cuda`, `ort-trt`: ONNX Runtime with one execution provider (sejd/engines/ort.py)."""
-
-    def __init__(self, name: str, polygraphy_flags: tuple):
-        super().__init__(name)
-        self.polygraphy_flags = polygraphy_flags
-
-    def available(self):
-        from sejd.engines.ort import unavailable_reason
-
-        return unavailable_reason(self.name)
-
-    def build(self, bundle, precision="fp32", threads=None, workspace=None, strip_weights=False):
-        from sejd.engines import ort  # build_ort says itself when the provider is missing
-
-        return ort.build_ort(bundle, self.name, threads=threads, precision=precision)
-
-    def _runners(self, bundle, precision, threads):
-        from sejd.engines.ort import ort_runners
-
-        return ort_runners(bundle, self.name, threads)
-
-    def check_manifest(self, manifest):
-        import onnxruntime as ort
-
-        built = manifest.get("onnxruntime")
-        return None if built == ort.__version__ else \
-            f"engines were built with onnxruntime {built}, this is {ort.__version__}"
-
-    def polygraphy_runner(self, bundle, model=None, precision="fp32"):
-        from sejd.engines.polygraphy_runners import ort_engine_runner
-
-        self.require()
-        return ort_engine_runner(bundle, self.name)
-
-    def polygraphy_args(self, bundle, g):  # the built engine itself
-        from sejd.engines.manifest import engine_dir
-
-        return [str(engine_dir(bundle, self.name) / g["file"]), *self.polygraphy_flags]
+# name -> the module that registers it (imported on first use: GPU packages stay unimported, and the
+# registry imports no implementation statically: they import it and call `register`)
+IMPLEMENTATIONS = {"torch": __name__, "ort-cpu": "sejd.engines.ort", "ort-cuda": "sejd.engines.ort",
+                   "ort-trt": "sejd.engines.ort", "tensorrt": "sejd.engines.tensorrt",
+                   "torch-cuda": "sejd.engines.torch_cuda"}
+_REGISTERED: dict[str, Backend] = {}
 
 
-class TensorRTBackend(EngineBackend):
-    """`tensorrt`: TensorRT engines (sejd/engines/tensorrt.py), pinned to the TensorRT version and GPU
-    they were built on; `polygraphy run` rebuilds from the bundle's ONNX graph."""
-
-    polygraphy_flags = ("--trt",)
-
-    def __init__(self):
-        super().__init__("tensorrt")
-
-    def available(self):
-        reason = cuda_device_reason()  # first: no TensorRT object without a GPU
-        if reason:
-            return reason
-        from sejd.engines.tensorrt import unavailable_reason
-
-        return unavailable_reason()
-
-    def build(self, bundle, precision="fp32", threads=None, workspace=None, strip_weights=False):
-        from sejd.engines.tensorrt import build_trt
-
-        self.require()
-        return build_trt(bundle, precision=precision, workspace_mib=workspace, strip_weights=strip_weights)
-
-    def _runners(self, bundle, precision, threads):
-        from sejd.engines.tensorrt import trt_runners
-
-        return trt_runners(bundle)
-
-    def check_manifest(self, manifest):
-        from sejd.engines.tensorrt import platform_mismatch, this_platform
-
-        self.require()  # this_platform() asks TensorRT and the GPU
-        return platform_mismatch(manifest, this_platform())
-
-    def polygraphy_runner(self, bundle, model=None, precision="fp32"):
-        from sejd.engines.polygraphy_runners import trt_engine_runner
-
-        self.require()
-        return trt_engine_runner(bundle)
+def register(found: Backend) -> Backend:
+    """Called by each implementation module for the backends it provides."""
+    assert found.name in IMPLEMENTATIONS, found.name
+    _REGISTERED[found.name] = found
+    return found
 
 
-REGISTRY: dict[str, Backend] = {b.name: b for b in (
-    Backend(), OrtBackend("ort-cpu", ("--onnxrt",)), OrtBackend("ort-cuda", ("--onnxrt", "--providers", "cuda")),
-    OrtBackend("ort-trt", ("--onnxrt", "--providers", "tensorrt", "cuda")), TensorRTBackend(), TorchCudaBackend())}
+def _find(name: str) -> Backend:
+    if name not in _REGISTERED:
+        importlib.import_module(IMPLEMENTATIONS[name])
+    return _REGISTERED[name]
+
+
+def registry() -> dict[str, Backend]:
+    """Every backend, by name, in the order `sejd --help` lists them."""
+    return {name: _find(name) for name in IMPLEMENTATIONS}
+
+
+register(Backend())
 
 
 def backend(spec: str) -> tuple[Backend, str]:
@@ -243,10 +154,10 @@ def backend(spec: str) -> tuple[Backend, str]:
     from sejd.export.graphs import precision_dtype
 
     name, colon, precision = str(spec).partition(":")
-    if name not in REGISTRY:
-        raise SejdError(f"unknown backend {spec!r}; expected one of {tuple(REGISTRY)} (torch-cuda may carry a "
+    if name not in IMPLEMENTATIONS:
+        raise SejdError(f"unknown backend {spec!r}; expected one of {tuple(IMPLEMENTATIONS)} (torch-cuda may carry a "
                         f"precision: torch-cuda:fp16, torch-cuda:bf16)")
-    found = REGISTRY[name]
+    found = _find(name)
     if colon and name == "torch":
         raise SejdError(f"backend {spec!r}: the PyTorch reference runs in fp32; for reduced precision use "
                         f"torch-cuda:{precision or 'fp16'} on a GPU, or build engines with --precision")

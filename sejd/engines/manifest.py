@@ -12,7 +12,7 @@ def engine_dir(bundle, backend: str):
 def engine_manifest(bundle, backend: str) -> dict | None:
     """engines/BACKEND/manifest.json as a checked object (its `files` table well formed; the files themselves
     are verified by read_engine_manifest); None when no engines were built."""
-    from sejd.bundle import check_file_table, read_json_object
+    from sejd.export.bundle import check_file_table, read_json_object
 
     mf = engine_dir(bundle, backend) / "manifest.json"
     if not mf.exists():
@@ -24,11 +24,11 @@ def engine_manifest(bundle, backend: str) -> dict | None:
 
 def engine_file(bundle, backend: str, rel: str, manifest: dict):
     """The engine file `rel` of engines/BACKEND, which its manifest must list, confined to the bundle."""
-    from sejd.bundle import confined_file
+    from sejd.export.bundle import confined_file
 
     where = engine_dir(bundle, backend) / "manifest.json"
     if rel not in manifest["files"]:
-        from sejd.bundle import BundleError
+        from sejd.export.bundle import BundleError
         raise BundleError(f"{where}: engine file {rel} is not listed in the engine manifest's files; "
                           f"{_rebuild(bundle, backend)}")
     # confined to the bundle, not to engines/BACKEND, so that a symlinked engines folder cannot leave it
@@ -43,7 +43,7 @@ def _rebuild(bundle, backend: str) -> str:
 def read_engine_manifest(bundle, backend: str, runtime_mismatch) -> dict:
     """engines/BACKEND/manifest.json, verified: built from this export of the bundle, for a runtime that
     `runtime_mismatch(manifest)` accepts (None, else a sentence saying what differs), every file unchanged."""
-    from sejd.bundle import BundleError, sha256_file
+    from sejd.export.bundle import BundleError, sha256_file
 
     rebuild = _rebuild(bundle, backend)
     mf = engine_dir(bundle, backend) / "manifest.json"

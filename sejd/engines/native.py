@@ -25,10 +25,10 @@ import threading
 import numpy as np
 import torch
 
+from sejd.core.errors import BackendUnavailable, InputError
+from sejd.core.machine import usable_cores
 from sejd.engines import native_lib
 from sejd.engines.ort import OrtBlockRunner
-from sejd.errors import BackendUnavailable, InputError
-from sejd.machine import usable_cores
 from sejd.model.block import BlockSpec
 
 MAX_HEAD_DIM = 512  # the attention's per-head accumulator in step.c is a stack array of this size

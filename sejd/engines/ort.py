@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sejd.bundle import Bundle, BundleError, sha256_file
-from sejd.engines.backends import backend as find_backend
+from sejd.core.errors import SejdError
+from sejd.core.files import atomic_dir, folder_with, scratch_dir
+from sejd.core.util import progress
+from sejd.engines.backends import EngineBackend, register
 from sejd.engines.manifest import engine_dir, engine_file
 from sejd.engines.ort_fused_step import FUSED_VARIANT
-from sejd.errors import SejdError
+from sejd.export.bundle import Bundle, BundleError, sha256_file
 from sejd.export.contracts import contract, profile_shapes
 from sejd.runtime.runner import BlockRunner, Conditioning, KVCachePool
-from sejd.files import atomic_dir, folder_with, scratch_dir
-from sejd.util import progress
 
 PROVIDERS = {
     "ort-cpu": ["CPUExecutionProvider"],
@@ -142,7 +142,7 @@ def build_ort(bundle: Bundle, backend: str, threads: int | None = None, show_pro
     from sejd.export.precision import precision_graphs
     from sejd.export.weights import WeightStore
 
-    find_backend(backend)[0].require()
+    BACKENDS[backend].require()
     if backend == "ort-cpu" and precision == "bf16":
         raise SejdError("ONNX Runtime's CPU provider has no bf16 matrix product: build ort-cpu with --precision "
                         "fp16 or fp32, or bf16 on ort-cuda, ort-trt or tensorrt")
@@ -217,14 +217,14 @@ def _fused_steps(bundle, backend, precision, out, store, scratch, threads, show_
 
 def load_engine_manifest(bundle: Bundle, backend: str) -> dict:
     """engines/BACKEND/manifest.json, verified (built from this bundle with this onnxruntime, files unchanged)."""
-    return find_backend(backend)[0].engine_manifest(bundle)
+    return BACKENDS[backend].engine_manifest(bundle)
 
 
 class OrtSessions:
     """Lazily created sessions over a bundle's built engines (one per graph actually used)."""
 
     def __init__(self, bundle: Bundle, backend: str = "ort-cpu", threads: int | None = None):
-        find_backend(backend)[0].require()
+        BACKENDS[backend].require()
         self.bundle, self.backend, self.threads = bundle, backend, threads
         self.manifest = load_engine_manifest(bundle, backend)
         self._sessions: dict = {}
@@ -334,7 +334,7 @@ class OrtBlockRunner(BlockRunner):
     def begin(self, batch: int, cond: Conditioning) -> None:
         batch_max = self.sessions.bundle.batch_max
         if batch > batch_max:
-            from sejd.errors import InputError
+            from sejd.core.errors import InputError
             raise InputError(f"batch {batch} exceeds the bundle's batch_max {batch_max} (re-export with "
                              f"--batch-max {batch} to serve larger batches)")
         self.batch = batch
@@ -417,7 +417,7 @@ class OrtBlockRunner(BlockRunner):
         # the inputs the step_rows graph would take, checked against its contract (once per shape)
         self._validate("step_rows", {"x": x[:, None], "pos": np.array(pos, np.int64)}, with_caches=True)
         if not 0 <= pos < self.num_tokens:
-            from sejd.errors import InputError
+            from sejd.core.errors import InputError
             raise InputError(f"step: position must be in [0, {self.num_tokens}), got {pos}")
         xa, xb = self._fused_call()(x, pos)
         return torch.from_numpy(xa), torch.from_numpy(xb)
@@ -517,7 +517,7 @@ def ort_tensor_runners(bundle: Bundle, backend: str, device: str, threads: int |
     around ONNX Runtime calls: ORT launches its work on its own stream."""
     import functools
 
-    from sejd.engines.torch_cuda import EngineBlockRunner
+    from sejd.engines.device_runner import EngineBlockRunner
 
     sessions = OrtSessions(bundle, backend, threads)
     model = bundle.load_model().to(device)
@@ -583,3 +583,41 @@ def native_step_reason(sessions: OrtSessions) -> str | None:
     if sessions.manifest.get("precision", "fp32") != "fp32":
         return f"engines built at {sessions.manifest.get('precision')} (the native step computes in fp32)"
     return native.unsupported(sessions.bundle.config.block_spec) or native.available()
+
+
+class OrtBackend(EngineBackend):
+    """`ort-cpu`, `ort-cuda`, `ort-trt`: ONNX Runtime with one execution provider (sejd/engines/ort.py)."""
+
+    def __init__(self, name: str, polygraphy_flags: tuple):
+        super().__init__(name)
+        self.polygraphy_flags = polygraphy_flags
+
+    def available(self):
+        return unavailable_reason(self.name)
+
+    def build(self, bundle, precision="fp32", threads=None, workspace=None, strip_weights=False):
+        return build_ort(bundle, self.name, threads=threads, precision=precision)
+
+    def _runners(self, bundle, precision, threads):
+        return ort_runners(bundle, self.name, threads)
+
+    def check_manifest(self, manifest):
+        import onnxruntime as ort
+
+        built = manifest.get("onnxruntime")
+        return None if built == ort.__version__ else \
+            f"engines were built with onnxruntime {built}, this is {ort.__version__}"
+
+    def polygraphy_runner(self, bundle, model=None, precision="fp32"):
+        from sejd.engines.polygraphy_runners import ort_engine_runner
+
+        self.require()
+        return ort_engine_runner(bundle, self.name)
+
+    def polygraphy_args(self, bundle, g):  # the built engine itself
+        return [str(engine_dir(bundle, self.name) / g["file"]), *self.polygraphy_flags]
+
+
+BACKENDS = {b.name: register(b) for b in (
+    OrtBackend("ort-cpu", ("--onnxrt",)), OrtBackend("ort-cuda", ("--onnxrt", "--providers", "cuda")),
+    OrtBackend("ort-trt", ("--onnxrt", "--providers", "tensorrt", "cuda")))}

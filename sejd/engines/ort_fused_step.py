@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sejd.errors import InputError
+from sejd.core.errors import InputError
 
 log = logging.getLogger("sejd.ort")
 
@@ -317,10 +317,10 @@ def build_fused_steps(bundle, model, out: Path, store, scratch: Path, threads=No
     import onnx
     import onnxruntime as ort
 
-    from sejd.bundle import sha256_file
+    from sejd.core.util import progress
     from sejd.engines.ort import _share_weights, session_options
+    from sejd.export.bundle import sha256_file
     from sejd.export.contracts import contract
-    from sejd.util import progress
 
     cfg = model.config
     atol = contract(cfg, CONTRACT).atol

@@ -13,7 +13,7 @@ replace engines/tensorrt only once every graph has been built.
 
 Run: `TrtCall` turns one engine into a callable over device tensors (tensor addresses set with
 `set_tensor_address`, `execute_async_v3` on PyTorch's current stream, output buffers allocated once
-per input shape). `EngineBlockRunner` plugs those callables into the torch-cuda runner, which keeps the
+per input shape). `EngineBlockRunner` plugs those callables into the device runner, which keeps the
 KV caches and iterates on the device and captures the single-token step (the `step_rows` engine +
 in-place cache write), `jacobi` and `jacobi_k` as CUDA graphs; the loop engines (`jacobi_loop`,
 `sequential_loop`: ONNX Loop, which CUDA graphs cannot capture) run as single calls.
@@ -44,15 +44,21 @@ from pathlib import Path
 
 import torch
 
-from sejd.bundle import Bundle, BundleError, sha256_file
-from sejd.engines.backends import REGISTRY
+from sejd.core.errors import SejdError
+from sejd.core.files import (
+    atomic_dir,
+    atomic_write,
+    folder_with,
+    scratch_dir,
+    write_json,
+)
+from sejd.core.util import progress
+from sejd.engines.backends import EngineBackend, cuda_device_reason, register
+from sejd.engines.device_runner import EngineBlockRunner, cuda_graphs_default
 from sejd.engines.manifest import engine_dir, engine_file
-from sejd.engines.torch_cuda import EngineBlockRunner, cuda_graphs_default
-from sejd.runtime.runner import KVCachePool
-from sejd.errors import SejdError
+from sejd.export.bundle import Bundle, BundleError, sha256_file
 from sejd.export.contracts import contract, profile_shapes
-from sejd.files import atomic_dir, atomic_write, folder_with, scratch_dir, write_json
-from sejd.util import progress
+from sejd.runtime.runner import KVCachePool
 
 BACKEND = "tensorrt"
 MIN_VERSION = 10  # the name-based I/O API (set_tensor_address, execute_async_v3)
@@ -265,7 +271,7 @@ def timing_cache_files(bundle: Bundle) -> tuple[Path, Path]:
 
 def load_trt_manifest(bundle: Bundle) -> dict:
     """engines/tensorrt/manifest.json, verified (built from this bundle on this platform, files unchanged)."""
-    return REGISTRY[BACKEND].engine_manifest(bundle)
+    return TENSORRT.engine_manifest(bundle)
 
 
 def _torch_dtype(trt_dtype):
@@ -367,7 +373,7 @@ class TrtEngines:
                 raise BundleError(f"TensorRT could not load engines/tensorrt/{rel}; rebuild the engines")
             source = self.manifest.get("refit_sources", {}).get(rel)
             if source:  # a weight-stripped plan: its weights come from the graph it was built from
-                from sejd.bundle import confined_file
+                from sejd.export.bundle import confined_file
                 where = engine_dir(self.bundle, BACKEND) / "manifest.json"
                 refit_engine(engine, confined_file(self.bundle.path, source, "refit_sources", where),
                              f"engines/tensorrt/{rel}")
@@ -386,3 +392,38 @@ def trt_runners(bundle: Bundle, cuda_graphs: bool | None = None) -> list[EngineB
                               pool=pool)
             for k in range(bundle.config.num_blocks)]
 
+
+class TensorRTBackend(EngineBackend):
+    """`tensorrt`: TensorRT engines (sejd/engines/tensorrt.py), pinned to the TensorRT version and GPU
+    they were built on; `polygraphy run` rebuilds from the bundle's ONNX graph."""
+
+    polygraphy_flags = ("--trt",)
+
+    def __init__(self):
+        super().__init__("tensorrt")
+
+    def available(self):
+        reason = cuda_device_reason()  # first: no TensorRT object without a GPU
+        if reason:
+            return reason
+        return unavailable_reason()
+
+    def build(self, bundle, precision="fp32", threads=None, workspace=None, strip_weights=False):
+        self.require()
+        return build_trt(bundle, precision=precision, workspace_mib=workspace, strip_weights=strip_weights)
+
+    def _runners(self, bundle, precision, threads):
+        return trt_runners(bundle)
+
+    def check_manifest(self, manifest):
+        self.require()  # this_platform() asks TensorRT and the GPU
+        return platform_mismatch(manifest, this_platform())
+
+    def polygraphy_runner(self, bundle, model=None, precision="fp32"):
+        from sejd.engines.polygraphy_runners import trt_engine_runner
+
+        self.require()
+        return trt_engine_runner(bundle)
+
+
+TENSORRT = register(TensorRTBackend())

@@ -1,198 +1,17 @@
-"""The `torch-cuda` backend: the export graph modules run directly in PyTorch, with CUDA graphs.
+"""The `torch-cuda` backend: the export graph modules (`sejd.export.graphs`) run directly in PyTorch on
+the GPU, with CUDA graphs, through the device runner (`sejd.engines.device_runner`).
 
-The modules in `sejd.export.graphs` index the KV cache with position *tensors* and keep every shape
-static, which is exactly what CUDA-graph capture needs. Captured once per batch shape and replayed
-with new inputs copied into their static buffers:
-- a single-token step: the `step_rows` graph (`StepRowsGraph`) plus an in-place `index_copy_` into
-  the static cache;
-- `jacobi`: one full parallel pass (`JacobiGraph`); `jacobi_chunk(k)`: k passes in one graph, so the
-  host reads residuals once per chunk instead of once per iteration;
-- `sequential_loop`: the whole exact inversion of a block (T-1 steps) as one graph: one launch
-  instead of T-1 host round trips.
-Positions come from a device-resident `arange`, so no step copies anything from the host.
-Windows (GS-Jacobi, frozen prefix) run eagerly. On a CPU (tests) the same runner runs everything
-eagerly, so its logic is checked against the PyTorch reference runner everywhere.
-
-This is the baseline a GPU user would otherwise write by hand.
+The modules index the KV cache with position *tensors* and keep every shape static, which is exactly
+what CUDA-graph capture needs. This is the baseline a GPU user would otherwise write by hand.
 """
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-from sejd.export.graphs import JacobiGraph, StepPresentGraph, StepRowsGraph, precision_dtype, reduced_block
+from sejd.engines.backends import Backend, cuda_device_reason, model_of, register
+from sejd.engines.device_runner import GraphModuleRunner, cuda_graphs_default
+from sejd.export.graphs import precision_dtype
 from sejd.model.tarflow import TarFlow
-from sejd.model.block import affine
-from sejd.runtime.runner import BlockRunner, Conditioning, KVCachePool
-
-
-class GraphModuleRunner(BlockRunner):
-    """One block: `step_rows`, `window` and `jacobi` are callables with their graph contract's signature
-    (device tensors in, device tensors out): the graph modules here, TensorRT engines in
-    `sejd.engines.tensorrt`, which reuses everything else (caches, capture, fused operations)."""
-
-    def __init__(self, model: TarFlow, k: int, cuda_graphs: bool, dtype: torch.dtype = torch.float32,
-                 calls: dict | None = None, pool: KVCachePool | None = None):
-        cfg = model.config
-        self.model = model
-        self.pool = pool or KVCachePool()  # the factories pass one pool to all blocks of a model
-        block, T, classes = model.blocks[k], cfg.num_tokens, bool(cfg.num_classes)
-        self.num_tokens, self.token_dim, self.cfg = T, cfg.token_dim, cfg
-        self.device = block.pos_embed.device
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.dtype = dtype  # of weights and matrix products; caches and tokens stay float32 (see graphs.py)
-        if calls is None:
-            block = reduced_block(block, dtype)  # one reduced copy shared by the three modules
-            calls = {"step_rows": StepRowsGraph(block, T, classes, dtype=dtype).eval(),
-                     "window": StepPresentGraph(block, T, classes, dtype=dtype).eval(),
-                     "jacobi": JacobiGraph(block, T, classes, dtype=dtype).eval()}
-        self.step_rows, self.window, self.jacobi = calls["step_rows"], calls["window"], calls["jacobi"]
-        self.jacobi_k = calls.get("jacobi_k")  # (unroll, callable): k Jacobi passes in one call, if any
-        self.has_classes = classes
-        self.positions = torch.arange(T, device=self.device)  # positions[i]: a 0-d device view, no host copy
-        self._state: dict = {}  # rows -> (conditioning buffers, captured graphs, pool generation)
-
-    def begin(self, batch: int, cond: Conditioning) -> None:
-        """Conditioning buffers and captured graphs are kept per row count and refilled in place, so a
-        graph captured once for a batch shape is replayed by every later batch of it. The caches are
-        views of the model's pool: for a row count they sit at the same addresses every time (views at
-        the start of the pool's flat buffers), which is what keeps captured graphs valid across blocks
-        and batches; only when the pool grows (a larger batch) do the addresses change, and graphs
-        captured before that (an older pool generation) are dropped and captured again."""
-        dev, cfg = self.device, self.cfg
-        self.batch = batch
-        guidance = cond.guidance if cond.guidance is not None else torch.zeros(2, self.num_tokens)
-        values = ([cond.labels] if self.has_classes else []) + [cond.temps.float(), guidance.float()]
-        shape = (cond.rows, cfg.num_heads, self.num_tokens, cfg.head_dim)
-        self.caches = self.pool.caches(2 * cfg.layers_per_block, shape, torch.float32, dev)
-        state = self._state.get(cond.rows)
-        if state is None or state[2] != self.pool.generation:
-            state = self._state[cond.rows] = ([v.to(dev).clone() for v in values], {}, self.pool.generation)
-        self.cond, self.graphs, _ = state
-        for cache in self.caches:  # another block's keys/values may be there; the step graphs read all T
-            cache.zero_()
-        for buf, v in zip(self.cond, values):
-            buf.copy_(v)
-
-    # eager bodies (also what gets captured)
-    def _step(self, x_tok, pos):
-        xa, xb, *news = self.step_rows(x_tok, pos, *self.caches, *self.cond)
-        for cache, new in zip(self.caches, news):  # in place: static addresses for graph replay
-            cache.index_copy_(2, pos.view(1), new)
-        return xa, xb
-
-    def _jacobi(self, z, x):
-        return self.jacobi(z, x, *self.cond)
-
-    def _jacobi_k(self, z, x, k):
-        if self.jacobi_k is not None and self.jacobi_k[0] == k:
-            x, _, residuals = self.jacobi_k[1](z, x, *self.cond)
-            return x, residuals
-        residuals = []
-        for _ in range(k):
-            x, res = self.jacobi(z, x, *self.cond)
-            residuals.append(res)
-        return x, torch.stack(residuals)
-
-    def _sequential(self, z):
-        """The exact inversion, T-1 unrolled steps (what `sequential` in decoders.py does, host-free)."""
-        tokens = [z[:, 0]]
-        for pos in range(self.num_tokens - 1):
-            xa, xb = self._step(tokens[-1][:, None], self.positions[pos])
-            tokens.append(affine(z[:, pos + 1], xa[:, 0], xb[:, 0]))
-        return (torch.stack(tokens, dim=1),)
-
-    def _engine_epoch(self) -> tuple:
-        """Changes whenever an engine call used inside captured graphs reconfigures its execution context
-        for other shapes (TensorRT: a graph is valid only with the context state it was captured with)."""
-        return tuple(getattr(c, "epoch", 0) for c in (self.step_rows, self.jacobi, (self.jacobi_k or (0, None))[1]))
-
-    def _replay(self, name, fn, inputs):
-        """Run fn(*inputs), captured as a CUDA graph on first use for these input shapes."""
-        if not self.cuda_graphs:
-            return fn(*inputs)
-        key = (name, tuple((tuple(t.shape), t.dtype) for t in inputs))
-        epoch = self._engine_epoch()
-        if key not in self.graphs or self.graphs[key][3] != epoch:
-            static = [t.clone() for t in inputs]
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up outside the capture (the writes are idempotent)
-                fn(*static)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outputs = fn(*static)
-            self.graphs[key] = (graph, static, outputs, self._engine_epoch())
-        graph, static, outputs, _ = self.graphs[key]
-        for dst, src in zip(static, inputs):
-            dst.copy_(src)
-        graph.replay()
-        return tuple(o.clone() for o in outputs)
-
-    @torch.no_grad()
-    def project(self, x, start):
-        x = x.to(self.device)
-        if x.shape[1] == 1:
-            return self._replay("step_rows", self._step, (x, self.positions[start]))
-        xa, xb, *presents = self.window(x, self.positions[start], *self.caches, *self.cond)
-        for cache, present in zip(self.caches, presents):  # in place: captured graphs keep their addresses
-            cache.copy_(present)
-        return xa, xb
-
-    @torch.no_grad()
-    def jacobi_iter(self, z, x, start=1, end=None):
-        if start != 1 or (end or self.num_tokens) != self.num_tokens:
-            return super().jacobi_iter(z, x, start, end)
-        return self._replay("jacobi", self._jacobi, (z.to(self.device), x.to(self.device)))
-
-    @torch.no_grad()
-    def jacobi_chunk(self, z, x, k):
-        fn = lambda z, x: self._jacobi_k(z, x, k)  # noqa: E731
-        return self._replay(f"jacobi_chunk{k}", fn, (z.to(self.device), x.to(self.device)))
-
-    @torch.no_grad()
-    def sequential_loop(self, z):
-        return self._replay("sequential_loop", self._sequential, (z.to(self.device),))[0]
-
-
-class EngineBlockRunner(GraphModuleRunner):
-    """The device runner over engine callables: `call(variant)` gives a callable with the variant's
-    graph contract (device tensors in and out). Used by TensorRT and ONNX Runtime's GPU providers."""
-
-    def __init__(self, call, exported, unroll: int, model: TarFlow, k: int, cuda_graphs: bool,
-                 pool: KVCachePool | None = None):
-        from sejd.bundle import BundleError
-
-        missing = {"step_rows", "window", "jacobi"} - set(exported)
-        if missing:
-            raise BundleError(f"GPU engine runners need the {sorted(missing)} graphs; re-export the bundle")
-        calls = {v: call(v) for v in ("step_rows", "window", "jacobi")}
-        if "jacobi_k" in exported:
-            calls["jacobi_k"] = (unroll, call("jacobi_k"))
-        super().__init__(model, k, cuda_graphs, calls=calls, pool=pool)
-        self.call, self.exported = call, set(exported)
-
-    @torch.no_grad()
-    def jacobi_loop(self, z, x, tau, cap):
-        if "jacobi_loop" not in self.exported:
-            return super().jacobi_loop(z, x, tau, cap)
-        dev = self.device
-        x, residual, iterations = self.call("jacobi_loop")(
-            z.to(dev), x.to(dev), torch.tensor(float(tau), device=dev), torch.tensor(int(cap), device=dev), *self.cond)
-        return x, residual, int(iterations)
-
-    @torch.no_grad()
-    def sequential_loop(self, z):
-        if "sequential_loop" not in self.exported:
-            return super().sequential_loop(z)
-        return self.call("sequential_loop")(z.to(self.device), *self.cond)[0]
-
-
-def cuda_graphs_default() -> bool:
-    return os.environ.get("SEJD_CUDA_GRAPHS", "1") != "0"
+from sejd.runtime.runner import KVCachePool
 
 
 def graph_runners(model: TarFlow, cuda_graphs: bool | None = None, precision: str = "fp32") -> list[GraphModuleRunner]:
@@ -202,3 +21,37 @@ def graph_runners(model: TarFlow, cuda_graphs: bool | None = None, precision: st
     dtype = precision_dtype(precision)
     pool = KVCachePool()  # one per set of runners: freed with them, shared by their blocks
     return [GraphModuleRunner(model, k, cuda_graphs, dtype, pool=pool) for k in range(model.config.num_blocks)]
+
+
+class TorchCudaBackend(Backend):
+    """`torch-cuda[:PRECISION]`: the export graph modules in PyTorch on the GPU, with CUDA graphs
+    (sejd/engines/torch_cuda.py); `sejd check` compares the modules (rerun as the bundle's ONNX graphs)."""
+
+    name = "torch-cuda"
+    reference = False
+    takes_precision = True
+
+    def available(self):
+        return cuda_device_reason()
+
+    def _runners(self, source, precision, threads):
+        return graph_runners(model_of(source).to("cuda"), precision=precision)
+
+    def checked_graphs(self, bundle, config):
+        from sejd.engines.polygraphy_runners import MODULE_VARIANTS
+        from sejd.export.contracts import BLOCK_VARIANTS
+
+        every = bundle.manifest["graphs"] if bundle is not None else \
+            [{"block": k, "variant": v} for k in range(config.num_blocks) for v in BLOCK_VARIANTS]
+        return every, [g for g in every if g["variant"] in MODULE_VARIANTS]
+
+    def polygraphy_runner(self, bundle, model=None, precision="fp32"):
+        """`model`: the model on the device (the runners'), else the bundle's, moved there."""
+        from sejd.engines.polygraphy_runners import module_runner
+
+        self.require()
+        model = bundle.load_model().to("cuda") if model is None else model
+        return lambda g, c: module_runner(model, g["block"], c, precision)
+
+
+register(TorchCudaBackend())

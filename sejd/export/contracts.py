@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from sejd.errors import InputError
+from sejd.core.errors import InputError
 from sejd.model.tarflow import TarFlowConfig
 
 DEFAULT_OPSET = 18
@@ -32,16 +32,6 @@ CHAINED_VARIANTS = ("jacobi_k", "jacobi_loop", "sequential_loop")
 BLOCK_VARIANTS = ("step_present", "step_rows", "window", "jacobi", "jacobi_k", "jacobi_loop", "sequential_loop")
 MODEL_VARIANTS = ("forward",)
 VARIANTS = BLOCK_VARIANTS + MODEL_VARIANTS
-# bundle schema 1 named the single-token graphs by what they had (a step; a KV cache), not by the cache
-# they return: the whole present cache, or only the token's own key/value rows
-RENAMED_VARIANTS = {"step": "step_present", "step_kv": "step_rows"}
-
-
-def renamed_hint(names) -> str:
-    """' (step is now step_present)' for old variant names among `names`, else ''."""
-    old = [f"{n} is now {RENAMED_VARIANTS[n]}" for n in names if n in RENAMED_VARIANTS]
-    return f" ({', '.join(old)})" if old else ""
-
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
@@ -169,7 +159,7 @@ def block_contract(cfg: TarFlowConfig, variant: str, unroll: int = DEFAULT_UNROL
         return GraphContract(variant, (_f("z", *tok), *cond), (_f("x", *tok),),
                              "the whole exact sequential inversion of the block as one ONNX Loop over tokens",
                              atol=FP32_CHAINED_ATOL)
-    raise InputError(f"unknown block variant {variant!r}{renamed_hint([variant])}; expected one of {BLOCK_VARIANTS}")
+    raise InputError(f"unknown block variant {variant!r}; expected one of {BLOCK_VARIANTS}")
 
 
 def forward_contract(cfg: TarFlowConfig) -> GraphContract:

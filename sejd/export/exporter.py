@@ -11,20 +11,43 @@ from pathlib import Path
 
 import onnx
 
-import sejd
-from sejd.bundle import (BATCH_MAX_LIMIT, MANIFEST, OPSETS, SCHEMA_VERSION, UNROLL_MAX, BundleError, int_in,
-                         is_replaceable_bundle, load_bundle, replaceable_bundle, sha256_file)
-from sejd.errors import SejdError
-from sejd.export.contracts import (BLOCK_VARIANTS, DEFAULT_OPSET, DEFAULT_UNROLL, MODEL_VARIANTS, VARIANTS,
-                                   contract, renamed_hint)
+from sejd.core.errors import SejdError
+from sejd.core.files import atomic_dir
+from sejd.core.util import progress
+from sejd.core.version import VERSION
+from sejd.export.bundle import (
+    BATCH_MAX_LIMIT,
+    MANIFEST,
+    OPSETS,
+    SCHEMA_VERSION,
+    UNROLL_MAX,
+    BundleError,
+    int_in,
+    is_replaceable_bundle,
+    load_bundle,
+    replaceable_bundle,
+    sha256_file,
+)
+from sejd.export.contracts import (
+    BLOCK_VARIANTS,
+    DEFAULT_OPSET,
+    DEFAULT_UNROLL,
+    MODEL_VARIANTS,
+    VARIANTS,
+    contract,
+)
 from sejd.export.loops import forward_chain
 from sejd.export.onnx_export import FORWARD_BODY, export_block_variant
-from sejd.export.weights import (INLINE_MAX_BYTES, WEIGHTS_FILE, Retarget, WeightStore, externalize,
-                                 save_topology)
+from sejd.export.outputs import replace_only_ours
+from sejd.export.weights import (
+    INLINE_MAX_BYTES,
+    WEIGHTS_FILE,
+    Retarget,
+    WeightStore,
+    externalize,
+    save_topology,
+)
 from sejd.model.checkpoint import load_checkpoint, save_checkpoint
-from sejd.files import atomic_dir
-from sejd.outputs import replace_only_ours
-from sejd.util import progress
 
 
 def check_onnx(model, what: str) -> None:
@@ -44,8 +67,8 @@ def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = D
     variants = list(variants or VARIANTS)
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
-        raise SejdError(f"unknown variants {unknown}{renamed_hint(unknown)}; expected a subset of {list(VARIANTS)}")
-    # the bounds a bundle's manifest is held to at load (sejd.bundle), refused here before any work
+        raise SejdError(f"unknown variants {unknown}; expected a subset of {list(VARIANTS)}")
+    # the bounds a bundle's manifest is held to at load (sejd.export.bundle), refused here before any work
     for name, value, lo, hi in (("unroll", unroll, 1, UNROLL_MAX), ("batch_max", batch_max, 1, BATCH_MAX_LIMIT),
                                 ("opset", opset, OPSETS.start, OPSETS.stop - 1)):
         if not int_in(value, lo, hi):
@@ -202,7 +225,7 @@ def _versions() -> dict:
         ort_version = onnxruntime.__version__
     except ImportError:
         ort_version = None
-    return {"sejd": sejd.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+    return {"sejd": VERSION, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": ort_version}
 
 

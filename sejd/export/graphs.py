@@ -26,12 +26,11 @@ from torch import nn
 from sejd.model.block import affine, cached_attention, guide, rows, run_layer, split
 from sejd.model.tarflow import MetaBlock, TarFlow
 
-
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def precision_dtype(precision: str) -> torch.dtype:
-    from sejd.errors import SejdError
+    from sejd.core.errors import SejdError
 
     if precision not in PRECISIONS:
         raise SejdError(f"unknown precision {precision!r}; expected one of {tuple(PRECISIONS)}")
@@ -201,8 +200,6 @@ class StepPresentGraph(BlockGraph):
     def forward(self, x, pos, *rest):
         return self.cached(x, pos, *self.unpack(rest))
 
-
-WindowGraph = StepPresentGraph  # same computation; the window variant is exported with a dynamic token count
 
 
 class JacobiGraph(BlockGraph):

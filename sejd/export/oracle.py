@@ -11,6 +11,7 @@ import torch
 
 from sejd.export.contracts import GraphContract
 from sejd.model.tarflow import TarFlow
+from sejd.runtime.decoders import jacobi, sequential
 from sejd.runtime.runner import Conditioning
 from sejd.runtime.torch_runner import TorchBlockRunner
 
@@ -71,8 +72,9 @@ def _reference_outputs(model: TarFlow, block: int | None, c: GraphContract, feed
             residuals.append(res)
         return {"x_next": x.numpy(), "residual": res.numpy(), "residuals": torch.stack(residuals).numpy()}
     if c.variant == "jacobi_loop":
-        x, res, iterations = runner.jacobi_loop(z, _t(feeds["x0"]), float(feeds["tau"]), int(feeds["max_iters"]))
-        return {"x": x.numpy(), "residual": res.numpy(), "iterations": np.array(iterations, dtype=np.int64)}
+        out = jacobi(runner, z, _t(feeds["x0"]), float(feeds["tau"]), int(feeds["max_iters"]), finish_exactly=False)
+        return {"x": out.x.numpy(), "residual": out.last_residual.numpy(),
+                "iterations": np.array(out.iterations, dtype=np.int64)}
     if c.variant == "sequential_loop":
-        return {"x": runner.sequential_loop(z).numpy()}
+        return {"x": sequential(runner, z).x.numpy()}
     raise ValueError(c.variant)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import onnx
 
+from sejd.core.util import progress
 from sejd.export.graphs import precision_dtype
-from sejd.util import progress
 
 KEPT_FP32 = ("LayerNormalization", "Softmax", "Exp")
 

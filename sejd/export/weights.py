@@ -128,7 +128,7 @@ def external_data(tensor: onnx.TensorProto, base_dir: Path | None, own: bool = F
     normalised POSIX path resolving to a regular file inside `base_dir` (the graph's folder), opened without
     following a link, `offset` and `length` integers that stay inside that file, the length that of the
     tensor's shape and type. Anything else is a BundleError naming the tensor and the rule it breaks."""
-    from sejd.bundle import PATH_RULE, BundleError, path_rule_broken
+    from sejd.export.bundle import PATH_RULE, BundleError, path_rule_broken
 
     info = {e.key: e.value for e in tensor.external_data}
     where = f"{base_dir}: external data of tensor {tensor.name!r}"
@@ -178,7 +178,7 @@ def external_data(tensor: onnx.TensorProto, base_dir: Path | None, own: bool = F
 
 def _count(info: dict, key: str, where: str, default):
     """An external-data field that must be a non-negative decimal integer (`default` when absent)."""
-    from sejd.bundle import BundleError
+    from sejd.export.bundle import BundleError
 
     value = info.get(key)
     if value is None:

@@ -1,3 +1,3 @@
-from sejd.model.tarflow import Model, TarFlow, TarFlowConfig
+from sejd.model.tarflow import TarFlow, TarFlowConfig
 
-__all__ = ["Model", "TarFlow", "TarFlowConfig"]
+__all__ = ["TarFlow", "TarFlowConfig"]

@@ -19,11 +19,16 @@ from pathlib import Path
 
 import torch
 
-from sejd.errors import CheckpointError, ConfigError
-from sejd.model.layout import check_against_tensors, choose_geometry, read_layout, warn_guessed
+from sejd.core.errors import CheckpointError, ConfigError
+from sejd.core.files import atomic_write, read_json
+from sejd.core.memory import check_fits
+from sejd.model.layout import (
+    check_against_tensors,
+    choose_geometry,
+    read_layout,
+    warn_guessed,
+)
 from sejd.model.tarflow import TarFlow, TarFlowConfig
-from sejd.runtime.memory import check_fits
-from sejd.files import atomic_write, read_json
 
 FILENAME_RE = re.compile(
     r"^(?P<dataset>.+?)_model_(?P<patch>\d+)_(?P<channels>\d+)_(?P<blocks>\d+)_(?P<layers>\d+)_(?P<noise>[0-9.eE+-]+)$")

@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import math
 
-from sejd.errors import CheckpointError, ConfigError
+from sejd.core.errors import CheckpointError, ConfigError
 
 TENSOR_FIELDS = ("in_channels", "img_size", "patch_size", "channels", "num_blocks", "layers_per_block",
                  "expansion", "nvp", "num_classes", "bias")  # every config field but head_dim is fixed by the tensors
@@ -22,15 +22,6 @@ log = logging.getLogger("sejd")
 
 class ConfigMismatchError(ConfigError, CheckpointError):
     """A config (given, from the file name or from config.json) contradicts the checkpoint's tensors."""
-
-
-def config_from_state_dict(sd: dict, head_dim: int = 64, patch_size: int | None = None) -> dict:
-    """Infer every config field the tensors determine. head_dim cannot be inferred (defaults to 64); the
-    patch size, when not given, is chosen by `choose_geometry` (refused when ambiguous)."""
-    layout = read_layout(sd)
-    if patch_size is None:
-        patch_size = choose_geometry(layout, {}, {})[0]
-    return layout.config(head_dim, patch_size)
 
 
 @dataclasses.dataclass(frozen=True)

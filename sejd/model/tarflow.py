@@ -19,8 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sejd.errors import ConfigError
-from sejd.model.block import BlockSpec, Layer, cached_attention, make_module, run_layer, split
+from sejd.core.errors import ConfigError
+from sejd.model.block import (
+    BlockSpec,
+    Layer,
+    cached_attention,
+    make_module,
+    run_layer,
+    split,
+)
 
 # Plausibility bounds, generous against the largest published TarFlow (ImageNet-128: T = 1024 tokens,
 # 1024 channels, 8 blocks x 8 layers, 3.2 GB of float32 weights). They exist so that a typo or a hostile
@@ -253,17 +260,3 @@ class TarFlow(nn.Module):
     @torch.no_grad()
     def update_prior(self, z):
         self.var.lerp_((z**2).mean(dim=0), weight=self.VAR_LR)
-
-    @torch.no_grad()
-    def reverse(self, x, y=None, guidance=0, guide_what="ab", attn_temp=1.0, annealed_guidance=False,
-                return_sequence=False):
-        """Noise (B, T, D) -> image (B, C, H, W) by exact sequential inversion, with ml-tarflow's arguments."""
-        from sejd.runtime.sampler import sample  # the runtime holds the one sequential decoder
-
-        result = sample(self, x, labels=y, plan="sequential", guidance=guidance, guide_what=guide_what,
-                        attn_temp=attn_temp, annealed_guidance=annealed_guidance,
-                        keep_sequence=return_sequence, progress=False)
-        return result.sequence if return_sequence else result.images
-
-
-Model = TarFlow  # ml-tarflow's name

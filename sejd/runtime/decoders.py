@@ -12,9 +12,9 @@ import math
 
 import torch
 
-from sejd.errors import DecodeError, InputError
-from sejd.runtime.plan import BlockPlan
+from sejd.core.errors import DecodeError, InputError
 from sejd.model.block import affine
+from sejd.runtime.plan import BlockPlan
 from sejd.runtime.runner import BlockRunner, Conditioning
 
 
@@ -132,9 +132,15 @@ def jacobi_chunked(runner: BlockRunner, z, x, tau: float, cap: int, chunk: int, 
 
 
 def jacobi_one_call(runner: BlockRunner, z, x, tau: float, cap: int, bar=None) -> Decoded:
-    """The whole Jacobi loop in one engine call (an ONNX Loop): only the last residual comes back."""
-    x, last, iterations = runner.jacobi_loop(z, x, tau, cap)
-    _advance(bar, iterations)
+    """The whole Jacobi loop in one engine call (an ONNX Loop): only the last residual comes back. A runner
+    without the call iterates from the host."""
+    got = runner.jacobi_loop(z, x, tau, cap)
+    if got is None:
+        host = jacobi_host(runner, z, x, tau, cap, bar)
+        x, last, iterations = host.x, host.last_residual, host.iterations
+    else:
+        x, last, iterations = got
+        _advance(bar, iterations)
     return _iterated(runner, x, last, [float(last.max())], tau, iterations)
 
 
@@ -281,8 +287,11 @@ def initial_guess(init: str, z: torch.Tensor, prior_noise: torch.Tensor) -> torc
 
 
 def sequential_one_call(runner: BlockRunner, z: torch.Tensor, bar=None) -> Decoded:
-    """The exact sequential inversion as one engine call (an ONNX Loop over tokens)."""
+    """The exact sequential inversion as one engine call (an ONNX Loop over tokens); a runner without the
+    call steps token by token from the host."""
     x = runner.sequential_loop(z)
+    if x is None:
+        return sequential(runner, z, bar=bar)
     _check_finite(x, "sequential decoding")
     _advance(bar, runner.num_tokens - 1)
     return Decoded(x, runner.num_tokens - 1, 0.0, sequential_steps=runner.num_tokens - 1)

@@ -67,8 +67,8 @@ def reference_block_reverse(block: MetaBlock, x, y=None, guidance=0.0, guide_wha
 @torch.no_grad()
 def reference_sample(model: TarFlow, noise, labels=None, guidance=0.0, guide_what="ab", attn_temp=1.0,
                      annealed_guidance=False, progress=True):
+    from sejd.core.util import progress as progress_bar
     from sejd.runtime.sampler import BlockStats, SampleResult, SampleStats
-    from sejd.util import progress as progress_bar
 
     T = model.config.num_tokens
     x = noise * model.var.sqrt()

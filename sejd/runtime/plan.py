@@ -13,7 +13,7 @@ import math
 import os
 from pathlib import Path
 
-from sejd.errors import PlanError
+from sejd.core.errors import PlanError
 
 DECODERS = ("sequential", "jacobi", "gs-jacobi")
 INITS = ("zeros", "noise", "previous")

@@ -24,9 +24,9 @@ import sys
 
 import torch
 
-from sejd.errors import InputError
+from sejd.core.errors import InputError
+from sejd.core.memory import check_fits
 from sejd.model.block import affine
-from sejd.runtime.memory import check_fits
 
 
 @dataclasses.dataclass
@@ -122,18 +122,14 @@ class BlockRunner(abc.ABC):
         return x, torch.stack(residuals)
 
     def jacobi_loop(self, z: torch.Tensor, x: torch.Tensor, tau: float, cap: int):
-        """Full Jacobi iterations until max residual < tau (or NaN) or `cap` of them
-        -> (x, residual (B,), iterations). Engines run this as one call (an ONNX Loop)."""
-        from sejd.runtime.decoders import jacobi  # the one Jacobi algorithm, host-driven
+        """Full Jacobi iterations until max residual < tau (or NaN) or `cap` of them, as one engine call (an
+        ONNX Loop) -> (x, residual (B,), iterations); None where this runner has none (the decoder then
+        iterates from the host)."""
+        return None
 
-        out = jacobi(self, z, x, tau, cap, finish_exactly=False)
-        return out.x, out.last_residual, out.iterations
-
-    def sequential_loop(self, z: torch.Tensor) -> torch.Tensor:
-        """The exact sequential inversion of the block; engines run it as one call."""
-        from sejd.runtime.decoders import sequential
-
-        return sequential(self, z).x
+    def sequential_loop(self, z: torch.Tensor) -> torch.Tensor | None:
+        """The exact sequential inversion of the block as one engine call; None where this runner has none."""
+        return None
 
     def check_input(self, z: torch.Tensor, batch: int) -> None:
         expected = (batch, self.num_tokens, self.token_dim)

@@ -7,13 +7,13 @@ import time
 
 import torch
 
-from sejd.errors import InputError
+from sejd.core.errors import InputError
+from sejd.core.memory import check_fits, sampling_estimate
+from sejd.core.util import progress as progress_bar
 from sejd.model.tarflow import TarFlow
 from sejd.runtime.decoders import decode_block
-from sejd.runtime.memory import check_fits, sampling_estimate
 from sejd.runtime.plan import TIMING_ONLY, Plan, resolve_plan
 from sejd.runtime.runner import BlockRunner, Conditioning, peak_rss_bytes
-from sejd.util import progress as progress_bar
 
 
 @dataclasses.dataclass

@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 from sejd.serve.metrics import CLIENT_CLOSED, Metrics
-from sejd.serve.read_limits import MAX_BODY_BYTES, READ_TIMEOUT_S, BodyLimit, ReadLimits
+from sejd.serve.read_limits import READ_TIMEOUT_S, BodyLimit, ReadLimits
 from sejd.serve.schema import RequestError, SampleRequest, first_error
 from sejd.serve.service import SampleService, SamplingFailed
 
@@ -157,7 +157,7 @@ class RecordStatus:
 def encode(images, fmt: str) -> dict:
     """images (n, C, H, W) in [-1, 1] -> the response fields of a format."""
     if fmt == "png":
-        from sejd.util import grid_png_bytes
+        from sejd.core.util import grid_png_bytes
         return {"format": "png", "png": base64.b64encode(grid_png_bytes(images)).decode()}
     if fmt == "npy":
         buf = io.BytesIO()

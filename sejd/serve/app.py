@@ -19,7 +19,13 @@ import os
 import signal
 import time
 
-from sejd.serve.preflight import check_port, check_read_timeout, check_source, host_address, require_ray
+from sejd.serve.preflight import (
+    check_port,
+    check_read_timeout,
+    check_source,
+    host_address,
+    require_ray,
+)
 from sejd.serve.read_limits import READ_TIMEOUT_S, ReadLimits, runtime_env
 
 
@@ -34,7 +40,7 @@ def build_app(source: str, backend: str = "auto", replicas: int = 1, max_batch: 
     def replica_app():  # runs on each replica: its engines are built once, there
         from sejd.serve.api import create_api
         from sejd.serve.service import SampleService
-        from sejd.source import open_source
+        from sejd.workflows.source import open_source
 
         if replica_host is not None:
             keep_replica_grpc_on(replica_host)

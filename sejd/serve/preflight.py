@@ -9,11 +9,11 @@ import math
 import socket
 import types
 
-from sejd.errors import SejdError
+from sejd.core.errors import SejdError
 
 
 def require_ray() -> None:
-    from sejd.extras import require
+    from sejd.core.extras import require
 
     require("ray.serve", "`sejd serve`")
 
@@ -52,13 +52,18 @@ def check_source(source: str, backend: str, config: dict | None = None) -> None:
     from sejd.engines.backends import backend as find_backend
     from sejd.engines.manifest import engine_dir
     from sejd.serve.service import served_plans
-    from sejd.source import Session, is_bundle, open_source, refuse_config_for_bundle
+    from sejd.workflows.source import (
+        Session,
+        is_bundle,
+        open_source,
+        refuse_config_for_bundle,
+    )
 
     refuse_config_for_bundle(source, config)
     if not is_bundle(source):
         served_plans(open_source(source, backend, config=config))
         return
-    from sejd.bundle import BundleError, load_bundle
+    from sejd.export.bundle import BundleError, load_bundle
 
     bundle = load_bundle(source)
     backend = "ort-cpu" if backend == "auto" else backend

@@ -12,8 +12,8 @@ from typing import Literal, Optional
 
 import pydantic
 
-from sejd.errors import SejdError
-from sejd.request import GUIDANCE_MAX, SEED_MAX
+from sejd.core.errors import SejdError
+from sejd.runtime.request import GUIDANCE_MAX, SEED_MAX
 
 FORMATS = ("base64", "npy", "png")
 

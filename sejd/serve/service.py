@@ -5,7 +5,7 @@ A request is validated at the edge into a `SampleRequest` (`parse`, with the sch
 `sejd.serve.schema`); `SampleService.run_batch` samples a list of requests that arrived together in as few
 engine batches as possible and hands back each request's images as a tensor with its statistics
 (`Sampled`); encoding them (png, npy, base64) is the HTTP layer's job. A request is the seeded request of
-`sejd.request`: noise and labels from its seed, the plan made per-sample, so its images depend on its seed
+`sejd.runtime.request`: noise and labels from its seed, the plan made per-sample, so its images depend on its seed
 only, whatever batch it rode in, and equal `sejd sample -n N --seed S --plan P --per-sample`.
 """
 
@@ -19,12 +19,12 @@ import time
 
 import torch
 
-from sejd.errors import PlanError, SejdError
-from sejd.request import per_sample_plan, seeded_labels, seeded_noise
+from sejd.core.errors import PlanError, SejdError
 from sejd.runtime.plan import NAMED_PLANS, Plan
+from sejd.runtime.request import per_sample_plan, seeded_labels, seeded_noise
 from sejd.runtime.sampler import sample
 from sejd.serve.schema import RequestError, SampleRequest, first_error, request_model
-from sejd.source import Session
+from sejd.workflows.source import Session
 
 MAX_N = 64
 

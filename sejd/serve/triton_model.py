@@ -19,7 +19,7 @@ from sejd.serve.service import SamplingFailed
 class TritonPythonModel:
     def initialize(self, args):
         from sejd.serve.service import SampleService
-        from sejd.source import open_source
+        from sejd.workflows.source import open_source
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}

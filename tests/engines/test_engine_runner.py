@@ -42,10 +42,10 @@ def test_ort_gpu_providers_pass_check_with_device_io(tmp_path, backend):
     if unavailable(backend):
         pytest.skip(unavailable(backend))
     from sejd import save_checkpoint
-    from sejd.check import check_bundle
     from sejd.engines import backend as find_backend
     from sejd.engines.ort import build_ort
     from sejd.export.exporter import export_bundle
+    from sejd.workflows.check import check_bundle
     from tests.conftest import make_model
 
     save_checkpoint(make_model(), tmp_path / "ckpt")

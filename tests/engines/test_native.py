@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from sejd import sample
+from sejd.core.errors import BackendUnavailable, InputError
 from sejd.engines import native, native_lib
 from sejd.engines.ort import OrtBlockRunner, ort_runners
-from sejd.errors import BackendUnavailable, InputError
 from sejd.export.graphs import StepRowsGraph
 from sejd.runtime.decoders import sequential
 from sejd.runtime.runner import Conditioning
@@ -353,8 +353,8 @@ def test_every_instruction_set_level_this_processor_runs_matches_pytorch(monkeyp
 
 
 def test_check_with_graphs_none_packs_no_block(tiny_bundle):
-    from sejd.check import CheckOptions, check_source
-    from sejd.source import open_source
+    from sejd.workflows.check import CheckOptions, check_source
+    from sejd.workflows.source import open_source
 
     src = open_source(tiny_bundle.path, "ort-cpu")
     report = check_source(src, src.model, CheckOptions(plans=(), graphs="none", show_progress=False))

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from sejd import InputError, sample
-from sejd.bundle import BundleError, load_bundle
-from sejd.check import check_bundle
 from sejd.cli import main
+from sejd.core.errors import BackendUnavailable
 from sejd.engines.native import available as native_available
 from sejd.engines.ort import build_ort, ort_runners, unavailable_reason
-from sejd.errors import BackendUnavailable
+from sejd.export.bundle import BundleError, load_bundle
 from sejd.runtime.plan import named_plan
+from sejd.workflows.check import check_bundle
 
 
 @pytest.fixture
@@ -130,8 +130,8 @@ def test_an_engine_graph_swapped_for_another_with_a_consistent_hash_is_an_input_
     (exit 2 naming the file), not an ONNX Runtime error at the first call (exit 3)."""
     import shutil
 
-    from sejd.bundle import sha256_file
     from sejd.engines.ort import OrtSessions
+    from sejd.export.bundle import sha256_file
 
     dst = tmp_path / "b"
     shutil.copytree(built.path, dst)
@@ -158,6 +158,7 @@ def test_missing_gpu_backend_is_a_clear_error(built, capsys):
 def test_gpu_backends_say_why_they_are_not_available_here():
     import subprocess
     import sys
+
     from sejd.engines import unavailable
     if unavailable("torch-cuda") is None:
         pytest.skip("a CUDA device is visible: covered by the GPU checks")

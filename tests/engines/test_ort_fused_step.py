@@ -12,14 +12,20 @@ import pytest
 import torch
 
 from sejd import InputError, load_checkpoint, sample
-from sejd.bundle import load_bundle
-from sejd.check import CheckOptions, check_bundle
 from sejd.engines import engine_dir
 from sejd.engines import ort as ort_engines
 from sejd.engines import ort_fused_step as fs
-from sejd.engines.ort import FUSED_PATH, STEP_ROWS_PATH, OrtBlockRunner, build_ort, ort_runners
+from sejd.engines.ort import (
+    FUSED_PATH,
+    STEP_ROWS_PATH,
+    OrtBlockRunner,
+    build_ort,
+    ort_runners,
+)
+from sejd.export.bundle import load_bundle
 from sejd.export.contracts import contract, dummy_inputs
 from sejd.runtime.runner import Conditioning
+from sejd.workflows.check import CheckOptions, check_bundle
 from tests.conftest import OTHER_BLOCKS, make_model
 
 PARITY_TESTED = ["step_fused"]  # the engine-only graph variants with a parity test in this file

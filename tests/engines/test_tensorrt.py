@@ -9,10 +9,16 @@ import torch
 
 from sejd import sample
 from sejd.cli import main
+from sejd.core.errors import SejdError
 from sejd.engines import unavailable
-from sejd.engines.tensorrt import (config_loader, network_loader, platform_mismatch, plan_file, profile_batches,
-                                   trt_profiles)
-from sejd.errors import SejdError
+from sejd.engines.tensorrt import (
+    config_loader,
+    network_loader,
+    plan_file,
+    platform_mismatch,
+    profile_batches,
+    trt_profiles,
+)
 from sejd.export.contracts import contract, profile_shapes
 from tests.conftest import make_model
 
@@ -93,10 +99,10 @@ def test_tensorrt_says_why_it_cannot_run(tiny_bundle, capsys):
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_tensorrt_engines_pass_check_and_match_the_reference(tmp_path, precision):
     from sejd import save_checkpoint
-    from sejd.check import check_bundle
     from sejd.engines import backend
     from sejd.export.exporter import export_bundle
     from sejd.runtime.plan import named_plan
+    from sejd.workflows.check import check_bundle
 
     save_checkpoint(make_model(), tmp_path / "ckpt")
     bundle = export_bundle(tmp_path / "ckpt", tmp_path / "b", unroll=3, batch_max=8, show_progress=False)

@@ -73,8 +73,8 @@ def test_runners_are_reused_across_batches_with_new_inputs():
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_reduced_precision_runner_stays_within_its_parity_floor(precision):
-    from sejd.check import PARITY_DB_BY_PRECISION
-    from sejd.metrics import psnr_db
+    from sejd.workflows.check import PARITY_DB_BY_PRECISION
+    from sejd.workflows.quality import psnr_db
 
     model = make_model()
     dev_model = make_model().to(DEVICE)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from sejd import save_checkpoint
-from sejd.bundle import SCHEMA_VERSION, BundleError, load_bundle
-from sejd.errors import InputError, SejdError
+from sejd.core.errors import InputError, SejdError
+from sejd.export.bundle import SCHEMA_VERSION, BundleError, load_bundle
 from sejd.export.contracts import VARIANTS, contract, dummy_inputs
 from sejd.export.exporter import export_bundle
 from sejd.export.oracle import reference_outputs
@@ -197,14 +197,6 @@ def test_schema_1_bundle_is_refused_in_one_line_saying_how_to_re_export(bundle, 
     assert again.manifest["schema"] == 2 and again.variants() == ["step_rows"]
 
 
-@pytest.mark.parametrize("old, new", [("step", "step_present"), ("step_kv", "step_rows")])
-def test_old_variant_names_are_refused_with_their_new_names(bundle, tmp_path, old, new):
-    with pytest.raises(SejdError, match=rf"unknown variants \['{old}'\] \({old} is now {new}\)"):
-        export_bundle(bundle.path / "model", tmp_path / "b", variants=[old], show_progress=False)
-    with pytest.raises(InputError, match=f"{old} is now {new}"):
-        contract(bundle.config, old)
-
-
 def test_export_refuses_to_overwrite_and_leaves_nothing_half_written(bundle, tmp_path, monkeypatch):
     with pytest.raises(SejdError, match="exists; pass --force"):
         export_bundle(bundle.path / "model", bundle.path)
@@ -253,6 +245,7 @@ def test_contract_validation_names_the_problem(bundle):
 
 def test_contract_docs_are_generated_from_the_declarations():
     from pathlib import Path
+
     from sejd.export.contracts import markdown
     doc = Path(__file__).resolve().parents[2] / "docs" / "contracts.md"
     assert doc.read_text() == markdown() + "\n", "regenerate: python -m sejd.export.contracts > docs/contracts.md"

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from sejd.check import check_bundle
+from sejd.core.errors import SejdError
 from sejd.engines.ort import build_ort
-from sejd.errors import SejdError
 from sejd.export.contracts import FP32_ATOL, contract, dummy_inputs, tolerance
 from sejd.export.graphs import PRECISIONS, graph_module
 from sejd.export.onnx_export import export_block_variant
 from sejd.export.oracle import reference_outputs
 from sejd.export.precision import KEPT_FP32, op_input_types
+from sejd.workflows.check import check_bundle
 from tests.conftest import make_model
 
 SINGLE_CALL = ("step_present", "step_rows", "window", "jacobi", "jacobi_k")
@@ -103,7 +103,7 @@ def test_failed_engine_build_keeps_the_previous_engines(tiny_bundle, tmp_path, m
 
     bundle_path = tmp_path / "b"
     shutil.copytree(tiny_bundle.path, bundle_path)
-    from sejd.bundle import load_bundle
+    from sejd.export.bundle import load_bundle
     bundle = load_bundle(bundle_path)
     calls = {"n": 0}
     real = onnxruntime.InferenceSession

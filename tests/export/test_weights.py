@@ -11,13 +11,19 @@ import pytest
 import torch
 
 from sejd import save_checkpoint
-from sejd.bundle import BundleError, load_bundle
-from sejd.errors import SejdError
+from sejd.core.errors import SejdError
 from sejd.export import exporter
+from sejd.export.bundle import BundleError, load_bundle
 from sejd.export.contracts import contract, dummy_inputs
 from sejd.export.exporter import export_bundle
 from sejd.export.onnx_export import export_block_variant
-from sejd.export.weights import ALIGN, INLINE_MAX_BYTES, WeightStore, all_tensors, save_external
+from sejd.export.weights import (
+    ALIGN,
+    INLINE_MAX_BYTES,
+    WeightStore,
+    all_tensors,
+    save_external,
+)
 from tests.conftest import make_model
 
 
@@ -157,6 +163,7 @@ def test_blocks_after_the_first_two_are_retargeted_and_match_pytorch(bundle):
 
 def test_retarget_refuses_when_it_cannot_tell_which_tensor_an_initializer_comes_from():
     from onnx import helper
+
     from sejd.export.weights import Retarget
 
     w = torch.arange(6, dtype=torch.float32).reshape(2, 3)

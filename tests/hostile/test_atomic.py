@@ -1,6 +1,6 @@
 """Hostile file-system conditions around exports and builds (issue 12, defects 2, 7, 8, 9; progress bars).
 
-Races are made deterministic by wrapping the final move (`sejd.files._swap`), kills hit a subprocess that a test
+Races are made deterministic by wrapping the final move (`sejd.core.files._swap`), kills hit a subprocess that a test
 hook holds in a slow step, full and read-only disks are simulated by failing the OS call.
 """
 
@@ -15,12 +15,18 @@ from pathlib import Path
 
 import pytest
 
-import sejd.files
+import sejd.core.files
 from sejd import save_checkpoint
-from sejd.errors import SejdError
+from sejd.core.errors import SejdError
+from sejd.core.files import (
+    SCRATCH_MARKER,
+    SCRATCH_PREFIX,
+    atomic_dir,
+    rename_noreplace,
+    write_json,
+)
+from sejd.core.util import progress
 from sejd.export.exporter import export_bundle
-from sejd.files import SCRATCH_MARKER, SCRATCH_PREFIX, atomic_dir, rename_noreplace, write_json
-from sejd.util import progress
 from tests.conftest import make_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +54,7 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 
 def before_swap(monkeypatch, action):
     """Run `action(path)` just before atomic_dir's final move (once), as another process would."""
-    real, done = sejd.files._swap, []
+    real, done = sejd.core.files._swap, []
 
     def swap(new, path, *a):
         if not done:
@@ -56,7 +62,7 @@ def before_swap(monkeypatch, action):
             action(path)
         return real(new, path, *a)
 
-    monkeypatch.setattr(sejd.files, "_swap", swap)
+    monkeypatch.setattr(sejd.core.files, "_swap", swap)
 
 
 
@@ -124,7 +130,7 @@ def test_two_exports_to_one_target_exactly_one_wins(ckpt, tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("present", [False, True])
 def test_rename_without_renameat2_still_refuses_an_existing_target(tmp_path, monkeypatch, present):
-    monkeypatch.setattr(sejd.files, "_renameat2_noreplace", lambda src, dst: False)
+    monkeypatch.setattr(sejd.core.files, "_renameat2_noreplace", lambda src, dst: False)
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     (src / "new.txt").write_text("new")
@@ -219,9 +225,9 @@ def test_next_run_removes_scratch_of_a_killed_export_and_says_so(ckpt, tmp_path,
     assert len(killed) == 1 and (killed[0] / SCRATCH_MARKER).is_file()
     unmarked = tmp_path / f"{SCRATCH_PREFIX}b-unmarked"  # looks like ours, but no marker: never removed
     unmarked.mkdir()
-    planted = {"live": (os.getppid(), None, sejd.files._this_host()),  # its process still runs: kept
+    planted = {"live": (os.getppid(), None, sejd.core.files._this_host()),  # its process still runs: kept
                "elsewhere": (dead_pid(), None, "another-host"),  # a pid on another host: unknowable, kept
-               "reused": (os.getppid(), "1", sejd.files._this_host())}  # that pid is another process now
+               "reused": (os.getppid(), "1", sejd.core.files._this_host())}  # that pid is another process now
     for name, (pid, started, host) in planted.items():
         (tmp_path / f"{SCRATCH_PREFIX}b-{name}").mkdir()
         (tmp_path / f"{SCRATCH_PREFIX}b-{name}" / SCRATCH_MARKER).write_text(json.dumps(
@@ -293,9 +299,9 @@ def test_export_to_a_full_disk_is_one_line_and_leaves_nothing(ckpt, tmp_path, mo
 
 def instant_tuner(monkeypatch):
     """tune() with its search replaced by one fixed trial; the source it runs on."""
-    import sejd.tune
+    import sejd.workflows.tune
     from sejd.runtime.plan import named_plan
-    from sejd.source import open_source
+    from sejd.workflows.source import open_source
 
     src = open_source("builtin:digits", "torch")
     plan = named_plan("sjd", src.model.config.num_blocks)
@@ -303,18 +309,18 @@ def instant_tuner(monkeypatch):
 
     def search(self, *baseline):
         searched.append(True)
-        return sejd.tune.Trial(plan, 1.0, 50.0, [], [])
+        return sejd.workflows.tune.Trial(plan, 1.0, 50.0, [], [])
 
-    monkeypatch.setattr(sejd.tune.Tuner, "exact_baseline", lambda self: None)
-    monkeypatch.setattr(sejd.tune.Tuner, "search_uniform", search)
+    monkeypatch.setattr(sejd.workflows.tune.Tuner, "exact_baseline", lambda self: None)
+    monkeypatch.setattr(sejd.workflows.tune.Tuner, "search_uniform", search)
     for step in ("per_block_decoder", "relax", "variants", "verify"):
-        monkeypatch.setattr(sejd.tune.Tuner, step, lambda self, best: best)
-    monkeypatch.setattr(sejd.tune.Tuner, "head_to_head", lambda self, tuned: ("tuned", tuned, {}))
+        monkeypatch.setattr(sejd.workflows.tune.Tuner, step, lambda self, best: best)
+    monkeypatch.setattr(sejd.workflows.tune.Tuner, "head_to_head", lambda self, tuned: ("tuned", tuned, {}))
     return src, searched
 
 
 def test_tune_plan_file_naming_a_directory_fails_before_the_search(tmp_path, monkeypatch):
-    from sejd.tune import tune
+    from sejd.workflows.tune import tune
 
     src, searched = instant_tuner(monkeypatch)
     with pytest.raises(SejdError) as e:
@@ -324,12 +330,12 @@ def test_tune_plan_file_naming_a_directory_fails_before_the_search(tmp_path, mon
 
 
 def test_tune_writing_plan_to_a_full_disk_is_one_line(tmp_path, monkeypatch):
-    import sejd.tune
+    import sejd.workflows.tune
 
     src, _ = instant_tuner(monkeypatch)
     full_disk_for_text(monkeypatch)
     with pytest.raises(SejdError) as e:
-        sejd.tune.tune(src, out=tmp_path / "plan.json", log=lambda *a: None)
+        sejd.workflows.tune.tune(src, out=tmp_path / "plan.json", log=lambda *a: None)
     assert str(tmp_path / "plan.json") in one_line(e) and "No space left on device" in str(e.value)
     assert list(tmp_path.iterdir()) == []
 

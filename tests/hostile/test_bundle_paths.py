@@ -9,10 +9,10 @@ import shutil
 import pytest
 
 import sejd.engines.ort as ort_engines
-from sejd.bundle import SCHEMA_VERSION, Bundle, BundleError, load_bundle
 from sejd.cli import main
 from sejd.engines import backend, engine_file, read_engine_manifest
-from sejd.source import open_source, tuned_plans
+from sejd.export.bundle import SCHEMA_VERSION, Bundle, BundleError, load_bundle
+from sejd.workflows.source import open_source, tuned_plans
 
 JACOBI = "blocks/0/jacobi.onnx"
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from sejd.cli import EXIT_USAGE, main
-from tests.test_cli import keep_progress_env  # noqa: F401 - autouse: restores SEJD_PROGRESS
 from tests.conftest import make_model
+from tests.test_cli import keep_progress_env  # noqa: F401 - autouse: restores SEJD_PROGRESS
 
 CONFIG = '{"head_dim": 32}'
 
@@ -108,8 +108,8 @@ def test_bad_command_lines(ckpt, files, capsys, argv, needles):
 
 
 def test_n_above_a_bundles_batch_max_fails_before_any_noise_is_drawn(tiny_bundle, capsys, monkeypatch):
-    import sejd.request
-    monkeypatch.setattr(sejd.request, "seeded_noise", lambda *a, **k: pytest.fail("noise drawn before the check"))
+    import sejd.runtime.request
+    monkeypatch.setattr(sejd.runtime.request, "seeded_noise", lambda *a, **k: pytest.fail("noise drawn before the check"))
     batch_max = tiny_bundle.manifest["batch_max"]
     rc = main(["sample", str(tiny_bundle.path), "-n", str(batch_max + 1), "--no-progress"])
     assert_one_line_error(rc, capsys.readouterr().err, f"-n {batch_max + 1}", f"batch_max {batch_max}")

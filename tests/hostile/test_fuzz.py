@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sejd.errors import SejdError
+from sejd.core.errors import SejdError
 from tests.conftest import make_model
 
 SECONDS_EACH = 20  # generous on a loaded 2-core machine; a hang or a runaway allocation takes far longer
@@ -98,8 +98,8 @@ def _fuzz_json(path: Path, count: int, seed: int, use):
 
 
 def test_a_hundred_corrupt_manifests_end_in_a_bundle_error(bundle_copy):
-    from sejd.bundle import MANIFEST, load_bundle
-    from sejd.source import open_source
+    from sejd.export.bundle import MANIFEST, load_bundle
+    from sejd.workflows.source import open_source
 
     outside = listing(bundle_copy.parent.parent)
 
@@ -113,9 +113,9 @@ def test_a_hundred_corrupt_manifests_end_in_a_bundle_error(bundle_copy):
 
 
 def test_forty_corrupt_engine_manifests_end_in_a_bundle_error(bundle_copy):
-    from sejd.bundle import load_bundle
     from sejd.engines import backend
-    from sejd.source import open_source
+    from sejd.export.bundle import load_bundle
+    from sejd.workflows.source import open_source
 
     def use():
         bundle = load_bundle(bundle_copy)

@@ -13,14 +13,19 @@ import onnx
 import pytest
 import torch
 
-import sejd.source
+import sejd.workflows.source
 from sejd import save_checkpoint
-from sejd.bundle import BundleError
 from sejd.cli import EXIT_USAGE, main
+from sejd.export.bundle import BundleError
 from sejd.export.weights import tensor_bytes
 from sejd.runtime.plan import named_plan
 from tests.conftest import make_model
-from tests.hostile.test_bundle_paths import copy_bundle, graph_entry, read_manifest, write_manifest
+from tests.hostile.test_bundle_paths import (
+    copy_bundle,
+    graph_entry,
+    read_manifest,
+    write_manifest,
+)
 from tests.hostile.test_outputs import tree_hash
 from tests.test_cli import keep_progress_env  # noqa: F401 - autouse: restores SEJD_PROGRESS
 
@@ -56,7 +61,7 @@ def bundle(tiny_bundle, tmp_path):
 def no_model(monkeypatch):
     def work(*a, **k):
         pytest.fail("a model was opened before the command line was checked")
-    monkeypatch.setattr(sejd.source, "open_source", work)
+    monkeypatch.setattr(sejd.workflows.source, "open_source", work)
 
 
 # item 2: --force replaces only what sejd itself wrote
@@ -149,8 +154,8 @@ def trained(tmp_path):
 
 @pytest.fixture
 def no_training(monkeypatch):
-    import sejd.train
-    monkeypatch.setattr(sejd.train, "load_dataset", lambda *a, **k: pytest.fail("training started"))
+    import sejd.workflows.train
+    monkeypatch.setattr(sejd.workflows.train, "load_dataset", lambda *a, **k: pytest.fail("training started"))
 
 
 def test_train_over_a_checkpoint_needs_force(trained, capsys, no_training):
@@ -366,8 +371,8 @@ def test_train_into_an_unwritable_folder_fails_before_training(capsys, no_traini
 
 
 def test_check_save_failures_into_an_unwritable_folder_fails_before_checking(bundle, capsys, monkeypatch):
-    import sejd.check
-    monkeypatch.setattr(sejd.check, "check_bundle", lambda *a, **k: pytest.fail("checking started"))
+    import sejd.workflows.check
+    monkeypatch.setattr(sejd.workflows.check, "check_bundle", lambda *a, **k: pytest.fail("checking started"))
     rc, err = cli(capsys, "check", bundle, "--save-failures", "/proc/sejd-test/f")
     refused(rc, err, "--save-failures", "/proc")
 

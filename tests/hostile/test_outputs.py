@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import sejd.check
 import sejd.export.exporter
 import sejd.serve.triton
-import sejd.source
+import sejd.workflows.check
+import sejd.workflows.source
 from sejd import save_checkpoint
 from sejd.cli import EXIT_USAGE, main
 from sejd.runtime.plan import named_plan
@@ -102,9 +102,9 @@ def no_work(monkeypatch):
     """Any model loading, checking or copying fails the test: the refusal must come first."""
     def work(*a, **k):
         pytest.fail("work started before the output paths were checked")
-    monkeypatch.setattr(sejd.source, "open_source", work)
+    monkeypatch.setattr(sejd.workflows.source, "open_source", work)
     monkeypatch.setattr(sejd.export.exporter, "load_checkpoint", work)
-    monkeypatch.setattr(sejd.check, "check_bundle", work)
+    monkeypatch.setattr(sejd.workflows.check, "check_bundle", work)
     monkeypatch.setattr(sejd.serve.triton, "load_bundle", work)
 
 
@@ -181,7 +181,7 @@ def test_an_unwritable_output_is_refused_before_work(world, capsys, no_work, nam
 
 def test_tune_may_write_the_bundles_own_plan(world, capsys, monkeypatch):
     """The one place inside an input a command writes by design: tune's plan.json (and plans/)."""
-    from sejd.outputs import Input, Output, check_outputs
+    from sejd.export.outputs import Input, Output, check_outputs
 
     b = world / "bundle"
     check_outputs([Input("the bundle", b, ("plan.json", "plans"))], [Output("--out", b / "plan.json")])

@@ -17,11 +17,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from sejd import CheckpointError, ConfigError, InputError, PlanError, TarFlowConfig, load_checkpoint, sample
+from sejd import (
+    CheckpointError,
+    ConfigError,
+    InputError,
+    PlanError,
+    TarFlowConfig,
+    load_checkpoint,
+    sample,
+)
+from sejd.core import memory
 from sejd.model import checkpoint
-from sejd.request import seeded_noise
-from sejd.runtime import memory
 from sejd.runtime.plan import Plan, resolve_plan
+from sejd.runtime.request import seeded_noise
 from tests.conftest import make_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,7 +169,7 @@ report(lambda: load_checkpoint({str(tmp_path / "gap.pth")!r}, config={{"head_dim
 def test_a_billion_blocks_in_a_bundle_manifest_is_refused(tmp_path):
     """Before the fix, sampling a bundle whose manifest said 10**9 blocks made a runner per block, forever."""
     from sejd import save_checkpoint
-    from sejd.bundle import MANIFEST
+    from sejd.export.bundle import MANIFEST
     from sejd.export.exporter import export_bundle
 
     save_checkpoint(make_model(), tmp_path / "ckpt")
@@ -170,7 +178,7 @@ def test_a_billion_blocks_in_a_bundle_manifest_is_refused(tmp_path):
     manifest["config"]["num_blocks"] = 10**9
     (bundle.path / MANIFEST).write_text(json.dumps(manifest))
     out = run_bounded(CATCH + f"""
-from sejd.source import open_source
+from sejd.workflows.source import open_source
 report(lambda: open_source({str(bundle.path)!r}, "ort-cpu"))
 """)
     # refused while the manifest is validated, before any engine or runner exists
@@ -182,7 +190,7 @@ report(lambda: open_source({str(bundle.path)!r}, "ort-cpu"))
 def test_ten_million_samples_of_noise_are_refused_before_allocating():
     """Before the fix the noise was drawn first (7.9 TB here): an allocator traceback or the OOM killer."""
     out = run_bounded(CATCH + """
-from sejd.request import seeded_noise
+from sejd.runtime.request import seeded_noise
 report(lambda: seeded_noise(10_000_000, 0, 1024, 192))
 """)
     assert out.startswith("InputError: the prior noise of 10000000 samples (10000000 x 1024 x 192 float32) "

@@ -3,7 +3,13 @@ import pickle
 import pytest
 import torch
 
-from sejd import CheckpointError, ConfigError, TarFlowConfig, load_checkpoint, save_checkpoint
+from sejd import (
+    CheckpointError,
+    ConfigError,
+    TarFlowConfig,
+    load_checkpoint,
+    save_checkpoint,
+)
 from tests.conftest import OTHER_BLOCKS, data_like, make_model
 
 

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
+from sejd.core.errors import ConfigError
 from sejd.model.block import run_layer
 from sejd.model.tarflow import TarFlow, TarFlowConfig
-from sejd.errors import ConfigError
+from sejd.runtime.sampler import sample
 from tests.conftest import OTHER_BLOCKS, data_like, make_model, rms_norm_spec
 from tests.model import mltarflow_oracle
 
@@ -90,15 +91,15 @@ def test_forward_then_reverse_gives_back_the_input(overrides):
     x = data_like(model, 2)
     y = torch.tensor([1, -1]) if model.config.num_classes else None
     z, _, _ = model(x, y)
-    x_back = model.reverse(z / model.var.sqrt(), y)
+    x_back = sample(model, z / model.var.sqrt(), labels=y, plan="sequential", progress=False).images
     torch.testing.assert_close(x_back, x, atol=1e-4, rtol=0)
 
 
-def test_reverse_return_sequence_has_one_image_per_block(model):
+def test_kept_sequence_has_one_image_per_block(model):
     z = torch.randn(2, model.config.num_tokens, model.config.token_dim)
-    seq = model.reverse(z, return_sequence=True)
+    seq = sample(model, z, plan="sequential", keep_sequence=True, progress=False).sequence
     assert len(seq) == model.config.num_blocks + 1
-    torch.testing.assert_close(seq[-1], model.reverse(z))
+    torch.testing.assert_close(seq[-1], sample(model, z, plan="sequential", progress=False).images)
     torch.testing.assert_close(seq[0], model.unpatchify(z))  # as ml-tarflow: the noise before the prior scale
 
 

@@ -4,7 +4,7 @@ reallocated only for a larger size, and a block's result does not depend on what
 import pytest
 import torch
 
-from sejd.errors import InputError
+from sejd.core.errors import InputError
 from sejd.runtime.decoders import decode_block
 from sejd.runtime.plan import BlockPlan
 from sejd.runtime.runner import Conditioning, KVCachePool

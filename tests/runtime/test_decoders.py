@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sejd.errors import DecodeError, InputError
+from sejd.core.errors import DecodeError, InputError
 from sejd.runtime import decoders
 from sejd.runtime.plan import BlockPlan
 from sejd.runtime.runner import Conditioning

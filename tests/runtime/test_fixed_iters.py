@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from sejd import PlanError, sample
-from sejd.bench import bench, table
 from sejd.runtime.plan import TIMING_ONLY, BlockPlan, Plan, named_plan
-from sejd.source import Session
+from sejd.workflows.bench import bench, table
+from sejd.workflows.source import Session
 from tests.conftest import make_model
 
 

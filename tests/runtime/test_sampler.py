@@ -52,11 +52,12 @@ def test_cfg_in_one_batch_matches_ml_tarflows_two_pass_loop(plan):
     assert (unguided.images - two_pass.images).abs().max() > 1e-3  # guidance did something
 
 
-def test_model_reverse_matches_reference_loop_with_ml_tarflow_arguments():
+def test_sequential_matches_reference_loop_with_ml_tarflow_arguments():
     model = make_model()
     z = torch.randn(2, model.config.num_tokens, model.config.token_dim, generator=torch.Generator().manual_seed(2))
     y = torch.tensor([0, 1])
-    ours = model.reverse(z.clone(), y, 2.0, "a", 0.9, False)
+    ours = sample(model, z.clone(), labels=y, plan="sequential", guidance=2.0, guide_what="a", attn_temp=0.9,
+                  progress=False).images
     ref = sample(model, z, labels=y, plan="reference", guidance=2.0, guide_what="a", attn_temp=0.9, progress=False)
     torch.testing.assert_close(ours, ref.images, atol=1e-4, rtol=0)
 

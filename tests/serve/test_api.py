@@ -8,9 +8,10 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from sejd.serve.api import MAX_BODY_BYTES, create_api
+from sejd.serve.api import create_api
+from sejd.serve.read_limits import MAX_BODY_BYTES
 from sejd.serve.service import Sampled, SampleService
-from sejd.source import open_source
+from sejd.workflows.source import open_source
 from tests.serve.asgi import call
 from tests.serve.conftest import engine_fails_on_plan
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from sejd.cli import main
-from sejd.errors import SejdError
+from sejd.core.errors import SejdError
 from sejd.serve import app as serve_app
 from tests.serve.conftest import AUTO_PLANS, with_tuned_plans
 

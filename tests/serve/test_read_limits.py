@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sejd.serve.api import create_api
 from sejd.serve.read_limits import ENV, ReadLimits, guard_server, install, runtime_env
 from sejd.serve.service import SampleService
-from sejd.source import open_source
+from sejd.workflows.source import open_source
 from tests.serve.asgi import call
 from tests.serve.sockets import read_answer
 

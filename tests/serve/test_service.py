@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from sejd.cli import main
-from sejd.errors import PlanError
-from sejd.request import per_sample_plan, seeded_labels, seeded_noise
+from sejd.core.errors import PlanError
+from sejd.runtime.request import per_sample_plan, seeded_labels, seeded_noise
 from sejd.runtime.sampler import sample
 from sejd.serve.schema import RequestError, SampleRequest
 from sejd.serve.service import Sampled, SampleService, SamplingFailed
-from sejd.source import open_source
+from sejd.workflows.source import open_source
 from tests.serve.conftest import AUTO_PLANS, engine_fails_on_plan, with_tuned_plans
 
 
@@ -37,7 +37,7 @@ def test_each_request_is_bit_identical_to_sejd_sample_with_its_seed(service, tun
 
 @pytest.mark.parametrize("plan", ["gs-jacobi", "auto", "sjd"])
 def test_a_served_request_is_the_seeded_request_of_sejd_request_bit_for_bit(service, plan):
-    """The one definition of a seeded request: noise and labels from sejd.request, the plan made per-sample
+    """The one definition of a seeded request: noise and labels from sejd.runtime.request, the plan made per-sample
     with per_sample_plan (GS-Jacobi blocks included), sampled alone."""
     reqs = [SampleRequest(n=4, seed=9, plan=plan), SampleRequest(n=1, seed=3, label=2, plan=plan),
             SampleRequest(n=2, seed=3, plan=plan)]

@@ -12,7 +12,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from sejd.cli import main
-from sejd.request import per_sample_plan, seeded_labels, seeded_noise
+from sejd.runtime.request import per_sample_plan, seeded_labels, seeded_noise
 from sejd.runtime.sampler import sample
 from sejd.serve.triton import export_triton
 from tests.serve.conftest import engine_fails_on_plan
@@ -139,6 +139,6 @@ def test_export_triton_cli_refuses_overwrite_and_oversized_batches(repo, tiny_bu
 
 
 def test_export_triton_refuses_a_plan_the_service_cannot_serve(tiny_bundle, tmp_path):
-    from sejd.errors import SejdError
+    from sejd.core.errors import SejdError
     with pytest.raises(SejdError, match="--plan must be one of"):
         export_triton(tiny_bundle.path, tmp_path, name="x", plan="/tmp/myplan.json")

@@ -15,7 +15,7 @@ sampling block, whose output is the image, within a fraction of a dB of sejd's i
 - Redundancy of block k over a window grid (1, 2, 4, ..., T; quick: 1, 4, 16, ..., T):
   (a) nll_increase: NLL(only block k windowed) - NLL(exact model), whole model, in nats per dimension,
       on held-out data: for models trained by sejd on shipped data (the built-ins) the dataset's held-out
-      images plus the training noise sigma (seed 0), as `sejd.train.evaluate_bpd` measures; for any other
+      images plus the training noise sigma (seed 0), as `sejd.workflows.train.evaluate_bpd` measures; for any other
       checkpoint the model's own exact samples (seed + 1);
   (b) psnr_db: PSNR of block k's exact sequential decoding with window w against exact decoding of the
       same input, the input being what exact sampling hands block k (noise seed `seed`, `batch` images).
@@ -31,7 +31,7 @@ sampling block, whose output is the image, within a fraction of a dB of sejd's i
   residual is below every tau and the target is met, at most T-1 (exact).
 - Cost of a Jacobi pass in sequential steps (pass_in_steps): the median time of one full Jacobi pass
   over the median time of one KV-cached step, on the profile's backend and batch (or given).
-- Predicted selectivity: `sejd.analysis.selectivity.RULE`: Jacobi where iterations_to_tau(tau_for_target)
+- Predicted selectivity: `sejd.workflows.analysis.selectivity.RULE`: Jacobi where iterations_to_tau(tau_for_target)
   * pass_in_steps < T-1 steps, else sequential (the rule "more than T/8 iterations is sequential" is the
   case of a pass costing 8 steps); beside it the redundancy-only prediction (window >= T/4: sequential),
   and the plan `sejd tune` chose (the bundle's plan for the batch nearest `batch`, or `--plan FILE`),
@@ -46,9 +46,9 @@ from __future__ import annotations
 import math
 import time
 
-from sejd.analysis.selectivity import RULE, agreement, predict
-from sejd.request import seeded_labels, seeded_noise
-from sejd.util import progress as progress_bar
+from sejd.core.util import progress as progress_bar
+from sejd.runtime.request import seeded_labels, seeded_noise
+from sejd.workflows.analysis.selectivity import RULE, agreement, predict
 
 # the measuring modules are imported where used: the CLI builds this command's parser at every start
 
@@ -64,8 +64,8 @@ def likelihood_images(model, count: int, seed: int, progress: bool):
     -> (images, labels, description)."""
     import torch
 
-    from sejd.analysis.trace import exact_trace
-    from sejd.data import DATASETS, load_dataset
+    from sejd.workflows.analysis.trace import exact_trace
+    from sejd.workflows.data import DATASETS, load_dataset
 
     cfg = model.config
     name = getattr(model, "meta", {}).get("dataset")
@@ -104,13 +104,13 @@ def analyze(src, source_name: str = "", batch: int = 1, quick: bool = False, psn
             nll_tol: float = NLL_TOL, taus=TAUS, plan: str | None = None, seed: int = 0,
             pass_in_steps: float | None = None, progress: bool = True) -> dict:
     """Redundancy, Jacobi profile and predicted selectivity of every block of `src`'s model (a
-    `sejd.source.Session`; see above)."""
-    from sejd.analysis.cost import pass_cost
-    from sejd.analysis.profile import jacobi_profile
-    from sejd.analysis.redundancy import Likelihood, block_redundancy
-    from sejd.analysis.trace import exact_trace
-    from sejd.analysis.window import window_grid
+    `sejd.workflows.source.Session`; see above)."""
     from sejd.runtime.torch_runner import torch_runners
+    from sejd.workflows.analysis.cost import pass_cost
+    from sejd.workflows.analysis.profile import jacobi_profile
+    from sejd.workflows.analysis.redundancy import Likelihood, block_redundancy
+    from sejd.workflows.analysis.trace import exact_trace
+    from sejd.workflows.analysis.window import window_grid
 
     started = time.perf_counter()
     model, cfg = src.model, src.model.config

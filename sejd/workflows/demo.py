@@ -25,17 +25,17 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=5, help="interleaved rounds of the speed table")
     a = p.parse_args(argv)
 
-    from sejd.bench import bench, plot, table
-    from sejd.bundle import load_bundle
-    from sejd.check import check_bundle
+    from sejd.core.files import write_json
+    from sejd.core.util import save_grid
     from sejd.engines.ort import build_ort
+    from sejd.export.bundle import load_bundle
     from sejd.export.exporter import export_bundle
-    from sejd.request import seeded_labels, seeded_noise
+    from sejd.runtime.request import seeded_labels, seeded_noise
     from sejd.runtime.sampler import sample
-    from sejd.source import open_source
-    from sejd.tune import tune
-    from sejd.files import write_json
-    from sejd.util import save_grid
+    from sejd.workflows.bench import bench, plot, table
+    from sejd.workflows.check import check_bundle
+    from sejd.workflows.source import open_source
+    from sejd.workflows.tune import tune
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from sejd.errors import SejdError
+from sejd.core.errors import SejdError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +108,7 @@ def check_outputs(inputs: list[Input], outputs: list[Output]) -> None:
 
 
 def _writable(o: Output) -> None:
-    from sejd.files import probe_writable
+    from sejd.core.files import probe_writable
 
     path = Path(o.path)
     if o.kind == "file" and path.is_dir():

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from sejd.data import load_dataset
+from sejd.core.files import atomic_write
+from sejd.core.util import progress
 from sejd.model.checkpoint import save_checkpoint
 from sejd.model.tarflow import TarFlow, TarFlowConfig
-from sejd.files import atomic_write
-from sejd.util import progress
+from sejd.workflows.data import load_dataset
 
-log = logging.getLogger(__name__)  # "sejd.train": shown by the CLI on stderr (-q hides it)
+log = logging.getLogger(__name__)  # "sejd.workflows.train": shown by the CLI on stderr (-q hides it)
 
 
 @torch.no_grad()
@@ -53,8 +53,8 @@ def check_train_out(out: str | Path, force: bool = False) -> None:
     """Before any work: `out` may hold a training state to resume (a regular file), and a checkpoint only if
     `force` and sejd saved it (config.json sejd's, model.safetensors with the config sejd records in its
     header). Other files in the folder are never touched."""
-    from sejd.errors import SejdError
-    from sejd.outputs import replace_only_ours
+    from sejd.core.errors import SejdError
+    from sejd.export.outputs import replace_only_ours
 
     out = Path(out)
     state = out / STATE_FILE
@@ -72,8 +72,8 @@ def not_a_saved_checkpoint(folder: Path) -> str | None:
     with a size bound)."""
     import json
 
-    from sejd.errors import SejdError
-    from sejd.files import read_json
+    from sejd.core.errors import SejdError
+    from sejd.core.files import read_json
     from sejd.model.checkpoint import RECORDED_CONFIG
 
     for name in CHECKPOINT_FILES:

@@ -36,13 +36,13 @@ import statistics
 import time
 from pathlib import Path
 
-from sejd.metrics import psnr_db
-from sejd.errors import PlanError
-from sejd.request import seeded_labels, seeded_noise
+from sejd.core.errors import PlanError
+from sejd.core.files import output_file, write_json
 from sejd.runtime.plan import NAMED_PLANS, BlockPlan, Plan, named_plan
+from sejd.runtime.request import seeded_labels, seeded_noise
 from sejd.runtime.sampler import sample
-from sejd.source import Session
-from sejd.files import output_file, write_json
+from sejd.workflows.quality import psnr_db
+from sejd.workflows.source import Session
 
 TAU_GRID = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
 HOLDOUT_SEEDS = (1000, 1001)  # never used for calibration (calibration seeds count up from 0)

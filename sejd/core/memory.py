@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from sejd.errors import InputError
+from sejd.core.errors import InputError
 
 FLOAT_BYTES = 4
 MEMINFO = "/proc/meminfo"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from sejd.errors import InputError
+from sejd.core.errors import InputError
 from sejd.model.tarflow import MetaBlock
 
 

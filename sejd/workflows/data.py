@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sejd.errors import SejdError
+from sejd.core.errors import SejdError
 
 DATASETS = ("digits", "textures")
 DATASET_PACKAGES = {"digits": "sklearn", "textures": "skimage"}  # from the `train` extra, imported when used

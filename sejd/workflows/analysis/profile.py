@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from sejd.analysis.trace import block_psnr
+from sejd.workflows.analysis.trace import block_psnr
 
 EXACT_TOL = 1e-4  # a token counts as exact when within this of sequential decoding (float round-off)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from sejd.files import atomic_write
+from sejd.core.files import atomic_write
 
 
 def _pyplot():

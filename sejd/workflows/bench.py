@@ -27,13 +27,13 @@ from typing import Callable
 
 import torch
 
-from sejd import machine
-from sejd.metrics import psnr_db
-from sejd.request import seeded_labels, seeded_noise
+from sejd.core import machine
 from sejd.runtime.plan import TIMING_ONLY, Plan, named_plan
+from sejd.runtime.request import seeded_labels, seeded_noise
 from sejd.runtime.runner import peak_rss_bytes
 from sejd.runtime.sampler import sample
-from sejd.source import Session
+from sejd.workflows.quality import psnr_db
+from sejd.workflows.source import Session
 
 DECODERS = ("forward", "reference", "sequential", "ujd", "sjd", "gs-jacobi", "auto")
 NOISY_SPREAD = 0.10  # IQR / median above which a row's time is flagged
@@ -258,13 +258,13 @@ def table(result: dict) -> str:
 
 def plot(result: dict, path) -> None:
     """Residual against iteration per block, and time per block, for each decoder (largest batch)."""
-    from sejd.extras import require
+    from sejd.core.extras import require
 
     matplotlib = require("matplotlib", "the benchmark plot (--plot)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sejd.files import atomic_write
+    from sejd.core.files import atomic_write
 
     batch = max(r["batch"] for r in result["runs"])
     runs = [r for r in result["runs"] if r["batch"] == batch and "seconds_per_block" in r]  # decoders, not forward

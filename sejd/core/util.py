@@ -1,4 +1,4 @@
-"""Small shared helpers: progress bars and image grids (files are written through `sejd.files`)."""
+"""Small shared helpers: progress bars and image grids (files are written through `sejd.core.files`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from sejd.files import atomic_write
+from sejd.core.files import atomic_write
 
 
 def progress_shown(enabled: bool = True) -> bool:

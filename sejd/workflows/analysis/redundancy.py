@@ -8,11 +8,11 @@ import math
 
 import torch
 
-from sejd.analysis.window import windowed
-from sejd.analysis.trace import block_psnr
-from sejd.errors import DecodeError
+from sejd.core.errors import DecodeError
 from sejd.runtime.decoders import sequential
 from sejd.runtime.torch_runner import TorchBlockRunner
+from sejd.workflows.analysis.trace import block_psnr
+from sejd.workflows.analysis.window import windowed
 
 ATTENTION_ELEMENTS = 2**26  # attention scores held at once by a forward pass (256 MB in fp32)
 

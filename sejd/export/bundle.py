@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import re
 import stat
 from pathlib import Path
 
-from sejd.errors import SejdError
-from sejd.files import read_json
+from sejd.core.errors import SejdError
+from sejd.core.files import read_json
 from sejd.model.tarflow import TarFlowConfig
 
 SCHEMA_VERSION = 2
@@ -58,10 +57,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclasses.dataclass

@@ -25,18 +25,24 @@ from pathlib import Path
 
 import numpy as np
 
-from sejd.bundle import Bundle
+from sejd.core.errors import SejdError
+from sejd.core.util import progress
 from sejd.engines import backends
 from sejd.engines.ort_fused_step import ENGINE_VARIANTS, FUSED_VARIANT
 from sejd.engines.polygraphy_runners import callable_runner
-from sejd.errors import SejdError
-from sejd.export.contracts import (BLOCK_VARIANTS, DEFAULT_UNROLL, VARIANTS, contract, dummy_inputs, renamed_hint,
-                                   tolerance)
+from sejd.export.bundle import Bundle
+from sejd.export.contracts import (
+    BLOCK_VARIANTS,
+    DEFAULT_UNROLL,
+    VARIANTS,
+    contract,
+    dummy_inputs,
+    tolerance,
+)
 from sejd.export.oracle import reference_outputs
-from sejd.metrics import psnr_db
-from sejd.request import seeded_labels, seeded_noise
 from sejd.runtime.plan import NAMED_PLANS
-from sejd.util import progress
+from sejd.runtime.request import seeded_labels, seeded_noise
+from sejd.workflows.quality import psnr_db
 
 PSNR_FLOOR_DB = 40.0  # the default (tuned) plan must stay >= 40 dB against exact decoding
 PARITY_DB = 60.0  # an engine running a plan must match PyTorch running the same plan to round-off
@@ -185,9 +191,9 @@ def _selector(item: str, num_blocks: int) -> tuple[int | None, str | None]:
         if not parts[1].isdigit() or int(parts[1]) >= num_blocks:
             raise SejdError(f"--graphs: {item!r} names block {parts[1]!r}; {expected}")
         if len(parts) == 3 and parts[2] not in BLOCK_VARIANTS + ENGINE_VARIANTS:
-            raise SejdError(f"--graphs: {item!r} names variant {parts[2]!r}{renamed_hint(parts[2:])}; {expected}")
+            raise SejdError(f"--graphs: {item!r} names variant {parts[2]!r}; {expected}")
         return int(parts[1]), parts[2] if len(parts) == 3 else None
-    raise SejdError(f"--graphs: cannot read {item!r}{renamed_hint(parts[-1:])}; {expected}")
+    raise SejdError(f"--graphs: cannot read {item!r}; {expected}")
 
 
 def polygraphy_target(bundle: Bundle | None, backend: str, g: dict) -> list[str] | None:
@@ -205,7 +211,7 @@ def save_failure(folder: Path, g: dict, feeds: list[dict], results, target: list
     from polygraphy.comparator import RunResults
     from polygraphy.json import save_json
 
-    from sejd.files import atomic_write
+    from sejd.core.files import atomic_write
 
     where = folder / graph_name(g).replace(" ", "-")
     reference = RunResults()
@@ -445,7 +451,7 @@ def check_source(src, model, options: CheckOptions | None = None, engine_model=N
 def check_bundle(bundle: Bundle, backend: str, plans=None, show_progress=True,
                  options: CheckOptions | None = None) -> CheckReport:
     """`sejd check` on a loaded bundle; `plans` (if given) overrides `options.plans`."""
-    from sejd.source import Session, tuned_plans
+    from sejd.workflows.source import Session, tuned_plans
 
     options = options or CheckOptions(show_progress=show_progress)
     if plans is not None:  # the tuned plan is the default one: checked whenever there is one

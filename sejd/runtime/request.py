@@ -11,8 +11,8 @@ import copy
 
 import torch
 
-from sejd.errors import InputError
-from sejd.runtime.memory import check_fits, noise_bytes
+from sejd.core.errors import InputError
+from sejd.core.memory import check_fits, noise_bytes
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
 # classifier-free guidance accepted from users (CLI and service): past ~10 it already saturates images;

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from sejd.errors import SejdError
+from sejd.core.errors import SejdError
 
 EXTRAS = {  # top-level module -> the extra of pyproject.toml that installs it
     "onnxruntime": "cpu",  # or 'gpu' on a CUDA machine: never both

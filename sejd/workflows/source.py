@@ -8,19 +8,18 @@ import os
 import re
 from pathlib import Path
 
-from sejd.errors import SejdError
+from sejd.core.errors import SejdError
 
 
 @dataclasses.dataclass
 class Session:
     """An opened model and the backend that runs it (`open_source`): the model, its block runners, the
-    backend's name and, for a bundle, the bundle. `Source`, its former name, is a deprecated alias kept
-    for one release (sejd 0.1.x); it warns when imported."""
+    backend's name and, for a bundle, the bundle."""
 
     model: object  # TarFlow: host-side glue (prior variance, permutations, unpatchify, denoising)
     runners: list | None  # None: the PyTorch reference
     backend: str
-    bundle: object | None = None  # sejd.bundle.Bundle when the source is a bundle
+    bundle: object | None = None  # sejd.export.bundle.Bundle when the source is a bundle
 
     @property
     def single_token_path(self) -> str:
@@ -32,7 +31,7 @@ class Session:
     def plan(self, name, batch: int | None = None):
         """A Plan for this session: a named plan, `auto` (the plan tuned for the batch size nearest to
         `batch`) or a plan file, which must have been made for this bundle when it says which."""
-        from sejd.errors import PlanError
+        from sejd.core.errors import PlanError
         from sejd.runtime.plan import resolve_plan
 
         name = self.tuned_plan(batch) if name == "auto" else (name or self.default_plan(batch))
@@ -84,8 +83,8 @@ PLAN_MAX_BYTES = 4 << 20  # a plan has one small entry per block; 1024 blocks ta
 def read_plan_file(path, root=None):
     """A plan file as a Plan: a regular UTF-8 JSON file of at most PLAN_MAX_BYTES (inside `root`, without
     following a link out of it, when given); anything else is a PlanError naming the file."""
-    from sejd.errors import PlanError
-    from sejd.files import read_json
+    from sejd.core.errors import PlanError
+    from sejd.core.files import read_json
     from sejd.runtime.plan import Plan
 
     return Plan.from_dict(read_json(path, "the plan file", PlanError, root, PLAN_MAX_BYTES), str(path))
@@ -117,7 +116,7 @@ def tuned_plans(bundle) -> dict[int, Path]:
 
 def plan_file(bundle, rel: str) -> Path:
     """A plan `sejd tune` wrote into `bundle` (plan.json or plans/...), confined to the bundle."""
-    from sejd.bundle import confined_file
+    from sejd.export.bundle import confined_file
 
     return confined_file(bundle.path, rel, "tuned plan", bundle.path)
 
@@ -139,7 +138,7 @@ def open_source(source: str | os.PathLike, backend: str = "auto", threads: int |
 
     refuse_config_for_bundle(source, config)
     if is_bundle(source):
-        from sejd.bundle import load_bundle
+        from sejd.export.bundle import load_bundle
 
         bundle = load_bundle(source)
         backend = "ort-cpu" if backend == "auto" else backend
@@ -164,13 +163,3 @@ def open_source(source: str | os.PathLike, backend: str = "auto", threads: int |
     runners = found.runners(model, precision)  # torch-cuda: the model moves to the GPU
     return Session(runners[0].model, runners, backend)
 
-
-def __getattr__(name: str):
-    """`Source`: the deprecated name of `Session` (one release), with a DeprecationWarning."""
-    if name == "Source":
-        import warnings
-
-        warnings.warn("sejd.source.Source is now sejd.source.Session; the old name goes in the next release",
-                      DeprecationWarning, stacklevel=2)
-        return Session
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,7 +31,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from sejd.errors import SejdError
+from sejd.core.errors import SejdError
 
 SCRATCH_PREFIX = ".sejd-tmp-"
 SCRATCH_MARKER = ".sejd-scratch.json"  # {"tool": "sejd", "pid", "started", "host": name and PID namespace}

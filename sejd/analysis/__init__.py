@@ -1,1 +1,0 @@
-"""The pieces of `sejd analyze` (see `sejd.analyze` for the definitions they measure)."""

@@ -1,0 +1,1 @@
+"""The bottom layer: errors, files, memory checks, machine facts, optional extras, small helpers."""
