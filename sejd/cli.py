@@ -337,9 +337,10 @@ def _analyze(a):
 
 
 def _export(a):
+    from sejd.export.contracts import VARIANTS
     from sejd.export.exporter import export_bundle
 
-    variants = a.variants.split(",") if a.variants else None
+    variants = None if not a.variants else VARIANTS if a.variants == "all" else a.variants.split(",")
     _outputs(a, a.source, [("-o", a.out, "folder")])
     b = export_bundle(a.source, a.out, variants=variants, unroll=a.unroll, opset=a.opset, batch_max=a.batch_max,
                       force=a.force, show_progress=_show_progress(a), **_config_kwargs(a.config))
@@ -551,13 +552,14 @@ def _add_analyze(sub):
 
 
 def _add_export(sub):
-    from sejd.export.contracts import VARIANTS
+    from sejd.export.contracts import DEFAULT_VARIANTS, VARIANTS
 
-    e = _command(sub, "export", "export every block variant to ONNX: a verified bundle folder", _export)
+    e = _command(sub, "export", "export the block graphs to ONNX: a verified bundle folder", _export)
     e.add_argument("source", help="checkpoint, sejd folder or builtin:NAME")
     e.add_argument("-o", "--out", required=True, help="bundle folder to write")
     e.add_argument("--config", default=None, help=CONFIG_HELP)
-    e.add_argument("--variants", default=None, help="comma-separated subset of: " + ", ".join(VARIANTS) + " (None: all)")
+    e.add_argument("--variants", default=None, help=f"comma-separated subset of: {', '.join(VARIANTS)}, or 'all' "
+                   f"(default: {','.join(DEFAULT_VARIANTS)}, the graphs tuned plans run)")
     e.add_argument("--unroll", type=int, default=8, help="iterations unrolled in jacobi_k")
     e.add_argument("--opset", type=int, default=18, help="ONNX opset (17..21)")
     e.add_argument("--batch-max", dest="batch_max", type=int, default=64, help="largest batch engines must serve")

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from sejd.export.contracts import VARIANTS
 from sejd.model.tarflow import TarFlow, TarFlowConfig
 
 # the tiny test models run fastest on one thread, and do not fight other processes for cores
@@ -58,7 +59,7 @@ def tiny_bundle(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_bundle")
     save_checkpoint(make_model(), root / "ckpt")
-    bundle = export_bundle(root / "ckpt", root / "bundle", unroll=4, show_progress=False)
+    bundle = export_bundle(root / "ckpt", root / "bundle", variants=VARIANTS, unroll=4, show_progress=False)
     build_ort(bundle, "ort-cpu", show_progress=False)
     return bundle
 

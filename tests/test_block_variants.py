@@ -28,7 +28,7 @@ def built(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     model = make_model(**OTHER_BLOCKS[request.param])
     save_checkpoint(model, root / "ckpt")
-    bundle = export_bundle(root / "ckpt", root / "bundle", unroll=4, show_progress=False)
+    bundle = export_bundle(root / "ckpt", root / "bundle", variants=VARIANTS, unroll=4, show_progress=False)
     build_ort(bundle, "ort-cpu", show_progress=False)
     return model, bundle
 

@@ -32,6 +32,13 @@ CHAINED_VARIANTS = ("jacobi_k", "jacobi_loop", "sequential_loop")
 BLOCK_VARIANTS = ("step_present", "step_rows", "window", "jacobi", "jacobi_k", "jacobi_loop", "sequential_loop")
 MODEL_VARIANTS = ("forward",)
 VARIANTS = BLOCK_VARIANTS + MODEL_VARIANTS
+# What `sejd export` writes unless --variants says otherwise: the graphs some tuned plan ran on a backend that
+# runs here (docs/variants.md). step_rows: the single-token step of every engine backend (ort-cpu falls back
+# to it without the native step); window: GS-Jacobi and the GPU runners; jacobi: every Jacobi plan; forward:
+# density evaluation. Not by default: step_present (superseded by step_rows), jacobi_k and the two Loop graphs
+# (never picked by tuning: host-driven calls and the native step beat them on the CPU; the GPU runners capture
+# their own loops).
+DEFAULT_VARIANTS = ("step_rows", "window", "jacobi", "forward")
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:

@@ -32,6 +32,7 @@ from sejd.export.contracts import (
     BLOCK_VARIANTS,
     DEFAULT_OPSET,
     DEFAULT_UNROLL,
+    DEFAULT_VARIANTS,
     MODEL_VARIANTS,
     VARIANTS,
     contract,
@@ -64,7 +65,7 @@ def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = D
                   config=None):
     """`config`: the model's config (TarFlowConfig or dict) for a checkpoint whose file name does not
     carry it, as `load_checkpoint(config=...)`."""
-    variants = list(variants or VARIANTS)
+    variants = list(variants or DEFAULT_VARIANTS)
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise SejdError(f"unknown variants {unknown}; expected a subset of {list(VARIANTS)}")

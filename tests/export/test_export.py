@@ -32,7 +32,7 @@ def bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     model = make_model()
     save_checkpoint(model, root / "ckpt")
-    return export_bundle(root / "ckpt", root / "bundle", unroll=UNROLL, show_progress=False)
+    return export_bundle(root / "ckpt", root / "bundle", variants=VARIANTS, unroll=UNROLL, show_progress=False)
 
 
 @pytest.fixture(scope="module", params=["ml-tarflow", *OTHER_BLOCKS])
@@ -43,7 +43,7 @@ def any_bundle(request, bundle, tmp_path_factory):
         return bundle
     root = tmp_path_factory.mktemp(request.param)
     save_checkpoint(make_model(**OTHER_BLOCKS[request.param]), root / "ckpt")
-    return export_bundle(root / "ckpt", root / "bundle", unroll=UNROLL, show_progress=False)
+    return export_bundle(root / "ckpt", root / "bundle", variants=VARIANTS, unroll=UNROLL, show_progress=False)
 
 
 def session(bundle, variant, block):
@@ -289,3 +289,14 @@ def test_chained_forward_graph_matches_pytorch_on_other_models(tmp_path, overrid
         want = reference_outputs(model, None, c, feeds)
         for name, value in zip(c.output_names, got):
             np.testing.assert_allclose(value, want[name], atol=c.atol, rtol=0, err_msg=name)
+
+
+def test_export_writes_only_the_default_variants_unless_asked(bundle, tmp_path):
+    from sejd.cli import main
+    from sejd.export.contracts import DEFAULT_VARIANTS
+
+    default = export_bundle(bundle.path / "model", tmp_path / "default", show_progress=False)
+    assert sorted(default.variants()) == sorted(DEFAULT_VARIANTS) and "sequential_loop" not in default.variants()
+    assert main(["export", str(bundle.path / "model"), "-o", str(tmp_path / "all"), "--variants", "all",
+                 "--unroll", "2", "--no-progress"]) == 0
+    assert sorted(load_bundle(tmp_path / "all").variants()) == sorted(VARIANTS)

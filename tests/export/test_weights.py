@@ -14,7 +14,7 @@ from sejd import save_checkpoint
 from sejd.core.errors import SejdError
 from sejd.export import exporter
 from sejd.export.bundle import BundleError, load_bundle
-from sejd.export.contracts import contract, dummy_inputs
+from sejd.export.contracts import VARIANTS, contract, dummy_inputs
 from sejd.export.exporter import export_bundle
 from sejd.export.onnx_export import export_block_variant
 from sejd.export.weights import (
@@ -31,7 +31,7 @@ from tests.conftest import make_model
 def bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("weights")
     save_checkpoint(make_model(), root / "ckpt")
-    return export_bundle(root / "ckpt", root / "bundle", unroll=2, show_progress=False)
+    return export_bundle(root / "ckpt", root / "bundle", variants=VARIANTS, unroll=2, show_progress=False)
 
 
 def external_locations(path):
