@@ -30,6 +30,13 @@ Around the layers: h = proj_in(x) + pos_embed[position] (+ the class term), and 
 classifier-free guidance a batch of B samples runs as R = 2B rows, conditional rows first, row r taking
 sample r mod B; the guided parameters are c + w (c - u).
 
+STARFlow (apple/ml-starflow) blocks are the same layers with other options, declared by BlockSpec fields
+whose defaults are TarFlow's (so a TarFlow spec computes bit for bit what it did before they existed):
+`positions` "rope" (rotary angles per cache slot instead of a learned pos_embed), `start_token` (a learned
+sos_embed as the block's first input), `final_norm` (RMSNorm before proj_out), `soft_clip`, `affine_scale`
+"softplus" (sigma = softplus(a + log(e-1)), carried as xa = log sigma), `text_width`/`text_length` (a text
+prefix through proj_txt, held in the KV cache's first slots) and `guidance` "starflow" (FACTS section 6).
+
 Changing the block is editing this declaration. A block without biases or with another MLP width is a
 config change (`bias`, `expansion`) that reaches every consumer through it (the native packing passes zeros
 for an absent bias). Another kind of layer is a change of `BlockSpec.layer`, and a new op kind also needs its
@@ -48,7 +55,14 @@ import torch.nn.functional as F
 from torch import nn
 
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, as ml-tarflow uses it
+RMS_NORM_EPS = 1e-6  # ml-starflow's RMSNorm (final_norm)
 OP_KINDS = ("layer_norm", "linear", "gelu", "attention")
+POSITIONS = ("learned", "rope")
+AFFINE_SCALES = ("exp", "softplus")
+GUIDANCES = ("tarflow", "starflow")
+INV_SOFTPLUS_1 = math.log(math.e - 1)  # softplus(0 + this) == 1: a zero proj_out is the identity flow
+ROPE_THETA = 10000.0
+ROPE_TEXT_PAIRS = 8  # ml-starflow's 3-D rope keeps 8 rotary pairs for the text axis (dim_split [.., 8])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +99,26 @@ class BlockSpec:
     nvp: bool  # affine (xa, xb) when true, volume-preserving (xb only) when false
     num_classes: int  # 0: unconditional, no class embedding
     bias: bool = True  # every linear has a bias and every layer norm a shift (ml-tarflow's blocks do)
+    # ---- STARFlow options; the defaults are TarFlow's
+    positions: str = "learned"  # "learned": pos_embed (T, C) added after proj_in; "rope": rotary q/k per slot
+    start_token: bool = False  # a learned sos_embed (1, 1, D) is the block's first input (token 0 at runtime)
+    final_norm: bool = False  # RMSNorm (weight an offset from 1, eps 1e-6, float32) before proj_out
+    soft_clip: float | None = None  # proj_out's output -> c * tanh(out / c)
+    affine_scale: str = "exp"  # sigma = exp(a) (TarFlow) or softplus(a + log(e-1)) (STARFlow)
+    text_width: int = 0  # Dt: proj_txt (C, Dt) and a text prefix (only the block that has text)
+    text_length: int = 0  # Lt: the text prefix's length, the KV cache's first Lt slots (text blocks only)
+    guidance: str = "tarflow"  # "tarflow": c + w (c - u); "starflow": ml-starflow's Gaussian formula
+    grid: tuple[int, int] = (0, 0)  # rope: the (rows, columns) of the token grid, raster order
+    rope_len: int = 0  # rope: pt_seq_len, the grid steps are scaled by rope_len / sqrt(rows * columns)
+    rope_text_axis: bool = False  # rope: 3-D angles (row, column, text) as ml-starflow with txt_size > 0
+
+    def __post_init__(self):
+        # these are declarations, not user input (StarFlowConfig validates that): a wrong one is a bug
+        assert self.positions in POSITIONS and self.affine_scale in AFFINE_SCALES and self.guidance in GUIDANCES
+        if self.positions == "rope":
+            assert self.grid[0] * self.grid[1] == self.num_tokens and self.rope_len > 0
+            assert self.head_dim % 4 == 0 and (not self.rope_text_axis or self.head_dim // 2 > ROPE_TEXT_PAIRS)
+        assert (self.text_width > 0) == (self.text_length > 0)
 
     @classmethod
     def from_config(cls, cfg) -> "BlockSpec":
@@ -128,15 +162,42 @@ class BlockSpec:
     def proj_out(self) -> Op:
         return Op("linear", "proj_out", (self.out_dim, self.channels), self.bias)
 
+    @property
+    def proj_txt(self) -> Op:  # text blocks only
+        return Op("linear", "proj_txt", (self.channels, self.text_width), self.bias)
+
+    @property
+    def final_norm_op(self) -> Op:  # final_norm blocks only
+        return Op("rms_norm", "final_norm", (self.channels,), eps=RMS_NORM_EPS)
+
+    @property
+    def run_tokens(self) -> int:
+        """Tokens the runtime decodes: T, or T + 1 with a start token (token 0 is the start token, given, like
+        a TarFlow block's token 0 = z_0; the output at position i parameterises token i + 1 either way)."""
+        return self.num_tokens + int(self.start_token)
+
+    @property
+    def cache_slots(self) -> int:
+        """KV-cache length: the text prefix's slots, then one per runtime position."""
+        return self.text_length + self.run_tokens
+
     def parameters(self) -> dict[str, tuple[int, ...]]:
-        """Every learned tensor of one block by state-dict key (ml-tarflow's names) -> shape."""
+        """Every learned tensor of one block by state-dict key (ml-tarflow's / ml-starflow's names) -> shape."""
         T, C = self.num_tokens, self.channels
-        out = {**self.proj_in.weights(), "pos_embed": (T, C)}
+        out = dict(self.proj_in.weights())
+        if self.positions == "learned":
+            out["pos_embed"] = (T, C)
         if self.num_classes:  # ml-tarflow has no class_embed key at all in unconditional models
             out["class_embed"] = (self.num_classes, 1, C)
+        if self.start_token:
+            out["sos_embed"] = (1, 1, self.token_dim)
+        if self.text_width:
+            out.update(self.proj_txt.weights())
         for j in range(self.layers):
             for op in self.layer:
                 out.update({f"attn_blocks.{j}.{k}": s for k, s in op.weights().items()})
+        if self.final_norm:
+            out.update(self.final_norm_op.weights())
         out.update(self.proj_out.weights())
         return out
 
@@ -145,7 +206,34 @@ class BlockSpec:
         return sum(math.prod(s) for s in self.parameters().values())
 
     def buffers(self) -> dict[str, tuple[int, ...]]:
+        if self.positions == "rope":  # ml-starflow's attn_mask is deprecated and never read: sejd holds none
+            return {}
         return {"attn_mask": (self.num_tokens, self.num_tokens)}  # ml-tarflow's causal mask, kept for its key
+
+    def rope_angles(self) -> torch.Tensor:
+        """(cache_slots, head_dim) float64 rotation angles, one row per KV-cache slot (ml-starflow's
+        VisionRotaryEmbeddingFast + get_positions): text slot i < Lt at (0, 0, i / Lt * rope_len), runtime
+        position j at grid slot (j // W, j % W), each scaled by rope_len / sqrt(H * W). Angles belong to
+        sequence slots, not to the token sitting there: a flipped block's slot j is still rotated by (j // W,
+        j % W), and with a start token runtime position 0 (the start token) is grid slot (0, 0) (FACTS 4).
+        The row after the last grid slot (runtime position T, never projected) continues the raster.
+        Spatial pairs: half - 8 with a text axis (else half), split over rows and columns with frequencies
+        theta^(-2k / spatial); text axis: 8 pairs with theta^(-k / 8) (k/8, not 2k/8, as ml-starflow)."""
+        H, W = self.grid
+        half, Lt = self.head_dim // 2, self.text_length
+        spatial = half - ROPE_TEXT_PAIRS if self.rope_text_axis else half
+        f = ROPE_THETA ** (-torch.arange(0, spatial, 2, dtype=torch.float64) / spatial)
+        j = torch.arange(self.run_tokens, dtype=torch.float64)
+        unit = self.rope_len / math.sqrt(H * W)
+        row, col = torch.div(j, W, rounding_mode="floor") * unit, torch.remainder(j, W) * unit
+        zeros = torch.zeros(Lt, dtype=torch.float64)
+        ang = [torch.cat([zeros, row])[:, None] * f, torch.cat([zeros, col])[:, None] * f]
+        if self.rope_text_axis:
+            f2 = ROPE_THETA ** (-torch.arange(ROPE_TEXT_PAIRS, dtype=torch.float64) / ROPE_TEXT_PAIRS)
+            t = torch.cat([torch.arange(Lt, dtype=torch.float64) / max(Lt, 1) * self.rope_len,
+                           torch.zeros(self.run_tokens, dtype=torch.float64)])
+            ang.append(t[:, None] * f2)
+        return torch.cat(ang, -1).repeat_interleave(2, -1)  # each angle drives an adjacent (even, odd) pair
 
 
 # ---------------------------------------------------------------- PyTorch, derived from the declaration
@@ -159,7 +247,24 @@ def make_module(op: Op) -> nn.Module:
         return nn.Linear(op.shape[1], op.shape[0], bias=op.bias)
     if op.kind == "gelu":
         return nn.GELU()
+    if op.kind == "rms_norm":
+        return RMSNorm(op.shape[0], op.eps)
     raise ValueError(f"op {op.kind!r} has no module")
+
+
+class RMSNorm(nn.Module):
+    """ml-starflow's RMSNorm: x * rsqrt(mean(x^2) + eps) * (1 + weight) in float32; the weight is an offset
+    from 1 (zeros at initialisation, add_unit_offset)."""
+
+    def __init__(self, dim: int, eps: float = RMS_NORM_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight.float())
+        return y.type(x.dtype)
 
 
 class Layer(nn.Module):
@@ -215,12 +320,23 @@ def run_layer(spec: BlockSpec, layer: Layer, h: torch.Tensor, attention, temp=1.
     return h
 
 
-def cached_attention(cache, start: int, mask):
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., n, hd) by per-token angles (cos, sin of (n, hd)) in interleaved pairs (2m, 2m+1), as
+    ml-starflow's rotate_half: out[2m] = x[2m] cos - x[2m+1] sin, out[2m+1] = x[2m+1] cos + x[2m] sin."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return x * cos + torch.stack([-x2, x1], -1).flatten(-2) * sin
+
+
+def cached_attention(cache, start: int, mask, rope=None):
     """The attention of `run_layer` over a static, preallocated KV cache (key, value) of (R, H, T, hd)
     holding positions < start: the call's keys/values are written in place at [start, start + n) and the
     queries attend over [0, start + n) as `mask` allows (bool, True = attend; None = all). Without a cache,
-    over the call's own tokens."""
+    over the call's own tokens. `rope` (cos, sin), each (n, hd): the rotary angles of the call's own slots;
+    q and k are rotated before k is written, so the cache holds rotated keys (each slot keeps its own angle;
+    ml-starflow rotates its unrotated cache at every read with the same per-slot angles: the same maths)."""
     def attend(q, k, v, scale):
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             n = q.shape[2]
             k_cache, v_cache = cache
@@ -232,10 +348,18 @@ def cached_attention(cache, start: int, mask):
 
 
 def split(spec: BlockSpec, p: torch.Tensor):
-    """proj_out's output (..., P) -> the affine parameters (xa, xb); xa is zero in a volume-preserving block."""
-    if spec.nvp:
-        return p.chunk(2, dim=-1)
-    return torch.zeros_like(p), p
+    """proj_out's output (..., P) -> the affine parameters (xa, xb) of x = z exp(xa) + xb; xa is zero in a
+    volume-preserving block. STARFlow: soft clip c tanh(p / c) on both halves first; with a softplus scale,
+    sigma = softplus(a + log(e-1)) in float32 and xa = log sigma (so exp(xa) gives sigma back; the first D
+    channels drive the scale, the last D the shift, as in ml-starflow)."""
+    if spec.soft_clip:
+        p = spec.soft_clip * torch.tanh(p / spec.soft_clip)
+    if not spec.nvp:
+        return torch.zeros_like(p), p
+    xa, xb = p.chunk(2, dim=-1)
+    if spec.affine_scale == "softplus":
+        xa = F.softplus(xa.float() + INV_SOFTPLUS_1).log().type(xa.dtype)
+    return xa, xb
 
 
 def rows(x: torch.Tensor, R: int) -> torch.Tensor:
@@ -245,16 +369,27 @@ def rows(x: torch.Tensor, R: int) -> torch.Tensor:
     return x.index_select(0, idx)
 
 
-def guide(xa, xb, w, batch: int):
-    """The rows' parameters (R, n, D) -> the B samples' guided (xa, xb) (B, n, D), in float32:
-    c + w (c - u), c the conditional rows, u the unconditional ones, w (2, n) the weights of xa and xb at
-    each position (None: no guidance). With R == B, c and u are the same rows and the result is c."""
+def guide(xa, xb, w, batch: int, kind: str = "tarflow"):
+    """The rows' parameters (R, n, D) -> the B samples' guided (xa, xb) (B, n, D), in float32. c are the
+    conditional rows, u the unconditional ones, w (2, n) the weights of xa and xb at each position (None: no
+    guidance). With R == B, c and u are the same rows and the result is c.
+
+    kind "tarflow": c + w (c - u) on xa and xb separately.
+    kind "starflow" (ml-starflow's MetaBlock.guidance, from (1+w) log p_c - w log p_u of two Gaussians;
+    w = w[0]): with sigma = exp(xa), mu = xb, s = min(sigma_c / sigma_u, 1)^2, den = 1 + w - w s:
+    sigma = sigma_c / sqrt(den), mu = ((1 + w) mu_c - w s mu_u) / den. The ratio is taken in the log domain
+    (s = exp(2 min(xa_c - xa_u, 0))), and xa = xa_c - log(den) / 2."""
     xa, xb = xa.float(), xb.float()
     R = xa.shape[0]
     ca, cb = xa[:batch], xb[:batch]
     if w is None:
         return ca, cb
     ua, ub = xa[R - batch:], xb[R - batch:]
+    if kind == "starflow":
+        g = w[0].view(-1, 1)
+        s = torch.exp(2 * (ca - ua).clamp(max=0.0))
+        den = 1 + g - g * s
+        return ca - 0.5 * den.log(), ((1 + g) * cb - g * s * ub) / den
     return ca + w[0].view(-1, 1) * (ca - ua), cb + w[1].view(-1, 1) * (cb - ub)
 
 

@@ -87,6 +87,14 @@ def check_state_dict(model: TarFlow, sd: dict, where: str) -> None:
             raise CheckpointError(f"{where}: {key} has dtype {sd[key].dtype}, expected a floating tensor")
 
 
+def refuse_starflow(sd: dict, where) -> None:
+    """An ml-starflow state dict (start tokens, rope: no pos_embed) given as TarFlow, refused in one line."""
+    key = next((k for k in sd if k.endswith(".sos_embed") or k.endswith(".final_norm.weight")), None)
+    if key is not None:
+        raise CheckpointError(f"{where}: this is an ml-starflow (STARFlow) checkpoint ({key}): load it with "
+                              "sejd.model.starflow_checkpoint.load_starflow, not as TarFlow")
+
+
 def read_pth(path: Path) -> dict:
     """A `.pth` of plain tensors, loaded with weights_only=True (no code from the file ever runs)."""
     try:
@@ -258,6 +266,7 @@ def load_checkpoint(path: str | os.PathLike, config: TarFlowConfig | dict | None
     explicit = config.to_dict() if isinstance(config, TarFlowConfig) else dict(config or {})
     files = sejd_files(path)
     sd, meta, given, sources = _read_sejd(path, files, explicit) if files else _read_ml_tarflow(path, explicit)
+    refuse_starflow(sd, path)
     layout = read_layout(sd)
     patch_size, geometry = choose_geometry(layout, given, sources)
     inferred = layout.config(given.get("head_dim", 64), patch_size)

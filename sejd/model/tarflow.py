@@ -129,35 +129,64 @@ class TarFlowConfig:
 
 
 class MetaBlock(nn.Module):
-    """One flow block. `flip` permutes the token axis (odd blocks); all maths runs in permuted order.
+    """One flow block, built from its BlockSpec (a TarFlowConfig gives TarFlow's). `flip` permutes the token
+    axis (odd TarFlow blocks); all maths runs in permuted order.
 
     `window` (None: the exact model) restricts every attention layer of the block to the last `window`
     positions, the query's own included: the output at position l, which parameterises token l+1,
     attends only to positions l-window+1 .. l (see `attention_mask`). It is read at every `project`
     call, so the KV-cached runners and the decoders built on them run the windowed block unchanged.
+
+    A STARFlow block (spec.positions "rope", sejd/model/starflow.py) holds ml-starflow's modules instead of
+    pos_embed: sos_embed, proj_txt (the text block), final_norm; its KV cache starts with the text prefix's
+    slots (`prefix`), and the runtime sees it as spec.run_tokens = T + 1 tokens (`to_runner`).
     """
 
     attn_mask: torch.Tensor
     window: int | None = None
 
-    def __init__(self, cfg: TarFlowConfig, flip: bool):
+    def __init__(self, cfg: "TarFlowConfig | BlockSpec", flip: bool):
         super().__init__()
-        self.spec = spec = cfg.block_spec  # what the block computes and holds (sejd/model/block.py)
+        # what the block computes and holds (sejd/model/block.py)
+        self.spec = spec = cfg if isinstance(cfg, BlockSpec) else cfg.block_spec
         T, C = spec.num_tokens, spec.channels
         self.flip = flip
         # modules in ml-tarflow's order: its state-dict keys, and the same random draws at initialisation
+        # (the STARFlow-only modules are made only when declared, after TarFlow's draws)
         self.proj_in = make_module(spec.proj_in)  # (B, n, D) -> (B, n, C)
-        self.pos_embed = nn.Parameter(torch.randn(T, C) * 1e-2)
+        learned = spec.positions == "learned"
+        self.pos_embed = nn.Parameter(torch.randn(T, C) * 1e-2) if learned else None
         # ml-tarflow registers class_embed as None for unconditional models: no key in the state dict.
         self.class_embed = nn.Parameter(torch.randn(spec.num_classes, 1, C) * 1e-2) if spec.num_classes else None
+        if spec.start_token:
+            self.sos_embed = nn.Parameter(torch.randn(1, 1, spec.token_dim))
+        if spec.text_width:
+            self.proj_txt = make_module(spec.proj_txt)
         self.attn_blocks = nn.ModuleList(Layer(spec) for _ in range(spec.layers))
+        if spec.final_norm:
+            self.final_norm = make_module(spec.final_norm_op)
         self.proj_out = make_module(spec.proj_out)  # (B, n, C) -> (B, n, 2D or D)
         self.proj_out.weight.data.fill_(0.0)  # every block starts as the identity map
-        self.register_buffer("attn_mask", torch.tril(torch.ones(T, T)))
+        if learned:
+            self.register_buffer("attn_mask", torch.tril(torch.ones(T, T)))
+        self._rope: dict = {}  # (device, dtype) -> (cos, sin) per cache slot; made from the spec on first use
 
     def permute(self, x, dim=1):
         """The block's token permutation; it is its own inverse."""
         return x.flip(dims=[dim]) if self.flip else x
+
+    def to_runner(self, z):
+        """Block input (B, T, D) in permuted order -> the runtime's tokens (B, run_tokens, D): with a start
+        token, token 0 is sos_embed (x_0 = z_0 = sos, given, like a TarFlow block's x_0 = z_0), so every
+        decoder's "output i parameterises token i + 1" holds unchanged. Identity for TarFlow."""
+        if not self.spec.start_token:
+            return z
+        # detached: the runtime decodes, it never trains
+        return torch.cat([self.sos_embed.detach().to(z.dtype).expand(z.shape[0], 1, -1), z], dim=1)
+
+    def from_runner(self, x):
+        """The runtime's decoded tokens -> the block's (B, T, D): drops the start token."""
+        return x[:, 1:] if self.spec.start_token else x
 
     def class_term(self, y):
         """(B,) int64 labels, -1 meaning unconditional, or None -> (B or 1, 1, C), or None without classes."""
@@ -173,36 +202,85 @@ class MetaBlock(nn.Module):
         """proj_out output (..., 2D or D) -> (xa, xb); xa is zero for volume-preserving blocks."""
         return split(self.spec, p)
 
-    def project(self, x, start=0, class_term=None, cache=None, temp=1.0):
+    def rope_rows(self, slot: int, n: int, like: torch.Tensor):
+        """(cos, sin) of cache slots [slot, slot + n), each (n, head_dim) in like's dtype and device."""
+        key = (like.device, like.dtype)
+        if key not in self._rope:  # angles in float64, cos/sin cast once (ml-starflow: float32 angles)
+            ang = self.spec.rope_angles()
+            self._rope[key] = (ang.cos().to(like.device, like.dtype), ang.sin().to(like.device, like.dtype))
+        cos, sin = self._rope[key]
+        return cos[slot:slot + n], sin[slot:slot + n]
+
+    def _layers(self, h, slot: int, cache, temp):
+        """Every attention layer over h (R, n, C) at cache slots [slot, slot + n)."""
+        n = h.shape[1]
+        rope = self.rope_rows(slot, n, h) if self.spec.positions == "rope" else None
+        mask = self.attention_mask(slot, n)
+        for layer, layer_cache in zip(self.attn_blocks, cache or [None] * len(self.attn_blocks)):
+            h = run_layer(self.spec, layer, h, cached_attention(layer_cache, slot, mask, rope), temp)
+        return h
+
+    def project(self, x, start=0, class_term=None, cache=None, temp=1.0, text=None):
         """Raw affine parameters (xa, xb) at positions start..start+n-1, in permuted order.
 
         Output j is computed from tokens <= start+j and parameterises token start+j+1.
+        A text block with a cache reads its text from the cache's first text_length slots (`prefix` wrote
+        them), so position p is cache slot text_length + p; without a cache (the forward pass) `text`
+        (R, Lt, Dt) is run in the same causal pass, ahead of the tokens.
         """
+        spec = self.spec
         n = x.shape[1]
-        h = self.proj_in(x) + self.permute(self.pos_embed, dim=0)[start:start + n]
+        h = self.proj_in(x)
+        if self.pos_embed is not None:
+            h = h + self.permute(self.pos_embed, dim=0)[start:start + n]
         if class_term is not None:
             h = h + class_term
-        mask = self.attention_mask(start, n)
-        for layer, layer_cache in zip(self.attn_blocks, cache or [None] * len(self.attn_blocks)):
-            h = run_layer(self.spec, layer, h, cached_attention(layer_cache, start, mask), temp)
+        slot = start
+        if spec.text_width:
+            if cache is not None:
+                slot = start + spec.text_length
+            else:
+                if text is None or start != 0:
+                    raise ValueError("a text block without a KV cache runs [text; tokens] in one pass from 0")
+                h = torch.cat([self.proj_txt(text.to(h.dtype)), h], dim=1)
+        h = self._layers(h, slot, cache, temp)[:, -n:]
+        if spec.final_norm:
+            h = self.final_norm(h)
         return self.split(self.proj_out(h))
+
+    def prefix(self, text, cache, temp=1.0) -> None:
+        """A text block's prefix pass (ml-starflow's reverse_step_condition): proj_txt(text) (R, Lt, Dt)
+        through every layer, causal among the text too, filling cache slots [0, Lt)."""
+        h = self.proj_txt(text.to(self.proj_txt.weight.dtype))
+        self._layers(h, 0, cache, temp)
 
     def attention_mask(self, start: int, n: int):
         """Which keys [0, start+n) the queries at positions [start, start+n) may attend to (bool, True =
         attend), or None when every key is allowed (one causal query over its own cached prefix)."""
         if self.window is None:
-            return None if n == 1 else self.attn_mask[start:start + n, :start + n].bool()
-        query = torch.arange(start, start + n, device=self.attn_mask.device)[:, None]
-        key = torch.arange(start + n, device=self.attn_mask.device)[None]
+            if n == 1:
+                return None
+            if self.pos_embed is not None:  # TarFlow: ml-tarflow's own mask buffer
+                return self.attn_mask[start:start + n, :start + n].bool()
+        device = self.proj_in.weight.device
+        query = torch.arange(start, start + n, device=device)[:, None]
+        key = torch.arange(start + n, device=device)[None]
+        if self.window is None:
+            return key <= query
         return (key <= query) & (key > query - self.window)
 
-    def forward(self, x, y=None):
-        """x (B, T, D) in image token order -> (z in image token order, logdet (B,))."""
+    def forward(self, x, y=None, text=None):
+        """x (B, T, D) in image token order -> (z in image token order, logdet (B,), the mean over tokens and
+        channels of log|dz/dx| as ml-tarflow). text (B, Lt, Dt): a STARFlow text block's prefix."""
         x = self.permute(x)
-        xa, xb = self.project(x, 0, self.class_term(y))
-        # shift right by one token: position l is parameterised by tokens < l, token 0 by nothing
-        xa = torch.cat([torch.zeros_like(xa[:, :1]), xa[:, :-1]], dim=1)
-        xb = torch.cat([torch.zeros_like(xb[:, :1]), xb[:, :-1]], dim=1)
+        if self.spec.start_token:  # position l reads [sos, x_0 .. x_{l-1}] (ml-starflow's get_prepared)
+            inp = torch.cat([self.sos_embed.to(x.dtype).expand(x.shape[0], 1, -1), x[:, :-1]], dim=1)
+            xa, xb = self.project(inp, 0, self.class_term(y), text=text)
+        else:
+            xa, xb = self.project(x, 0, self.class_term(y), text=text)
+            # shift right by one token: position l is parameterised by tokens < l, token 0 by nothing
+            xa = torch.cat([torch.zeros_like(xa[:, :1]), xa[:, :-1]], dim=1)
+            xb = torch.cat([torch.zeros_like(xb[:, :1]), xb[:, :-1]], dim=1)
         z = (x - xb) * (-xa.float()).exp().type(xa.dtype)
         return self.permute(z), -xa.mean(dim=[1, 2])
 

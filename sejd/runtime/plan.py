@@ -15,10 +15,18 @@ from pathlib import Path
 
 from sejd.core.errors import PlanError
 
-DECODERS = ("sequential", "jacobi", "gs-jacobi")
+DECODERS = ("sequential", "jacobi", "gs-jacobi", "block-jacobi")
 INITS = ("zeros", "noise", "previous")
-VARIANTS = {"sequential": ("host", "loop"), "jacobi": ("host", "chunk", "loop"), "gs-jacobi": ("host",)}
+VARIANTS = {"sequential": ("host", "loop"), "jacobi": ("host", "chunk", "loop"), "gs-jacobi": ("host",),
+            "block-jacobi": ("host",)}
 NAMED_PLANS = ("sequential", "ujd", "sjd", "gs-jacobi")
+# Named plans that are not in NAMED_PLANS (the plans every workflow measures and serves): "starflow", ml-starflow's
+# own sampler (sample.py --jacobi 1 as scripts/test_sample_image.sh runs it) on every block. It decodes any
+# block, TarFlow's too.
+EXTRA_PLANS = ("starflow",)
+STARFLOW_BLOCK_SIZE = 16  # test_sample_image.sh's --jacobi_block_size
+STARFLOW_THRESHOLD = 1e-3  # --jacobi_th (relative MSE over a window)
+STARFLOW_WINDOW_ITERS = 32  # jacobi_max_iter's default
 SJD_TAU = 0.5  # the published SJD tolerance on data in [-1, 1]
 GS_SEGMENTS = 8
 TIMING_ONLY = "timing only (not converged by design)"  # how runs of fixed_iters plans are marked
@@ -45,6 +53,11 @@ class BlockPlan:
     freeze: bool = False  # Jacobi (host variant): keep the converged prefix in the KV cache, iterate the rest
     per_sample: bool = False  # Jacobi (host variant): each sample leaves the batch once its residual < tau
     fixed_iters: int | None = None  # Jacobi: exactly this many iterations, no convergence test, no exact finish
+    # block-jacobi (ml-starflow's MetaBlock.jacobi): windows of block_size tokens, each iterated until the
+    # relative MSE mean((new - old)^2) / mean(new^2) over the window < threshold, or window_iters iterations
+    block_size: int = STARFLOW_BLOCK_SIZE
+    threshold: float = STARFLOW_THRESHOLD
+    window_iters: int = STARFLOW_WINDOW_ITERS
 
     def validate(self, where: str) -> None:
         # JSON types are checked strictly: "per_sample": "no" is a truthy string, and true == 1 in Python
@@ -75,6 +88,12 @@ class BlockPlan:
             raise PlanError(f"{where}: chunk must be an int >= 1, got {self.chunk!r}")
         if self.max_iters is not None and not is_int(self.max_iters, 1):
             raise PlanError(f"{where}: max_iters must be an int >= 1 or null, got {self.max_iters!r}")
+        if not is_int(self.block_size, 1):
+            raise PlanError(f"{where}: block_size must be an int >= 1, got {self.block_size!r}")
+        if not is_tau(self.threshold):
+            raise PlanError(f"{where}: threshold must be a number >= 0 and finite (a relative MSE), got {self.threshold!r}")
+        if not is_int(self.window_iters, 1):
+            raise PlanError(f"{where}: window_iters must be an int >= 1, got {self.window_iters!r}")
         if self.fixed_iters is not None:  # for timing only: the result is whatever N iterations give
             if not is_int(self.fixed_iters, 1):
                 raise PlanError(f"{where}: fixed_iters must be an int >= 1 or null, got {self.fixed_iters!r}")
@@ -128,8 +147,10 @@ def named_plan(name: str, num_blocks: int, tau: float = SJD_TAU) -> Plan:
     elif name == "gs-jacobi":
         blocks = [BlockPlan("gs-jacobi", tau=tau, segments=GS_SEGMENTS) if i == first else BlockPlan("jacobi", tau=tau)
                   for i in range(num_blocks)]
+    elif name == "starflow":
+        blocks = [BlockPlan("block-jacobi") for _ in range(num_blocks)]
     else:
-        raise PlanError(f"unknown plan {name!r}; expected one of {NAMED_PLANS} or a plan.json path")
+        raise PlanError(f"unknown plan {name!r}; expected one of {NAMED_PLANS + EXTRA_PLANS} or a plan.json path")
     return Plan(name, blocks)
 
 

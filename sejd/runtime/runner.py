@@ -12,6 +12,12 @@ earlier `start` (later positions are scratch and get overwritten).
 
 Classifier-free guidance runs conditional and unconditional rows in one batch of R = 2B rows
 (cond rows first); a runner returns the guided parameters for the B samples.
+
+STARFlow (sejd/model/starflow.py) is run through the same interface: its block over T image tokens is
+T + 1 runtime tokens whose token 0 is the start token (x_0 = z_0 = sos_embed, given), and the text block's
+KV cache holds the text prefix first (`begin` writes it; positions are runtime positions, the offset is the
+block's business). Its text rides in `Conditioning.text`; guidance doubles only the text block's rows
+(ml-starflow guides the deep block only; the other blocks run the B conditional rows, without text).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class Conditioning:
     labels: torch.Tensor  # (R,) int64, -1 = unconditional (class mean); ignored by unconditional models
     temps: torch.Tensor  # (R,) float32 attention temperature per row
     guidance: torch.Tensor | None  # (2, T) weights for xa / xb at each projection position, when R == 2B
+    text: torch.Tensor | None = None  # (R, Lt, Dt) STARFlow text embeddings: cond rows, then uncond rows
 
     @property
     def rows(self) -> int:
@@ -45,7 +52,20 @@ class Conditioning:
         """The conditioning of samples `index` (of a batch of `batch`): their cond rows, then their
         uncond rows when guidance doubles the batch."""
         rows = torch.cat([index, index + batch]) if self.rows == 2 * batch else index
-        return Conditioning(self.labels[rows], self.temps[rows], self.guidance)
+        return Conditioning(self.labels[rows], self.temps[rows], self.guidance,
+                            None if self.text is None else self.text[rows])
+
+    @classmethod
+    def build_text(cls, batch: int, num_tokens: int, text: torch.Tensor | None, uncond_text: torch.Tensor | None,
+                   guidance: float = 0.0) -> "Conditioning":
+        """STARFlow: text (B, Lt, Dt) and, with guidance > 0, the unconditional text (B, Lt, Dt) as rows
+        [cond; uncond] (ml-starflow's doubled batch). ml-starflow has no guidance schedule (its annealing
+        argument has no effect, FACTS section 6): the weight is w at every position, read from row 0."""
+        labels = torch.full((batch,), -1, dtype=torch.long)
+        if not guidance > 0 or text is None:
+            return cls(labels, torch.ones(batch), None, text)
+        w = torch.full((2, num_tokens), float(guidance))
+        return cls(torch.cat([labels, labels]), torch.ones(2 * batch), w, torch.cat([text, uncond_text]))
 
     @classmethod
     def build(cls, batch: int, num_tokens: int, labels: torch.Tensor | None = None, guidance: float = 0.0,
