@@ -89,7 +89,7 @@ def check_state_dict(model: TarFlow, sd: dict, where: str) -> None:
 
 def refuse_starflow(sd: dict, where) -> None:
     """An ml-starflow state dict (start tokens, rope: no pos_embed) given as TarFlow, refused in one line."""
-    key = next((k for k in sd if k.endswith(".sos_embed") or k.endswith(".final_norm.weight")), None)
+    key = next((k for k in sd if k.endswith((".sos_embed", ".final_norm.weight"))), None)
     if key is not None:
         raise CheckpointError(f"{where}: this is an ml-starflow (STARFlow) checkpoint ({key}): load it with "
                               "sejd.model.starflow_checkpoint.load_starflow, not as TarFlow")

@@ -236,9 +236,8 @@ def load_starflow(path: str | os.PathLike, config: "StarFlowConfig | dict | str 
             StarFlowConfig.from_dict({k: given[k]})
     inferred = _infer(sd, given)
     for k, v in inferred.items():
-        if k in given and k in ("channels", "txt_dim", "num_blocks"):
-            if given[k] != v:
-                raise ConfigError(f"config {k}={given[k]!r} contradicts the tensors ({k}={v})")
+        if k in given and k in ("channels", "txt_dim", "num_blocks") and given[k] != v:
+            raise ConfigError(f"config {k}={given[k]!r} contradicts the tensors ({k}={v})")
     merged = {**{k: v for k, v in inferred.items() if k not in given}, **given}
     if isinstance(merged.get("layers_per_block"), list) and len(merged["layers_per_block"]) == 1:
         merged["layers_per_block"] = merged["layers_per_block"] * merged["num_blocks"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import torch
@@ -124,8 +125,7 @@ def validate_text(model: StarFlow, noise, labels, text, uncond_text, guidance, g
                          "has neither (ml-starflow's schedule has no effect): leave them at 'ab' and False")
     if attn_temp != 1:
         raise InputError(f"attn_temp must be 1 for STARFlow (ml-starflow's Jacobi sampler ignores it), got {attn_temp}")
-    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not guidance == guidance \
-            or guidance < 0:
+    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or math.isnan(guidance) or guidance < 0:
         raise InputError(f"guidance must be a number >= 0, got {guidance!r}")
     if model.config.txt_dim and text is None:
         raise InputError(f"this STARFlow model is text-conditioned: text embeddings of shape "

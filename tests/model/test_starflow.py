@@ -9,7 +9,7 @@ import torch
 
 from sejd.core.errors import CheckpointError, ConfigError, InputError
 from sejd.model.block import guide
-from sejd.model.starflow import StarFlow, StarFlowConfig
+from sejd.model.starflow import StarFlowConfig
 from sejd.model.starflow_checkpoint import build_starflow, config_from_yaml, load_starflow
 from sejd.runtime.decoders import sequential
 from sejd.runtime.runner import Conditioning
@@ -77,15 +77,14 @@ def test_the_text_changes_only_the_text_block():
     assert [b.flip for b in model.blocks] == [True, False, True]  # L2R: blocks 0, 2 flipped (FACTS 3)
 
 
-def _block_inputs(model, cfg, x, text):
+def _block_inputs(cfg, x, text):
     """The input of every block in the forward pass, as the oracle's (B, H, W, Ci) grids."""
-    s = cfg["img_size"] // cfg["patch_size"]
     h = so.patchify(x, cfg["patch_size"])
     outs = [h]
     for i in range(cfg["num_blocks"]):
         h, _ = so.block_forward(_apple_sd(cfg), cfg, i, h, text if so._has_text(cfg, i) else None)
         outs.append(h)
-    return outs, s
+    return outs
 
 
 @pytest.mark.parametrize("name", ["t2i", "r2l-exp-all-text", "no-text-patch2"])
@@ -98,7 +97,7 @@ def test_every_block_exact_inverse_through_the_runtime_matches_the_oracle(name, 
         pytest.skip("guidance needs text")
     model, sd = _model(cfg), _apple_sd(cfg)
     x, text, null = _data(cfg)
-    outs, s = _block_inputs(model, cfg, x, text)
+    outs = _block_inputs(cfg, x, text)
     B, D = x.shape[0], model.config.token_dim
     cond = Conditioning.build_text(B, model.config.num_tokens + 1, text, null, guidance)
     runners = torch_runners(model)
