@@ -16,6 +16,9 @@ EXTRAS = {  # top-level module -> the extra of pyproject.toml that installs it
     "prometheus_client": "serve",
     "tritonclient": "triton",
     "tensorrt": "tensorrt",
+    "transformers": "text",  # T5 text encoder for STARFlow prompts
+    "sentencepiece": "text",
+    "diffusers": "vae",  # the SD VAE that turns STARFlow latents into images
 }
 
 
