@@ -314,11 +314,12 @@ def read_regular(path: str | os.PathLike, what: str, limit: int, error=SejdError
         raise error(f"{path}: {what} does not exist") from None
     except OSError as e:
         raise error(f"{path}: {what} cannot be read: {e.strerror or e}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # checked before fdopen, which refuses a directory with its own error
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, socket or device)"
+        raise error(f"{path}: {what} is {kind}; expected a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, socket or device)"
-            raise error(f"{path}: {what} is {kind}; expected a regular file")
         if st.st_size > limit:
             raise error(f"{path}: {what} is {st.st_size:,} bytes, more than the {limit:,} sejd reads")
         try:
