@@ -51,6 +51,18 @@ def _config_arg(text):
     from sejd.core.errors import ConfigError
     from sejd.core.files import read_json
 
+    if text.lstrip().startswith("{"):  # inline JSON (never a path: a long one is no valid file name)
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise ConfigError(f"--config must be JSON or a JSON file of TarFlowConfig fields: {e}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"--config must be a JSON object, got {type(value).__name__}")
+        return value
+    if text.endswith((".yaml", ".yml")):  # ml-starflow's own config file: its loader parses it
+        if not Path(text).is_file():
+            raise ConfigError(f"--config {text}: no such YAML file")
+        return text
     if Path(text).is_file():
         value = read_json(text, "--config file", ConfigError)
     else:
@@ -180,6 +192,11 @@ def _sample(a):
     _refuse_above_batch_max(a.source, a.backend, a.n)
     src = _open(a.source, a.backend, a.config)
     cfg = src.model.config
+    if hasattr(cfg, "text_block"):  # a StarFlow: text in, latents (or images through a VAE) out
+        return _sample_starflow(a, src)
+    for flag in ("text_embeddings", "uncond_text_embeddings", "prompt", "text_encoder", "vae"):
+        if getattr(a, flag) is not None:
+            raise SejdError(f"--{flag.replace('_', '-')} is for STARFlow models; {a.source} is a TarFlow")
     noise = seeded_noise(a.n, a.seed, cfg.num_tokens, cfg.token_dim)
     labels = seeded_labels(a.n, a.label, cfg.num_classes)
     plan = src.plan(a.plan, a.n)
@@ -204,6 +221,78 @@ def _sample(a):
 
         path = REFERENCE_PATH if str(plan) == "reference" else src.single_token_path
         write_json(a.json, dict(result.stats.to_dict(), single_token_path=path))
+        print(f"wrote {a.json}")
+
+
+def _sample_starflow(a, src):
+    """`sejd sample` on a STARFlow: text embeddings (a file, or prompts through a local T5 encoder), the
+    unconditional text for guidance, then latents, decoded to images when a local VAE is given."""
+    import numpy as np
+
+    from sejd.core.files import atomic_write, write_json
+    from sejd.core.util import save_grid
+    from sejd.runtime.request import seeded_noise
+    from sejd.runtime.sampler import sample
+    from sejd.workflows.text import TextEncoder, load_text_embeddings, unconditional_embedding
+    from sejd.workflows.vae import latents_or_images
+
+    model, cfg = src.model, src.model.config
+    for flag, default in (("label", None), ("per_sample", False), ("denoise", False), ("guide_what", "ab"),
+                          ("annealed_guidance", False), ("attn_temp", 1.0)):
+        if getattr(a, flag) != default:
+            raise SejdError(f"--{flag.replace('_', '-')} is for TarFlow models; STARFlow samples from text "
+                            f"(ml-starflow has no such option)")
+    if a.out and a.vae is None:  # before any work
+        raise SejdError("--out writes images: give --vae DIR (a local SD-VAE folder; pip install 'sejd[vae]'), "
+                        "or --npy to keep the latents")
+    Lt, Dt = cfg.txt_size, cfg.txt_dim
+    if cfg.text_block is None:
+        text = uncond = None
+        if a.text_embeddings or a.prompt:
+            raise SejdError(f"{a.source} has no text block: it takes no text")
+    else:
+        if (a.text_embeddings is None) == (not a.prompt):
+            raise SejdError("a STARFlow samples from text: give --text-embeddings FILE.npy (n or 1 rows of "
+                            f"({Lt}, {Dt})) or --prompt TEXT with --text-encoder DIR (a local T5 encoder)")
+        encoder = None
+        if a.prompt:
+            if a.text_encoder is None:
+                raise SejdError("--prompt needs --text-encoder DIR: a local T5 encoder folder (sejd never "
+                                "downloads); or give --text-embeddings FILE.npy")
+            encoder = TextEncoder(a.text_encoder)
+            text = encoder.encode(list(a.prompt), Lt)
+        else:
+            text = load_text_embeddings(a.text_embeddings, Lt, Dt)
+        if text.shape[-1] != Dt:
+            raise SejdError(f"the text embeddings are {text.shape[-1]} wide; this model's text block takes {Dt}")
+        if text.shape[0] not in (1, a.n):
+            raise SejdError(f"{text.shape[0]} text rows for -n {a.n}: give one row per sample, or one for all")
+        text = text.expand(a.n, -1, -1) if text.shape[0] == 1 else text
+        if a.uncond_text_embeddings is not None:
+            uncond = load_text_embeddings(a.uncond_text_embeddings, Lt, Dt)[0]  # (Lt, Dt): every sample's
+        else:  # Apple's unconditional text is the encoding of "": the encoder's when there is one, else zeros
+            uncond = unconditional_embedding(Lt, Dt, encoder)[0]
+            if a.guidance > 0 and encoder is None:
+                log.warning("guidance without --uncond-text-embeddings: the unconditional text is zeros, not "
+                            "the encoder's encoding of \"\" (ml-starflow's); pass it for Apple's results")
+    noise = seeded_noise(a.n, a.seed, cfg.num_tokens, cfg.token_dim)
+    plan = src.plan(a.plan, a.n)
+    result = sample(model, noise, plan=plan, tau=a.tau, guidance=a.guidance, runners=src.runners, text=text,
+                    uncond_text=uncond, progress=_show_progress(a))
+    print(f"backend {src.backend} ({src.precision})")
+    print(result.stats.table())
+    latents = result.images
+    images = latents_or_images(latents, a.vae)
+    if a.out:
+        save_grid(images, a.out, scale=1)
+        print(f"wrote {a.out}")
+    if a.npy:
+        with atomic_write(a.npy) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, (images if a.vae else latents).numpy())
+        print(f"wrote {a.npy} ({'images' if a.vae else 'latents'} {tuple((images if a.vae else latents).shape)})")
+    if a.json:
+        write_json(a.json, dict(result.stats.to_dict(), single_token_path=src.single_token_path))
         print(f"wrote {a.json}")
 
 
@@ -458,8 +547,21 @@ def _add_sample(sub):
     s.add_argument("--denoise", action="store_true", help="apply TarFlow's self-denoising step")
     s.add_argument("--per-sample", dest="per_sample", action="store_true",
                    help="every Jacobi block stops per sample (what the service runs: results match it bit for bit)")
+    st = s.add_argument_group("STARFlow (text to image)")
+    st.add_argument("--text-embeddings", dest="text_embeddings", default=None,
+                    help="the prompts' text-encoder embeddings, .npy of (n or 1, txt_size, txt_dim)")
+    st.add_argument("--uncond-text-embeddings", dest="uncond_text_embeddings", default=None,
+                    help="guidance's unconditional text, .npy of (txt_size, txt_dim): ml-starflow uses the "
+                    "encoding of \"\" (default: the --text-encoder's, else zeros)")
+    st.add_argument("--prompt", action="append", default=None, help="a prompt (repeat per sample), encoded "
+                    "with --text-encoder")
+    st.add_argument("--text-encoder", dest="text_encoder", default=None,
+                    help="local folder of a T5 encoder + tokenizer (pip install 'sejd[text]'; never downloads)")
+    st.add_argument("--vae", default=None, help="local SD-VAE folder to decode latents into images "
+                    "(pip install 'sejd[vae]'); without it STARFlow writes latents")
     s.add_argument("--out", default=None, help="PNG grid to write")
-    s.add_argument("--npy", default=None, help="write the images (N, C, H, W) in [-1, 1] as .npy")
+    s.add_argument("--npy", default=None, help="write the images (N, C, H, W) in [-1, 1] as .npy (STARFlow "
+                   "without --vae: the latents)")
     s.add_argument("--json", default=None, help="write per-block statistics as JSON")
 
 

@@ -73,7 +73,10 @@ def file_input(what: str, value) -> list[Input]:
     if value is None or str(value).startswith("builtin:"):
         return []
     path = Path(str(value))
-    return [Input(what, path)] if (path.exists() or path.is_symlink()) else []
+    try:
+        return [Input(what, path)] if (path.exists() or path.is_symlink()) else []
+    except OSError:  # not a path at all (inline JSON longer than a file name may be)
+        return []
 
 
 def check_outputs(inputs: list[Input], outputs: list[Output]) -> None:

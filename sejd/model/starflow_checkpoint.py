@@ -249,3 +249,33 @@ def load_starflow(path: str | os.PathLike, config: "StarFlowConfig | dict | str 
     model = build_starflow(sd, cfg, str(path), float(noise_std) if isinstance(noise_std, (int, float)) else 0.0)
     model.meta = {k: v for k, v in extras.items() if k != "noise_std"}
     return model
+
+
+STARFLOW_KEYS = (".sos_embed", ".final_norm.weight", ".proj_txt.weight")  # ml-starflow's, never ml-tarflow's
+
+
+def is_starflow_checkpoint(path: str | os.PathLike, config=None) -> bool:
+    """Whether `path` holds an ml-starflow checkpoint, told from its key names without reading its tensors
+    (safetensors: the header; .pth: a memory-mapped, weights-only load) or from `config` (Apple's YAML
+    path, or Model kwargs only STARFlow has). A folder or an unreadable file is not: the TarFlow loader then
+    says what is wrong with it."""
+    if isinstance(config, (str, os.PathLike)) and str(config).endswith((".yaml", ".yml")):
+        return True
+    if isinstance(config, dict) and {"txt_size", "sos", "rope", "use_softplus"} & set(config):
+        return True
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            obj = obj.get("model", obj) if isinstance(obj, dict) else obj
+            keys = list(obj) if isinstance(obj, dict) else []
+    except Exception:  # not ours to judge here: the loader reading it names the problem
+        return False
+    return any(isinstance(k, str) and k.endswith(STARFLOW_KEYS) for k in keys)

@@ -16,7 +16,7 @@ class Session:
     """An opened model and the backend that runs it (`open_source`): the model, its block runners, the
     backend's name and, for a bundle, the bundle."""
 
-    model: object  # TarFlow: host-side glue (prior variance, permutations, unpatchify, denoising)
+    model: object  # TarFlow or StarFlow: host-side glue (prior variance, permutations, unpatchify, denoising)
     runners: list | None  # None: the PyTorch reference
     backend: str
     bundle: object | None = None  # sejd.export.bundle.Bundle when the source is a bundle
@@ -157,7 +157,12 @@ def open_source(source: str | os.PathLike, backend: str = "auto", threads: int |
                         f"(`sejd export {source} -o BUNDLE && sejd build BUNDLE --backend {backend}`), "
                         f"or use --backend torch")
     found.require()  # before the checkpoint is read
-    model = load_checkpoint(source, config=config)
+    from sejd.model.starflow_checkpoint import is_starflow_checkpoint, load_starflow
+
+    if is_starflow_checkpoint(source, config):
+        model = load_starflow(source, config=config)
+    else:
+        model = load_checkpoint(source, config=config)
     if found.reference:
         return Session(model, None, "torch")
     runners = found.runners(model, precision)  # torch-cuda: the model moves to the GPU
