@@ -329,7 +329,15 @@ def _tune(a):
     # tune writes a bundle's plan.json and plans/batch-N.json by design, nothing else inside any input
     _outputs(a, a.bundle, [("--out", out)], writes_inside=("plan.json", "plans") if is_bundle(a.bundle) else ())
     src = _open(a.bundle, a.backend, a.config)
-    plan = tune(src, batch=a.batch, target_db=a.psnr, taus=taus, guidance=a.guidance, out=out)
+    text = None
+    if a.text_embeddings is not None:
+        cfg = src.model.config
+        if getattr(cfg, "text_block", None) is None:
+            raise SejdError(f"--text-embeddings is for text-conditioned STARFlow models; {a.bundle} takes no text")
+        from sejd.workflows.text import load_text_embeddings
+
+        text = load_text_embeddings(a.text_embeddings, cfg.txt_size, cfg.txt_dim)
+    plan = tune(src, batch=a.batch, target_db=a.psnr, taus=taus, guidance=a.guidance, out=out, text=text)
     for k, b in enumerate(plan.blocks):
         extra = "" if b.decoder == "sequential" else f" tau={b.tau}" + (" freeze" if b.freeze else "")
         print(f"block {k}: {b.decoder} [{b.variant}]{extra}")
@@ -576,6 +584,9 @@ def _add_tune(sub):
     tu.add_argument("--tau", default=None, help="comma-separated tolerance grid to search (None: 0.5 ... 0.001)")
     tu.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight to tune at")
     tu.add_argument("--out", default=None, help="plan file (None: BUNDLE/plan.json, or plan.json for a checkpoint)")
+    tu.add_argument("--text-embeddings", dest="text_embeddings", default=None,
+                    help="STARFlow: calibration text embeddings, .npy of (n, txt_size, txt_dim), used in turn "
+                    "(None: seeded random stand-ins; your prompts' embeddings tune for your prompts)")
 
 
 def _add_export_triton(sub):

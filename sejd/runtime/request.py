@@ -26,6 +26,13 @@ def check_seed(seed) -> int:
     return seed
 
 
+def seeded_text(n: int, seed: int, length: int, width: int) -> torch.Tensor:
+    """(n, length, width) float32 stand-in text embeddings drawn from `torch.Generator().manual_seed(seed)`
+    (a STARFlow's calibration text when the user gives none: real prompts' embeddings tune better)."""
+    g = torch.Generator().manual_seed(check_seed(seed) ^ 0x7E47)  # not the noise's own stream
+    return torch.randn(n, length, width, generator=g)
+
+
 def seeded_noise(n: int, seed: int, num_tokens: int, token_dim: int) -> torch.Tensor:
     """(n, T, D) float32 prior noise drawn from `torch.Generator().manual_seed(seed)`: a request's samples
     depend on its own seed only, whatever batch it rides in. Refused before allocating when it cannot fit."""

@@ -36,12 +36,14 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
 from sejd.core.errors import PlanError
 from sejd.core.files import output_file, write_json
-from sejd.runtime.plan import NAMED_PLANS, BlockPlan, Plan, named_plan
-from sejd.runtime.request import seeded_labels, seeded_noise
+from sejd.runtime.plan import EXTRA_PLANS, NAMED_PLANS, BlockPlan, Plan, named_plan
+from sejd.runtime.request import seeded_labels, seeded_noise, seeded_text
 from sejd.runtime.sampler import sample
-from sejd.workflows.quality import psnr_db
+from sejd.workflows.quality import quality_db
 from sejd.workflows.source import Session
 
 TAU_GRID = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
@@ -66,8 +68,12 @@ class Trial:
 
 class Tuner:
     def __init__(self, src: Session, batch: int, target_db: float, taus=TAU_GRID, guidance: float = 0.0,
-                 calib_seeds=(0,), holdout_seeds=HOLDOUT_SEEDS, repeats: int = 3, log=print):
+                 calib_seeds=(0,), holdout_seeds=HOLDOUT_SEEDS, repeats: int = 3, log=print, text=None):
         self.src, self.model, self.batch, self.target = src, src.model, batch, target_db
+        # a STARFlow is conditioned on text, not labels: the user's embeddings (rows used in turn), else seeded
+        # stand-ins; its samples are latents, judged by quality_db's latent PSNR
+        self.starflow = hasattr(self.model.config, "text_block")
+        self.text = text
         self.taus, self.guidance, self.repeats, self.log = tuple(sorted(taus, reverse=True)), guidance, repeats, log
         self.nblocks = self.model.config.num_blocks
         self.first = self.nblocks - 1  # blocks[-1] is applied first at sampling time
@@ -81,14 +87,31 @@ class Tuner:
         self.exact = [BlockPlan("sequential") for _ in range(self.nblocks)]  # each block's fastest, once timed
 
     def sample(self, plan, noise, labels):
+        """`labels`: a TarFlow's class labels, or a STARFlow's text embeddings (B, Lt, Dt) / None."""
+        if self.starflow:
+            return sample(self.model, noise, plan=plan, guidance=self.guidance, runners=self.src.runners,
+                          text=labels, progress=False)
         return sample(self.model, noise, labels=labels, plan=plan, guidance=self.guidance, runners=self.src.runners,
                       progress=False)
 
     def _noise(self, seed):
         cfg = self.model.config
         noise = seeded_noise(self.batch, seed, cfg.num_tokens, cfg.token_dim)
-        labels = seeded_labels(self.batch, None, cfg.num_classes)
+        if self.starflow:
+            labels = None if cfg.text_block is None else self._text(seed)
+        else:
+            labels = seeded_labels(self.batch, None, cfg.num_classes)
         return noise, labels, self.sample("sequential", noise, labels).images
+
+    def _text(self, seed):
+        cfg = self.model.config
+        if self.text is None:
+            return seeded_text(self.batch, seed, cfg.txt_size, cfg.txt_dim)
+        rows = (seed * self.batch + torch.arange(self.batch)) % self.text.shape[0]
+        return self.text[rows]
+
+    def psnr(self, got, exact) -> float:
+        return quality_db(self.model, got, exact)
 
     def run(self, plan: Plan, sets=None) -> Trial:
         """Quality on every noise set; time = the fastest of `repeats` runs on the first set."""
@@ -99,7 +122,7 @@ class Tuner:
                 r = self.sample(plan, noise, labels)
                 if i == 0 and (best is None or r.stats.seconds < best.stats.seconds):
                     best = r
-            psnrs.append(psnr_db(r.images, exact))
+            psnrs.append(self.psnr(r.images, exact))
         by_block = {b.block: b for b in best.stats.blocks}
         trial = Trial(copy.deepcopy(plan), best.stats.seconds, min(psnrs),
                       [by_block[k].seconds for k in range(self.nblocks)],
@@ -240,7 +263,7 @@ class Tuner:
     def named_candidates(self) -> dict[str, Plan]:
         """The named plans as `sejd sample --plan NAME` runs them (exact decoding on each of its paths)."""
         plans = {}
-        for name in NAMED_PLANS:
+        for name in NAMED_PLANS + (EXTRA_PLANS if self.starflow else ()):  # starflow: Apple's sampler
             if name == "sequential":
                 for variant in self.exact_variants:
                     plan = named_plan(name, self.nblocks)
@@ -253,7 +276,7 @@ class Tuner:
 
     def quality(self, plan: Plan) -> float:
         """The lowest PSNR over the calibration and hold-out noise."""
-        return min(psnr_db(self.sample(plan, noise, labels).images, exact)
+        return min(self.psnr(self.sample(plan, noise, labels).images, exact)
                    for noise, labels, exact in self.calib + self.holdout)
 
     def head_to_head(self, tuned: Plan, rounds: int = ROUNDS) -> tuple[str, Plan, dict]:
@@ -291,13 +314,15 @@ class Tuner:
 
 
 def tune(src: Session, batch: int = 1, target_db: float = 40.0, taus=TAU_GRID, guidance: float = 0.0,
-         out: str | Path | None = None, log=print) -> Plan:
+         out: str | Path | None = None, log=print, text=None) -> Plan:
+    """`text`: a STARFlow's calibration text embeddings (n, Lt, Dt), used in turn (default: seeded stand-ins)."""
     if out is not None:
         output_file(out)  # a directory given as the plan file fails now, not after the search
     # quality is judged on at least 8 images for calibration and 16 for the hold-out
     calib = tuple(range(-(-8 // batch)))
     holdout_seeds = tuple(HOLDOUT_SEEDS[0] + i for i in range(-(-16 // batch)))
-    tuner = Tuner(src, batch, target_db, taus, guidance, calib_seeds=calib, holdout_seeds=holdout_seeds, log=log)
+    tuner = Tuner(src, batch, target_db, taus, guidance, calib_seeds=calib, holdout_seeds=holdout_seeds, log=log,
+                  text=text)
     path = src.single_token_path
     log(f"tune: batch {batch}, target {target_db} dB on {src.backend}; single tokens: {path}")
     best = tuner.search_uniform(tuner.exact_baseline())
