@@ -34,20 +34,35 @@ class GraphModuleRunner(BlockRunner):
 
     def __init__(self, model: TarFlow, k: int, cuda_graphs: bool, dtype: torch.dtype = torch.float32,
                  calls: dict | None = None, pool: KVCachePool | None = None):
+        from sejd.export.contracts import block_dims
+
         cfg = model.config
         self.model = model
         self.pool = pool or KVCachePool()  # the factories pass one pool to all blocks of a model
-        block, T, classes = model.blocks[k], cfg.num_tokens, bool(cfg.num_classes)
-        self.num_tokens, self.token_dim, self.cfg = T, cfg.token_dim, cfg
-        self.device = block.pos_embed.device
+        # the block's sizes (a STARFlow block's own: T + 1 runtime tokens, Lt + T + 1 cache slots, its depth)
+        self.dims = d = block_dims(cfg, k)
+        block, T, classes = model.blocks[k], d.num_tokens, bool(d.num_classes)
+        self.num_tokens, self.token_dim, self.cfg = T, d.token_dim, cfg
+        self.text_slots = d.text_length  # runtime position p is cache slot text_slots + p
+        self.device = block.proj_in.weight.device
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.dtype = dtype  # of weights and matrix products; caches and tokens stay float32 (see graphs.py)
-        if calls is None:
+        if calls is None and d.starflow:
+            from sejd.export import starflow_graphs as sg
+
+            block = reduced_block(block, dtype)
+            calls = {"step_rows": sg.StarStepRowsGraph(block, dtype).eval(),
+                     "window": sg.StarWindowGraph(block, dtype).eval(), "jacobi": sg.StarJacobiGraph(block, 1, dtype).eval()}
+            if d.text_length:
+                calls["prefix"] = sg.StarPrefixGraph(block, dtype).eval()
+        elif calls is None:
             block = reduced_block(block, dtype)  # one reduced copy shared by the three modules
             calls = {"step_rows": StepRowsGraph(block, T, classes, dtype=dtype).eval(),
                      "window": StepPresentGraph(block, T, classes, dtype=dtype).eval(),
                      "jacobi": JacobiGraph(block, T, classes, dtype=dtype).eval()}
         self.step_rows, self.window, self.jacobi = calls["step_rows"], calls["window"], calls["jacobi"]
+        self.prefix_call = calls.get("prefix")  # a STARFlow text block's prefix pass
+        self.prefix: list = []  # its keys/values per layer, inputs of the Jacobi calls
         self.jacobi_k = calls.get("jacobi_k")  # (unroll, callable): k Jacobi passes in one call, if any
         self.has_classes = classes
         self.positions = torch.arange(T, device=self.device)  # positions[i]: a 0-d device view, no host copy
@@ -60,38 +75,63 @@ class GraphModuleRunner(BlockRunner):
         the start of the pool's flat buffers), which is what keeps captured graphs valid across blocks
         and batches; only when the pool grows (a larger batch) do the addresses change, and graphs
         captured before that (an older pool generation) are dropped and captured again."""
-        dev, cfg = self.device, self.cfg
+        dev, d = self.device, self.dims
         self.batch = batch
-        guidance = cond.guidance if cond.guidance is not None else torch.zeros(2, self.num_tokens)
-        values = ([cond.labels] if self.has_classes else []) + [cond.temps.float(), guidance.float()]
-        shape = (cond.rows, cfg.num_heads, self.num_tokens, cfg.head_dim)
-        self.caches = self.pool.caches(2 * cfg.layers_per_block, shape, torch.float32, dev)
-        state = self._state.get(cond.rows)
+        # ml-starflow guides only the blocks with a text prefix; the others run the B conditional rows
+        R = cond.rows if d.guided_rows else batch
+        use = cond.guidance is not None and d.guided_rows
+        guidance = cond.guidance if use else torch.zeros(2, self.num_tokens)
+        values = ([cond.labels[:R]] if self.has_classes else []) + [cond.temps[:R].float(), guidance.float()]
+        shape = (R, d.num_heads, d.cache_tokens, d.head_dim)
+        self.caches = self.pool.caches(2 * d.layers_per_block, shape, torch.float32, dev)
+        state = self._state.get(R)
         if state is None or state[2] != self.pool.generation:
-            state = self._state[cond.rows] = ([v.to(dev).clone() for v in values], {}, self.pool.generation)
+            state = self._state[R] = ([v.to(dev).clone() for v in values], {}, self.pool.generation)
         self.cond, self.graphs, _ = state
         for cache in self.caches:  # another block's keys/values may be there; the step graphs read all T
             cache.zero_()
         for buf, v in zip(self.cond, values):
             buf.copy_(v)
+        if self.prefix_call is not None:
+            self._begin_prefix(cond.text, R)
+
+    @torch.no_grad()
+    def _begin_prefix(self, text, R: int) -> None:
+        """A STARFlow text block: the prefix pass on the rows' text fills cache slots [0, Lt); its keys/values
+        are kept in buffers per row count (static addresses for captured Jacobi graphs)."""
+        from sejd.core.errors import InputError
+
+        d = self.dims
+        want = (R, d.text_length, d.text_width)
+        if not torch.is_tensor(text) or text.dim() != 3 or tuple(text.shape[1:]) != want[1:] or text.shape[0] < R:
+            got = tuple(text.shape) if torch.is_tensor(text) else None if text is None else type(text).__name__
+            raise InputError(f"this block is text-conditioned: the conditioning must hold text embeddings of shape "
+                             f"{want} (rows: cond then uncond; text_length x text_width), got {got}")
+        kv = self.prefix_call(text[:R].to(self.device, torch.float32))
+        buffers = self.graphs.setdefault("prefix buffers", [t.clone() for t in kv])
+        for buf, t, cache in zip(buffers, kv, self.caches):
+            buf.copy_(t)
+            cache[:, :, :d.text_length] = t
+        self.prefix = buffers
 
     # eager bodies (also what gets captured)
     def _step(self, x_tok, pos):
         xa, xb, *news = self.step_rows(x_tok, pos, *self.caches, *self.cond)
+        slot = (pos + self.text_slots).view(1) if self.text_slots else pos.view(1)
         for cache, new in zip(self.caches, news):  # in place: static addresses for graph replay
-            cache.index_copy_(2, pos.view(1), new)
+            cache.index_copy_(2, slot, new)
         return xa, xb
 
     def _jacobi(self, z, x):
-        return self.jacobi(z, x, *self.cond)
+        return self.jacobi(z, x, *self.prefix, *self.cond)
 
     def _jacobi_k(self, z, x, k):
         if self.jacobi_k is not None and self.jacobi_k[0] == k:
-            x, _, residuals = self.jacobi_k[1](z, x, *self.cond)
+            x, _, residuals = self.jacobi_k[1](z, x, *self.prefix, *self.cond)
             return x, residuals
         residuals = []
         for _ in range(k):
-            x, res = self.jacobi(z, x, *self.cond)
+            x, res = self.jacobi(z, x, *self.prefix, *self.cond)
             residuals.append(res)
         return x, torch.stack(residuals)
 
@@ -171,6 +211,10 @@ class EngineBlockRunner(GraphModuleRunner):
         calls = {v: call(v) for v in ("step_rows", "window", "jacobi")}
         if "jacobi_k" in exported:
             calls["jacobi_k"] = (unroll, call("jacobi_k"))
+        if model.blocks[k].spec.text_width:  # a STARFlow text block's prefix pass
+            if "prefix" not in exported:
+                raise BundleError("a STARFlow text block needs the 'prefix' graph; re-export the bundle")
+            calls["prefix"] = call("prefix")
         super().__init__(model, k, cuda_graphs, calls=calls, pool=pool)
         self.call, self.exported = call, set(exported)
 

@@ -102,8 +102,22 @@ def _program(ops) -> str:
     return ", ".join(kind + (" + residual" if residual else "") for kind, residual in ops)
 
 
+def starflow_options(spec: BlockSpec) -> str | None:
+    """The STARFlow options of a block declaration (sejd/model/block.py) as words, or None for a TarFlow block:
+    what the native step and ort-cpu's fused step graph do not compute."""
+    found = [what for what, on in (
+        ("rope positions", spec.positions == "rope"), ("a start token", spec.start_token),
+        ("a final RMSNorm", spec.final_norm), ("a soft clip", bool(spec.soft_clip)),
+        ("a softplus scale", spec.affine_scale == "softplus"), ("a text prefix", bool(spec.text_width)),
+        ("STARFlow guidance", spec.guidance != "tarflow")) if on]
+    return ", ".join(found) or None
+
+
 def unsupported(spec: BlockSpec) -> str | None:
     """None when step.c can run blocks of this declaration, else why not."""
+    starflow = starflow_options(spec)
+    if starflow:
+        return f"step.c runs TarFlow blocks; this block has STARFlow options ({starflow})"
     if spec.head_dim > MAX_HEAD_DIM:
         return f"head_dim {spec.head_dim} > {MAX_HEAD_DIM}"
     program = tuple((op.kind, op.residual) for op in spec.layer)

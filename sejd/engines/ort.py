@@ -26,7 +26,7 @@ from sejd.engines.backends import EngineBackend, register
 from sejd.engines.manifest import engine_dir, engine_file
 from sejd.engines.ort_fused_step import FUSED_VARIANT
 from sejd.export.bundle import Bundle, BundleError, sha256_file
-from sejd.export.contracts import contract, profile_shapes
+from sejd.export.contracts import block_dims, block_specs, contract, profile_shapes
 from sejd.runtime.runner import BlockRunner, Conditioning, KVCachePool
 
 PROVIDERS = {
@@ -62,7 +62,7 @@ def providers(bundle: Bundle, backend: str, graph: dict | None = None, root: Pat
     if graph is not None:
         cache = str(Path(root or engine_dir(bundle, backend)) / "trt_cache" / graph["file"][:-len(".onnx")])
         trt.update({"trt_engine_cache_path": cache, "trt_timing_cache_path": cache})
-        c = contract(bundle.config, graph["variant"], bundle.unroll)
+        c = contract(bundle.config, graph["variant"], bundle.unroll, block=graph["block"])
         shapes = profile_shapes(c, bundle.batch_max, 1, bundle.config.num_tokens)
         if shapes:
             trt.update({"trt_profile_min_shapes": _shape_string(shapes, 0),
@@ -143,6 +143,8 @@ def build_ort(bundle: Bundle, backend: str, threads: int | None = None, show_pro
     from sejd.export.weights import WeightStore
 
     BACKENDS[backend].require()
+    if bundle.family == "starflow" and precision != "fp32":
+        raise SejdError(f"STARFlow bundles are built in fp32 only for now, got --precision {precision}")
     if backend == "ort-cpu" and precision == "bf16":
         raise SejdError("ONNX Runtime's CPU provider has no bf16 matrix product: build ort-cpu with --precision "
                         "fp16 or fp32, or bf16 on ort-cuda, ort-trt or tensorrt")
@@ -194,7 +196,7 @@ def _single_token_path_at_build(bundle, precision: str, fused) -> str:
     from sejd.engines import native
 
     reason = None if precision == "fp32" else f"engines built at {precision}"
-    reason = reason or native.unsupported(bundle.config.block_spec) or native.available()
+    reason = reason or _native_unsupported(bundle.config) or native.available()
     if reason is None:
         return f"native CPU step ({native.level()})"
     used = [b for b in (fused[1].get("blocks", {}) if fused else {}).values() if b.get("used")]
@@ -287,7 +289,7 @@ class OrtSessions:
             session = ort.InferenceSession(str(path), session_options(threads, level="none"),
                                            providers=providers(self.bundle, self.backend,
                                                                self.bundle.graph(variant, block)))
-            want = contract(self.bundle.config, variant, self.bundle.unroll)
+            want = contract(self.bundle.config, variant, self.bundle.unroll, block=block)
             got = {i.name for i in session.get_inputs()}
             if got != set(want.input_names):  # e.g. another graph's file under this one's name and hash
                 raise BundleError(f"{path}: not a {variant} graph of this bundle (inputs {sorted(got)}, its "
@@ -302,10 +304,14 @@ class OrtBlockRunner(BlockRunner):
     def __init__(self, sessions: OrtSessions, block: int):
         cfg = sessions.bundle.config
         self.sessions, self.k, self.cfg = sessions, block, cfg
-        self.num_tokens, self.token_dim = cfg.num_tokens, cfg.token_dim
+        # the block's sizes: STARFlow's are per block (T + 1 runtime tokens, the text prefix's cache slots)
+        self.dims = d = block_dims(cfg, block)
+        self.num_tokens, self.token_dim = d.num_tokens, d.token_dim
+        self.text_slots = d.text_length  # runtime position p is cache slot text_slots + p
+        self._prefix: dict = {}
         self.unroll = sessions.bundle.unroll
         self.exported = set(sessions.bundle.variants())
-        self.cache_names = [f"{l}.{kv}" for l in range(cfg.layers_per_block) for kv in ("key", "value")]
+        self.cache_names = [f"{l}.{kv}" for l in range(d.layers_per_block) for kv in ("key", "value")]
         self._caches: list[list[np.ndarray]] = []
         self._contracts = {}
         # the fused step graph's engine file when the build shipped it for this block (tests set None to run
@@ -328,7 +334,7 @@ class OrtBlockRunner(BlockRunner):
 
     def _contract(self, variant):
         if variant not in self._contracts:
-            self._contracts[variant] = contract(self.cfg, variant, self.unroll)
+            self._contracts[variant] = contract(self.cfg, variant, self.unroll, block=self.k)
         return self._contracts[variant]
 
     def begin(self, batch: int, cond: Conditioning) -> None:
@@ -338,13 +344,16 @@ class OrtBlockRunner(BlockRunner):
             raise InputError(f"batch {batch} exceeds the bundle's batch_max {batch_max} (re-export with "
                              f"--batch-max {batch} to serve larger batches)")
         self.batch = batch
-        R = self.rows = cond.rows
-        guidance = cond.guidance if cond.guidance is not None else torch.zeros(2, self.num_tokens)
-        self.cond_feeds = {"temps": cond.temps.numpy().astype(np.float32),
+        d = self.dims
+        # ml-starflow guides only the blocks with a text prefix; the others run the B conditional rows
+        R = self.rows = cond.rows if d.guided_rows else batch
+        use = cond.guidance is not None and d.guided_rows
+        guidance = cond.guidance if use else torch.zeros(2, self.num_tokens)
+        self.cond_feeds = {"temps": np.ascontiguousarray(cond.temps[:R].numpy().astype(np.float32)),
                            "guidance": np.ascontiguousarray(guidance.numpy().astype(np.float32))}
-        if self.cfg.num_classes:
-            self.cond_feeds["labels"] = cond.labels.numpy().astype(np.int64)
-        shape = (R, self.cfg.num_heads, self.num_tokens, self.cfg.head_dim)
+        if d.num_classes:
+            self.cond_feeds["labels"] = np.ascontiguousarray(cond.labels[:R].numpy().astype(np.int64))
+        shape = (R, d.num_heads, d.cache_tokens, d.head_dim)
         # the ping-pong pair, as numpy views of the shared pool (bindings below take their addresses)
         views = [t.numpy() for t in self.sessions.pool.caches(2 * len(self.cache_names), shape)]
         n = len(self.cache_names)
@@ -353,6 +362,29 @@ class OrtBlockRunner(BlockRunner):
         self._bindings: dict = {}
         self._validated: set = set()
         self._fused_calls: dict = {}  # per cache side: the fused step bound to it (made on first use)
+        self._prefix = {}
+        if d.text_length:
+            self._begin_prefix(cond.text, R)
+
+    def _begin_prefix(self, text, R: int) -> None:
+        """A STARFlow text block: the `prefix` graph on the rows' text (cond rows, then uncond rows) fills the
+        caches' slots [0, Lt) (both ping-pong sides) and is kept for the Jacobi graphs, which take it as inputs."""
+        from sejd.core.errors import InputError
+
+        d = self.dims
+        want = (R, d.text_length, d.text_width)
+        if not torch.is_tensor(text) or text.dim() != 3 or tuple(text.shape[1:]) != want[1:] or text.shape[0] < R:
+            got = tuple(text.shape) if torch.is_tensor(text) else None if text is None else type(text).__name__
+            raise InputError(f"block {self.k} is text-conditioned: the conditioning must hold text embeddings of "
+                             f"shape {want} (rows: cond then uncond; text_length x text_width), got {got}")
+        if "prefix" not in self.exported:
+            raise BundleError("bundle lacks the 'prefix' graph that a STARFlow text block needs (re-export it)")
+        out = self._run("prefix", {"text": np.ascontiguousarray(text[:R].numpy().astype(np.float32))})
+        for i, name in enumerate(self.cache_names):
+            kv = out[f"prefix.{name}"]
+            for side in self._caches:
+                side[i][:, :, :d.text_length] = kv
+            self._prefix[f"prefix.{name}"] = np.ascontiguousarray(kv)
 
     def _session(self, variant: str):
         # single tokens and small parallel passes are latency-bound: one thread (see OrtSessions.get)
@@ -441,8 +473,9 @@ class OrtBlockRunner(BlockRunner):
             return xa[:, None], xb[:, None]
         if n == 1 and "step_rows" in self.exported:
             out = self._run("step_rows", {"x": x.numpy(), "pos": np.array(start, np.int64)}, cache_io="read")
+            slot = self.text_slots + start
             for i, cache in enumerate(self._caches[self._current]):  # write this token's keys/values in place
-                cache[:, :, start] = out[f"new.{self.cache_names[i]}"][:, :, 0]
+                cache[:, :, slot] = out[f"new.{self.cache_names[i]}"][:, :, 0]
             return torch.from_numpy(out["xa"]), torch.from_numpy(out["xb"])
         variant = "step_present" if n == 1 else "window"
         if variant not in self.exported:
@@ -454,13 +487,13 @@ class OrtBlockRunner(BlockRunner):
     def jacobi_iter(self, z, x, start=1, end=None):
         if start != 1 or (end or self.num_tokens) != self.num_tokens or "jacobi" not in self.exported:
             return super().jacobi_iter(z, x, start, end)
-        out = self._run("jacobi", {"z": z.numpy(), "x": x.numpy()})
+        out = self._run("jacobi", {"z": z.numpy(), "x": x.numpy(), **self._prefix})
         return torch.from_numpy(out["x_next"]), torch.from_numpy(out["residual"])
 
     def jacobi_chunk(self, z, x, k):
         if k != self.unroll or "jacobi_k" not in self.exported:
             return super().jacobi_chunk(z, x, k)
-        out = self._run("jacobi_k", {"z": z.numpy(), "x": x.numpy()})
+        out = self._run("jacobi_k", {"z": z.numpy(), "x": x.numpy(), **self._prefix})
         return torch.from_numpy(out["x_next"]), torch.from_numpy(out["residuals"])
 
     def jacobi_loop(self, z, x, tau, cap):
@@ -524,7 +557,7 @@ def ort_tensor_runners(bundle: Bundle, backend: str, device: str, threads: int |
 
     @functools.lru_cache(maxsize=None)
     def call(variant, k):
-        return OrtTensorCall(sessions.get(variant, k), contract(bundle.config, variant, bundle.unroll))
+        return OrtTensorCall(sessions.get(variant, k), contract(bundle.config, variant, bundle.unroll, block=k))
 
     pool = KVCachePool()  # one per set of runners: freed with them, shared by their blocks
     return [EngineBlockRunner(lambda v, k=k: call(v, k), bundle.variants(), bundle.unroll, model, k, cuda_graphs=False,
@@ -582,7 +615,14 @@ def native_step_reason(sessions: OrtSessions) -> str | None:
         return f"backend {sessions.backend}"
     if sessions.manifest.get("precision", "fp32") != "fp32":
         return f"engines built at {sessions.manifest.get('precision')} (the native step computes in fp32)"
-    return native.unsupported(sessions.bundle.config.block_spec) or native.available()
+    return _native_unsupported(sessions.bundle.config) or native.available()
+
+
+def _native_unsupported(cfg) -> str | None:
+    """Why the native step cannot run some block of this model (the first reason found), or None."""
+    from sejd.engines import native
+
+    return next((r for r in map(native.unsupported, block_specs(cfg)) if r), None)
 
 
 class OrtBackend(EngineBackend):

@@ -61,6 +61,15 @@ PER_CALL_INPUTS = ("x", "pos", "seqlens", "total")
 PARITY_FEEDS = ((1, False, 1), (1, True, 2), (3, False, 3), (3, True, 4), (3, True, 5))
 
 
+def unsupported(spec) -> str | None:
+    """None when the fused step graph computes blocks of this declaration, else why not: it is made of TarFlow's
+    ops (learned positions, exp scale, TarFlow guidance); the runners keep the exported step_rows graph."""
+    from sejd.engines.native import starflow_options
+
+    starflow = starflow_options(spec)
+    return f"the fused step graph runs TarFlow blocks; this block has STARFlow options ({starflow})" if starflow else None
+
+
 def dims_of(spec) -> dict:
     """The sizes the graph is built for, from the block's declaration (a BlockSpec, sejd/model/block.py)."""
     return {"T": spec.num_tokens, "D": spec.token_dim, "C": spec.channels, "H": spec.heads, "hd": spec.head_dim,
@@ -323,11 +332,21 @@ def build_fused_steps(bundle, model, out: Path, store, scratch: Path, threads=No
     from sejd.export.contracts import contract
 
     cfg = model.config
+    reasons = [unsupported(block.spec) for block in model.blocks]
+    if all(reasons):  # e.g. STARFlow: nothing to build (its contracts are per block, not TarFlow's)
+        record = not_built_record(len(reasons), reasons[0])
+        record["blocks"] = {str(k): {"used": False, "reason": r} for k, r in enumerate(reasons)}
+        for k, r in enumerate(reasons):
+            log.info("ort-cpu build: block %d keeps the ONNX step_rows graph for single tokens (%s)", k, r)
+        return {}, record
     atol = contract(cfg, CONTRACT).atol
     feeds = parity_feeds(cfg)
     files, blocks = {}, {}
     for k, block in enumerate(progress(model.blocks, desc="build fused steps", enabled=show_progress)):
         rel = f"blocks/{k}/{FUSED_VARIANT}.onnx"
+        if reasons[k]:
+            blocks[str(k)] = {"used": False, "reason": reasons[k]}
+            continue
         target = out / rel
         try:
             graph = fused_step_graph(block, cfg.num_tokens)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-MODULE_VARIANTS = ("step_present", "step_rows", "window", "jacobi", "jacobi_k")  # torch-cuda's graphs `sejd check` compares
+MODULE_VARIANTS = ("step_present", "step_rows", "window", "jacobi", "jacobi_k", "prefix")  # torch-cuda's graphs `sejd check` compares
 
 
 def callable_runner(name: str, c, fn):
@@ -47,8 +47,11 @@ def module_runner(model, k: int, c, precision: str = "fp32"):
     model's device, at `precision`."""
     import torch
 
+    from sejd.export.contracts import is_starflow
     from sejd.export.graphs import graph_module, precision_dtype
 
+    if is_starflow(model.config):  # STARFlow's graph modules (sejd/export/starflow_graphs.py)
+        from sejd.export.starflow_graphs import graph_module
     module = graph_module(model, k, c.variant, c.unroll, precision_dtype(precision))
     device = model.var.device
 

@@ -39,10 +39,10 @@ class TorchCudaBackend(Backend):
 
     def checked_graphs(self, bundle, config):
         from sejd.engines.polygraphy_runners import MODULE_VARIANTS
-        from sejd.export.contracts import BLOCK_VARIANTS
+        from sejd.export.contracts import ALL_VARIANTS, block_variants
 
         every = bundle.manifest["graphs"] if bundle is not None else \
-            [{"block": k, "variant": v} for k in range(config.num_blocks) for v in BLOCK_VARIANTS]
+            [{"block": k, "variant": v} for k in range(config.num_blocks) for v in block_variants(config, k, ALL_VARIANTS)]
         return every, [g for g in every if g["variant"] in MODULE_VARIANTS]
 
     def polygraphy_runner(self, bundle, model=None, precision="fp32"):

@@ -65,8 +65,14 @@ class Bundle:
     manifest: dict
 
     @property
+    def family(self) -> str:
+        """"tarflow", or "starflow" for a StarFlow model's bundle (the manifest's `family`)."""
+        return self.manifest.get("family", "tarflow")
+
+    @property
     def config(self) -> TarFlowConfig:
-        return TarFlowConfig.from_dict(self.manifest["config"])
+        """The model's config: a TarFlowConfig, or a StarFlowConfig for a STARFlow bundle."""
+        return config_of(self.manifest["config"], self.family)
 
     @property
     def batch_max(self) -> int:
@@ -99,9 +105,29 @@ class Bundle:
                              self.manifest["files"])
 
     def load_model(self):
+        if self.family == "starflow":
+            from sejd.model.starflow_checkpoint import load_starflow
+
+            weights = confined_file(self.path, "model/model.safetensors", "the PyTorch reference's weights",
+                                    self.path / MANIFEST, self.manifest["files"])
+            model = load_starflow(weights, config=self.config)
+            model.noise_std = float(self.manifest.get("noise_std", 0.0) or 0.0)
+            return model
         from sejd.model.checkpoint import load_checkpoint
 
         return load_checkpoint(self.path / "model")
+
+
+FAMILIES = ("tarflow", "starflow")
+
+
+def config_of(stated: dict, family: str = "tarflow"):
+    """A manifest's config dict as its family's config class (ConfigError when it is not one)."""
+    if family == "starflow":
+        from sejd.model.starflow import StarFlowConfig
+
+        return StarFlowConfig.from_dict(stated)
+    return TarFlowConfig.from_dict(stated)
 
 
 def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
@@ -227,8 +253,11 @@ def validate_manifest(manifest: dict, where) -> None:
     """The manifest's schema, before any of it is used: O(entries), opens no file."""
     files = check_file_table(manifest, where)
     stated = _object(manifest.get("config"), "config", where)
+    family = manifest.get("family", "tarflow")
+    if family not in FAMILIES:
+        raise BundleError(f"{where}: family must be one of {list(FAMILIES)}, got {str(family)[:40]!r}")
     try:
-        config = TarFlowConfig.from_dict(stated)
+        config = config_of(stated, family)
     except SejdError as e:
         raise BundleError(f"{where}: config: {e}") from None
     _int_in(manifest, "unroll", 1, UNROLL_MAX, where)
@@ -278,7 +307,7 @@ def check_model_config(bundle: Bundle) -> None:
     meta = read_json_object(path, "the PyTorch reference's config", root=bundle.path)
     reference = _object(meta.get("config"), "config", path)
     try:
-        reference = TarFlowConfig.from_dict(reference).to_dict()
+        reference = config_of(reference, bundle.family).to_dict()
     except SejdError as e:
         raise BundleError(f"{path}: config: {e}") from None
     stated = bundle.config.to_dict()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from sejd.core.errors import InputError
+from sejd.model.starflow import StarFlowConfig
 from sejd.model.tarflow import TarFlowConfig
 
 DEFAULT_OPSET = 18
@@ -39,6 +40,75 @@ VARIANTS = BLOCK_VARIANTS + MODEL_VARIANTS
 # (never picked by tuning: host-driven calls and the native step beat them on the CPU; the GPU runners capture
 # their own loops).
 DEFAULT_VARIANTS = ("step_rows", "window", "jacobi", "forward")
+# STARFlow (sejd/model/starflow.py): contracts per block (heterogeneous depth, the text block's prefix). `prefix`
+# fills a text block's KV-cache slots [0, Lt) once per batch; the other graphs read them. Not exported for
+# STARFlow: `forward` (density runs on the PyTorch model) and the Loop graphs (jacobi_loop, sequential_loop).
+STARFLOW_VARIANTS = ("prefix", "step_present", "step_rows", "window", "jacobi", "jacobi_k")
+STARFLOW_DEFAULT_VARIANTS = ("prefix", "step_rows", "window", "jacobi")
+TEXT_ONLY_VARIANTS = ("prefix",)  # exported only for blocks that have text
+ALL_VARIANTS = VARIANTS + TEXT_ONLY_VARIANTS
+STARFLOW_NOTE = ("STARFlow bundle: graphs per block (the text block's `prefix` fills its KV cache's first Lt slots "
+                 "once per batch); runtime position p of a block is KV-cache slot Lt + p and token 0 is the start "
+                 "token; `forward` (density) and the Loop graphs are not exported for STARFlow: the density runs "
+                 "on the PyTorch model in model/")
+
+
+def is_starflow(cfg) -> bool:
+    return isinstance(cfg, StarFlowConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDims:
+    """The sizes one block's graph contracts are made of. TarFlow: the model's (every block alike). STARFlow:
+    block k's own: `num_tokens` is the runtime's T + 1 (token 0 the start token), `cache_tokens` the KV cache's
+    slots (text prefix first), the text block's text (text_length x text_width)."""
+
+    num_tokens: int
+    token_dim: int
+    layers_per_block: int
+    num_heads: int
+    head_dim: int
+    num_classes: int = 0
+    cache_tokens: int = 0
+    text_length: int = 0
+    text_width: int = 0
+    starflow: bool = False
+
+    @property
+    def guided_rows(self) -> bool:
+        """Whether guidance doubles this block's rows (ml-starflow guides the text block only)."""
+        return not self.starflow or self.text_length > 0
+
+
+def block_dims(cfg, block: int | None = None) -> BlockDims:
+    if not is_starflow(cfg):
+        return BlockDims(cfg.num_tokens, cfg.token_dim, cfg.layers_per_block, cfg.num_heads, cfg.head_dim,
+                         cfg.num_classes, cfg.num_tokens)
+    if block is None or not 0 <= block < cfg.num_blocks:
+        raise InputError(f"STARFlow graph contracts are per block: a block index from 0 to {cfg.num_blocks - 1} is "
+                         f"needed, got {block!r}")
+    s = cfg.block_spec(block)
+    return BlockDims(s.run_tokens, s.token_dim, s.layers, s.heads, s.head_dim, 0, s.cache_slots, s.text_length,
+                     s.text_width, True)
+
+
+def block_specs(cfg) -> list:
+    """Every block's BlockSpec (a TarFlow's are all alike)."""
+    if is_starflow(cfg):
+        return [cfg.block_spec(k) for k in range(cfg.num_blocks)]
+    return [cfg.block_spec] * cfg.num_blocks
+
+
+def family_variants(cfg) -> tuple[tuple, tuple]:
+    """(the variants a model of this family can export, its default variants)."""
+    return (STARFLOW_VARIANTS, STARFLOW_DEFAULT_VARIANTS) if is_starflow(cfg) else (VARIANTS, DEFAULT_VARIANTS)
+
+
+def block_variants(cfg, block: int, variants) -> list[str]:
+    """The block graphs of `variants` block `block` has (the text-only ones on text blocks only)."""
+    text = is_starflow(cfg) and cfg.has_text(block)
+    return [v for v in variants if v not in MODEL_VARIANTS and (text or v not in TEXT_ONLY_VARIANTS)]
+
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
@@ -61,6 +131,7 @@ class GraphContract:
     description: str
     atol: float = FP32_ATOL
     unroll: int = 1
+    dims: BlockDims | None = dataclasses.field(default=None, compare=False)  # the sizes it was made of
 
     @property
     def input_names(self):
@@ -118,13 +189,43 @@ def _i(name, *shape):
 
 
 def cache_specs(cfg: TarFlowConfig, prefix: str, tokens: int | None = None) -> list[TensorSpec]:
-    shape = ("rows", cfg.num_heads, cfg.num_tokens if tokens is None else tokens, cfg.head_dim)
+    tokens = getattr(cfg, "cache_tokens", 0) or cfg.num_tokens if tokens is None else tokens
+    shape = ("rows", cfg.num_heads, tokens, cfg.head_dim)
     return [_f(f"{prefix}.{l}.{kv}", *shape) for l in range(cfg.layers_per_block) for kv in ("key", "value")]
 
 
 def cond_specs(cfg: TarFlowConfig) -> list[TensorSpec]:
     labels = [_i("labels", "rows")] if cfg.num_classes else []
     return labels + [_f("temps", "rows"), _f("guidance", 2, cfg.num_tokens)]
+
+
+def prefix_specs(d: BlockDims) -> list[TensorSpec]:
+    """A text block's text prefix keys (rope applied) and values per layer: KV-cache slots [0, Lt)."""
+    return cache_specs(d, "prefix", tokens=d.text_length)
+
+
+def starflow_contract(d: BlockDims, variant: str, unroll: int = DEFAULT_UNROLL) -> GraphContract:
+    """A STARFlow block's graph: the TarFlow contract over the runtime's T + 1 tokens and the cache's
+    Lt + T + 1 slots, no labels; the text block's Jacobi graphs read the prefix keys/values as inputs."""
+    if variant not in STARFLOW_VARIANTS:
+        raise InputError(f"variant {variant!r} is not exported for STARFlow; STARFlow bundles have "
+                         f"{', '.join(STARFLOW_VARIANTS)}")
+    if variant == "prefix":
+        if not d.text_length:
+            raise InputError("variant 'prefix' exists only for a STARFlow block with text")
+        return dataclasses.replace(GraphContract(
+            variant, (_f("text", "rows", d.text_length, d.text_width),), tuple(prefix_specs(d)),
+            "the text block's prefix pass: text embeddings (cond rows, then uncond rows) through every layer, causal "
+            "among the text -> each layer's keys (rope applied) and values, the KV cache's slots [0, Lt)"), dims=d)
+    c = block_contract(d, variant, unroll)
+    inputs = c.inputs
+    if d.text_length and variant in ("jacobi", "jacobi_k"):  # z, x, then the prefix, then the conditioning
+        inputs = (*inputs[:2], *prefix_specs(d), *inputs[2:])
+    note = (" (STARFlow: runtime position p is cache slot Lt + p; token 0 is the start token"
+            + ("; the text prefix is read from the cache's first Lt slots" if d.text_length and variant not in
+               ("jacobi", "jacobi_k") else "; the text prefix's keys/values are inputs" if d.text_length else "")
+            + ")")
+    return dataclasses.replace(c, inputs=inputs, description=c.description + note, dims=d)
 
 
 def block_contract(cfg: TarFlowConfig, variant: str, unroll: int = DEFAULT_UNROLL) -> GraphContract:
@@ -176,7 +277,15 @@ def forward_contract(cfg: TarFlowConfig) -> GraphContract:
                          "the model's forward pass (likelihood): image, labels (-1 = unconditional) -> z, logdet")
 
 
-def contract(cfg: TarFlowConfig, variant: str, unroll: int = DEFAULT_UNROLL) -> GraphContract:
+def contract(cfg: TarFlowConfig, variant: str, unroll: int = DEFAULT_UNROLL, block: int | None = None) -> GraphContract:
+    """The contract of a variant; STARFlow's are per block (`block`)."""
+    if is_starflow(cfg):
+        if variant not in STARFLOW_VARIANTS:  # before the block: the variant is what is wrong
+            starflow_contract(None, variant)
+        return starflow_contract(block_dims(cfg, block), variant, unroll)
+    if variant == "prefix":
+        raise InputError("variant 'prefix' is a STARFlow text block's graph; TarFlow bundles have "
+                         f"{', '.join(VARIANTS)}")
     return forward_contract(cfg) if variant == "forward" else block_contract(cfg, variant, unroll)
 
 
@@ -206,6 +315,11 @@ def dummy_inputs(c: GraphContract, cfg: TarFlowConfig, batch: int = 2, cfg_rows:
                  seed: int = 0, tau: float = 0.0) -> dict[str, np.ndarray]:
     """Seeded inputs that satisfy the contract and exercise it (labels incl. -1, non-trivial caches)."""
     g = torch.Generator().manual_seed(seed)
+    d = c.dims
+    starflow = d is not None and d.starflow
+    if d is not None:
+        cfg = d
+        cfg_rows = cfg_rows and d.guided_rows  # a STARFlow block without text runs its B rows only
     dims = {"batch": batch, "rows": 2 * batch if cfg_rows else batch, "window": window}
     T = cfg.num_tokens
     feeds = {}
@@ -216,7 +330,7 @@ def dummy_inputs(c: GraphContract, cfg: TarFlowConfig, batch: int = 2, cfg_rows:
             if cfg_rows:
                 v[batch:] = -1
         elif s.name == "temps":
-            v = torch.ones(shape) if not cfg_rows else torch.cat([torch.ones(batch), 0.5 + torch.rand(batch, generator=g)])
+            v = torch.ones(shape) if not cfg_rows or starflow else torch.cat([torch.ones(batch), 0.5 + torch.rand(batch, generator=g)])
         elif s.name == "guidance":
             v = torch.rand(shape, generator=g) * 2 if cfg_rows else torch.zeros(shape)
         elif s.name == "pos":
@@ -227,7 +341,7 @@ def dummy_inputs(c: GraphContract, cfg: TarFlowConfig, batch: int = 2, cfg_rows:
             v = torch.tensor(float(tau))
         elif s.name == "max_iters":
             v = torch.tensor(T - 1)
-        elif s.name.startswith("past."):
+        elif s.name.startswith(("past.", "prefix.")):
             v = torch.randn(shape, generator=g)
         elif s.name == "image":
             v = torch.rand(shape, generator=g) * 2 - 1

@@ -29,13 +29,17 @@ from sejd.export.bundle import (
     sha256_file,
 )
 from sejd.export.contracts import (
-    BLOCK_VARIANTS,
+    ALL_VARIANTS,
     DEFAULT_OPSET,
     DEFAULT_UNROLL,
-    DEFAULT_VARIANTS,
     MODEL_VARIANTS,
+    STARFLOW_NOTE,
+    STARFLOW_VARIANTS,
     VARIANTS,
+    block_variants,
     contract,
+    family_variants,
+    is_starflow,
 )
 from sejd.export.loops import forward_chain
 from sejd.export.onnx_export import FORWARD_BODY, export_block_variant
@@ -65,10 +69,10 @@ def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = D
                   config=None):
     """`config`: the model's config (TarFlowConfig or dict) for a checkpoint whose file name does not
     carry it, as `load_checkpoint(config=...)`."""
-    variants = list(variants or DEFAULT_VARIANTS)
-    unknown = sorted(set(variants) - set(VARIANTS))
+    unknown = sorted(set(variants or ()) - set(ALL_VARIANTS))
     if unknown:
-        raise SejdError(f"unknown variants {unknown}; expected a subset of {list(VARIANTS)}")
+        raise SejdError(f"unknown variants {unknown}; expected a subset of {list(VARIANTS)} (TarFlow) or "
+                        f"{list(STARFLOW_VARIANTS)} (STARFlow)")
     # the bounds a bundle's manifest is held to at load (sejd.export.bundle), refused here before any work
     for name, value, lo, hi in (("unroll", unroll, 1, UNROLL_MAX), ("batch_max", batch_max, 1, BATCH_MAX_LIMIT),
                                 ("opset", opset, OPSETS.start, OPSETS.stop - 1)):
@@ -77,11 +81,23 @@ def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = D
     out = Path(out)
     if out.exists() or out.is_symlink():
         replace_only_ours("-o", out, force, "a sejd bundle whose manifest verifies", replaceable_bundle)
-    model = load_checkpoint(source, config=config)
+    model = load_model_source(source, config)
     cfg = model.config
+    starflow = is_starflow(cfg)
+    supported, default = family_variants(cfg)
+    if variants is not None and set(variants) == set(VARIANTS) and starflow:  # `--variants all`
+        variants = STARFLOW_VARIANTS
+    variants = list(variants or default)
+    refused = [v for v in variants if v not in supported]
+    if refused:
+        family = "STARFlow" if starflow else "TarFlow"
+        raise SejdError(f"variants {refused} are not exported for {family} models; {family} bundles have "
+                        f"{', '.join(supported)}")
     if unroll > cfg.num_tokens - 1:  # T-1 Jacobi iterations are always exact: never unroll more
         raise SejdError(f"unroll must be at most T-1 = {cfg.num_tokens - 1} for this model, got {unroll}")
-    source_path = Path(str(source)) if not str(source).startswith("builtin:") else None
+    in_memory = source is model  # a model object, not a file
+    source_name = f"<{type(model).__name__} in memory>" if in_memory else str(source)
+    source_path = Path(source_name) if not in_memory and not source_name.startswith("builtin:") else None
     # the old bundle (if any) is replaced only by a verified new one, and only with --force: a target that
     # appears meanwhile makes the final move fail (atomic_dir re-checks at the moment of the move)
     with atomic_dir(out, replace=is_replaceable_bundle if force else None) as tmp:
@@ -92,9 +108,10 @@ def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = D
             "schema": SCHEMA_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(),
+            **({"family": "starflow", "note": STARFLOW_NOTE} if starflow else {}),
             "config": cfg.to_dict(),
             "noise_std": model.noise_std,
-            "source": {"name": str(source),
+            "source": {"name": source_name,
                        "sha256": (sha256_file(source_path) if source_path and source_path.is_file()
                                   else files["model/model.safetensors"])},
             "opset": opset, "unroll": unroll, "batch_max": batch_max,
@@ -107,11 +124,38 @@ def export_bundle(source, out: str | os.PathLike, variants=None, unroll: int = D
     return load_bundle(out, verify=False)  # just verified: hashing the weights again would re-read gigabytes
 
 
+def load_model_source(source, config=None):
+    """The model to export: a TarFlow or StarFlow model itself, an ml-starflow checkpoint (or one with STARFlow
+    Model kwargs in `config`), sejd's format of either (a folder with config.json and model.safetensors), or
+    anything `load_checkpoint` reads."""
+    import torch
+
+    if isinstance(source, torch.nn.Module):
+        return source
+    from sejd.model.starflow_checkpoint import is_starflow_checkpoint, load_starflow
+
+    folder = Path(str(source))
+    if not str(source).startswith("builtin:") and folder.is_dir() and (folder / "config.json").is_file() \
+            and (folder / "model.safetensors").is_file():
+        try:
+            meta = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            meta = None  # the TarFlow loader says what is wrong with it
+        stated = meta.get("config") if isinstance(meta, dict) else None
+        if isinstance(stated, dict) and is_starflow_checkpoint(folder, stated):
+            model = load_starflow(folder / "model.safetensors", config={**stated, **(config or {})})
+            model.noise_std = float(meta.get("noise_std", 0.0) or 0.0)
+            return model
+    if is_starflow_checkpoint(source, config):
+        return load_starflow(source, config=config)
+    return load_checkpoint(source, config=config)
+
+
 def _export_graphs(model, root: Path, variants, unroll: int, opset: int, show_progress: bool):
     """Every graph, streamed block by block into `root` (see GraphWriter): memory holds the model and one
     graph at a time. Returns the manifest's graph entries and what was written."""
     cfg = model.config
-    jobs = [(k, v) for k in range(cfg.num_blocks) for v in variants if v in BLOCK_VARIANTS]
+    jobs = [(k, v) for k in range(cfg.num_blocks) for v in block_variants(cfg, k, variants)]
     jobs += [(None, v) for v in variants if v in MODEL_VARIANTS]
     graphs = []
     bar = progress(jobs, desc="export", enabled=show_progress)
@@ -120,7 +164,7 @@ def _export_graphs(model, root: Path, variants, unroll: int, opset: int, show_pr
         for k, v in bar:
             rel = "forward.onnx" if k is None else f"blocks/{k}/{v}.onnx"
             writer.write(k, v, rel)
-            c = contract(cfg, v, unroll)
+            c = contract(cfg, v, unroll, block=k)
             graphs.append({"block": k, "variant": v, "file": rel, "sha256": sha256_file(root / rel),
                            "inputs": [s.to_dict() for s in c.inputs], "outputs": [s.to_dict() for s in c.outputs],
                            "atol": c.atol})
@@ -150,7 +194,10 @@ class GraphWriter:
 
     def __init__(self, model, unroll: int, opset: int, store: WeightStore, dtype=None):
         self.model, self.unroll, self.opset, self.store, self.dtype = model, unroll, opset, store, dtype
-        self.templates: dict[str, Retarget | None] = {}
+        # per (variant, block group): blocks of one group have one topology (TarFlow: every block; STARFlow:
+        # the blocks of one BlockSpec, its depth and text differing between blocks)
+        self.templates: dict[tuple, Retarget | None] = {}
+        self.seen: dict[tuple, list[int]] = {}
         self.traced = self.retargeted = 0
         self._named: tuple = (None, None)
 
@@ -173,14 +220,23 @@ class GraphWriter:
         """Block k's graph of `variant`, re-targeted or traced, its tensors moved into block k's weight
         file (referenced relative to where `rel` will be saved)."""
         self.store.target(f"blocks/{k}/{WEIGHTS_FILE}")
-        template = self.templates.get(variant) if k >= 2 else None
+        key = (variant, self.group(k))
+        seen = self.seen.setdefault(key, [])
+        if k not in seen:
+            seen.append(k)
+        order = seen.index(k)  # 0: the group's template, 1: the block that confirms it, 2..: re-targeted
+        template = self.templates.get(key) if order >= 2 else None
         model = template.graph(self.named(k)) if template else None
         if model is None:
             self.traced += 1
-            return self._trace(k, variant, rel)
+            return self._trace(k, variant, rel, key, order)
         self.retargeted += 1
         externalize(model, rel, self.store)
         return model
+
+    def group(self, k: int):
+        """Which blocks share one graph topology: TarFlow's all do; a STARFlow block's is its BlockSpec."""
+        return self.model.blocks[k].spec if is_starflow(self.model.config) else None
 
     def named(self, k: int) -> dict:
         """The exported module's tensors for block k (one block held at a time: export streams blocks)."""
@@ -190,12 +246,19 @@ class GraphWriter:
             from sejd.export.graphs import BlockGraph
 
             self._named = (None, None)  # the previous block's tensors go before the next are made
-            module = BlockGraph(self.model.blocks[k], self.model.config.num_tokens, self.dtype or torch.float32)
+            if is_starflow(self.model.config):
+                from sejd.export.starflow_graphs import StarGraph
+
+                module = StarGraph(self.model.blocks[k], self.dtype or torch.float32)
+            else:
+                module = BlockGraph(self.model.blocks[k], self.model.config.num_tokens, self.dtype or torch.float32)
             self._named = (k, dict(module.state_dict()))
         return self._named[1]
 
-    def _trace(self, k, variant, rel):
+    def _trace(self, k, variant, rel, key=None, order=None):
         """Trace through a scratch folder beside the graphs (removed also on failure)."""
+        key = (variant, self.group(k)) if key is None else key
+        order = k if order is None else order
         import torch
 
         scratch = self.store.root / ".scratch"
@@ -203,14 +266,14 @@ class GraphWriter:
         try:
             model = export_block_variant(self.model, k, variant, self.unroll, self.opset, self.dtype or torch.float32,
                                          scratch)
-            if k == 1 and self.templates.get(variant):
-                if not self.templates[variant].confirm(model, scratch, self.named(1), own=True):
-                    self.templates[variant] = None
+            if order == 1 and self.templates.get(key):
+                if not self.templates[key].confirm(model, scratch, self.named(k), own=True):
+                    self.templates[key] = None
             externalize(model, rel, self.store, base_dir=scratch, own=True)
         finally:
             shutil.rmtree(scratch)
-        if k == 0:
-            self.templates[variant] = Retarget(model, (self.store.root / rel).parent, self.named(0))
+        if order == 0:
+            self.templates[key] = Retarget(model, (self.store.root / rel).parent, self.named(k))
         return model
 
 

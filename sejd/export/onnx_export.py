@@ -20,7 +20,7 @@ import onnx
 import torch
 
 from sejd.export import graphs, loops
-from sejd.export.contracts import GraphContract, contract, dummy_inputs
+from sejd.export.contracts import GraphContract, contract, dummy_inputs, is_starflow
 from sejd.model.tarflow import TarFlow
 
 FORWARD_BODY = "forward_body"  # one block's forward pass, composed into `forward` (see loops.forward_chain)
@@ -52,6 +52,13 @@ def export_block_variant(model: TarFlow, k: int, variant: str, unroll: int, opse
     if variant == FORWARD_BODY:  # always float32, like the forward graph it is composed into
         return export_forward_body(model, k, opset, scratch)
     cfg = model.config
+    if is_starflow(cfg):
+        from sejd.export import starflow_graphs
+
+        c = contract(cfg, variant, unroll, block=k)
+        m = starflow_graphs.graph_module(model, k, variant, unroll, dtype)
+        feeds = dummy_inputs(c, cfg, batch=2)
+        return _to_onnx(m, _args(c, feeds), c.input_names, c.output_names, c.dynamic_axes(), opset, scratch)
     block, T, has_classes = model.blocks[k], cfg.num_tokens, bool(cfg.num_classes)
     c = contract(cfg, variant, unroll)
     feeds = dummy_inputs(c, cfg, batch=2)

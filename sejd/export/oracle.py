@@ -20,11 +20,17 @@ def _t(a):
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def conditioning_from_feeds(feeds: dict, batch: int) -> Conditioning:
-    temps = _t(feeds["temps"])
+def conditioning_from_feeds(feeds: dict, batch: int, spec=None) -> Conditioning:
+    """The Conditioning a graph's feeds stand for. A STARFlow text block (`spec`) gets the feeds' text, or zeros
+    (its graphs that read the prefix from caches or inputs: the reference's prefix is then overwritten)."""
+    temps = _t(feeds["temps"]) if "temps" in feeds else torch.ones(feeds["text"].shape[0])
     labels = _t(feeds["labels"]) if "labels" in feeds else torch.full(temps.shape, -1, dtype=torch.long)
-    guidance = _t(feeds["guidance"]) if temps.shape[0] == 2 * batch else None
-    return Conditioning(labels, temps, guidance)
+    rows = temps.shape[0]
+    guidance = _t(feeds["guidance"]) if rows == 2 * batch and "guidance" in feeds else None
+    text = None
+    if spec is not None and spec.text_width:
+        text = _t(feeds["text"]) if "text" in feeds else torch.zeros(rows, spec.text_length, spec.text_width)
+    return Conditioning(labels, temps, guidance, text)
 
 
 def reference_outputs(model, block, c, feeds) -> dict[str, np.ndarray]:
@@ -33,28 +39,41 @@ def reference_outputs(model, block, c, feeds) -> dict[str, np.ndarray]:
 
 @torch.no_grad()
 def _reference_outputs(model: TarFlow, block: int | None, c: GraphContract, feeds: dict) -> dict[str, np.ndarray]:
-    cfg = model.config
     if c.variant == "forward":
         labels = _t(feeds["labels"]) if "labels" in feeds else None
         z, _, logdet = model(_t(feeds["image"]), labels)
         return {"z": z.numpy(), "logdet": logdet.numpy()}
+    spec = model.blocks[block].spec
+    Lt = spec.text_length  # STARFlow text block: runtime position p is cache slot Lt + p
+    if c.variant == "prefix":
+        text = _t(feeds["text"])
+        runner = TorchBlockRunner(model.blocks[block], spec.run_tokens, spec.token_dim)
+        runner.begin(text.shape[0], conditioning_from_feeds(feeds, text.shape[0], spec))
+        out = {}
+        for l, (k, v) in enumerate(runner.cache):
+            out[f"prefix.{l}.key"], out[f"prefix.{l}.value"] = k[:, :, :Lt].numpy(), v[:, :, :Lt].numpy()
+        return out
     first = _t(feeds["x"] if "x" in feeds else feeds["z"])
     batch = first.shape[0]
-    runner = TorchBlockRunner(model.blocks[block], cfg.num_tokens, cfg.token_dim)
-    cond = conditioning_from_feeds(feeds, batch)
+    runner = TorchBlockRunner(model.blocks[block], spec.run_tokens, spec.token_dim)
+    cond = conditioning_from_feeds(feeds, batch, spec)
     runner.begin(batch, cond)
+    if Lt and "prefix.0.key" in feeds:  # the Jacobi graphs of a text block take the prefix as inputs
+        for l, (k, v) in enumerate(runner.cache):
+            k[:, :, :Lt], v[:, :, :Lt] = _t(feeds[f"prefix.{l}.key"]), _t(feeds[f"prefix.{l}.value"])
     if c.variant == "step_rows":
         runner.cache = [(_t(feeds[f"past.{l}.key"]).clone(), _t(feeds[f"past.{l}.value"]).clone())
-                        for l in range(cfg.layers_per_block)]
+                        for l in range(spec.layers)]
         pos = int(feeds["pos"])
         xa, xb = runner.project(first, pos)
         out = {"xa": xa.numpy(), "xb": xb.numpy()}
+        slot = Lt + pos
         for l, (k, v) in enumerate(runner.cache):
-            out[f"new.{l}.key"], out[f"new.{l}.value"] = k[:, :, pos:pos + 1].numpy(), v[:, :, pos:pos + 1].numpy()
+            out[f"new.{l}.key"], out[f"new.{l}.value"] = k[:, :, slot:slot + 1].numpy(), v[:, :, slot:slot + 1].numpy()
         return out
     if c.variant in ("step_present", "window"):
         runner.cache = [(_t(feeds[f"past.{l}.key"]).clone(), _t(feeds[f"past.{l}.value"]).clone())
-                        for l in range(cfg.layers_per_block)]
+                        for l in range(spec.layers)]
         start = int(feeds["pos" if c.variant == "step_present" else "start"])
         xa, xb = runner.project(first, start)
         out = {"xa": xa.numpy(), "xb": xb.numpy()}

@@ -32,17 +32,19 @@ from sejd.engines.ort_fused_step import ENGINE_VARIANTS, FUSED_VARIANT
 from sejd.engines.polygraphy_runners import callable_runner
 from sejd.export.bundle import Bundle
 from sejd.export.contracts import (
+    ALL_VARIANTS,
     BLOCK_VARIANTS,
     DEFAULT_UNROLL,
-    VARIANTS,
+    TEXT_ONLY_VARIANTS,
     contract,
     dummy_inputs,
+    is_starflow,
     tolerance,
 )
 from sejd.export.oracle import reference_outputs
 from sejd.runtime.plan import NAMED_PLANS
 from sejd.runtime.request import seeded_labels, seeded_noise
-from sejd.workflows.quality import psnr_db
+from sejd.workflows.quality import psnr_db, psnr_latents_db
 
 PSNR_FLOOR_DB = 40.0  # the default (tuned) plan must stay >= 40 dB against exact decoding
 PARITY_DB = 60.0  # an engine running a plan must match PyTorch running the same plan to round-off
@@ -51,7 +53,11 @@ PARITY_DB = 60.0  # an engine running a plan must match PyTorch running the same
 # GS-Jacobi at tau 0.5, whose stopping point on the first block moves with the round-off
 PARITY_DB_BY_PRECISION = {"fp32": PARITY_DB, "fp16": 45.0, "bf16": 30.0}
 END_TO_END_PLANS = ("sequential", "ujd", "sjd", "gs-jacobi")
-PLAN_CHOICES = NAMED_PLANS + ("auto",)
+STARFLOW_PLANS = ("starflow",)  # ml-starflow's own sampler: also checked by default on a STARFlow model
+PLAN_CHOICES = NAMED_PLANS + STARFLOW_PLANS + ("auto",)
+# STARFlow end to end: seeded text and unconditional text embeddings, sampled with this guidance weight (the
+# text block's guided rows run too)
+STARFLOW_CHECK_GUIDANCE = 2.0
 LOOSE_TAU = 0.3  # jacobi_loop inputs that stop early; tau 0 runs it to the exact result (T-1 passes)
 # quick mode: one pass per graph call, so a published-size model (T = 1024) checks in minutes on 2 cores;
 # the chained graphs (jacobi_k, the loops) cost up to T-1 passes per input
@@ -183,14 +189,14 @@ def select_graphs(graphs: list[dict], spec: str | None, num_blocks: int) -> tupl
 
 def _selector(item: str, num_blocks: int) -> tuple[int | None, str | None]:
     expected = f"expected all, none, or a comma list of VARIANT, block:K or block:K:VARIANT " \
-               f"(variants {', '.join(VARIANTS + ENGINE_VARIANTS)}; blocks 0..{num_blocks - 1})"
+               f"(variants {', '.join(ALL_VARIANTS + ENGINE_VARIANTS)}; blocks 0..{num_blocks - 1})"
     parts = item.split(":")
-    if len(parts) == 1 and item in VARIANTS + ENGINE_VARIANTS:
+    if len(parts) == 1 and item in ALL_VARIANTS + ENGINE_VARIANTS:
         return None, item
     if parts[0] == "block" and len(parts) in (2, 3):
         if not parts[1].isdigit() or int(parts[1]) >= num_blocks:
             raise SejdError(f"--graphs: {item!r} names block {parts[1]!r}; {expected}")
-        if len(parts) == 3 and parts[2] not in BLOCK_VARIANTS + ENGINE_VARIANTS:
+        if len(parts) == 3 and parts[2] not in BLOCK_VARIANTS + TEXT_ONLY_VARIANTS + ENGINE_VARIANTS:
             raise SejdError(f"--graphs: {item!r} names variant {parts[2]!r}; {expected}")
         return int(parts[1]), parts[2] if len(parts) == 3 else None
     raise SejdError(f"--graphs: cannot read {item!r}; {expected}")
@@ -250,7 +256,7 @@ def check_graphs(bundle: Bundle | None, backend: str, model, show_progress=True,
     checks, folder = [], None
     graphs = bundle.manifest["graphs"] if graphs is None else graphs
     for g in progress(graphs, desc=f"check graphs on {backend}", enabled=show_progress):
-        c = contract(cfg, g["variant"], unroll)
+        c = contract(cfg, g["variant"], unroll, block=g["block"])  # STARFlow: per block
         feeds = graph_feeds(c, cfg, specs)
         atol = tolerance(c, precision) if options.atol is None else options.atol
         rtol = options.rtol or 0.0
@@ -302,31 +308,50 @@ def check_end_to_end(src, model, plans=END_TO_END_PLANS, batch: int = 4, seed: i
 
     cfg = model.config
     noise = seeded_noise(batch, seed, cfg.num_tokens, cfg.token_dim)
-    labels = seeded_labels(batch, None, cfg.num_classes)
-    exact = sample(model, noise, labels=labels, plan="sequential", progress=False).images
+    conditioning = sampling_conditioning(cfg, batch, seed)
+    exact = sample(model, noise, plan="sequential", progress=False, **conditioning).images
+    psnr = psnr_latents_db if is_starflow(cfg) else psnr_db  # STARFlow samples latents (unbounded)
     checks = []
     for plan in progress(plans, desc="check plans", enabled=show_progress):
         spec = src.plan("auto", batch) if plan == "auto" else plan
-        r = sample(engine_model or model, noise, labels=labels, plan=spec, runners=src.runners, progress=False)
+        r = sample(engine_model or model, noise, plan=spec, runners=src.runners, progress=False, **conditioning)
         # the same plan on PyTorch (exact decoding is that already)
-        same = exact if plan == "sequential" else sample(model, noise, labels=labels, plan=spec, progress=False).images
+        same = exact if plan == "sequential" else sample(model, noise, plan=spec, progress=False,
+                                                         **conditioning).images
         iters = [b.iterations for b in r.stats.blocks]
         floor = PARITY_DB_BY_PRECISION[precision]
-        checks.append(Check(f"plan {plan}: engine vs PyTorch, same plan", psnr_db(r.images, same) >= floor,
-                            {"psnr_db": psnr_db(r.images, same), "psnr_floor_db": floor, "precision": precision,
+        checks.append(Check(f"plan {plan}: engine vs PyTorch, same plan", psnr(r.images, same) >= floor,
+                            {"psnr_db": psnr(r.images, same), "psnr_floor_db": floor, "precision": precision,
                              "max_abs": float((r.images - same).abs().max()), "iterations_per_block": iters}))
-        checks.append(Check(f"plan {plan}: engine vs exact sequential", psnr_db(r.images, exact) >= PSNR_FLOOR_DB,
-                            {"psnr_db": psnr_db(r.images, exact), "psnr_floor_db": PSNR_FLOOR_DB,
+        checks.append(Check(f"plan {plan}: engine vs exact sequential", psnr(r.images, exact) >= PSNR_FLOOR_DB,
+                            {"psnr_db": psnr(r.images, exact), "psnr_floor_db": PSNR_FLOOR_DB,
                              "max_abs": float((r.images - exact).abs().max())},
                             enforced=plan in quality_plans or plan == "sequential"))
     return checks
 
 
-def choose_plans(options: CheckOptions, tuned: bool) -> tuple[list[str], list[str]]:
-    """(compared, skipped) plans: the user's list, else the defaults plus the tuned plan when there is one."""
-    available = list(END_TO_END_PLANS) + (["auto"] if tuned else [])
+def sampling_conditioning(cfg, batch: int, seed: int) -> dict:
+    """The conditioning `sample` takes in the end-to-end checks: seeded labels (a conditional TarFlow), or for a
+    STARFlow with text seeded text and unconditional text embeddings (batch, Lt, Dt) with guidance
+    STARFLOW_CHECK_GUIDANCE (what a session passes its runners: `sample(..., text=, uncond_text=, guidance=)`)."""
+    import torch
+
+    if not is_starflow(cfg):
+        return {"labels": seeded_labels(batch, None, cfg.num_classes)}
+    if not cfg.txt_dim:
+        return {}
+    g = torch.Generator().manual_seed(seed + 1)
+    text, null = (torch.randn(batch, cfg.txt_size, cfg.txt_dim, generator=g) for _ in range(2))
+    return {"text": text, "uncond_text": null, "guidance": STARFLOW_CHECK_GUIDANCE}
+
+
+def choose_plans(options: CheckOptions, tuned: bool, starflow: bool = False) -> tuple[list[str], list[str]]:
+    """(compared, skipped) plans: the user's list, else the defaults plus the tuned plan when there is one
+    (a STARFlow model's defaults add ml-starflow's own sampler, `starflow`)."""
+    family = list(END_TO_END_PLANS) + (list(STARFLOW_PLANS) if starflow else [])
+    available = family + (["auto"] if tuned else [])
     if options.plans is None:
-        default = [p for p in QUICK_PLANS if p in available] if options.quick else list(END_TO_END_PLANS)
+        default = [p for p in QUICK_PLANS if p in available] if options.quick else family
         wanted = default + (["auto"] if tuned else [])  # the tuned plan is the default one: always checked
     else:
         wanted = list(dict.fromkeys(options.plans))
@@ -409,6 +434,8 @@ def fused_checks(src, model, options: CheckOptions) -> tuple[list[Check], list[d
                for k in range(cfg.num_blocks) if sessions.fused_step(k) is not None]
     spec = options.graphs if options.graphs is not None else (",".join(QUICK_GRAPHS) if options.quick else None)
     chosen, skipped = select_graphs(shipped, spec, cfg.num_blocks)
+    if not chosen:
+        return [], chosen, skipped
     c = contract(cfg, "step_rows")
     atol = options.atol if options.atol is not None else c.atol
     all_feeds = graph_feeds(c, cfg, feed_specs(options.seed, options.quick)) if chosen else []
@@ -431,7 +458,7 @@ def check_source(src, model, options: CheckOptions | None = None, engine_model=N
     options = options or CheckOptions()
     precision = src.precision
     tuned = bool(src.tuned_plans())
-    plans, plans_skipped = choose_plans(options, tuned)  # validated before anything runs
+    plans, plans_skipped = choose_plans(options, tuned, is_starflow(model.config))  # validated before anything runs
     checks, compared, skipped = graph_checks(src, model, options, precision)
     checks += native_checks(src, model, options, compared)
     fused, fused_compared, fused_skipped = fused_checks(src, model, options)
