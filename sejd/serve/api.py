@@ -1,13 +1,15 @@
 """The HTTP face of the sampling service: a FastAPI app over one `SampleService`.
 
     POST /sample        {"n", "seed", "label", "guidance", "plan", "format"} -> images + per-block statistics
+                        a STARFlow: {"n", "seed", "text_embeddings" | "prompt", "uncond_text_embeddings",
+                        "guidance", "plan", "format"} -> latents (npy, base64) or images (png, with a VAE)
     GET  /healthz       {"status": "ok", ...}
     GET  /metrics       Prometheus text format: requests by status, latency, engine batch sizes, iterations
     GET  /metrics.json  the same as JSON, with latency percentiles
     GET  /docs, /openapi.json
 
 Every 4xx body is `{"error": ..., "field": ...}` naming what was wrong (the field, "body", "path" or
-"method"); 413 for a body over 64 KiB; 408 (field null) for a body not received within the read
+"method"); 413 for a body over 64 KiB (a STARFlow's: plus room for two (max_n, Lt, Dt) embeddings); 408 (field null) for a body not received within the read
 deadline, 431 for too many or too large headers (`sejd.serve.read_limits`); 500 only for a fault of the
 server (an engine batch that failed); 504 past the deadline. `/metrics` counts a request whose client went
 away before its answer under status 499, not 500. `sejd.serve.app` runs this app on Ray Serve
@@ -25,7 +27,7 @@ import numpy as np
 
 from sejd.serve.metrics import CLIENT_CLOSED, Metrics
 from sejd.serve.read_limits import READ_TIMEOUT_S, BodyLimit, ReadLimits
-from sejd.serve.schema import RequestError, SampleRequest, first_error
+from sejd.serve.schema import RequestError, first_error
 from sejd.serve.service import SampleService, SamplingFailed
 
 
@@ -80,15 +82,20 @@ def create_api(service: SampleService, source: str = "", batch=unbatched, deadli
     async def sample(body: Optional[schema] = Body(None)) -> dict:
         """Sample `n` images from the request's seed; the same seed gives the same images whatever
         batch the request rides in."""
-        req = service.check(SampleRequest(**(body or schema()).model_dump()))
+        req = service.check(service.request(body or schema()))
         try:
             result = await asyncio.wait_for(submit(req), timeout=deadline_s)
         except asyncio.TimeoutError:
             raise RequestError("deadline", f"deadline of {deadline_s} s exceeded", status=504) from None
         if isinstance(result, SamplingFailed):
             return JSONResponse({"error": str(result), "field": "engine"}, status_code=500)
+        if service.starflow:  # latents, or the images the VAE decoded from them (png)
+            content = {"content": "images" if result.decoded is not None else "latents",
+                       **encode(result.images if result.decoded is None else result.decoded, req.format)}
+        else:
+            content = encode(result.images, req.format)
         return {"n": req.n, "seed": req.seed, "plan": result.plan, "batch_size": result.batch_size,
-                "seconds": result.seconds, **encode(result.images, req.format),
+                "seconds": result.seconds, **content,
                 "blocks": [{"block": b.block, "decoder": b.decoder, "iterations": b.iterations,
                             "seconds": b.seconds} for b in result.blocks]}
 
@@ -97,9 +104,13 @@ def create_api(service: SampleService, source: str = "", batch=unbatched, deadli
     @app.get("/healthz")
     async def healthz() -> dict:
         cfg = service.cfg
-        return {"status": "ok", "source": source, "backend": service.src.backend, "plans": list(service.plan_names),
-                "uptime_s": time.time() - started, "image": [cfg.in_channels, cfg.img_size, cfg.img_size],
-                "num_classes": cfg.num_classes, "max_n": service.max_n}
+        about = {"status": "ok", "source": source, "backend": service.src.backend, "plans": list(service.plan_names),
+                 "uptime_s": time.time() - started, "image": [cfg.in_channels, cfg.img_size, cfg.img_size],
+                 "max_n": service.max_n}
+        if service.starflow:  # "image": the latents' shape
+            return {**about, "family": "starflow", "text": list(service.text_shape or ()),
+                    "text_encoder": service.text_encoder is not None, "vae": service.vae is not None}
+        return {**about, "num_classes": cfg.num_classes}
 
     @app.get("/metrics")
     async def prometheus():
@@ -110,7 +121,8 @@ def create_api(service: SampleService, source: str = "", batch=unbatched, deadli
     async def metrics_json() -> dict:
         return metrics.to_dict()
 
-    app.add_middleware(BodyLimit, limits=ReadLimits(read_timeout_s=read_timeout_s), json_body=True)
+    limits = ReadLimits(read_timeout_s=read_timeout_s, max_body_bytes=service.max_body_bytes)
+    app.add_middleware(BodyLimit, limits=limits, json_body=True)
     app.add_middleware(RecordStatus, metrics=metrics)  # added last: outermost, so it sees 408s and 413s too
     return app
 
