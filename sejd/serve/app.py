@@ -31,10 +31,12 @@ from sejd.serve.read_limits import READ_TIMEOUT_S, ReadLimits, runtime_env
 
 def build_app(source: str, backend: str = "auto", replicas: int = 1, max_batch: int = 16,
               batch_wait_ms: float = 10.0, deadline_s: float = 60.0, replica_host: str | None = None,
-              config: dict | None = None, read_timeout_s: float = READ_TIMEOUT_S):
+              config: dict | None = None, read_timeout_s: float = READ_TIMEOUT_S, text_encoder: str | None = None,
+              vae: str | None = None):
     """The Serve application; `replica_host`: the one address replicas listen on (a single local node);
     `config`: the model config of a checkpoint source (as `--config`); `read_timeout_s`: the time a
-    request's body may take to arrive at the app."""
+    request's body may take to arrive at the app; `text_encoder`, `vae`: a STARFlow's local T5 and SD-VAE
+    folders (each replica loads them at start-up)."""
     from ray import serve
 
     def replica_app():  # runs on each replica: its engines are built once, there
@@ -46,8 +48,8 @@ def build_app(source: str, backend: str = "auto", replicas: int = 1, max_batch: 
             keep_replica_grpc_on(replica_host)
 
         batch = serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_wait_ms / 1000.0)
-        return create_api(SampleService(open_source(source, backend, config=config)), source, batch, deadline_s,
-                          read_timeout_s)
+        service = SampleService(open_source(source, backend, config=config), text_encoder=text_encoder, vae=vae)
+        return create_api(service, source, batch, deadline_s, read_timeout_s)
 
     ingress = serve.ingress(replica_app)()
     sampler = serve.deployment(name="SejdSampler", num_replicas=replicas,
@@ -111,17 +113,21 @@ def start_ray(host: str, address: str | None, dashboard: bool, runtime_env: dict
 def serve_forever(source: str, backend: str = "auto", replicas: int = 1, max_batch: int = 16,
                   batch_wait_ms: float = 10.0, host: str = "127.0.0.1", port: int = 8000,
                   deadline_s: float = 60.0, address: str | None = None, dashboard: bool = False,
-                  config: dict | None = None, read_timeout_s: float = READ_TIMEOUT_S) -> None:
+                  config: dict | None = None, read_timeout_s: float = READ_TIMEOUT_S, text_encoder: str | None = None,
+                  vae: str | None = None) -> None:
     """`read_timeout_s`: how long a client may take to send a request's headers, and then its body
-    (`sejd.serve.read_limits`)."""
+    (`sejd.serve.read_limits`); `text_encoder`, `vae`: a STARFlow's local T5 and SD-VAE folders."""
+    from sejd.serve.service import max_body_bytes
+
     check_read_timeout(read_timeout_s)
     require_ray()
     check_port(host, port)
-    check_source(source, backend, config)
+    cfg = check_source(source, backend, config, text_encoder, vae)
     import ray
     from ray import serve
 
-    start_ray(host, address, dashboard, runtime_env(ReadLimits(read_timeout_s=read_timeout_s)))
+    limits = ReadLimits(read_timeout_s=read_timeout_s, max_body_bytes=max_body_bytes(cfg))  # STARFlow: text room
+    start_ray(host, address, dashboard, runtime_env(limits))
 
     def stop(signum, frame):  # SIGTERM (e.g. from a process manager) stops as Ctrl-C does
         raise KeyboardInterrupt
@@ -132,7 +138,7 @@ def serve_forever(source: str, backend: str = "auto", replicas: int = 1, max_bat
         local = address is None and host not in ALL_INTERFACES  # one node, on `host` only
         app = build_app(source, backend, replicas, max_batch, batch_wait_ms, deadline_s,
                         replica_host=host_address(host)[1][0] if local else None, config=config,
-                        read_timeout_s=read_timeout_s)
+                        read_timeout_s=read_timeout_s, text_encoder=text_encoder, vae=vae)
         serve.run(app, route_prefix="/")
         print(f"sejd serve: {source} on http://{host}:{port} (POST /sample, GET /healthz, /metrics, /docs); "
               f"Ctrl-C stops", flush=True)

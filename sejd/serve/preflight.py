@@ -46,9 +46,30 @@ def check_read_timeout(seconds) -> None:
         raise SejdError(f"--read-timeout-s must be a finite number of seconds > 0, got {seconds!r}")
 
 
-def check_source(source: str, backend: str, config: dict | None = None) -> None:
+def check_extras(cfg, text_encoder: str | None, vae: str | None) -> None:
+    """A STARFlow's --text-encoder and --vae: for a STARFlow only, local folders, their packages installed
+    (each replica loads them; nothing here loads a model)."""
+    from sejd.core.extras import require
+    from sejd.serve.service import check_extras as for_this_model
+
+    for_this_model(cfg, text_encoder, vae)
+    if text_encoder is not None:
+        from sejd.workflows.text import TextEncoder
+
+        TextEncoder(text_encoder)  # the folder, its config.json and tokenizer file
+        require("transformers", "`sejd serve --text-encoder`")
+    if vae is not None:
+        from sejd.workflows.vae import LatentDecoder
+
+        LatentDecoder(vae)
+        require("diffusers", "`sejd serve --vae`")
+
+
+def check_source(source: str, backend: str, config: dict | None = None, text_encoder: str | None = None,
+                 vae: str | None = None):
     """Opens what every replica will open, short of building engines (which a replica does once, on its
-    own device): a bundle's verified files, the backend's engines and every plan it serves; a checkpoint."""
+    own device): a bundle's verified files, the backend's engines and every plan it serves; a checkpoint;
+    a STARFlow's text-encoder and VAE folders. Returns the model config."""
     from sejd.engines.backends import backend as find_backend
     from sejd.engines.manifest import engine_dir
     from sejd.serve.service import served_plans
@@ -61,11 +82,14 @@ def check_source(source: str, backend: str, config: dict | None = None) -> None:
 
     refuse_config_for_bundle(source, config)
     if not is_bundle(source):
-        served_plans(open_source(source, backend, config=config))
-        return
+        src = open_source(source, backend, config=config)
+        check_extras(src.model.config, text_encoder, vae)
+        served_plans(src)
+        return src.model.config
     from sejd.export.bundle import BundleError, load_bundle
 
     bundle = load_bundle(source)
+    check_extras(bundle.config, text_encoder, vae)
     backend = "ort-cpu" if backend == "auto" else backend
     found, _ = find_backend(backend)
     found.require()
@@ -75,3 +99,4 @@ def check_source(source: str, backend: str, config: dict | None = None) -> None:
                           f"--backend {name}`")
     # plans need only the model's config, not its weights
     served_plans(Session(types.SimpleNamespace(config=bundle.config), None, backend, bundle))
+    return bundle.config
