@@ -370,7 +370,8 @@ def _serve(a):
     from sejd.serve.app import serve_forever
 
     serve_forever(a.source, a.backend, a.replicas, a.max_batch, a.batch_wait_ms, a.host, a.port, a.deadline_s,
-                  a.address, dashboard=a.dashboard, read_timeout_s=a.read_timeout_s, **config)
+                  a.address, dashboard=a.dashboard, read_timeout_s=a.read_timeout_s, text_encoder=a.text_encoder,
+                  vae=a.vae, **config)
 
 
 def _bench(a):
@@ -621,6 +622,10 @@ def _add_serve(sub):
     sv.add_argument("--port", type=int, default=8000, help="HTTP port (1..65535)")
     sv.add_argument("--address", default=None, help="Ray cluster address (None: start Ray locally)")
     sv.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (bound to --host)")
+    sv.add_argument("--text-encoder", dest="text_encoder", default=None, help="STARFlow: local folder of a T5 "
+                    "encoder + tokenizer, for requests with a prompt (pip install 'sejd[text]'; never downloads)")
+    sv.add_argument("--vae", default=None, help="STARFlow: local SD-VAE folder, for format png (images decoded "
+                    "from the latents; pip install 'sejd[vae]'; never downloads)")
 
 
 def _add_bench(sub):
