@@ -135,6 +135,9 @@ class SampleService:
             self.schema = request_model(self.plan_names, self.default_plan, self.max_n, self.cfg.num_classes)
         self.max_body_bytes = max_body_bytes(self.cfg, self.max_n)
         self._lock = threading.Lock()  # runners hold per-batch state: one engine batch at a time
+        # PyTorch's intra-op thread count is per thread (OpenMP): engine batches run on the HTTP layer's worker
+        # threads, which would otherwise use the default count and round differently from this thread
+        self.torch_threads = torch.get_num_threads()
 
     def _load_extras(self, text_encoder, vae):
         """(encoder, vae, the unconditional text (Lt, Dt) of guidance by default): loaded now, so a bad folder,
@@ -240,6 +243,8 @@ class SampleService:
     def run_batch(self, requests: list[SampleRequest]) -> list[Sampled | SamplingFailed]:
         """Sample every request; requests sharing plan and guidance ride in shared engine batches of at
         most batch_max samples. A failing engine batch fails only its own requests (SamplingFailed)."""
+        if torch.get_num_threads() != self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
         results: list = [None] * len(requests)
         groups = collections.defaultdict(list)
         for i, r in enumerate(requests):
