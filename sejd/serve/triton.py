@@ -9,6 +9,7 @@ GUIDANCE (fp32); output IMAGE (fp32, C x H x W in [-1, 1]). Rows that Triton bat
 shared engine batches with per-sample stopping, so a row's image equals
 `sejd sample BUNDLE -n 1 --seed SEED --per-sample` bit for bit on the same backend and plan.
 The server's Python environment needs sejd installed (`pip install sejd[...]` in the Triton image).
+STARFlow (text-to-image) bundles are refused: the model has no text input; `sejd serve` serves them.
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ def export_triton(bundle_path, out, name: str | None = None, backend: str = "ort
         replace_only_ours("-o", model_dir, force, "a model sejd exported", not_an_exported_model)
     bundle = load_bundle(bundle_path)
     cfg = bundle.config
+    if hasattr(cfg, "text_block"):
+        raise SejdError(f"{bundle.path} is a STARFlow (text-to-image) bundle: the Triton model takes SEED, LABEL and "
+                        f"GUIDANCE rows, no text embeddings; serve it with `sejd serve` (POST /sample with "
+                        f"text_embeddings)")
     from sejd.runtime.plan import NAMED_PLANS
     from sejd.workflows.source import tuned_plans
 

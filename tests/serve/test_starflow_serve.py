@@ -273,3 +273,43 @@ def test_sejd_serve_refuses_bad_extras_before_ray(files, tmp_path, capsys, monke
     save_checkpoint(make_model(), tmp_path / "tarflow")
     assert main(["serve", str(tmp_path / "tarflow"), "--port", "8799", "--text-encoder", str(tmp_path)]) == 2
     assert "--text-encoder is for STARFlow" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ a STARFlow bundle (ort-cpu)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from sejd.engines.ort import build_ort
+    from sejd.export.contracts import STARFLOW_VARIANTS
+    from sejd.export.exporter import export_bundle
+    from sejd.model.starflow import StarFlowConfig
+    from sejd.model.starflow_checkpoint import build_starflow
+
+    model = build_starflow(so.random_state_dict(TINY, seed=0), StarFlowConfig.from_dict(TINY))
+    root = tmp_path_factory.mktemp("starflow_bundle")
+    bundle = export_bundle(model, root / "bundle", variants=STARFLOW_VARIANTS, unroll=3, show_progress=False)
+    build_ort(bundle, "ort-cpu", show_progress=False)
+    return bundle
+
+
+def test_a_bundle_serves_latents_equal_to_sejd_sample_on_ort_cpu(bundle, files, tmp_path):
+    root, text, null = files
+    bundle_app = create_api(SampleService(open_source(bundle.path, "ort-cpu")), "bundle")
+    body = {"seed": SEED, "text_embeddings": b64npy(text), "uncond_text_embeddings": b64npy(null),
+            "guidance": GUIDANCE, "plan": "sjd"}
+    got = latents_of(call(bundle_app, "POST", "/sample", body))
+    out = tmp_path / "cli.npy"
+    assert main(["sample", str(bundle.path), "-n", str(N), "--seed", str(SEED), "--plan", "sjd", "--no-progress",
+                 "-q", "--text-embeddings", str(root / "text.npy"), "--uncond-text-embeddings",
+                 str(root / "null.npy"), "--guidance", str(GUIDANCE), "--npy", str(out)]) == 0
+    assert got.shape == (N, *LATENTS) and np.array_equal(got, np.load(out))
+
+
+def test_export_triton_refuses_a_starflow_bundle_in_one_line(bundle, tmp_path):
+    from sejd.serve.triton import export_triton
+
+    with pytest.raises(SejdError) as e:
+        export_triton(bundle.path, tmp_path / "repo")
+    assert "is a STARFlow (text-to-image) bundle" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "repo").exists()
