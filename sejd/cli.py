@@ -51,27 +51,20 @@ def _config_arg(text):
     from sejd.core.errors import ConfigError
     from sejd.core.files import read_json
 
-    if text.lstrip().startswith("{"):  # inline JSON (never a path: a long one is no valid file name)
-        try:
-            value = json.loads(text)
-        except (ValueError, RecursionError) as e:
-            raise ConfigError(f"--config must be JSON or a JSON file of TarFlowConfig fields: {e}") from None
-        if not isinstance(value, dict):
-            raise ConfigError(f"--config must be a JSON object, got {type(value).__name__}")
-        return value
     if text.endswith((".yaml", ".yml")):  # ml-starflow's own config file: its loader parses it
         if not Path(text).is_file():
             raise ConfigError(f"--config {text}: no such YAML file")
         return text
-    if Path(text).is_file():
+    # inline JSON is never taken for a path (a long one is no valid file name)
+    if not text.lstrip().startswith("{") and Path(text).is_file():
         value = read_json(text, "--config file", ConfigError)
     else:
         try:
             value = json.loads(text)
         except (ValueError, RecursionError) as e:
-            raise ConfigError(f"--config must be JSON or a JSON file of TarFlowConfig fields: {e}") from None
+            raise ConfigError(f"--config must be JSON or a JSON file of model config fields: {e}") from None
     if not isinstance(value, dict):
-        raise ConfigError(f"--config must be a JSON object of TarFlowConfig fields, got {type(value).__name__}")
+        raise ConfigError(f"--config must be a JSON object of model config fields, got {type(value).__name__}")
     return value
 
 

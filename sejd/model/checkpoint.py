@@ -70,8 +70,8 @@ def config_from_filename(path: Path) -> dict:
             "layers_per_block": int(m["layers"]), "noise_std": noise}
 
 
-def check_state_dict(model: TarFlow, sd: dict, where: str) -> None:
-    """Same key set and same shape for every tensor, or a CheckpointError naming the difference."""
+def check_state_dict(model, sd: dict, where: str) -> None:
+    """(A TarFlow or a StarFlow) same key set and same shape for every tensor, or a CheckpointError naming the difference."""
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing or unexpected:

@@ -18,7 +18,7 @@ import torch
 
 from sejd.core.errors import CheckpointError, ConfigError
 from sejd.core.memory import check_fits
-from sejd.model.checkpoint import read_pth, read_safetensors, require_readable
+from sejd.model.checkpoint import check_state_dict, read_pth, read_safetensors, require_readable
 from sejd.model.starflow import UNSUPPORTED, StarFlow, StarFlowConfig
 
 VAE_FACTOR = 8  # stabilityai/sd-vae-ft-ema downsamples by 8: sample.py builds Model with img_size // 8
@@ -178,28 +178,13 @@ def _infer(sd: dict, given: dict) -> dict:
     return out
 
 
-def check_tensors(model: StarFlow, sd: dict, where: str) -> None:
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{where}: state dict keys do not match config {model.config.to_dict()}: missing "
-                              f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-                              f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    for key, ref in expected.items():
-        if tuple(sd[key].shape) != tuple(ref.shape):
-            raise CheckpointError(f"{where}: {key} has shape {tuple(sd[key].shape)}, the config expects "
-                                  f"{tuple(ref.shape)}")
-        if not sd[key].is_floating_point():
-            raise CheckpointError(f"{where}: {key} has dtype {sd[key].dtype}, expected a floating tensor")
-
-
 def build_starflow(sd: dict, config: StarFlowConfig, where: str = "state dict", noise_std: float = 0.0) -> StarFlow:
     """The model holding sd's tensors (Apple's unused buffers dropped), built on the meta device first so a
     15 GB checkpoint is in memory once."""
     sd = {k: v for k, v in sd.items() if not IGNORED_BUFFERS.match(k)}
     with torch.device("meta"):
         model = StarFlow(config, noise_std)
-    check_tensors(model, sd, where)
+    check_state_dict(model, sd, where)
     model.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
     model.var = torch.ones(config.num_tokens, config.token_dim)  # non-persistent: made here, not loaded
     return model.eval().requires_grad_(False)
