@@ -107,8 +107,8 @@ def test_every_block_exact_inverse_through_the_runtime_matches_the_oracle(name, 
             y = torch.cat([text, null])
         ref = so.reverse_block(sd, cfg, i, outs[i + 1], y, guidance if so._has_text(cfg, i) else 0.0)
         z = block.to_runner(block.permute(outs[i + 1].reshape(B, -1, D)))
-        assert runner.num_tokens == model.config.num_tokens + 1 and torch.equal(z[:, 0], z[:, 0].new_tensor(
-            sd[f"blocks.{i}.sos_embed"][0].expand(B, -1)))
+        assert runner.num_tokens == model.config.num_tokens + 1 and torch.equal(
+            z[:, 0], sd[f"blocks.{i}.sos_embed"][0].to(z.dtype).expand(B, -1))
         runner.begin(B, cond)
         got = block.permute(block.from_runner(sequential(runner, z).x)).reshape(ref.shape)
         assert (got - ref).abs().max().item() <= 1e-4, f"block {i}"

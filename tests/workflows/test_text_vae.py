@@ -307,12 +307,30 @@ def test_a_shift_factor_in_the_config_is_applied(tmp_path, vae_folder):
     torch.testing.assert_close(LatentDecoder(folder).decode(latents), expected)
 
 
-def test_without_a_vae_the_latents_come_back_unchanged_with_a_hint(caplog):
-    latents = torch.randn(2, 4, 3, 3)
-    with caplog.at_level("INFO", logger="sejd.workflows.vae"):
+def test_without_a_vae_the_latents_come_back_unchanged_with_a_hint():
+    import logging
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    # a handler on the logger itself: the CLI's tests may have stopped "sejd" from propagating to caplog's
+    logger, keep = logging.getLogger("sejd.workflows.vae"), Keep()
+    level = logger.level
+    logger.addHandler(keep)
+    logger.setLevel(logging.INFO)
+    try:
+        latents = torch.randn(2, 4, 3, 3)
         out = latents_or_images(latents, None)
+    finally:
+        logger.removeHandler(keep)
+        logger.setLevel(level)
     assert out is latents
-    (record,) = [r for r in caplog.records if r.name == "sejd.workflows.vae"]
+    (record,) = keep.records
     assert "--vae PATH" in record.getMessage() and "sejd[vae]" in record.getMessage()
     assert "\n" not in record.getMessage()
 
