@@ -809,12 +809,18 @@ def _out_of_memory(e: BaseException) -> bool:
                                           ("can't allocate memory" in str(e) or "out of memory" in str(e)))
 
 
-def _memory_message(e: BaseException) -> str:
+# what a command can give up when memory runs out: a smaller batch where it samples, else nothing of its own
+MEMORY_ADVICE = {"sample": "use a smaller batch (-n)", "bench": "use a smaller batch (--batch)",
+                 "tune": "use a smaller batch (--batch)", "serve": "serve a smaller --max-batch"}
+
+
+def _memory_message(e: BaseException, command: str | None = None) -> str:
     import re
 
+    advice = MEMORY_ADVICE.get(command, "the model needs more memory than this machine has free")
     asked = re.search(r"tried to allocate (\d+) bytes", str(e))
     if asked:
-        return f"not enough memory: an allocation of {int(asked[1]):,} bytes failed; use a smaller batch (-n, --batch)"
+        return f"not enough memory: an allocation of {int(asked[1]):,} bytes failed; {advice}"
     return f"not enough memory ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
 
 
@@ -836,7 +842,8 @@ def main(argv=None) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - the one place that turns any failure into one line
         if _out_of_memory(e):
-            print(f"sejd: error: {_memory_message(e)}", file=sys.stderr)
+            command = next((a for a in argv if a in MEMORY_ADVICE or a == "export"), None)
+            print(f"sejd: error: {_memory_message(e, command)}", file=sys.stderr)
             return EXIT_USAGE
         fault = _input_fault(e)
         if fault:

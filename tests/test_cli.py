@@ -201,3 +201,19 @@ def test_per_sample_makes_gs_jacobi_blocks_per_sample_jacobi(ml_tarflow_pth, tmp
                  "--per-sample", "--no-progress", "--json", str(js)]) == 0
     blocks = json.loads(js.read_text())["blocks"]
     assert {b["decoder"] for b in blocks} == {"jacobi"} and all(b["sample_iterations"] for b in blocks)
+
+
+@pytest.mark.parametrize("command, advice", [("sample", "use a smaller batch (-n)"),
+                                             ("export", "more memory than this machine has free")])
+def test_out_of_memory_gives_the_advice_of_its_command(monkeypatch, capsys, command, advice):
+    import sejd.workflows.source as source
+
+    def exhausted(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 150994944 bytes")
+
+    monkeypatch.setattr(source, "open_source", exhausted)
+    monkeypatch.setattr("sejd.export.exporter.export_bundle", exhausted)
+    args = ["-v", command, "builtin:digits"] + (["-o", "/nonexistent/b"] if command == "export" else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "an allocation of 150,994,944 bytes failed" in err and advice in err
