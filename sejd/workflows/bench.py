@@ -29,13 +29,16 @@ import torch
 
 from sejd.core import machine
 from sejd.runtime.plan import TIMING_ONLY, Plan, named_plan
-from sejd.runtime.request import seeded_labels, seeded_noise
+from sejd.runtime.request import seeded_labels, seeded_noise, seeded_text
 from sejd.runtime.runner import peak_rss_bytes
 from sejd.runtime.sampler import sample
-from sejd.workflows.quality import psnr_db
+from sejd.workflows.quality import quality_db
 from sejd.workflows.source import Session
 
-DECODERS = ("forward", "reference", "sequential", "ujd", "sjd", "gs-jacobi", "auto")
+DECODERS = ("forward", "reference", "starflow", "sequential", "ujd", "sjd", "gs-jacobi", "auto")
+# a STARFlow has no density graph nor ml-tarflow loop; its baseline is Apple's sampler (the `starflow` plan),
+# which a TarFlow does not take: each family skips the rows that are not its own
+NOT_FOR = {"starflow": ("forward", "reference"), "tarflow": ("starflow",)}
 NOISY_SPREAD = 0.10  # IQR / median above which a row's time is flagged
 REFERENCE_PATH = "PyTorch (ml-tarflow loop)"
 
@@ -146,14 +149,22 @@ def bench(src: Session, batches=(1, 16), decoders=DECODERS, runs: int = 5, warmu
 
 def _bench_batch(src: Session, batch: int, decoders, runs: int, warmup: int, seed: int, guidance: float, log):
     model, cfg = src.model, src.model.config
+    family = "starflow" if hasattr(cfg, "text_block") else "tarflow"
     noise = seeded_noise(batch, seed, cfg.num_tokens, cfg.token_dim)
-    labels = seeded_labels(batch, None, cfg.num_classes)
+    if family == "starflow":  # seeded stand-in text (the service and `sejd sample` take the user's)
+        labels, text = None, None if cfg.text_block is None else seeded_text(batch, seed, cfg.txt_size, cfg.txt_dim)
+    else:
+        labels, text = seeded_labels(batch, None, cfg.num_classes), None
 
     def run(plan, runners=src.runners):
+        if family == "starflow":
+            return sample(model, noise, plan=plan, guidance=guidance, runners=runners, text=text, progress=False)
         return sample(model, noise, labels=labels, plan=plan, guidance=guidance, runners=runners, progress=False)
 
     candidates, groups, forward = [], {}, None
     for name in decoders:
+        if isinstance(name, str) and name in NOT_FOR[family]:
+            continue
         if name == "forward":
             # any images do: the cost of a density evaluation does not depend on the values; with
             # guidance the decoders run a cond and an uncond row per sample, so the forward does too
@@ -200,7 +211,8 @@ def _bench_batch(src: Session, batch: int, decoders, runs: int, warmup: int, see
         return out
     exact = measured["sequential"].result.images if "sequential" in measured else run("sequential").images
     medians = {name: statistics.median(c.times) for name, c in measured.items()}
-    ref_s, seq_s = medians.get("reference"), medians.get("sequential")
+    # the baseline: ml-tarflow's loop for a TarFlow, Apple's sampler for a STARFlow
+    ref_s, seq_s = medians.get("reference" if family == "tarflow" else "starflow"), medians.get("sequential")
     path = src.single_token_path
     for name, c in measured.items():
         stats, median = c.result.stats, medians[name]
@@ -212,7 +224,7 @@ def _bench_batch(src: Session, batch: int, decoders, runs: int, warmup: int, see
             "speedup_vs_reference": ref_s / median if ref_s else None,
             "speedup_vs_sequential": seq_s / median if seq_s else None,
             "multiple_of_forward": median / forward_s if forward_s else None,
-            "psnr_db_vs_sequential": psnr_db(c.result.images, exact),
+            "psnr_db_vs_sequential": quality_db(model, c.result.images, exact),  # latent PSNR for a STARFlow
             "max_abs_vs_sequential": float((c.result.images - exact).abs().max()),
             "iterations_per_block": [b.iterations for b in stats.blocks],
             "seconds_per_block": [b.seconds for b in stats.blocks],
