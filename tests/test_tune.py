@@ -81,6 +81,33 @@ def test_the_exact_baseline_takes_each_blocks_fastest_exact_path(tiny_bundle, mo
     assert tuner.uniform(0.5, "sequential").blocks[3] == tuner.exact[3]  # exact blocks of every candidate
 
 
+def test_variants_that_a_runner_would_run_from_the_host_are_not_timed(tiny_bundle, monkeypatch):
+    """`chunk` and `loop` fall back to host-driven Jacobi where a block's runner lacks jacobi_k / jacobi_loop
+    (the default export): the same result, so timing them would only cost tuning time."""
+    src = open_source(tiny_bundle.path, "ort-cpu")
+    assert all({"jacobi_chunk", "jacobi_loop"} <= r.one_call for r in src.runners)  # every variant exported here
+    for r in src.runners[2:]:  # blocks 2 and 3 as a default bundle has them
+        monkeypatch.setattr(r, "exported", r.exported - {"jacobi_k", "jacobi_loop"})
+    assert not {"jacobi_chunk", "jacobi_loop"} & src.runners[2].one_call
+    lines, timed = [], []
+    tuner = Tuner(src, 1, 40.0, taus=(0.5,), calib_seeds=(0,), holdout_seeds=(1000,), repeats=1, log=lines.append)
+    run = tuner.run
+    monkeypatch.setattr(tuner, "run", lambda plan, **kw: (timed.append([b.variant for b in plan.blocks]),
+                                                          run(plan, **kw))[1])
+    jacobi_plan = Plan("auto", [BlockPlan("jacobi", tau=0.5) for _ in range(3)] + [BlockPlan("sequential")])
+    tuner.variants(run(jacobi_plan))
+    assert ["chunk", "chunk", "host", "host"] in timed and ["loop", "loop", "host", "host"] in timed
+    assert all(v[2] == "host" for v in timed)  # block 2 never tries what it lacks
+
+    for r in src.runners[:2]:  # now no block has them: those rounds are skipped, and the log says why
+        monkeypatch.setattr(r, "exported", r.exported - {"jacobi_k", "jacobi_loop"})
+    timed.clear()
+    tuner.variants(run(jacobi_plan))
+    assert not any({"chunk", "loop"} & set(v) for v in timed)
+    assert sum("not timed" in line for line in lines) == 2
+    assert len(timed) == 3 + 1  # host, host+freeze, host+per-sample, then the fastest per block
+
+
 def test_auto_is_never_slower_than_the_fastest_named_plan_reaching_the_target(tiny_bundle, monkeypatch, tmp_path):
     """The search's stages compare runs taken at different moments; here they are made to end on a plan
     that is 10x slower than exact decoding (every block Jacobi, each pass slowed): the head-to-head

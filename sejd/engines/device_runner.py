@@ -187,6 +187,12 @@ class GraphModuleRunner(BlockRunner):
             return super().jacobi_iter(z, x, start, end)
         return self._replay("jacobi", self._jacobi, (z.to(self.device), x.to(self.device)))
 
+    @property
+    def one_call(self) -> frozenset:
+        # captured on CUDA: K passes, or the whole block's inversion, replayed as one graph
+        captured = {"jacobi_chunk", "sequential_loop"} if self.cuda_graphs else set()
+        return frozenset(captured | ({"jacobi_chunk"} if self.jacobi_k is not None else set()))
+
     @torch.no_grad()
     def jacobi_chunk(self, z, x, k):
         fn = lambda z, x: self._jacobi_k(z, x, k)  # noqa: E731
@@ -217,6 +223,10 @@ class EngineBlockRunner(GraphModuleRunner):
             calls["prefix"] = call("prefix")
         super().__init__(model, k, cuda_graphs, calls=calls, pool=pool)
         self.call, self.exported = call, set(exported)
+
+    @property
+    def one_call(self) -> frozenset:
+        return super().one_call | {op for op in ("jacobi_loop", "sequential_loop") if op in self.exported}
 
     @torch.no_grad()
     def jacobi_loop(self, z, x, tau, cap):

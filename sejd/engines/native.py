@@ -394,6 +394,10 @@ class NativeStepRunner(OrtBlockRunner):
         xa, xb = self.native.step_unchecked(x, pos, self._pointers[self._current], *self._native_cond)
         return torch.from_numpy(xa), torch.from_numpy(xb)
 
+    @property
+    def one_call(self) -> frozenset:
+        return super().one_call | {"sequential_loop"}  # the whole block's inversion in C
+
     def sequential_loop(self, z):
         self._validate("sequential_loop", {"z": z.numpy()}, with_caches=False)
         return torch.from_numpy(self.native.sequential(z.numpy(), self._caches[self._current], *self._native_cond))

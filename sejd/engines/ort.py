@@ -319,6 +319,11 @@ class OrtBlockRunner(BlockRunner):
         self.fused = sessions.fused_step(block)
 
     @property
+    def one_call(self) -> frozenset:
+        graphs = {"jacobi_chunk": "jacobi_k", "jacobi_loop": "jacobi_loop", "sequential_loop": "sequential_loop"}
+        return frozenset(op for op, graph in graphs.items() if graph in self.exported)
+
+    @property
     def single_token_path(self) -> str:
         """What runs single tokens: the fused step graph where the engines have it for this block, else the
         exported step graph. A subclass that runs them otherwise declares or sets its own."""

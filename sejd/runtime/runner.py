@@ -151,6 +151,13 @@ class BlockRunner(abc.ABC):
         """The exact sequential inversion of the block as one engine call; None where this runner has none."""
         return None
 
+    @property
+    def one_call(self) -> frozenset:
+        """Which of `jacobi_chunk`, `jacobi_loop` and `sequential_loop` this runner runs as one engine call (or
+        one captured graph). The others fall back to the host-driven definitions above: the same result at no
+        gain, so `sejd tune` does not time them."""
+        return frozenset()
+
     def check_input(self, z: torch.Tensor, batch: int) -> None:
         expected = (batch, self.num_tokens, self.token_dim)
         if tuple(z.shape) != expected:

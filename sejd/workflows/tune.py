@@ -82,9 +82,15 @@ class Tuner:
         self.trials: list[Trial] = []
         self.unroll = src.bundle.unroll if src.bundle is not None else 8
         # the exact paths a block can take: single-token steps driven from the host (native step or step
-        # graph on ort-cpu) or the block's one-call sequential inversion (engines only)
-        self.exact_variants = ("host", "loop") if src.runners is not None else ("host",)
+        # graph on ort-cpu) or the block's sequential inversion as one call, where a runner has one (a path
+        # that would fall back to the host is not timed: same result, no gain)
+        self.exact_variants = ("host", "loop") if self.one_call("sequential_loop") else ("host",)
         self.exact = [BlockPlan("sequential") for _ in range(self.nblocks)]  # each block's fastest, once timed
+
+    def one_call(self, op: str, k: int | None = None) -> bool:
+        """Whether block k's runner (any block's, for None) runs `op` as one engine call (BlockRunner.one_call)."""
+        runners = self.src.runners or []
+        return any(op in r.one_call for r in (runners if k is None else runners[k:k + 1]))
 
     def sample(self, plan, noise, labels):
         """`labels`: a TarFlow's class labels, or a STARFlow's text embeddings (B, Lt, Dt) / None."""
@@ -223,17 +229,26 @@ class Tuner:
                    "gs-jacobi": [dict(variant="host")]}
         if not any(b.decoder in options for b in best.plan.blocks):
             return best
+        # a variant that needs a one-call engine the block's runner lacks would run the host path: not timed
+        needs = {"chunk": "jacobi_chunk", "loop": "jacobi_loop"}
         timings: dict[int, list] = {k: [] for k in range(self.nblocks)}
         kinds = max(len(v) for v in options.values())
         for i in range(kinds):
-            plan = copy.deepcopy(best.plan)
+            plan, tried = copy.deepcopy(best.plan), False
             for k, b in enumerate(plan.blocks):
                 if b.decoder not in options:
                     continue
-                opts = options[b.decoder]
-                defaults = {"variant": "host", "freeze": False, "per_sample": False}
-                for field, value in {**defaults, **opts[min(i, len(opts) - 1)]}.items():
+                option = options[b.decoder][i] if i < len(options[b.decoder]) else {}
+                if option.get("variant") in needs and not self.one_call(needs[option["variant"]], k):
+                    option = {}
+                tried |= bool(option)
+                for field, value in {"variant": "host", "freeze": False, "per_sample": False, **option}.items():
                     setattr(b, field, value)
+            if not tried:
+                if any(b.decoder == "jacobi" for b in plan.blocks):
+                    self.log(f"  variants #{i}: {options['jacobi'][i]} not timed: no block's runner runs it as "
+                             f"one call (export --variants all for the jacobi_k and Loop graphs)")
+                continue
             t = self.run(plan)
             names = [b.variant + ("+freeze" if b.freeze else "") + ("+per-sample" if b.per_sample else "")
                      for b in plan.blocks]

@@ -72,3 +72,14 @@ def test_runners_of_one_model_share_one_kv_cache_pool(tiny_bundle):
             pointers.append([a.ctypes.data if hasattr(a, "ctypes") else a.data_ptr() for a in caches(r)])
         assert all(p == pointers[0] for p in pointers) and len(set(pointers[0])) == len(pointers[0])
         assert_block_unaffected_by_others(runners)
+
+
+def test_one_call_names_what_the_device_runner_runs_as_one_engine_call(tiny_bundle):
+    """`sejd tune` times the chunk and loop variants only where a runner runs them as one call (no CUDA
+    graphs on this CPU device runner: only the exported graphs count)."""
+    runner = ort_tensor_runners(tiny_bundle, "ort-cpu", "cpu")[0]  # the tiny bundle has every variant
+    assert runner.one_call == {"jacobi_chunk", "jacobi_loop", "sequential_loop"}
+    runner.exported -= {"jacobi_loop", "sequential_loop"}
+    assert runner.one_call == {"jacobi_chunk"}  # jacobi_k is loaded once, at construction
+    runner.jacobi_k = None
+    assert runner.one_call == frozenset()
