@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -147,7 +148,8 @@ def load_model_source(source, config=None):
             model.noise_std = float(meta.get("noise_std", 0.0) or 0.0)
             return model
     if is_starflow_checkpoint(source, config):
-        return load_starflow(source, config=config)
+        # mapped: the tensors stay in the file, in its dtype; each graph's are converted as they are written
+        return load_starflow(source, config=config, mapped=True)
     return load_checkpoint(source, config=config)
 
 
@@ -225,6 +227,9 @@ class GraphWriter:
         if k not in seen:
             seen.append(k)
         order = seen.index(k)  # 0: the group's template, 1: the block that confirms it, 2..: re-targeted
+        if self.lean(k):  # traced with placeholders; a template would hold the block's weights in float32
+            self.traced += 1
+            return self._trace(k, variant, rel, key, order, lean=True)
         template = self.templates.get(key) if order >= 2 else None
         model = template.graph(self.named(k)) if template else None
         if model is None:
@@ -233,6 +238,15 @@ class GraphWriter:
         self.retargeted += 1
         externalize(model, rel, self.store)
         return model
+
+    def lean(self, k: int) -> bool:
+        """Whether block k is traced lean (sejd.export.lean): a STARFlow block too large to copy, in float32."""
+        import torch
+
+        from sejd.export import lean
+
+        return (is_starflow(self.model.config) and self.dtype in (None, torch.float32)
+                and lean.float32_bytes(self.model.blocks[k]) > lean.LEAN_BLOCK_BYTES)
 
     def group(self, k: int):
         """Which blocks share one graph topology: TarFlow's all do; a STARFlow block's is its BlockSpec."""
@@ -255,24 +269,29 @@ class GraphWriter:
             self._named = (k, dict(module.state_dict()))
         return self._named[1]
 
-    def _trace(self, k, variant, rel, key=None, order=None):
-        """Trace through a scratch folder beside the graphs (removed also on failure)."""
+    def _trace(self, k, variant, rel, key=None, order=None, lean=False):
+        """Trace through a scratch folder beside the graphs (removed also on failure); `lean`: with the block's
+        weights swapped for placeholders, the real ones read one at a time as the graph's tensors are written."""
         key = (variant, self.group(k)) if key is None else key
         order = k if order is None else order
         import torch
 
+        from sejd.export.lean import placeholders
+
         scratch = self.store.root / ".scratch"
         scratch.mkdir(parents=True)
+        sources: dict = {}
         try:
-            model = export_block_variant(self.model, k, variant, self.unroll, self.opset, self.dtype or torch.float32,
-                                         scratch)
-            if order == 1 and self.templates.get(key):
+            with placeholders(self.model.blocks[k]) if lean else contextlib.nullcontext():
+                model = export_block_variant(self.model, k, variant, self.unroll, self.opset,
+                                             self.dtype or torch.float32, scratch, sources)
+            if order == 1 and self.templates.get(key) and not lean:
                 if not self.templates[key].confirm(model, scratch, self.named(k), own=True):
                     self.templates[key] = None
-            externalize(model, rel, self.store, base_dir=scratch, own=True)
+            externalize(model, rel, self.store, base_dir=scratch, own=True, sources=sources)
         finally:
             shutil.rmtree(scratch)
-        if order == 0:
+        if order == 0 and not lean:
             self.templates[key] = Retarget(model, (self.store.root / rel).parent, self.named(k))
         return model
 

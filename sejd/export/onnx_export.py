@@ -8,6 +8,9 @@ With a `scratch` folder, torch writes the graph there: a graph over protobuf's 2
 tensors in torch's own external files, and the returned ModelProto (loaded with
 `load_external_data=False`) references them relative to `scratch`, so it is never held whole in
 memory. `sejd.export.weights` moves them into the bundle's shared weight files.
+
+A module whose parameters are lean placeholders (`sejd.export.lean`) is traced without constant folding, and
+`sources` (when given) receives its initializers' real tensors by name.
 """
 
 from __future__ import annotations
@@ -21,19 +24,23 @@ import torch
 
 from sejd.export import graphs, loops
 from sejd.export.contracts import GraphContract, contract, dummy_inputs, is_starflow
+from sejd.export.lean import lean_sources
 from sejd.model.tarflow import TarFlow
 
 FORWARD_BODY = "forward_body"  # one block's forward pass, composed into `forward` (see loops.forward_chain)
 
 
 def _to_onnx(module: torch.nn.Module, args: tuple, input_names, output_names, dynamic_axes, opset: int,
-             scratch: Path | None = None) -> onnx.ModelProto:
+             scratch: Path | None = None, sources: dict | None = None) -> onnx.ModelProto:
     target = io.BytesIO() if scratch is None else str(Path(scratch) / "graph.onnx")  # a path: >2 GB allowed
+    lean = lean_sources(module)
+    if sources is not None:
+        sources.update(lean)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic are expected here
         torch.onnx.export(module.eval(), args, target, dynamo=False, input_names=list(input_names),
                           output_names=list(output_names), dynamic_axes=dynamic_axes, opset_version=opset,
-                          do_constant_folding=True)
+                          do_constant_folding=not lean)  # folding would copy (and transpose) placeholders
     if scratch is None:
         return onnx.load_from_string(target.getvalue())
     model = onnx.load(target, load_external_data=False)
@@ -46,9 +53,11 @@ def _args(c: GraphContract, feeds: dict) -> tuple:
 
 
 def export_block_variant(model: TarFlow, k: int, variant: str, unroll: int, opset: int,
-                         dtype: torch.dtype = torch.float32, scratch: Path | None = None) -> onnx.ModelProto:
+                         dtype: torch.dtype = torch.float32, scratch: Path | None = None,
+                         sources: dict | None = None) -> onnx.ModelProto:
     """One block's graph. `dtype` < float32: weights and matrix products in that type, LayerNorm,
-    softmax and exp in float32, inputs and outputs float32 (see graphs.py). `scratch`: see above."""
+    softmax and exp in float32, inputs and outputs float32 (see graphs.py). `scratch`, `sources`: see above
+    (lean tracing is used for STARFlow blocks)."""
     if variant == FORWARD_BODY:  # always float32, like the forward graph it is composed into
         return export_forward_body(model, k, opset, scratch)
     cfg = model.config
@@ -58,7 +67,7 @@ def export_block_variant(model: TarFlow, k: int, variant: str, unroll: int, opse
         c = contract(cfg, variant, unroll, block=k)
         m = starflow_graphs.graph_module(model, k, variant, unroll, dtype)
         feeds = dummy_inputs(c, cfg, batch=2)
-        return _to_onnx(m, _args(c, feeds), c.input_names, c.output_names, c.dynamic_axes(), opset, scratch)
+        return _to_onnx(m, _args(c, feeds), c.input_names, c.output_names, c.dynamic_axes(), opset, scratch, sources)
     block, T, has_classes = model.blocks[k], cfg.num_tokens, bool(cfg.num_classes)
     c = contract(cfg, variant, unroll)
     feeds = dummy_inputs(c, cfg, batch=2)

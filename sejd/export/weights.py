@@ -189,13 +189,14 @@ def _count(info: dict, key: str, where: str, default):
 
 
 def externalize(model: onnx.ModelProto, graph_rel: str, store: WeightStore, base_dir: Path | None = None,
-                inline_max: int = INLINE_MAX_BYTES, own: bool = False) -> None:
+                inline_max: int = INLINE_MAX_BYTES, own: bool = False, sources: dict | None = None) -> None:
     """Point every tensor over `inline_max` bytes of `model` (to be saved at `graph_rel` under the store's
     root) into the store, in place; smaller ones are made inline. `base_dir`: where the model's current
-    external data lives (`own`: sejd's scratch of torch's export, see `tensor_bytes`)."""
+    external data lives (`own`: sejd's scratch of torch's export, see `tensor_bytes`). `sources`: real
+    tensors by initializer name, for the placeholders of a lean trace (`sejd.export.lean`), read one at a time."""
     graph_dir = (store.root / graph_rel).parent
     for t in all_tensors(model):
-        data = tensor_bytes(t, base_dir, own)
+        data = _source_data(t, sources[t.name]) if sources and t.name in sources else tensor_bytes(t, base_dir, own)
         _clear_data(t)
         if len(data) <= inline_max:
             t.raw_data = data
@@ -206,6 +207,14 @@ def externalize(model: onnx.ModelProto, graph_rel: str, store: WeightStore, base
                            ("length", str(length))):
             entry = t.external_data.add()
             entry.key, entry.value = key, value
+
+
+def _source_data(t: onnx.TensorProto, source) -> bytes:
+    from sejd.export.lean import float32_data
+
+    assert t.data_type == onnx.TensorProto.FLOAT and list(t.dims) == list(source.shape), \
+        f"lean initializer {t.name}: {list(t.dims)} (type {t.data_type}) is not its source's {list(source.shape)}"
+    return float32_data(source)
 
 
 def _lexically_under(path: Path, folder: Path) -> bool:

@@ -95,10 +95,17 @@ def refuse_starflow(sd: dict, where) -> None:
                               "sejd.model.starflow_checkpoint.load_starflow, not as TarFlow")
 
 
-def read_pth(path: Path) -> dict:
-    """A `.pth` of plain tensors, loaded with weights_only=True (no code from the file ever runs)."""
+def read_pth(path: Path, mmap: bool = False) -> dict:
+    """A `.pth` of plain tensors, loaded with weights_only=True (no code from the file ever runs). `mmap`: the
+    tensors stay in the file, mapped, and are read as they are used (files in torch's zip format; others are
+    read whole)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not mmap or "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused to unpickle anything but plain tensors "
                               f"(weights_only=True): {str(e).splitlines()[0]}") from None

@@ -178,26 +178,30 @@ def _infer(sd: dict, given: dict) -> dict:
     return out
 
 
-def build_starflow(sd: dict, config: StarFlowConfig, where: str = "state dict", noise_std: float = 0.0) -> StarFlow:
+def build_starflow(sd: dict, config: StarFlowConfig, where: str = "state dict", noise_std: float = 0.0,
+                   float32: bool = True) -> StarFlow:
     """The model holding sd's tensors (Apple's unused buffers dropped), built on the meta device first so a
-    15 GB checkpoint is in memory once."""
+    15 GB checkpoint is in memory once; in float32, or (`float32=False`) the tensors themselves, as they are."""
     sd = {k: v for k, v in sd.items() if not IGNORED_BUFFERS.match(k)}
     with torch.device("meta"):
         model = StarFlow(config, noise_std)
     check_state_dict(model, sd, where)
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
+    model.load_state_dict({k: v.float() for k, v in sd.items()} if float32 else sd, assign=True)
     model.var = torch.ones(config.num_tokens, config.token_dim)  # non-persistent: made here, not loaded
     return model.eval().requires_grad_(False)
 
 
 def load_starflow(path: str | os.PathLike, config: "StarFlowConfig | dict | str | os.PathLike | None" = None,
-                  vae_factor: int = VAE_FACTOR, **kwargs) -> StarFlow:
+                  vae_factor: int = VAE_FACTOR, mapped: bool = False, **kwargs) -> StarFlow:
     """An ml-starflow checkpoint (`.pth` or `.safetensors`) -> an eval-mode StarFlow.
 
     `config`: ml-starflow Model kwargs (a dict or StarFlowConfig), or the path of Apple's YAML config (its
     `arguments:`; img_size in pixels there, divided by `vae_factor`); `kwargs` add or override Model kwargs.
     Kwargs neither gives come from the tensors (widths, layer counts, txt_dim) or Model's defaults; head_dim
     (64) and the rope/softplus/clip options are not visible in the tensors and must come from the config.
+
+    `mapped`: a `.pth`'s tensors stay in the file, memory-mapped, in the checkpoint's dtype (bf16 for Apple's):
+    for `sejd export`, which converts each tensor to float32 as it writes it, so the model is never in memory.
     """
     path = Path(path)
     require_readable(path, "checkpoint")
@@ -213,8 +217,10 @@ def load_starflow(path: str | os.PathLike, config: "StarFlowConfig | dict | str 
     else:
         raise ConfigError(f"config must be Model kwargs, a StarFlowConfig or a YAML path, got {type(config).__name__}")
     given.update(kwargs)
-    check_fits(path.stat().st_size, f"reading {path}")
-    sd = read_safetensors(path)[0] if path.suffix == ".safetensors" else read_pth(path)
+    mapped = mapped and path.suffix != ".safetensors"
+    if not mapped:
+        check_fits(path.stat().st_size, f"reading {path}")
+    sd = read_safetensors(path)[0] if path.suffix == ".safetensors" else read_pth(path, mmap=mapped)
     _refuse_out_of_scope(sd, str(path))
     for k, v in UNSUPPORTED.items():  # refused with the config's own words before any shape comparison
         if k in given and given[k] != v and not (k == "top_block_channels" and given[k] == given.get("channels")):
@@ -231,7 +237,8 @@ def load_starflow(path: str | os.PathLike, config: "StarFlowConfig | dict | str 
                           "txt_size (the text length; ml-starflow's 3B: 128)")
     cfg = StarFlowConfig.from_dict(merged)
     noise_std = extras.get("noise_std", 0.0)
-    model = build_starflow(sd, cfg, str(path), float(noise_std) if isinstance(noise_std, (int, float)) else 0.0)
+    model = build_starflow(sd, cfg, str(path), float(noise_std) if isinstance(noise_std, (int, float)) else 0.0,
+                           float32=not mapped)
     model.meta = {k: v for k, v in extras.items() if k != "noise_std"}
     return model
 
