@@ -20,7 +20,7 @@ from torch import nn
 
 from sejd.core.errors import ConfigError, InputError
 from sejd.model.block import ROPE_TEXT_PAIRS, BlockSpec
-from sejd.model.tarflow import MetaBlock
+from sejd.model.tarflow import MetaBlock, TokenGeometry
 
 # Plausibility bounds (like tarflow.py's), generous against the released 3B t2i model (T = 1024 tokens,
 # 3072 channels, 6 blocks of [2,2,2,2,2,24] layers, 128 text tokens of 2048, 15.4 GB of float32 weights):
@@ -55,7 +55,7 @@ def _is_int(v, minimum=1) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class StarFlowConfig:
+class StarFlowConfig(TokenGeometry):
     """ml-starflow `Model` kwargs (the image path). img_size is the *latent* size (ml-starflow's sample.py
     divides the YAML's pixel size by the VAE's factor 8 before building Model)."""
 
@@ -148,18 +148,6 @@ class StarFlowConfig:
     def grid(self) -> tuple[int, int]:
         s = self.img_size // self.patch_size
         return (s, s)
-
-    @property
-    def num_tokens(self) -> int:  # T image tokens
-        return (self.img_size // self.patch_size) ** 2
-
-    @property
-    def token_dim(self) -> int:  # D
-        return self.in_channels * self.patch_size**2
-
-    @property
-    def num_heads(self) -> int:
-        return self.channels // self.head_dim
 
     def has_text(self, i: int) -> bool:
         """Which blocks own proj_txt and a text prefix: the deep one (blocks[-1]) only when cond_top_only."""

@@ -37,8 +37,24 @@ MAX_LAYERS = 1024  # num_blocks * layers_per_block, 16x the published 8 x 8
 MAX_WEIGHT_BYTES = 16 * 2**30  # float32 parameters and buffers, 5x ImageNet-128's 3.2 GB
 
 
+class TokenGeometry:
+    """What a config's fields say about its tokens (TarFlow's and STARFlow's configs alike)."""
+
+    @property
+    def num_tokens(self) -> int:  # T
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def token_dim(self) -> int:  # D
+        return self.in_channels * self.patch_size**2
+
+    @property
+    def num_heads(self) -> int:
+        return self.channels // self.head_dim
+
+
 @dataclasses.dataclass(frozen=True)
-class TarFlowConfig:
+class TarFlowConfig(TokenGeometry):
     """Model hyper-parameters; field names are those of ml-tarflow's `Model` constructor, plus `bias`."""
 
     in_channels: int
@@ -84,18 +100,6 @@ class TarFlowConfig:
                               f"({self.num_parameters:.3g} parameters: channels {self.channels}, expansion "
                               f"{self.expansion}, token width {self.token_dim}, {self.num_classes} classes); at most "
                               f"{MAX_WEIGHT_BYTES // 2**30} GiB are supported (ImageNet-128's TarFlow has 3.2 GB)")
-
-    @property
-    def num_tokens(self) -> int:  # T
-        return (self.img_size // self.patch_size) ** 2
-
-    @property
-    def token_dim(self) -> int:  # D
-        return self.in_channels * self.patch_size**2
-
-    @property
-    def num_heads(self) -> int:
-        return self.channels // self.head_dim
 
     @property
     def block_spec(self) -> BlockSpec:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import io
 from typing import Literal, Optional, Union
 
 import numpy as np
 import pydantic
 
 from sejd.core.errors import SejdError
+from sejd.core.npy import NPY_MAGIC, npy_header
 from sejd.runtime.request import GUIDANCE_MAX, SEED_MAX
 
 FORMATS = ("base64", "npy", "png")
@@ -111,7 +111,6 @@ def starflow_request_model(plans: tuple[str, ...], default_plan: str, max_n: int
     return pydantic.create_model("StarFlowSampleBody", __config__=config, **fields)
 
 
-NPY_MAGIC = b"\x93NUMPY"
 
 
 def npy_b64_bytes(rows: int, length: int, width: int) -> int:
@@ -135,14 +134,8 @@ def decode_text(field: str, text: str, length: int, width: int):
     if not data.startswith(NPY_MAGIC):
         raise RequestError(field, f"not a .npy array (no NPY header, got {data[:8]!r}); expected base64 of "
                                   f"numpy.save of a float32 array of shape {expected}")
-    stream = io.BytesIO(data)
     try:
-        version = np.lib.format.read_magic(stream)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read_header is None:
-            raise ValueError(f"NPY format version {version[0]}.{version[1]}, not 1.0 or 2.0")
-        shape, fortran, dtype = read_header(stream)
+        shape, fortran, dtype, start = npy_header(data)
     except ValueError as e:
         raise RequestError(field, f"not a readable .npy array ({' '.join(str(e).split())[:200]})") from None
     if dtype.hasobject or dtype.kind != "f" or dtype.fields is not None:
@@ -159,10 +152,10 @@ def decode_text(field: str, text: str, length: int, width: int):
     if len(got) == 3 and got[0] < 1:
         raise RequestError(field, f"shape {got}: no rows; expected {expected} with n >= 1")
     need = int(np.prod(got, dtype=np.int64)) * dtype.itemsize
-    if len(data) - stream.tell() != need:
+    if len(data) - start != need:
         raise RequestError(field, f"its header says {got} {dtype} ({need} bytes of data), it holds "
-                                  f"{len(data) - stream.tell()}")
-    array = np.frombuffer(data, dtype=dtype, count=int(np.prod(got)), offset=stream.tell())
+                                  f"{len(data) - start}")
+    array = np.frombuffer(data, dtype=dtype, count=int(np.prod(got)), offset=start)
     array = array.reshape(got, order="F" if fortran else "C")
     with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused just below
         out = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))

@@ -23,6 +23,7 @@ import torch
 from sejd.core.errors import CheckpointError, InputError
 from sejd.core.extras import MissingExtra, require
 from sejd.core.files import read_regular
+from sejd.core.npy import NPY_MAGIC, npy_header
 
 EMBEDDINGS_MAX_BYTES = 4 << 30  # a .npy of prompt embeddings is read whole: ~2000 prompts of 128 x 2048 float32
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")  # a T5 tokenizer: the fast one's file or sentencepiece's model
@@ -41,20 +42,14 @@ def load_text_embeddings(path: str | os.PathLike, length: int, width: int,
     data = read_regular(path, what, limit, InputError)
     if data.startswith(b"PK"):
         raise InputError(f"{path}: {what} is a .npz (zip) archive; expected a single array saved with numpy.save")
-    if not data.startswith(b"\x93NUMPY"):  # numpy.load would take anything else for a pickle
+    if not data.startswith(NPY_MAGIC):  # numpy.load would take anything else for a pickle
         raise InputError(f"{path}: {what} is not a .npy array (no NPY header); expected a float array saved "
                          f"with numpy.save")
     expected = f"(n, {length}, {width}) or ({length}, {width})"
     # the header first: its dtype and shape are checked, and the data's size against them, before numpy
     # allocates the array the header claims (a forged shape must not ask for terabytes)
-    stream = io.BytesIO(data)
     try:
-        version = np.lib.format.read_magic(stream)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read_header is None:
-            raise ValueError(f"NPY format version {version[0]}.{version[1]}, not 1.0 or 2.0")
-        shape, _, dtype = read_header(stream)
+        shape, _, dtype, start = npy_header(data)
     except ValueError as e:
         raise InputError(f"{path}: {what} is not a readable .npy array ({e})") from None
     if dtype.hasobject:
@@ -69,9 +64,9 @@ def load_text_embeddings(path: str | os.PathLike, length: int, width: int,
         raise InputError(f"{path}: {what} has shape {got}; expected {expected} with n >= 1 "
                          f"(length = the model's text length, width = its text width)")
     need = int(np.prod(got, dtype=np.int64)) * dtype.itemsize
-    if len(data) - stream.tell() < need:
+    if len(data) - start < need:
         raise InputError(f"{path}: {what} is truncated: its header says {got} {dtype} ({need:,} bytes of data), "
-                         f"the file holds {len(data) - stream.tell():,}")
+                         f"the file holds {len(data) - start:,}")
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, EOFError, OSError) as e:
