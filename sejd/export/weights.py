@@ -103,6 +103,21 @@ def all_tensors(model: onnx.ModelProto):
     yield from walk(model.graph)
 
 
+def attribute_tensors(model: onnx.ModelProto):
+    """Every tensor held in a node attribute (a Constant's value), those of subgraphs included."""
+    def walk(graph):
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                yield from attr.tensors
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(attr.g)
+                for g in attr.graphs:
+                    yield from walk(g)
+    yield from walk(model.graph)
+
+
 def tensor_bytes(tensor: onnx.TensorProto, base_dir: Path | None, own: bool = False) -> bytes:
     """The raw little-endian bytes of a tensor, wherever they are stored (external files relative to
     `base_dir`, raw_data, or the typed fields). External data is read as the bundle's file table is
@@ -207,6 +222,13 @@ def externalize(model: onnx.ModelProto, graph_rel: str, store: WeightStore, base
                            ("length", str(length))):
             entry = t.external_data.add()
             entry.key, entry.value = key, value
+    # torch writes a graph over 2 GB with its Constants' values outside too (unfolded ones: a lean trace's):
+    # they are small, and made inline
+    for t in attribute_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            data = tensor_bytes(t, base_dir, own)
+            _clear_data(t)
+            t.raw_data = data
 
 
 def _source_data(t: onnx.TensorProto, source) -> bytes:

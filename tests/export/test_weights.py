@@ -80,15 +80,17 @@ def test_forward_graph_reuses_the_blocks_weight_files(bundle):
 
 
 def test_a_graph_whose_tensors_sit_in_per_tensor_files_is_rebased(bundle, tmp_path):
-    """What torch writes for a graph over protobuf's 2 GB (each tensor in its own file beside the graph,
-    loaded with load_external_data=False) goes into the shared store like an inline graph; shown on a
-    small graph saved that way, since torch only takes that path above 2 GB."""
+    """What torch writes for a graph over protobuf's 2 GB (each tensor in its own file beside the graph, its
+    Constants' values too, loaded with load_external_data=False) goes into the shared store like an inline
+    graph; shown on a small graph saved that way, since torch only takes that path above 2 GB."""
     model, cfg = bundle.load_model(), bundle.config
     graph = export_block_variant(model, 1, "jacobi", 1, 18)
     (tmp_path / "torch").mkdir()
     onnx.save_model(graph, tmp_path / "torch" / "g.onnx", save_as_external_data=True, all_tensors_to_one_file=False,
-                    size_threshold=0)
+                    size_threshold=0, convert_attribute=True)
     loaded = onnx.load(tmp_path / "torch" / "g.onnx", load_external_data=False)
+    assert any(n.op_type == "Constant" and n.attribute[0].t.data_location == onnx.TensorProto.EXTERNAL
+               for n in loaded.graph.node)
     with WeightStore(tmp_path / "out") as store:
         store.target("blocks/1/weights.bin")
         path = save_external(loaded, "blocks/1/jacobi.onnx", store, base_dir=tmp_path / "torch")
