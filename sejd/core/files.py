@@ -368,8 +368,11 @@ def atomic_write(path: str | os.PathLike):
         output_file(path)
         with _new_parents(path.parent):
             tmp = _exclusive_file(path.parent, f".{path.name}.", ".tmp")
+            mode = stat.S_IMODE(os.stat(tmp).st_mode)
             try:
                 yield str(tmp)
+                if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # a writer that replaced the file (safetensors
+                    os.chmod(tmp, mode)  # 0.8 writes a 0600 file and renames it) gets the user's umask back
                 os.replace(tmp, path)
             finally:
                 with _sigterm_deferred():

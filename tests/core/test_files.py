@@ -28,3 +28,23 @@ def test_a_regular_file_over_the_limit_is_refused_and_one_within_is_read(tmp_pat
     with pytest.raises(InputError, match="11 bytes, more than the 10"):
         read_regular(f, "the input", 10, InputError)
     assert read_regular(f, "the input", 11, InputError) == b"x" * 11
+
+
+def test_an_atomic_write_gets_the_umask_even_when_the_writer_replaces_the_file(tmp_path):
+    """safetensors 0.8 writes to its own 0600 file and renames it over the given path: a checkpoint or bundle
+    model that only its owner can read would break a service running as another user."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sejd.core.files import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "m.safetensors") as tmp:
+            save_file({"x": torch.zeros(3)}, tmp)
+        with atomic_write(tmp_path / "t.txt") as tmp:
+            open(tmp, "w").write("x")
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "m.safetensors").st_mode & 0o777) == oct(0o644)
+    assert oct(os.stat(tmp_path / "t.txt").st_mode & 0o777) == oct(0o644)
