@@ -90,32 +90,31 @@ class WeightStore:
         return False
 
 
+def _graphs(graph: onnx.GraphProto):
+    """The graph and every subgraph in it (Loop bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            for g in attr.graphs:
+                yield from _graphs(g)
+
+
 def all_tensors(model: onnx.ModelProto):
     """Every initializer of the model, those of subgraphs (Loop bodies) included."""
-    def walk(graph):
+    for graph in _graphs(model.graph):
         yield from graph.initializer
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    yield from walk(attr.g)
-                for g in attr.graphs:
-                    yield from walk(g)
-    yield from walk(model.graph)
 
 
 def attribute_tensors(model: onnx.ModelProto):
     """Every tensor held in a node attribute (a Constant's value), those of subgraphs included."""
-    def walk(graph):
+    for graph in _graphs(model.graph):
         for node in graph.node:
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.TENSOR:
                     yield attr.t
                 yield from attr.tensors
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    yield from walk(attr.g)
-                for g in attr.graphs:
-                    yield from walk(g)
-    yield from walk(model.graph)
 
 
 def tensor_bytes(tensor: onnx.TensorProto, base_dir: Path | None, own: bool = False) -> bytes:
